@@ -1,0 +1,46 @@
+# Two commands: `make dev` (UI on the demo catalogue) and `make test`. Everything installs from the lock.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export DAGSTER_HOME := $(CURDIR)/dagster_home
+export AIFACTORY_HOME ?= $(CURDIR)/.aifactory
+
+.PHONY: setup dev materialize demo test lint bench lock clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit("aifactory needs Python 3.11+, found " + sys.version.split()[0]) if sys.version_info < (3, 11) else None'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/python -m aifactory_assets.demo
+
+dev: demo
+	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+materialize: demo
+	$(BIN)/python -m aifactory_assets.materialize_all
+
+test: setup
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: setup
+	$(BIN)/python -m benchmarks.run
+
+lock:
+	test -x $(BIN)/uv || $(BIN)/python -m pip install --quiet uv
+	$(BIN)/uv pip compile pyproject.toml --extra demo --extra test --universal --python-version 3.11 -o requirements.lock
+
+clean:
+	rm -rf $(VENV) .aifactory .pytest_cache .ruff_cache
+	find dagster_home -mindepth 1 ! -name dagster.yaml -exec rm -rf {} +

@@ -1,0 +1,1 @@
+"""aifactory: catalogue-driven Dagster assets that ingest, validate and shard sector datasets."""

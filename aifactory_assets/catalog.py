@@ -1,0 +1,297 @@
+"""The catalogue: factory sites and sector datasets, declared in YAML and checked before anything runs.
+
+Every error names the file and the field, so a data engineer can fix a catalogue entry without reading
+Python. Adding a dataset is adding `datasets/<name>.yaml` and its suite; no code changes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ColumnType = Literal["string", "int32", "int64", "float32", "float64", "bool", "date", "timestamp"]
+IDENTIFIER = r"^[a-z][a-z0-9_]*$"
+
+# Expectations that hold or fail per row, so per-partition results can be summed (see validation.py).
+ROW_EXPECTATIONS = frozenset(
+    {
+        "expect_column_values_to_not_be_null",
+        "expect_column_values_to_be_null",
+        "expect_column_values_to_be_between",
+        "expect_column_values_to_be_in_set",
+        "expect_column_values_to_not_be_in_set",
+        "expect_column_values_to_match_regex",
+        "expect_column_values_to_not_match_regex",
+        "expect_column_values_to_match_strftime_format",
+        "expect_column_value_lengths_to_be_between",
+        "expect_column_value_lengths_to_equal",
+        "expect_column_pair_values_a_to_be_greater_than_b",
+        "expect_column_pair_values_to_be_equal",
+        "expect_column_pair_values_to_be_in_set",
+        "expect_multicolumn_sum_to_equal",
+        "expect_select_column_values_to_be_unique_within_record",
+    }
+)
+# Expectations about the whole table, judged once on the totals (see validation.py).
+TABLE_EXPECTATIONS = frozenset(
+    {
+        "expect_table_row_count_to_be_between",
+        "expect_table_row_count_to_equal",
+        "expect_table_columns_to_match_set",
+        "expect_table_columns_to_match_ordered_list",
+        "expect_column_to_exist",
+        "expect_table_column_count_to_equal",
+    }
+)
+SUPPORTED_EXPECTATIONS = ROW_EXPECTATIONS | TABLE_EXPECTATIONS
+SEVERITIES = ("critical", "warning")
+
+
+class CatalogError(ValueError):
+    """A catalogue entry is wrong; the message names the file and the field."""
+
+    def __init__(self, file: Path | str, field: str, message: str):
+        self.file, self.field = str(file), field
+        super().__init__(f"{file}: {field}: {message}")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class Storage(_Model):
+    """Facts about a site's object store; where it actually is comes from the environment."""
+
+    bucket: str = Field(pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+    description: str = ""
+
+
+class Site(_Model):
+    id: str = Field(pattern=IDENTIFIER)
+    name: str
+    city: str
+    country: str = Field(pattern=r"^[A-Z]{2}$")
+    host: str
+    system: str
+    timezone: str
+    sectors: dict[str, str] = Field(min_length=1, description="sector id -> label")
+    storage: Storage
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown IANA time zone {value!r}") from exc
+        return value
+
+    @field_validator("sectors")
+    @classmethod
+    def _sector_ids(cls, value: dict[str, str]) -> dict[str, str]:
+        for sector in value:
+            if not re.match(IDENTIFIER, sector):
+                raise ValueError(f"sector id {sector!r} must be lower_snake_case")
+        return value
+
+
+class Column(_Model):
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    type: ColumnType
+    nullable: bool = True
+    pii: bool = False
+    format: str | None = Field(default=None, description="strptime format for date/timestamp columns")
+    description: str = ""
+
+
+class TableSchema(_Model):
+    key: list[str] = Field(min_length=1)
+    columns: list[Column] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TableSchema:
+        names = [c.name for c in self.columns]
+        for name in names:
+            if name.startswith("_"):
+                raise ValueError(f"column {name!r}: names starting with '_' are reserved for provenance")
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ValueError(f"duplicate column(s) {duplicated}")
+        missing = [k for k in self.key if k not in names]
+        if missing:
+            raise ValueError(f"key column(s) {missing} are not in schema.columns")
+        return self
+
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self.columns]
+
+
+class ReaderOptions(_Model):
+    delimiter: str = Field(default=",", min_length=1, max_length=1)
+    encoding: str = "utf-8"
+    null_values: list[str] = Field(default_factory=lambda: [""])
+
+
+class Source(_Model):
+    format: Literal["csv", "parquet", "jsonl"]
+    landing: str = Field(description="glob under landing/<dataset>/, e.g. '*.csv'")
+    options: ReaderOptions = ReaderOptions()
+
+
+class ShardSettings(_Model):
+    target_bytes: int = Field(default=128 * 2**20, gt=0)
+    target_rows: int | None = Field(default=None, gt=0)
+    splits: dict[Literal["train", "val", "test"], float] = Field(
+        default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1}
+    )
+    seed: int = Field(default=0, ge=0)
+    retention: int = Field(default=3, ge=1)
+
+    @field_validator("splits")
+    @classmethod
+    def _ratios(cls, value: dict[str, float]) -> dict[str, float]:
+        if not value or any(r <= 0 for r in value.values()) or abs(sum(value.values()) - 1) > 1e-9:
+            raise ValueError(f"split ratios must be positive and sum to 1, got {value}")
+        return value
+
+
+class Origin(_Model):
+    """Where the demo copy of a dataset comes from (a PyPI package), for the README and the demo loader."""
+
+    package: str
+    licence: str
+    url: str = ""
+
+
+class Dataset(_Model):
+    name: str = Field(pattern=IDENTIFIER)
+    sector: str
+    site: str
+    description: str
+    owner: str
+    source: Source
+    table: TableSchema = Field(alias="schema")
+    suite: str = Field(description="path of the GX 1.x suite JSON, relative to the catalogue root")
+    shards: ShardSettings = ShardSettings()
+    residency: list[str] = Field(default_factory=list, description="sites where copies may live")
+    max_quarantined_fraction: float = Field(default=1.0, ge=0, le=1)
+    origin: Origin | None = None
+
+    @field_validator("owner")
+    @classmethod
+    def _owner(cls, value: str) -> str:
+        if not (value.startswith("team:") or re.match(r"^[^@\s]+@[^@\s]+\.[^@\s]+$", value)):
+            raise ValueError("owner must be an email address or 'team:<name>'")
+        return value
+
+
+class Catalog(_Model):
+    root: Path
+    sites: dict[str, Site]
+    datasets: dict[str, Dataset]
+    suites: dict[str, dict[str, Any]] = Field(description="dataset name -> parsed GX suite JSON")
+
+    def datasets_of(self, site: str) -> list[Dataset]:
+        return [d for d in self.datasets.values() if d.site == site]
+
+
+def default_catalog_root() -> Path:
+    return Path(os.environ.get("AIFACTORY_CATALOG", Path(__file__).resolve().parent.parent / "catalog"))
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise CatalogError(path, "<file>", f"not valid YAML: {exc}") from exc
+
+
+def _parse(model: type[BaseModel], data: Any, path: Path, prefix: str = "") -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "") or "<root>"
+        raise CatalogError(path, field, err["msg"]) from None
+
+
+def load_sites(path: Path) -> dict[str, Site]:
+    data = _read_yaml(path)
+    if not isinstance(data, dict) or not isinstance(data.get("sites"), list):
+        raise CatalogError(path, "sites", "expected a list of sites under 'sites:'")
+    sites: dict[str, Site] = {}
+    for i, entry in enumerate(data["sites"]):
+        site = _parse(Site, entry, path, f"sites.{i}")
+        if site.id in sites:
+            raise CatalogError(path, f"sites.{i}.id", f"duplicate site id {site.id!r}")
+        sites[site.id] = site
+    return sites
+
+
+def load_suite(path: Path, dataset: Dataset, dataset_file: Path) -> dict[str, Any]:
+    """Parse a GX 1.x suite JSON and check it against the dataset's schema (without importing GX)."""
+    if not path.is_file():
+        raise CatalogError(dataset_file, "suite", f"suite file {path} does not exist")
+    try:
+        suite = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise CatalogError(path, "<file>", f"suite is not valid JSON: {exc}") from None
+    if not isinstance(suite, dict) or not isinstance(suite.get("expectations"), list):
+        raise CatalogError(path, "expectations", "a GX suite needs a list under 'expectations'")
+    columns = set(dataset.table.names)
+    for i, exp in enumerate(suite["expectations"]):
+        where = f"expectations.{i}"
+        if not isinstance(exp, dict) or not isinstance(exp.get("type"), str):
+            raise CatalogError(path, f"{where}.type", "each expectation needs a 'type'")
+        if exp["type"] not in SUPPORTED_EXPECTATIONS:
+            raise CatalogError(
+                path, f"{where}.type", f"{exp['type']!r} is not a supported expectation for distributed runs"
+            )
+        kwargs = exp.get("kwargs", {})
+        if not isinstance(kwargs, dict):
+            raise CatalogError(path, f"{where}.kwargs", "must be a mapping")
+        referenced = [kwargs[k] for k in ("column", "column_A", "column_B") if k in kwargs]
+        referenced += kwargs.get("column_list", [])
+        unknown = [c for c in referenced if c not in columns]
+        if unknown:
+            raise CatalogError(path, f"{where}.kwargs", f"column(s) {unknown} are not in the dataset's schema")
+        severity = (exp.get("meta") or {}).get("severity", "critical")
+        if severity not in SEVERITIES:
+            raise CatalogError(path, f"{where}.meta.severity", f"must be one of {SEVERITIES}")
+    suite.setdefault("name", dataset.name)
+    return suite
+
+
+def load_catalog(root: Path | str | None = None) -> Catalog:
+    root = Path(root) if root is not None else default_catalog_root()
+    sites = load_sites(root / "sites.yaml")
+    datasets: dict[str, Dataset] = {}
+    files: dict[str, Path] = {}
+    suites: dict[str, dict[str, Any]] = {}
+    for path in sorted((root / "datasets").glob("*.y*ml")):
+        dataset = _parse(Dataset, _read_yaml(path), path)
+        if dataset.name in datasets:
+            raise CatalogError(path, "name", f"duplicate dataset name {dataset.name!r} (also in {files[dataset.name]})")
+        site = sites.get(dataset.site)
+        if site is None:
+            raise CatalogError(path, "site", f"unknown site {dataset.site!r}; known: {sorted(sites)}")
+        if dataset.sector not in site.sectors:
+            raise CatalogError(
+                path,
+                "sector",
+                f"site {site.id!r} does not serve sector {dataset.sector!r}; it serves {sorted(site.sectors)}",
+            )
+        for i, other in enumerate(dataset.residency):
+            if other not in sites:
+                raise CatalogError(path, f"residency.{i}", f"unknown site {other!r}")
+        suites[dataset.name] = load_suite(root / dataset.suite, dataset, path)
+        datasets[dataset.name], files[dataset.name] = dataset, path
+    return Catalog(root=root, sites=sites, datasets=datasets, suites=suites)

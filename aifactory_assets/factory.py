@@ -1,0 +1,299 @@
+"""One factory turns a catalogue dataset into its assets: landing (external) -> raw -> validated -> shards.
+
+Assets read and write the site's store directly with Dask and return `MaterializeResult` with metadata;
+no DataFrame goes through an IO manager. Checks are computed in the same step from what was written.
+"""
+
+from typing import Any
+
+import dagster as dg
+
+from aifactory_assets.catalog import Catalog, Dataset
+from aifactory_assets.checks import (
+    CONSERVATION_CHECK,
+    SCHEMA_CHECK,
+    SUITE_CHECK,
+    VERIFIED_CHECK,
+    conservation_check,
+    schema_check,
+    verify_shards,
+)
+from aifactory_assets.ingest import ingest_dataset
+from aifactory_assets.manifest import (
+    MANIFEST,
+    build_manifest,
+    commit,
+    version_id,
+    version_prefix,
+)
+from aifactory_assets.metadata import markdown_table, stage_metadata
+from aifactory_assets.publish import require_current
+from aifactory_assets.schema import arrow_schema
+from aifactory_assets.sharding import shard_dataset
+from aifactory_assets.validation import validate_dataset
+from resources.dask_cluster import DaskCluster
+from resources.object_store import ObjectStore
+
+STAGES = ("landing", "raw", "validated", "shards")
+
+
+def store_key(site: str) -> str:
+    return f"store_{site}"
+
+
+def asset_key(dataset: Dataset, stage: str) -> dg.AssetKey:
+    return dg.AssetKey([dataset.sector, dataset.name, stage])
+
+
+def _common(dataset: Dataset, stage: str, description: str) -> dict[str, Any]:
+    return {
+        "key": asset_key(dataset, stage),
+        "group_name": dataset.sector,
+        "description": f"{description}\n\n{dataset.description}",
+        "owners": [dataset.owner],
+        "tags": {"site": dataset.site, "sector": dataset.sector, "dataset": dataset.name, "stage": stage},
+    }
+
+
+def _resources(context: dg.AssetExecutionContext, dataset: Dataset) -> tuple[ObjectStore, DaskCluster]:
+    return getattr(context.resources, store_key(dataset.site)), context.resources.dask
+
+
+def _checks(dataset: Dataset, stage: str, *names: str, blocking: bool = True) -> list[dg.AssetCheckSpec]:
+    return [dg.AssetCheckSpec(name, asset=asset_key(dataset, stage), blocking=blocking) for name in names]
+
+
+def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDefinition | dg.AssetSpec]:
+    suite = catalog.suites[dataset.name]
+    schema = arrow_schema(dataset)
+    resource_keys = {store_key(dataset.site), "dask"}
+
+    landing = dg.AssetSpec(
+        **_common(
+            dataset,
+            "landing",
+            f"Files partners drop under `landing/{dataset.name}/` "
+            f"(`{dataset.source.landing}`, {dataset.source.format}).",
+        ),
+        kinds={dataset.source.format},
+    )
+
+    @dg.asset(
+        **_common(
+            dataset,
+            "raw",
+            "Landed files with the declared schema enforced, plus provenance; "
+            "unreadable rows and files quarantined with the reason.",
+        ),
+        deps=[landing.key],
+        kinds={"dask", "parquet"},
+        required_resource_keys=resource_keys,
+        check_specs=_checks(dataset, "raw", SCHEMA_CHECK, CONSERVATION_CHECK),
+    )
+    def raw(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        store, dask = _resources(context, dataset)
+        record = ingest_dataset(store, dask.get_client(), dataset, context.run.run_id)
+        refused = [f"- `{e['source']}`: {e['file_error']}" for e in record["ledger"] if "file_error" in e]
+        rows = [[f"`{e['source']}`", e["rows_read"], e["rows_valid"], e["rows_quarantined"]] for e in record["ledger"]]
+        summary = markdown_table(["source", "read", "valid", "quarantined"], rows)
+        if refused:
+            summary += "\n\n**Refused files**\n" + "\n".join(refused)
+        for entry in record["ledger"]:
+            if entry.get("extra_columns"):
+                context.log.warning(f"{entry['source']}: undeclared column(s) {entry['extra_columns']} ignored")
+        return dg.MaterializeResult(
+            metadata={
+                **stage_metadata(
+                    dataset,
+                    store,
+                    record["generation"],
+                    record["rows_valid"],
+                    sum(e.get("raw_bytes", 0) for e in record["ledger"]),
+                    record["rows_quarantined"],
+                    summary,
+                ),
+                "files": len(record["ledger"]),
+                "files_refused": record["files_refused"],
+            },
+            check_results=[
+                schema_check(dataset, store, record["parts"][0] if record["parts"] else None, schema),
+                conservation_check(
+                    "rows read = valid + quarantined",
+                    record["rows_read"],
+                    {"valid": record["rows_valid"], "quarantined": record["rows_quarantined"]},
+                ),
+            ],
+        )
+
+    @dg.asset(
+        **_common(
+            dataset,
+            "validated",
+            "Rows that pass the dataset's Great Expectations suite; "
+            "failing rows quarantined naming the expectations they failed.",
+        ),
+        deps=[raw.key],
+        kinds={"dask", "parquet", "great_expectations"},
+        required_resource_keys=resource_keys,
+        check_specs=_checks(dataset, "validated", SCHEMA_CHECK, CONSERVATION_CHECK, SUITE_CHECK),
+    )
+    def validated(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        store, dask = _resources(context, dataset)
+        record = validate_dataset(store, dask.get_client(), dataset, suite, context.run.run_id)
+        raw_record = require_current(store, f"raw/{dataset.name}", "raw")
+        quarantined = raw_record["rows_quarantined"] + record["rows_quarantined"]
+        fraction = quarantined / raw_record["rows_read"] if raw_record["rows_read"] else 0.0
+        results = record["results"]
+        table = markdown_table(
+            ["expectation", "severity", "ok", "unexpected", "of", "sample"],
+            [
+                [
+                    r["label"],
+                    r["severity"],
+                    "✅" if r["success"] else "❌",
+                    r.get("unexpected_count", "-"),
+                    r.get("element_count", r.get("observed", "-")),
+                    ", ".join(r.get("sample", []))[:80],
+                ]
+                for r in results
+            ],
+        )
+        if fraction > dataset.max_quarantined_fraction:
+            worst = sorted(results, key=lambda r: -r.get("unexpected_count", 0))[:3]
+            raise dg.Failure(
+                f"{dataset.name}: {fraction:.1%} of rows quarantined, above the catalogue's "
+                f"max_quarantined_fraction {dataset.max_quarantined_fraction:.1%}; top failing expectations: "
+                + ", ".join(f"{r['label']} ({r.get('unexpected_count', 0)})" for r in worst),
+                metadata={"expectations": dg.MetadataValue.md(table)},
+            )
+        failed_critical = [r["label"] for r in results if not r["success"] and r["severity"] == "critical"]
+        failed_warning = [r["label"] for r in results if not r["success"] and r["severity"] == "warning"]
+        return dg.MaterializeResult(
+            metadata={
+                **stage_metadata(
+                    dataset,
+                    store,
+                    record["generation"],
+                    record["rows_valid"],
+                    record["bytes"],
+                    record["rows_quarantined"],
+                    table,
+                ),
+                "quarantined_fraction": dg.MetadataValue.float(round(fraction, 6)),
+            },
+            check_results=[
+                schema_check(dataset, store, record["parts"][0] if record["parts"] else None, schema),
+                conservation_check(
+                    "raw rows = valid + quarantined",
+                    raw_record["rows_valid"],
+                    {"valid": record["rows_valid"], "quarantined": record["rows_quarantined"]},
+                ),
+                dg.AssetCheckResult(
+                    check_name=SUITE_CHECK,
+                    passed=not (failed_critical or failed_warning),
+                    severity=dg.AssetCheckSeverity.ERROR if failed_critical else dg.AssetCheckSeverity.WARN,
+                    description="failed: " + ", ".join(failed_critical + failed_warning)
+                    if failed_critical or failed_warning
+                    else "every expectation holds",
+                    metadata={"results": dg.MetadataValue.md(table)},
+                ),
+            ],
+        )
+
+    @dg.asset(
+        **_common(
+            dataset,
+            "shards",
+            "Deduplicated, split and shuffled Parquet shards with a checksummed "
+            "manifest, under `shards/<dataset>/v=<version>/`.",
+        ),
+        deps=[validated.key],
+        kinds={"dask", "parquet"},
+        required_resource_keys=resource_keys,
+        check_specs=_checks(dataset, "shards", SCHEMA_CHECK, CONSERVATION_CHECK, VERIFIED_CHECK),
+    )
+    def shards(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        store, dask = _resources(context, dataset)
+        raw_record = require_current(store, f"raw/{dataset.name}", "raw")
+        valid_record = require_current(store, f"validated/{dataset.name}", "validated")
+        inputs = [e["object"] for e in raw_record["ledger"]]
+        version = version_id(dataset, suite, [f"{o['key']}|{o['size']}|{o['etag']}|{o['mtime']}" for o in inputs])
+        prefix = version_prefix(dataset, version)
+        if store.exists(f"{prefix}/{MANIFEST}"):
+            manifest = store.read_json(f"{prefix}/{MANIFEST}")
+            context.log.info(f"version {version} is already committed; re-pointing _latest at it")
+        else:
+            staging = f"shards/{dataset.name}/_staging/{version}"
+            store.delete(staging)
+            rank = {e["source"]: i for i, e in enumerate(raw_record["ledger"])}
+            sharded = shard_dataset(store, dask.get_client(), dataset, valid_record["parts"], rank, prefix, staging)
+            lineage = [
+                {**e["object"], "rows_read": e["rows_read"], "rows_valid": e["rows_valid"]}
+                for e in raw_record["ledger"]
+            ]
+            quarantine = {
+                "rows_read": raw_record["rows_read"],
+                "rows": raw_record["rows_quarantined"] + valid_record["rows_quarantined"],
+                "at_ingest": raw_record["rows_quarantined"],
+                "at_validation": valid_record["rows_quarantined"],
+                "files_refused": raw_record["files_refused"],
+                "locations": [raw_record["quarantine"], valid_record["quarantine"]],
+            }
+            validation = {"success": valid_record["success"], "results": valid_record["results"]}
+            manifest = build_manifest(
+                dataset, version, schema, sharded, lineage, validation, quarantine, context.run.run_id
+            )
+            store.delete(staging)
+        commit(store, dataset, manifest)
+        balance = manifest["conservation"]
+        split_rows = [[s, v["rows"], len(v["shards"]), v["bytes"]] for s, v in manifest["splits"].items()]
+        summary = f"Version `{version}` committed: `{store.url(prefix)}/{MANIFEST}`\n\n" + markdown_table(
+            ["split", "rows", "shards", "bytes"], split_rows
+        )
+        first_shard = next(
+            (f"{prefix}/{s['shards'][0]['path']}" for s in manifest["splits"].values() if s["shards"]), None
+        )
+        return dg.MaterializeResult(
+            metadata={
+                **stage_metadata(
+                    dataset,
+                    store,
+                    prefix,
+                    balance["rows_sharded"],
+                    sum(v["bytes"] for v in manifest["splits"].values()),
+                    manifest["quarantine"]["rows"],
+                    summary,
+                ),
+                "version": version,
+                "manifest": dg.MetadataValue.path(store.url(f"{prefix}/{MANIFEST}")),
+                "duplicates_dropped": balance["duplicates_dropped"],
+            },
+            check_results=[
+                schema_check(dataset, store, first_shard, schema),
+                conservation_check(
+                    "rows read = sharded + quarantined + duplicates dropped",
+                    balance["rows_read"],
+                    {
+                        "sharded": balance["rows_sharded"],
+                        "quarantined": balance["rows_quarantined"],
+                        "duplicates dropped": balance["duplicates_dropped"],
+                    },
+                ),
+                verify_shards(store, prefix, manifest),
+            ],
+        )
+
+    return [landing, raw, validated, shards]
+
+
+def build_catalog_assets(catalog: Catalog) -> list[dg.AssetsDefinition | dg.AssetSpec]:
+    return [a for dataset in catalog.datasets.values() for a in build_dataset_assets(dataset, catalog)]
+
+
+def materialisable_keys(dataset: Dataset) -> list[dg.AssetKey]:
+    """raw, validated and shards: landing is external (partners produce it)."""
+    return [asset_key(dataset, stage) for stage in STAGES[1:]]
+
+
+def dataset_selection(datasets: list[Dataset]) -> dg.AssetSelection:
+    return dg.AssetSelection.assets(*[key for d in datasets for key in materialisable_keys(d)])

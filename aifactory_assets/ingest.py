@@ -1,0 +1,127 @@
+"""The `raw` stage: landed files -> typed Parquet with provenance, bad rows and files -> quarantine.
+
+One Dask task per landed file: read, coerce to the declared schema, write the raw part and the
+quarantine part, return a small ledger entry. No data passes through the client.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+import pyarrow as pa
+from distributed import Client
+
+from aifactory_assets.catalog import Dataset
+from aifactory_assets.landing import UnreadableFile, read_landed
+from aifactory_assets.parquet_io import read_bytes, write_parquet
+from aifactory_assets.publish import generation_prefix, publish
+from aifactory_assets.quarantine import quarantine_rows
+from aifactory_assets.schema import ROW, SOURCE, arrow_schema, coerce_frame
+from resources.object_store import ObjectInfo, ObjectStore
+
+
+def landing_prefix(dataset: Dataset) -> str:
+    return f"landing/{dataset.name}"
+
+
+def landed_objects(store: ObjectStore, dataset: Dataset) -> list[ObjectInfo]:
+    """The dataset's landed files, oldest first, so that later files win when keys repeat."""
+    found = store.list_objects(landing_prefix(dataset), dataset.source.landing)
+    return sorted(found, key=lambda o: (o.mtime or 0, o.key))
+
+
+def ingest_file(
+    dataset: Dataset,
+    source_url: str,
+    source_key: str,
+    raw_url: str,
+    quarantine_url: str,
+    storage_options: dict[str, Any],
+    run_id: str,
+) -> dict[str, Any]:
+    """Runs on a worker: one landed file in, one raw part and one quarantine part out."""
+    entry: dict[str, Any] = {"source": source_key, "rows_read": 0, "rows_valid": 0, "rows_quarantined": 0}
+    try:
+        landed = read_landed(read_bytes(source_url, storage_options), dataset)
+    except UnreadableFile as exc:
+        entry["file_error"] = str(exc)
+        table = quarantine_rows([source_key], [None], [f"file refused: {exc}"], [None], "raw", run_id)
+        write_parquet(table, quarantine_url, storage_options)
+        return entry
+    typed, reasons = coerce_frame(landed.values, dataset)
+    ok = reasons.isna().to_numpy()
+    good = typed.filter(pa.array(ok))
+    good = good.append_column(SOURCE, pa.array([source_key] * good.num_rows, pa.string()))
+    good = good.append_column(ROW, pa.array([r for r, k in zip(landed.rows, ok, strict=True) if k], pa.int64()))
+    entry["raw_bytes"] = write_parquet(good.cast(arrow_schema(dataset)), raw_url, storage_options)
+
+    failed = [i for i, k in enumerate(ok) if not k]
+    records = landed.values.iloc[failed].astype(object).where(landed.values.iloc[failed].notna(), None)
+    quarantined = quarantine_rows(
+        [source_key] * (len(failed) + len(landed.bad)),
+        [landed.rows[i] for i in failed] + [b.row for b in landed.bad],
+        [reasons.iloc[i] for i in failed] + [b.reason for b in landed.bad],
+        records.to_dict("records") + [b.text for b in landed.bad],
+        "raw",
+        run_id,
+    )
+    write_parquet(quarantined, quarantine_url, storage_options)
+    entry.update(
+        rows_read=len(ok) + len(landed.bad),
+        rows_valid=good.num_rows,
+        rows_quarantined=quarantined.num_rows,
+        extra_columns=landed.extra_columns,
+    )
+    return entry
+
+
+def ingest_dataset(store: ObjectStore, client: Client, dataset: Dataset, run_id: str) -> dict[str, Any]:
+    """Ingest every landed file of `dataset` in parallel and publish the raw and quarantine generations."""
+    objects = landed_objects(store, dataset)
+    if not objects:
+        raise FileNotFoundError(f"no files match {dataset.source.landing!r} under {store.url(landing_prefix(dataset))}")
+    raw_gen = generation_prefix(f"raw/{dataset.name}", run_id)
+    q_gen = generation_prefix(f"quarantine/{dataset.name}/raw", run_id)
+    futures = [
+        client.submit(
+            ingest_file,
+            dataset,
+            store.url(obj.key),
+            obj.key,
+            store.url(f"{raw_gen}/part-{i:05d}.parquet"),
+            store.url(f"{q_gen}/part-{i:05d}.parquet"),
+            store.storage_options,
+            run_id,
+            key=f"ingest-{dataset.name}-{run_id}-{i}",
+            pure=False,
+        )
+        for i, obj in enumerate(objects)
+    ]
+    ledger = client.gather(futures)
+    for entry, obj in zip(ledger, objects, strict=True):
+        entry["object"] = asdict(obj)
+    parts = [f"{raw_gen}/part-{i:05d}.parquet" for i, e in enumerate(ledger) if "file_error" not in e]
+    totals = {k: sum(e[k] for e in ledger) for k in ("rows_read", "rows_valid", "rows_quarantined")}
+    quarantine = publish(
+        store,
+        f"quarantine/{dataset.name}/raw",
+        run_id,
+        {
+            "parts": [f"{q_gen}/part-{i:05d}.parquet" for i in range(len(objects))],
+            "rows": totals["rows_quarantined"],
+        },
+    )
+    record = publish(
+        store,
+        f"raw/{dataset.name}",
+        run_id,
+        {
+            "parts": parts,
+            "ledger": ledger,
+            **totals,
+            "files_refused": sum("file_error" in e for e in ledger),
+            "quarantine": quarantine["generation"],
+        },
+    )
+    return record

@@ -1,0 +1,149 @@
+"""Versions and the manifest: what training reads instead of listing buckets.
+
+The version id is a hash of the input fingerprints and the configuration, so the same inputs and config
+give the same version. `manifest.json` is written last and is the commit point; `_latest` follows it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from aifactory_assets.catalog import Dataset
+from aifactory_assets.sharding import SAMPLER
+from resources.object_store import ObjectStore
+
+MANIFEST, LATEST = "manifest.json", "_latest"
+FORMAT_VERSION = 1
+
+
+def package_version() -> str:
+    try:
+        return version("aifactory")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def schema_fingerprint(schema: pa.Schema) -> str:
+    return hashlib.sha256(schema.remove_metadata().serialize().to_pybytes()).hexdigest()
+
+
+def schema_fields(schema: pa.Schema) -> list[dict[str, Any]]:
+    return [{"name": f.name, "type": str(f.type), "nullable": f.nullable} for f in schema]
+
+
+def version_id(dataset: Dataset, suite: dict[str, Any], inputs: list[str]) -> str:
+    """A hash of the input fingerprints and everything that shapes the output (not of the time or run)."""
+    config = {
+        "format": FORMAT_VERSION,
+        "dataset": dataset.model_dump(mode="json", exclude={"description", "owner", "origin", "residency"}),
+        "suite": suite,
+        "inputs": sorted(inputs),
+    }
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def dataset_prefix(dataset: Dataset) -> str:
+    return f"shards/{dataset.name}"
+
+
+def version_prefix(dataset: Dataset, version: str) -> str:
+    return f"{dataset_prefix(dataset)}/v={version}"
+
+
+def build_manifest(
+    dataset: Dataset,
+    version: str,
+    schema: pa.Schema,
+    sharded: dict[str, Any],
+    lineage: list[dict[str, Any]],
+    validation: dict[str, Any],
+    quarantine: dict[str, Any],
+    run_id: str,
+) -> dict[str, Any]:
+    return {
+        "format_version": FORMAT_VERSION,
+        "dataset": dataset.name,
+        "sector": dataset.sector,
+        "site": dataset.site,
+        "version": version,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "producer": {
+            "package": "aifactory",
+            "version": package_version(),
+            "git_sha": git_sha(),
+            "dagster_run_id": run_id,
+        },
+        "schema": {
+            "fields": schema_fields(schema),
+            "fingerprint": schema_fingerprint(schema),
+            "key": dataset.table.key,
+        },
+        "splits": sharded["splits"],
+        "sampler": {"seed": dataset.shards.seed, "ratios": dataset.shards.splits, **SAMPLER},
+        "lineage": {"inputs": lineage},
+        "validation": validation,
+        "quarantine": quarantine,
+        "conservation": {
+            "rows_read": quarantine["rows_read"],
+            "rows_quarantined": quarantine["rows"],
+            "duplicates_dropped": sharded["duplicates_dropped"],
+            "rows_sharded": sum(s["rows"] for s in sharded["splits"].values()),
+        },
+        "residency": dataset.residency or [dataset.site],
+        "replicas": [],
+    }
+
+
+def commit(store: ObjectStore, dataset: Dataset, manifest: dict[str, Any]) -> None:
+    """The commit point: the manifest, then the `_latest` pointer, then retention."""
+    prefix = version_prefix(dataset, manifest["version"])
+    store.write_json(f"{prefix}/{MANIFEST}", manifest)
+    store.write_json(
+        f"{dataset_prefix(dataset)}/{LATEST}",
+        {"version": manifest["version"], "manifest": f"v={manifest['version']}/{MANIFEST}"},
+    )
+    apply_retention(store, dataset, keep=manifest["version"])
+
+
+def committed_versions(store: ObjectStore, dataset: Dataset) -> list[tuple[str, str]]:
+    """(created_at, version) of every version with a manifest, oldest first."""
+    found = store.list_objects(dataset_prefix(dataset), f"v=*/{MANIFEST}")
+    versions = []
+    for obj in found:
+        manifest = store.read_json(obj.key)
+        versions.append((manifest["created_at"], manifest["version"]))
+    return sorted(versions)
+
+
+def apply_retention(store: ObjectStore, dataset: Dataset, keep: str) -> list[str]:
+    """Remove committed versions beyond the catalogue's retention, never `keep` (the latest)."""
+    versions = [v for _, v in committed_versions(store, dataset) if v != keep]
+    doomed = versions[: max(0, len(versions) - (dataset.shards.retention - 1))]
+    for old in doomed:
+        store.delete(version_prefix(dataset, old))
+    return doomed
+
+
+def latest_manifest(store: ObjectStore, dataset: Dataset) -> dict[str, Any] | None:
+    pointer = f"{dataset_prefix(dataset)}/{LATEST}"
+    if not store.exists(pointer):
+        return None
+    return store.read_json(f"{dataset_prefix(dataset)}/{store.read_json(pointer)['manifest']}")

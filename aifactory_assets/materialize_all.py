@@ -1,0 +1,53 @@
+"""Headless: materialise every asset of the catalogue, then print where each dataset's shards landed.
+
+`python -m aifactory_assets.materialize_all` (what `make materialize` runs). With DAGSTER_HOME set, the
+run is recorded in that instance, so the UI shows it afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import dagster as dg
+
+from aifactory_assets.catalog import load_catalog
+from aifactory_assets.definitions import build_definitions
+from aifactory_assets.demo import stores_from_env
+from aifactory_assets.manifest import latest_manifest
+
+
+def main() -> int:
+    catalog = load_catalog()
+    defs = build_definitions(catalog)
+    instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
+    job = defs.resolve_implicit_global_asset_job_def()
+    result = job.execute_in_process(instance=instance, raise_on_error=False)
+    stores = stores_from_env(catalog)
+    failed_checks = (
+        [
+            f"{e.asset_check_evaluation_data.asset_key.to_user_string()}:{e.asset_check_evaluation_data.check_name}"
+            for e in result.get_asset_check_evaluations()
+            if not e.passed
+        ]
+        if hasattr(result, "get_asset_check_evaluations")
+        else []
+    )
+    print(f"\nrun {result.run_id}: {'succeeded' if result.success else 'FAILED'}")
+    print(f"{'dataset':26} {'site':10} {'version':17} {'rows':>7}  manifest")
+    for dataset in catalog.datasets.values():
+        store = stores[dataset.site]
+        manifest = latest_manifest(store, dataset)
+        if manifest is None:
+            print(f"{dataset.name:26} {dataset.site:10} {'-':17} {'-':>7}  (no committed version)")
+            continue
+        rows = manifest["conservation"]["rows_sharded"]
+        where = store.url(f"shards/{dataset.name}/v={manifest['version']}/manifest.json")
+        print(f"{dataset.name:26} {dataset.site:10} {manifest['version']:17} {rows:>7}  {where}")
+    if failed_checks:
+        print("failed checks: " + ", ".join(failed_checks))
+    return 0 if result.success and not failed_checks else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""What the Dagster UI shows for each materialisation: row counts, the column schema, where data is."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dagster as dg
+
+from aifactory_assets.catalog import Dataset
+from aifactory_assets.schema import ROW, SOURCE
+from resources.object_store import ObjectStore
+
+
+def column_schema(dataset: Dataset) -> dg.TableSchema:
+    columns = [
+        dg.TableColumn(
+            name=c.name,
+            type=c.type,
+            description=(c.description + (" [PII]" if c.pii else "")).strip() or None,
+            constraints=dg.TableColumnConstraints(nullable=c.nullable, unique=dataset.table.key == [c.name]),
+            tags={"pii": "true"} if c.pii else {},
+        )
+        for c in dataset.table.columns
+    ]
+    columns += [
+        dg.TableColumn(SOURCE, "string", description="landed object the row came from"),
+        dg.TableColumn(ROW, "int64", description="row number in that object (CSV header = row 1)"),
+    ]
+    return dg.TableSchema(columns=columns)
+
+
+def location(store: ObjectStore, key: str) -> dg.MetadataValue:
+    url = store.url(key)
+    return dg.MetadataValue.url(url) if url.startswith("s3://") else dg.MetadataValue.path(url)
+
+
+def stage_metadata(
+    dataset: Dataset, store: ObjectStore, key: str, rows: int, size: int, quarantined: int, summary: str
+) -> dict[str, Any]:
+    return {
+        "dagster/row_count": dg.MetadataValue.int(rows),
+        "dagster/column_schema": column_schema(dataset),
+        "bytes": dg.MetadataValue.int(size),
+        "quarantined_rows": dg.MetadataValue.int(quarantined),
+        "location": location(store, key),
+        "store": dg.MetadataValue.text(store.display()),
+        "site": dg.MetadataValue.text(dataset.site),
+        "summary": dg.MetadataValue.md(summary),
+    }
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,35 @@
+"""Parquet reads and writes by URL, the way Dask workers do them (no resource objects on the worker)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def read_bytes(url: str, storage_options: dict[str, Any]) -> bytes:
+    fs, path = fsspec.core.url_to_fs(url, **storage_options)
+    return fs.cat_file(path)
+
+
+def open_for_write(url: str, storage_options: dict[str, Any]) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and path for writing `url`, with local parent folders made (object stores have none)."""
+    fs, path = fsspec.core.url_to_fs(url, **storage_options)
+    fs.makedirs(fs._parent(path), exist_ok=True)
+    return fs, path
+
+
+def write_parquet(table: pa.Table, url: str, storage_options: dict[str, Any], **options: Any) -> int:
+    """Write `table` as one zstd Parquet object; returns its size in bytes."""
+    fs, path = open_for_write(url, storage_options)
+    with fs.open(path, "wb") as f:
+        pq.write_table(table, f, compression="zstd", **options)
+    return int(fs.size(path))
+
+
+def read_parquet(url: str, storage_options: dict[str, Any]) -> pa.Table:
+    fs, path = fsspec.core.url_to_fs(url, **storage_options)
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f)

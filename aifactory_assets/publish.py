@@ -1,0 +1,48 @@
+"""Generations: a stage writes its parts under `run=<id>/`, then a `_current.json` pointer makes them visible.
+
+Readers follow the pointer and never list, so a run that dies mid-write leaves nothing visible; the next
+successful publish removes the leftovers.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import time
+from typing import Any
+
+from resources.object_store import ObjectStore
+
+POINTER = "_current.json"
+
+
+def generation_prefix(prefix: str, run_id: str) -> str:
+    return f"{prefix}/run={run_id}"
+
+
+def publish(store: ObjectStore, prefix: str, run_id: str, record: dict[str, Any]) -> dict[str, Any]:
+    """Point `prefix` at this run's generation, then drop every other generation under it."""
+    record = {
+        **record,
+        "run_id": run_id,
+        "generation": generation_prefix(prefix, run_id),
+        "published_at": time.time(),
+    }
+    store.write_json(f"{prefix}/{POINTER}", record)
+    if store.exists(prefix):
+        for path in store.fs.ls(store.path(prefix), detail=False):
+            name = posixpath.basename(path.rstrip("/"))
+            if name.startswith("run=") and name != f"run={run_id}":
+                store.delete(f"{prefix}/{name}")
+    return record
+
+
+def current(store: ObjectStore, prefix: str) -> dict[str, Any] | None:
+    key = f"{prefix}/{POINTER}"
+    return store.read_json(key) if store.exists(key) else None
+
+
+def require_current(store: ObjectStore, prefix: str, upstream: str) -> dict[str, Any]:
+    record = current(store, prefix)
+    if record is None:
+        raise FileNotFoundError(f"{store.url(prefix)} has no published generation: materialise {upstream} first")
+    return record

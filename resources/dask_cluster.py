@@ -1,0 +1,57 @@
+"""The Dask cluster the assets compute on: a LocalCluster sized to the machine, or an existing scheduler."""
+
+from __future__ import annotations
+
+import os
+
+import dagster as dg
+from distributed import Client, LocalCluster
+from pydantic import Field, PrivateAttr
+
+
+class DaskCluster(dg.ConfigurableResource):
+    """Connects to `scheduler_address` when given (e.g. dask-jobqueue on the site's SLURM); else starts one
+    LocalCluster on first use in a run, shared by the run's steps, and closes it when the run ends."""
+
+    scheduler_address: str | None = Field(default=None, description="tcp://host:port of a running scheduler")
+    n_workers: int | None = Field(default=None, description="LocalCluster workers; default: one per core")
+    threads_per_worker: int = 1
+    memory_limit: str = Field(default="auto", description="per-worker memory limit, e.g. '2GiB'")
+
+    _cluster: LocalCluster | None = PrivateAttr(default=None)
+    _client: Client | None = PrivateAttr(default=None)
+
+    def get_client(self) -> Client:
+        if self._client is None:
+            if self.scheduler_address:
+                self._client = Client(self.scheduler_address)
+            else:
+                self._cluster = LocalCluster(
+                    n_workers=self.n_workers or max(1, os.cpu_count() or 1),
+                    threads_per_worker=self.threads_per_worker,
+                    memory_limit=self.memory_limit,
+                    processes=True,
+                    host="127.0.0.1",
+                    dashboard_address=None,
+                )
+                self._client = Client(self._cluster)
+        return self._client
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        if self._cluster is not None:
+            self._cluster.close()
+            self._cluster = None
+
+
+def dask_cluster_from_env() -> DaskCluster:
+    """`AIFACTORY_DASK_SCHEDULER` points at a shared cluster; `AIFACTORY_DASK_MEMORY_LIMIT` caps workers."""
+    return DaskCluster(
+        scheduler_address=os.environ.get("AIFACTORY_DASK_SCHEDULER") or None,
+        memory_limit=os.environ.get("AIFACTORY_DASK_MEMORY_LIMIT", "auto"),
+    )

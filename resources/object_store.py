@@ -1,0 +1,201 @@
+"""A factory site's object store: a local directory by default, any S3-compatible endpoint by environment.
+
+Everything above this class (assets, sensors, the loader) speaks fsspec paths relative to the site's
+root, so local and S3 share one code path. Dask workers get `url()` + `storage_options`, never the
+resource itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+import dagster as dg
+import fsspec
+from pydantic import Field
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One stored object, as the pipeline fingerprints it."""
+
+    key: str
+    size: int
+    etag: str | None
+    mtime: float | None
+
+    def fingerprint(self) -> str:
+        return f"{self.key}|{self.size}|{self.etag or ''}|{self.mtime or ''}"
+
+
+@lru_cache(maxsize=32)
+def _filesystem(protocol: str, options: tuple[tuple[str, Any], ...]) -> fsspec.AbstractFileSystem:
+    return fsspec.filesystem(protocol, **_unfreeze(options))
+
+
+def _freeze(options: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    return tuple(sorted((k, _freeze(v) if isinstance(v, dict) else v) for k, v in options.items()))
+
+
+def _unfreeze(options: tuple[tuple[str, Any], ...]) -> dict[str, Any]:
+    return {k: _unfreeze(v) if isinstance(v, tuple) else v for k, v in options}
+
+
+class ObjectStore(dg.ConfigurableResource):
+    """The object storage of one factory site."""
+
+    site: str = Field(description="the factory site this store belongs to")
+    protocol: Literal["file", "s3"] = Field(default="file", description="'file' (local directory) or 's3'")
+    root: str = Field(description="local directory, or 'bucket/prefix' for S3")
+    endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint; None means AWS")
+    access_key_id: str | None = Field(default=None, description="from the environment (dg.EnvVar)")
+    secret_access_key: str | None = Field(default=None, description="from the environment (dg.EnvVar)")
+    region: str | None = Field(default=None, description="S3 region, where the endpoint needs one")
+
+    @property
+    def storage_options(self) -> dict[str, Any]:
+        """fsspec options for this store, as Dask and pyarrow readers take them."""
+        if self.protocol == "file":
+            return {}
+        client_kwargs: dict[str, Any] = {"region_name": self.region} if self.region else {}
+        if self.endpoint_url:
+            client_kwargs["endpoint_url"] = self.endpoint_url
+        return {
+            "key": self.access_key_id,
+            "secret": self.secret_access_key,
+            "client_kwargs": client_kwargs,
+            "use_listings_cache": False,
+        }
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        return _filesystem(self.protocol, _freeze(self.storage_options))
+
+    def path(self, key: str = "") -> str:
+        """The fsspec path of `key` (relative to the site's root)."""
+        return f"{self.root.rstrip('/')}/{key.lstrip('/')}".rstrip("/")
+
+    def url(self, key: str = "") -> str:
+        """Where `key` lives, as a URL Dask, pyarrow and people can use."""
+        return f"s3://{self.path(key)}" if self.protocol == "s3" else self.path(key)
+
+    def key_of(self, path: str) -> str:
+        """The inverse of `path`: a key relative to the site's root."""
+        root = self.root.rstrip("/") + "/"
+        path = path.removeprefix("s3://")
+        return path[len(root) :] if path.startswith(root) else path
+
+    def ensure_root(self) -> None:
+        if self.protocol == "file":
+            Path(self.root).mkdir(parents=True, exist_ok=True)
+        elif not self.fs.exists(self.root.split("/")[0]):
+            self.fs.mkdir(self.root.split("/")[0])
+
+    def list_objects(self, prefix: str, pattern: str = "**") -> list[ObjectInfo]:
+        """Objects under `prefix` whose key (relative to the prefix) matches the glob `pattern`."""
+        self.fs.invalidate_cache()
+        base = self.path(prefix)
+        found = self.fs.glob(f"{base}/{pattern}", detail=True)
+        return sorted(
+            (self._info(path, info) for path, info in found.items() if info.get("type") != "directory"),
+            key=lambda o: o.key,
+        )
+
+    def info(self, key: str) -> ObjectInfo:
+        self.fs.invalidate_cache()
+        return self._info(self.path(key), self.fs.info(self.path(key)))
+
+    def _info(self, path: str, info: dict[str, Any]) -> ObjectInfo:
+        etag = info.get("ETag") or info.get("etag")
+        mtime = info.get("mtime") or info.get("LastModified") or info.get("created")
+        if hasattr(mtime, "timestamp"):
+            mtime = mtime.timestamp()
+        return ObjectInfo(
+            key=self.key_of(path),
+            size=int(info.get("size") or 0),
+            etag=etag.strip('"') if etag else None,
+            mtime=float(mtime) if mtime is not None else None,
+        )
+
+    def exists(self, key: str) -> bool:
+        self.fs.invalidate_cache()
+        return self.fs.exists(self.path(key))
+
+    def read_bytes(self, key: str) -> bytes:
+        return self.fs.cat_file(self.path(key))
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Write one object whole: an S3 PUT is atomic, and a local write goes through a rename."""
+        if self.protocol == "file":
+            target = Path(self.path(key))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+            tmp.write_bytes(data)
+            tmp.replace(target)
+        else:
+            self.fs.pipe_file(self.path(key), data)
+
+    def read_json(self, key: str) -> Any:
+        return json.loads(self.read_bytes(key))
+
+    def write_json(self, key: str, value: Any) -> None:
+        self.write_bytes(key, json.dumps(value, indent=2, sort_keys=True, default=str).encode())
+
+    def delete(self, key: str) -> None:
+        """Remove an object or everything under a prefix; missing is fine."""
+        path = self.path(key)
+        self.fs.invalidate_cache()
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+
+    def upload(self, local_path: str | Path, key: str) -> None:
+        self.fs.put_file(str(local_path), self.path(key))
+
+    def display(self) -> str:
+        """A description safe for logs and metadata: never the credentials."""
+        where = f" at {self.endpoint_url}" if self.endpoint_url else ""
+        return f"{self.url()}{where}"
+
+
+def aifactory_home() -> Path:
+    return Path(os.environ.get("AIFACTORY_HOME", ".aifactory")).resolve()
+
+
+def _env(site: str, name: str) -> str | None:
+    """The site-specific variable `AIFACTORY_<SITE>_<NAME>` if set, else the shared `AIFACTORY_<NAME>`."""
+    for var in (f"AIFACTORY_{site.upper()}_{name}", f"AIFACTORY_{name}"):
+        if os.environ.get(var):
+            return var
+    return None
+
+
+def object_store_for(site: str, bucket: str) -> ObjectStore:
+    """The store the environment configures for `site`: S3 when an endpoint or bucket is set, else local.
+
+    Variables (site-specific `AIFACTORY_<SITE>_...` wins over the shared `AIFACTORY_...`):
+    `S3_ENDPOINT`, `S3_BUCKET` (default: the catalogue's bucket), `S3_PREFIX`, `S3_KEY`, `S3_SECRET`,
+    `S3_REGION`. Credentials go in as `dg.EnvVar`, so the UI and the run config show only their names.
+    """
+    endpoint, bucket_var = _env(site, "S3_ENDPOINT"), _env(site, "S3_BUCKET")
+    if not (endpoint or bucket_var):
+        return ObjectStore(site=site, root=str(aifactory_home() / site))
+    bucket = os.environ[bucket_var] if bucket_var else bucket
+    prefix_var = _env(site, "S3_PREFIX")
+    prefix = os.environ[prefix_var].strip("/") if prefix_var else ""
+    # A bucket shared by several sites keeps each site under its own prefix.
+    shared_bucket = bucket_var is not None and bucket_var == "AIFACTORY_S3_BUCKET"
+    parts = [bucket, prefix, site if shared_bucket else ""]
+    key_var, secret_var, region_var = _env(site, "S3_KEY"), _env(site, "S3_SECRET"), _env(site, "S3_REGION")
+    return ObjectStore(
+        site=site,
+        protocol="s3",
+        root="/".join(p for p in parts if p),
+        endpoint_url=dg.EnvVar(endpoint) if endpoint else None,
+        access_key_id=dg.EnvVar(key_var) if key_var else None,
+        secret_access_key=dg.EnvVar(secret_var) if secret_var else None,
+        region=os.environ[region_var] if region_var else None,
+    )

@@ -1,0 +1,139 @@
+"""The catalogue: the real one loads; every kind of wrong entry names its file and field."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from aifactory_assets.catalog import Catalog, CatalogError, load_catalog
+
+CATALOG = Path(__file__).resolve().parent.parent / "catalog"
+
+
+def test_demo_catalogue_covers_every_site_and_format(catalog: Catalog) -> None:
+    assert set(catalog.sites) == {
+        "barcelona",
+        "bissen",
+        "bologna",
+        "stuttgart",
+        "linkoping",
+        "kajaani",
+        "athens",
+    }
+    assert {d.site for d in catalog.datasets.values()} == set(catalog.sites)
+    assert {d.source.format for d in catalog.datasets.values()} == {"csv", "parquet", "jsonl"}
+    assert catalog.sites["linkoping"].system == "Mimer"
+    assert catalog.sites["kajaani"].timezone == "Europe/Helsinki"
+    for dataset in catalog.datasets.values():
+        assert dataset.sector in catalog.sites[dataset.site].sectors
+        assert dataset.origin is not None and dataset.origin.package and dataset.origin.licence
+
+
+@pytest.fixture
+def tmp_catalog(tmp_path: Path) -> Path:
+    root = tmp_path / "catalog"
+    shutil.copytree(CATALOG, root)
+    return root
+
+
+def edit_yaml(path: Path, change: Callable[[Any], None]) -> None:
+    data = yaml.safe_load(path.read_text())
+    change(data)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def first_column(data: dict) -> dict:
+    return data["schema"]["columns"][0]
+
+
+DATASET_ERRORS = {
+    "unknown site": (lambda d: d.update(site="reykjavik"), "site", "unknown site 'reykjavik'"),
+    "sector not served": (lambda d: d.update(sector="finance"), "sector", "does not serve sector 'finance'"),
+    "key not in schema": (lambda d: d["schema"].update(key=["no_such_column"]), "schema", "no_such_column"),
+    "unknown type": (
+        lambda d: first_column(d).update(type="decimal"),
+        "schema.columns.0.type",
+        "Input should be",
+    ),
+    "unknown format": (lambda d: d["source"].update(format="xlsx"), "source.format", "Input should be"),
+    "split ratios": (
+        lambda d: d["shards"].update(splits={"train": 0.9, "val": 0.3}),
+        "shards.splits",
+        "sum to 1",
+    ),
+    "unknown residency site": (lambda d: d.update(residency=["atlantis"]), "residency.0", "unknown site"),
+    "misspelled field": (lambda d: d.update(sectr="health"), "sectr", "Extra inputs"),
+    "missing suite file": (lambda d: d.update(suite="suites/missing.json"), "suite", "does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", DATASET_ERRORS, ids=list(DATASET_ERRORS))
+def test_dataset_error_names_file_and_field(tmp_catalog: Path, case: str) -> None:
+    change, field, message = DATASET_ERRORS[case]
+    path = tmp_catalog / "datasets" / "palmer_penguins.yaml"
+    edit_yaml(path, change)
+    with pytest.raises(CatalogError) as err:
+        load_catalog(tmp_catalog)
+    assert err.value.file == str(path)
+    assert err.value.field.startswith(field)
+    assert message in str(err.value)
+    assert str(path) in str(err.value)
+
+
+def test_duplicate_dataset_name(tmp_catalog: Path) -> None:
+    copy = tmp_catalog / "datasets" / "zz_penguins_again.yaml"
+    shutil.copy(tmp_catalog / "datasets" / "palmer_penguins.yaml", copy)
+    with pytest.raises(CatalogError, match="duplicate dataset name 'palmer_penguins'") as err:
+        load_catalog(tmp_catalog)
+    assert (err.value.file, err.value.field) == (str(copy), "name")
+
+
+def test_suite_that_does_not_parse(tmp_catalog: Path) -> None:
+    suite = tmp_catalog / "suites" / "palmer_penguins.json"
+    suite.write_text('{"name": "palmer_penguins", "expectations": [')
+    with pytest.raises(CatalogError, match="not valid JSON") as err:
+        load_catalog(tmp_catalog)
+    assert err.value.file == str(suite)
+
+
+@pytest.mark.parametrize(
+    ("expectation", "field", "message"),
+    [
+        ({"type": "expect_the_moon", "kwargs": {}}, "expectations.0.type", "not a supported expectation"),
+        (
+            {"type": "expect_column_values_to_not_be_null", "kwargs": {"column": "wingspan"}},
+            "expectations.0.kwargs",
+            "wingspan",
+        ),
+        (
+            {
+                "type": "expect_column_values_to_not_be_null",
+                "kwargs": {"column": "species"},
+                "meta": {"severity": "meh"},
+            },
+            "expectations.0.meta.severity",
+            "critical",
+        ),
+    ],
+)
+def test_suite_errors_name_the_expectation(tmp_catalog: Path, expectation: dict, field: str, message: str) -> None:
+    suite = tmp_catalog / "suites" / "palmer_penguins.json"
+    suite.write_text(json.dumps({"name": "palmer_penguins", "expectations": [expectation]}))
+    with pytest.raises(CatalogError) as err:
+        load_catalog(tmp_catalog)
+    assert (err.value.file, err.value.field) == (str(suite), field)
+    assert message in str(err.value)
+
+
+def test_site_errors(tmp_catalog: Path) -> None:
+    sites = tmp_catalog / "sites.yaml"
+    edit_yaml(sites, lambda d: d["sites"][2].update(timezone="Europe/Atlantis"))
+    with pytest.raises(CatalogError, match="unknown IANA time zone") as err:
+        load_catalog(tmp_catalog)
+    assert (err.value.file, err.value.field) == (str(sites), "sites.2.timezone")

@@ -1,0 +1,195 @@
+"""The whole graph through `dagster.materialize`, on a local directory and on a real S3 server."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+
+import dagster as dg
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from aifactory_assets.catalog import Catalog
+from aifactory_assets.demo import land_demo_data
+from aifactory_assets.factory import asset_key, build_catalog_assets
+from aifactory_assets.manifest import latest_manifest
+from aifactory_assets.publish import current
+from resources import DaskCluster, ObjectStore
+from tests.conftest import S3_SECRET, pipeline_resources
+
+SHARD_NAME = re.compile(r"^(train|val|test)-\d{5}-of-\d{5}\.parquet$")
+
+
+def materialize_all(catalog: Catalog, stores: dict[str, ObjectStore], dask: DaskCluster, **kwargs):
+    return dg.materialize(
+        build_catalog_assets(catalog),
+        resources=pipeline_resources(stores, dask),
+        instance=dg.DagsterInstance.ephemeral(),
+        raise_on_error=False,
+        **kwargs,
+    )
+
+
+def stages(dataset) -> list[dg.AssetKey]:
+    return [asset_key(dataset, s) for s in ("raw", "validated", "shards")]
+
+
+def failed_checks(result) -> list[str]:
+    return [
+        f"{e.asset_key.to_user_string()}:{e.check_name}" for e in result.get_asset_check_evaluations() if not e.passed
+    ]
+
+
+def test_whole_graph_materialises_into_checked_shards(
+    catalog: Catalog, stores: dict[str, ObjectStore], dask: DaskCluster
+) -> None:
+    land_demo_data(catalog, stores)
+    result = materialize_all(catalog, stores, dask)
+    assert result.success
+    assert failed_checks(result) == []
+    assert len(result.get_asset_check_evaluations()) == 8 * len(catalog.datasets)
+
+    for dataset in catalog.datasets.values():
+        store = stores[dataset.site]
+        manifest = latest_manifest(store, dataset)
+        assert manifest is not None, f"{dataset.name} has no committed version"
+        prefix = f"shards/{dataset.name}/v={manifest['version']}"
+        assert set(manifest["splits"]) == set(dataset.shards.splits)
+        rows = 0
+        for split in manifest["splits"].values():
+            for shard in split["shards"]:
+                assert SHARD_NAME.match(shard["path"])
+                data = store.read_bytes(f"{prefix}/{shard['path']}")
+                assert hashlib.sha256(data).hexdigest() == shard["sha256"]
+                url = store.url(f"{prefix}/{shard['path']}")
+                with store.fs.open(store.path(f"{prefix}/{shard['path']}"), "rb") as f:
+                    table = pq.read_table(f)
+                frame = pd.read_parquet(url, storage_options=store.storage_options)
+                assert table.num_rows == len(frame) == shard["rows"]
+                assert list(frame.columns)[: len(dataset.table.names)] == dataset.table.names
+                rows += shard["rows"]
+        balance = manifest["conservation"]
+        assert rows == balance["rows_sharded"] > 0
+        assert balance["rows_read"] == (
+            balance["rows_sharded"] + balance["rows_quarantined"] + balance["duplicates_dropped"]
+        )
+        metadata = result.asset_materializations_for_node("__".join(asset_key(dataset, "shards").path))[0].metadata
+        assert metadata["dagster/row_count"].value == rows
+        assert [c.name for c in metadata["dagster/column_schema"].schema.columns][:2] == dataset.table.names[:2]
+
+    if next(iter(stores.values())).protocol == "s3":
+        logged = "\n".join(str(e) for e in result.all_events)
+        assert S3_SECRET not in logged
+
+
+PENGUIN_HEADER = "record_id,species,island,bill_length_mm,bill_depth_mm,flipper_length_mm,body_mass_g,sex,year\n"
+PENGUIN_DROP = PENGUIN_HEADER + (
+    "1001,Adelie,Dream,39.1,18.7,181,3750,male,2008\n"  # fine
+    "1002,Adelie,Dream,39.1,18.7,181,heavy,male,2008\n"  # unparseable number: quarantined at ingest
+    "1003,Adelie,Dream,39.1,18.7\n"  # wrong field count: quarantined at ingest
+    "1004,,Dream,39.1,18.7,181,3750,male,2008\n"  # null in a non-nullable column: quarantined at ingest
+    "1005,Adelie,Dream,390.0,18.7,181,3750,male,2008\n"  # out of range: quarantined by the suite
+    "1006,Adelie,Dream,39.1,18.7,181,3750,unknown,2008\n"  # not in the sex set: quarantined by the suite
+    "1,Adelie,Torgersen,40.0,18.0,190,3700,female,2007\n"  # key 1 again, newer file: replaces record 1
+)
+
+
+def test_bad_rows_are_quarantined_with_reasons_and_counted(catalog: Catalog, tmp_path, dask: DaskCluster) -> None:
+    from tests.conftest import local_stores
+
+    stores = local_stores(catalog, tmp_path)
+    land_demo_data(catalog, stores)
+    dataset = catalog.datasets["palmer_penguins"]
+    store = stores[dataset.site]
+    store.write_bytes("landing/palmer_penguins/drop-2.csv", PENGUIN_DROP.encode())
+    store.write_bytes("landing/palmer_penguins/drift.csv", b"record_id,species\n7,Adelie\n")
+    later = os.path.getmtime(store.path("landing/palmer_penguins/palmer_penguins.csv")) + 60
+    os.utime(store.path("landing/palmer_penguins/drop-2.csv"), (later, later))
+
+    result = materialize_all(catalog, stores, dask, selection=stages(dataset))
+    assert result.success
+    # Both failing expectations are warnings: rows quarantined, the check warns, shards are still built.
+    assert failed_checks(result) == ["life_sciences/palmer_penguins/validated:expectation_suite"]
+    suite_check = next(e for e in result.get_asset_check_evaluations() if e.check_name == "expectation_suite")
+    assert suite_check.severity == dg.AssetCheckSeverity.WARN
+
+    raw = current(store, "raw/palmer_penguins")
+    assert raw["rows_read"] == 344 + 7 and raw["rows_quarantined"] == 3 and raw["files_refused"] == 1
+    refused = [e for e in raw["ledger"] if "file_error" in e]
+    assert refused[0]["source"].endswith("drift.csv") and "island" in refused[0]["file_error"]
+
+    quarantine = pd.concat(
+        pd.read_parquet(store.url(g)) for g in (f"quarantine/palmer_penguins/{s}" for s in ("raw", "validated"))
+    )
+    reasons = dict(zip(quarantine["_row"].astype("Int64").astype(str), quarantine["reason"], strict=True))
+    assert "body_mass_g: cannot parse 'heavy' as float64" in reasons["3"]
+    assert "expected 9 fields, found 5" in reasons["4"]
+    assert "species: null in a non-nullable column" in reasons["5"]
+    assert "expect_column_values_to_be_between(bill_length_mm)" in reasons["6"]
+    assert "expect_column_values_to_be_in_set(sex)" in reasons["7"]
+    assert "drift.csv" in " ".join(quarantine.loc[quarantine["_row"].isna(), "_source"])
+
+    manifest = latest_manifest(store, dataset)
+    balance = manifest["conservation"]
+    assert balance == {"rows_read": 351, "rows_quarantined": 5, "duplicates_dropped": 1, "rows_sharded": 345}
+    prefix = f"shards/palmer_penguins/v={manifest['version']}"
+    shards = pd.concat(
+        pd.read_parquet(store.url(f"{prefix}/{s['path']}"))
+        for split in manifest["splits"].values()
+        for s in split["shards"]
+    )
+    record_1 = shards.loc[shards["record_id"] == 1].iloc[0]
+    assert (record_1["island"], record_1["_source"]) == ("Torgersen", "landing/palmer_penguins/drop-2.csv")
+    assert shards["record_id"].is_unique
+
+
+def test_critical_expectation_failure_blocks_the_shards(catalog: Catalog, tmp_path, dask: DaskCluster) -> None:
+    from tests.conftest import local_stores
+
+    stores = local_stores(catalog, tmp_path)
+    land_demo_data(catalog, stores)
+    dataset = catalog.datasets["palmer_penguins"]
+    stores[dataset.site].write_bytes(
+        "landing/palmer_penguins/emperor.csv",
+        (PENGUIN_HEADER + "2001,Emperor,Dream,39.1,18.7,181,3750,male,2008\n").encode(),
+    )
+    result = materialize_all(catalog, stores, dask, selection=stages(dataset))
+    assert not result.success
+    assert failed_checks(result) == ["life_sciences/palmer_penguins/validated:expectation_suite"]
+    assert latest_manifest(stores[dataset.site], dataset) is None
+    assert result.asset_materializations_for_node("life_sciences__palmer_penguins__shards") == []
+
+
+def test_same_inputs_give_same_version_and_bytes(catalog: Catalog, tmp_path, dask: DaskCluster) -> None:
+    from tests.conftest import local_stores
+
+    stores = local_stores(catalog, tmp_path)
+    land_demo_data(catalog, stores)
+    dataset = catalog.datasets["seattle_weather"]
+    selection = stages(dataset)
+    store = stores[dataset.site]
+
+    assert materialize_all(catalog, stores, dask, selection=selection).success
+    first = latest_manifest(store, dataset)
+    store.delete(f"shards/seattle_weather/v={first['version']}")  # force a full rebuild
+    assert materialize_all(catalog, stores, dask, selection=selection).success
+    second = latest_manifest(store, dataset)
+
+    assert second["version"] == first["version"]
+    assert second["producer"]["dagster_run_id"] != first["producer"]["dagster_run_id"]
+    assert second["splits"] == first["splits"]  # same checksums: byte-identical shards
+
+
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+def test_split_is_a_function_of_the_key(split: str) -> None:
+    from aifactory_assets.sharding import assign_splits
+
+    ratios = {"train": 0.8, "val": 0.1, "test": 0.1}
+    frame = pd.DataFrame({"id": range(20_000)})
+    first = assign_splits(frame, ["id"], ratios)
+    again = assign_splits(frame.sample(frac=1, random_state=1).sort_index(), ["id"], ratios)
+    assert (first == again).all()
+    share = (first == list(ratios).index(split)).mean()
+    assert abs(share - ratios[split]) < 0.02
