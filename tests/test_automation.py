@@ -1,0 +1,62 @@
+"""Landing sensors (new file -> one run request, the same file -> none) and nightly schedules per zone."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from aifactory_assets.catalog import Catalog
+from aifactory_assets.definitions import build_definitions
+from aifactory_assets.factory import asset_key, store_key
+from schedules import NIGHTLY_CRON, landing_sensor, nightly_schedules
+from tests.conftest import local_stores
+
+
+def evaluate(sensor: dg.SensorDefinition, store, cursor: str | None):
+    """The daemon's own path: `evaluate_tick`, with the site's store as the sensor's resource."""
+    context = dg.build_sensor_context(cursor=cursor, resources={store_key(store.site): store})
+    return sensor.evaluate_tick(context)
+
+
+def test_new_landing_file_requests_one_run_then_none(catalog: Catalog, tmp_path) -> None:
+    store = local_stores(catalog, tmp_path)["linkoping"]
+    sensor = landing_sensor(catalog, "linkoping")
+
+    empty = evaluate(sensor, store, None)
+    assert empty.run_requests == []
+
+    store.write_bytes("landing/palmer_penguins/drop-1.csv", b"record_id,species\n1,Adelie\n")
+    store.write_bytes("landing/palmer_penguins/notes.txt", b"not a landing file for this dataset")
+    first = evaluate(sensor, store, empty.cursor)
+    assert len(first.run_requests) == 1
+    request = first.run_requests[0]
+    dataset = catalog.datasets["palmer_penguins"]
+    assert set(request.asset_selection) == {asset_key(dataset, s) for s in ("raw", "validated", "shards")}
+    assert request.tags["dataset"] == "palmer_penguins" and request.tags["trigger"] == "landing"
+
+    again = evaluate(sensor, store, first.cursor)
+    assert again.run_requests == []
+
+    store.write_bytes("landing/palmer_penguins/drop-1.csv", b"record_id,species\n1,Adelie\n2,Gentoo\n")
+    changed = evaluate(sensor, store, again.cursor)
+    assert len(changed.run_requests) == 1
+    assert changed.run_requests[0].run_key != request.run_key
+
+
+def test_sensor_resolves_through_definitions(catalog: Catalog, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("AIFACTORY_HOME", str(tmp_path))
+    defs = build_definitions(catalog)
+    sensor = defs.resolve_sensor_def("kajaani_landing_sensor")
+    store = local_stores(catalog, tmp_path)["kajaani"]
+    store.write_bytes("landing/seattle_weather/2026-11.parquet", b"PAR1")
+    with dg.build_sensor_context(resources=defs.resources, instance=dg.DagsterInstance.ephemeral()) as context:
+        result = sensor.evaluate_tick(context)
+    assert [r.tags["dataset"] for r in result.run_requests] == ["seattle_weather"]
+
+
+def test_one_nightly_schedule_per_site_in_its_zone(catalog: Catalog) -> None:
+    schedules = {s.name: s for s in nightly_schedules(catalog)}
+    assert set(schedules) == {f"{site}_nightly" for site in catalog.sites}
+    for site in catalog.sites.values():
+        schedule = schedules[f"{site.id}_nightly"]
+        assert schedule.cron_schedule == NIGHTLY_CRON
+        assert schedule.execution_timezone == site.timezone

@@ -1,0 +1,197 @@
+"""The code location: assets from the catalogue, grouped by sector; a YAML-only dataset; the UI's view."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from datetime import UTC, datetime
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import yaml
+
+from aifactory_assets.catalog import Catalog, load_catalog
+from aifactory_assets.definitions import build_definitions
+from aifactory_assets.factory import asset_key
+from aifactory_assets.manifest import latest_manifest
+from tests.conftest import free_port, local_stores, pipeline_resources
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_every_dataset_has_its_assets_grouped_by_sector(catalog: Catalog) -> None:
+    defs = build_definitions(catalog)
+    dg.Definitions.validate_loadable(defs)
+    specs = {spec.key: spec for spec in defs.resolve_all_asset_specs()}
+    for dataset in catalog.datasets.values():
+        for stage in ("landing", "raw", "validated", "shards"):
+            spec = specs[asset_key(dataset, stage)]
+            assert spec.group_name == dataset.sector
+            assert spec.tags["site"] == dataset.site
+            assert spec.owners == [dataset.owner]
+            assert dataset.description in spec.description
+    graph = defs.resolve_asset_graph()
+    shards = asset_key(catalog.datasets["stock_prices"], "shards")
+    assert graph.get(shards).parent_keys == {asset_key(catalog.datasets["stock_prices"], "validated")}
+
+
+BARLEY_YAML = {
+    "name": "barley_trials",
+    "sector": "agrifood",
+    "site": "bologna",
+    "description": "Minnesota barley yield trials (1931-1932), a classic agronomy dataset.",
+    "owner": "team:bologna-agrifood",
+    "source": {"format": "csv", "landing": "*.csv"},
+    "schema": {
+        "key": ["variety", "year", "site"],
+        "columns": [
+            {"name": "yield", "type": "float64", "nullable": False},
+            {"name": "variety", "type": "string", "nullable": False},
+            {"name": "year", "type": "int32", "nullable": False},
+            {"name": "site", "type": "string", "nullable": False},
+        ],
+    },
+    "suite": "suites/barley_trials.json",
+    "shards": {"target_rows": 40, "seed": 7},
+}
+BARLEY_SUITE = {
+    "name": "barley_trials",
+    "expectations": [
+        {"type": "expect_column_values_to_be_between", "kwargs": {"column": "yield", "min_value": 0, "max_value": 100}},
+        {"type": "expect_column_values_to_be_in_set", "kwargs": {"column": "year", "value_set": [1931, 1932]}},
+    ],
+}
+
+
+def test_a_dataset_added_as_yaml_becomes_assets_with_no_code(tmp_path: Path, dask) -> None:
+    root = tmp_path / "catalog"
+    shutil.copytree(REPO / "catalog", root)
+    (root / "datasets" / "barley_trials.yaml").write_text(yaml.safe_dump(BARLEY_YAML))
+    (root / "suites" / "barley_trials.json").write_text(json.dumps(BARLEY_SUITE))
+    catalog = load_catalog(root)
+    defs = build_definitions(catalog)
+
+    dataset = catalog.datasets["barley_trials"]
+    keys = {spec.key for spec in defs.resolve_all_asset_specs()}
+    assert {asset_key(dataset, s) for s in ("landing", "raw", "validated", "shards")} <= keys
+    repository = defs.get_repository_def()
+    nightly = repository.get_job(repository.get_schedule_def("bologna_nightly").job_name)
+    assert asset_key(dataset, "shards") in nightly.asset_layer.executable_asset_keys
+
+    from vega_datasets import local_data
+
+    stores = local_stores(catalog, tmp_path / "stores")
+    stores["bologna"].write_bytes("landing/barley_trials/barley.csv", local_data.barley().to_csv(index=False).encode())
+    result = dg.materialize(
+        [a for a in defs.assets if isinstance(a, dg.AssetsDefinition) and a.key.path[1] == "barley_trials"],
+        resources=pipeline_resources(stores, dask),
+        instance=dg.DagsterInstance.ephemeral(),
+    )
+    assert result.success
+    manifest = latest_manifest(stores["bologna"], dataset)
+    assert manifest["conservation"]["rows_read"] == 120
+    # 120 rows of which 2 repeat a (variety, year, site) key in the published data.
+    assert manifest["conservation"]["rows_sharded"] + manifest["conservation"]["duplicates_dropped"] == 120
+    train = manifest["splits"]["train"]["shards"]
+    assert len(train) >= 2 and max(s["rows"] for s in train) - min(s["rows"] for s in train) <= 1
+
+
+@pytest.fixture(scope="module")
+def webserver(tmp_path_factory: pytest.TempPathFactory):
+    """The real UI server on the repo's workspace.yaml, as `make dev` starts it."""
+    home = tmp_path_factory.mktemp("dagster_home")
+    port = free_port()
+    env = {**os.environ, "DAGSTER_HOME": str(home), "AIFACTORY_HOME": str(home / "stores")}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "dagster_webserver", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"{url}/server_info", timeout=2)
+            break
+        except OSError:
+            if server.poll() is not None:
+                raise RuntimeError(f"dagster-webserver exited: {server.stderr.read().decode()[-2000:]}") from None
+            time.sleep(0.5)
+    else:
+        server.kill()
+        raise RuntimeError("dagster-webserver did not answer within 120 s")
+    yield url
+    server.terminate()
+    server.wait(timeout=30)
+
+
+def graphql(url: str, query: str, variables: dict | None = None) -> dict:
+    body = json.dumps({"query": query, "variables": variables or {}}).encode()
+    request = urllib.request.Request(f"{url}/graphql", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        payload = json.loads(response.read())
+    assert "errors" not in payload, payload
+    return payload["data"]
+
+
+REPOSITORY_QUERY = """
+query Location($cursor: Float) {
+  repositoriesOrError {
+    ... on RepositoryConnection {
+      nodes {
+        location { name }
+        assetNodes { assetKey { path } groupName }
+        schedules { name executionTimezone futureTicks(cursor: $cursor, limit: 1) { results { timestamp } } }
+        sensors { name }
+      }
+    }
+    ... on PythonError { message }
+  }
+}
+"""
+
+
+def test_webserver_lists_every_asset_schedule_and_sensor(webserver: str, catalog: Catalog) -> None:
+    winter = datetime(2026, 1, 15, 12, 0, tzinfo=UTC).timestamp()
+    data = graphql(webserver, REPOSITORY_QUERY, {"cursor": winter})
+    (repo,) = data["repositoriesOrError"]["nodes"]
+    assert repo["location"]["name"] == "aifactory"
+    groups = {tuple(a["assetKey"]["path"]): a["groupName"] for a in repo["assetNodes"]}
+    for dataset in catalog.datasets.values():
+        assert groups[(dataset.sector, dataset.name, "shards")] == dataset.sector
+    assert {s["name"] for s in repo["sensors"]} == {f"{site}_landing_sensor" for site in catalog.sites}
+
+    ticks = {s["name"]: s for s in repo["schedules"]}
+    # 02:00 local time the next night: Lisbon is not a factory; Madrid is UTC+1 and Athens UTC+2 in January.
+    assert ticks["barcelona_nightly"]["executionTimezone"] == "Europe/Madrid"
+    next_barcelona = ticks["barcelona_nightly"]["futureTicks"]["results"][0]["timestamp"]
+    next_athens = ticks["athens_nightly"]["futureTicks"]["results"][0]["timestamp"]
+    assert datetime.fromtimestamp(next_barcelona, UTC) == datetime(2026, 1, 16, 1, 0, tzinfo=UTC)
+    assert datetime.fromtimestamp(next_athens, UTC) == datetime(2026, 1, 16, 0, 0, tzinfo=UTC)
+
+    summer = graphql(webserver, REPOSITORY_QUERY, {"cursor": datetime(2026, 7, 1, 12, 0, tzinfo=UTC).timestamp()})
+    summer_ticks = {s["name"]: s for s in summer["repositoriesOrError"]["nodes"][0]["schedules"]}
+    next_kajaani = summer_ticks["kajaani_nightly"]["futureTicks"]["results"][0]["timestamp"]
+    assert datetime.fromtimestamp(next_kajaani, UTC) == datetime(2026, 7, 1, 23, 0, tzinfo=UTC)  # UTC+3 (EEST)
+
+
+def test_dagster_cli_validates_the_code_location(tmp_path: Path) -> None:
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path), "AIFACTORY_HOME": str(tmp_path / "stores")}
+    dagster = Path(sys.executable).with_name("dagster")
+    out = subprocess.run(
+        [str(dagster), "definitions", "validate", "-w", "workspace.yaml"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
