@@ -22,17 +22,12 @@ def main() -> int:
     defs = build_definitions(catalog)
     instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
     job = defs.resolve_implicit_global_asset_job_def()
-    result = job.execute_in_process(instance=instance, raise_on_error=False)
+    quiet = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+    result = job.execute_in_process(instance=instance, raise_on_error=False, run_config=quiet)
     stores = stores_from_env(catalog)
-    failed_checks = (
-        [
-            f"{e.asset_check_evaluation_data.asset_key.to_user_string()}:{e.asset_check_evaluation_data.check_name}"
-            for e in result.get_asset_check_evaluations()
-            if not e.passed
-        ]
-        if hasattr(result, "get_asset_check_evaluations")
-        else []
-    )
+    failed_checks = [
+        f"{e.asset_key.to_user_string()}:{e.check_name}" for e in result.get_asset_check_evaluations() if not e.passed
+    ]
     print(f"\nrun {result.run_id}: {'succeeded' if result.success else 'FAILED'}")
     print(f"{'dataset':26} {'site':10} {'version':17} {'rows':>7}  manifest")
     for dataset in catalog.datasets.values():

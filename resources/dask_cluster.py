@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import dagster as dg
 from distributed import Client, LocalCluster
 from pydantic import Field, PrivateAttr
+
+# P2P shuffles (dedup in the shards stage) log every start and stop at WARNING; they are routine here.
+logging.getLogger("distributed.shuffle._scheduler_plugin").setLevel(logging.ERROR)
 
 
 class DaskCluster(dg.ConfigurableResource):
