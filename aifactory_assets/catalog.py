@@ -50,7 +50,27 @@ TABLE_EXPECTATIONS = frozenset(
         "expect_table_column_count_to_equal",
     }
 )
-SUPPORTED_EXPECTATIONS = ROW_EXPECTATIONS | TABLE_EXPECTATIONS
+# Expectations that do not decompose per partition: computed over the whole dataset with Dask reductions
+# (see dataset_statistics.py). They judge the dataset; they do not quarantine rows.
+GLOBAL_EXPECTATIONS = frozenset(
+    {
+        "expect_column_values_to_be_unique",
+        "expect_compound_columns_to_be_unique",
+        "expect_column_unique_value_count_to_be_between",
+        "expect_column_proportion_of_unique_values_to_be_between",
+        "expect_column_median_to_be_between",
+        "expect_column_quantile_values_to_be_between",
+        "expect_column_mean_to_be_between",
+        "expect_column_stdev_to_be_between",
+        "expect_column_min_to_be_between",
+        "expect_column_max_to_be_between",
+        "expect_column_sum_to_be_between",
+        "expect_column_values_to_be_increasing",
+        "expect_column_values_to_be_decreasing",
+        "expect_column_value_z_scores_to_be_less_than",
+    }
+)
+SUPPORTED_EXPECTATIONS = ROW_EXPECTATIONS | TABLE_EXPECTATIONS | GLOBAL_EXPECTATIONS
 SEVERITIES = ("critical", "warning")
 
 
@@ -144,6 +164,9 @@ class Source(_Model):
     format: Literal["csv", "parquet", "jsonl"]
     landing: str = Field(description="glob under landing/<dataset>/, e.g. '*.csv'")
     options: ReaderOptions = ReaderOptions()
+    extra_columns: Literal["refuse", "ignore"] = Field(
+        default="refuse", description="a landed file with undeclared columns: refuse (quarantine) it, or drop them"
+    )
 
 
 class ShardSettings(_Model):

@@ -1,8 +1,9 @@
 """Read one landed file (CSV, JSONL or Parquet) into values as landed, with each row's number in the file.
 
-Rows that cannot be read at all (wrong field count, a JSONL line that is not an object) come back as
-`BadRow`s instead of stopping the read. Row numbers are what an editor shows: for CSV the header is row 1,
-for JSONL the line number, for Parquet the 1-based row index.
+Rows that cannot be read (wrong field count, bytes that are not valid text, a JSONL line that is not an
+object) come back as `BadRow`s instead of stopping the read; a file that cannot be read at all raises
+`UnreadableFile` and is quarantined whole. Row numbers are what an editor shows: for CSV the header is
+row 1, for JSONL the line number, for Parquet the 1-based row index.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from aifactory_assets.catalog import Dataset
+
+MAX_BLOCK = 2**31 - 1  # pyarrow's CSV block size limit; a row (e.g. a 10 MB field) must fit in one block
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,7 @@ class LandedRows:
 
 
 class UnreadableFile(ValueError):
-    """The whole file cannot be read (or lacks a declared column); it is quarantined as one unit."""
+    """The whole file cannot be read (or its columns drifted); it is quarantined as one unit."""
 
 
 def read_landed(data: bytes, dataset: Dataset) -> LandedRows:
@@ -44,38 +47,53 @@ def read_landed(data: bytes, dataset: Dataset) -> LandedRows:
     return reader(data, dataset)
 
 
-def _check_columns(found: list[str], dataset: Dataset) -> list[str]:
+def check_columns(found: list[str], dataset: Dataset) -> list[str]:
+    """Schema drift: a declared column missing refuses the file; an undeclared one too, unless the
+    catalogue says `extra_columns: ignore`. Returns the undeclared columns that are ignored."""
     missing = [c for c in dataset.table.names if c not in found]
     if missing:
         raise UnreadableFile(f"schema drift: declared column(s) {missing} missing; found {found}")
-    return [c for c in found if c not in dataset.table.names]
+    extra = [c for c in found if c not in dataset.table.names]
+    if extra and dataset.source.extra_columns == "refuse":
+        raise UnreadableFile(
+            f"schema drift: undeclared column(s) {extra}; declare them, or set source.extra_columns: ignore"
+        )
+    return extra
+
+
+def _decode(raw: bytes, encoding: str) -> str:
+    return raw.decode(encoding, errors="backslashreplace")
 
 
 def _read_csv(data: bytes, dataset: Dataset) -> LandedRows:
     options = dataset.source.options
     if not data.strip():
-        raise UnreadableFile("empty file: no header")
+        raise UnreadableFile(f"empty file ({len(data)} bytes): no header")
     try:
-        first_line = data.split(b"\n", 1)[0].decode(options.encoding).lstrip("\ufeff")
+        first_line = data.split(b"\n", 1)[0].decode(options.encoding).lstrip("\ufeff").rstrip("\r")
     except UnicodeDecodeError as exc:
-        raise UnreadableFile(f"header is not {options.encoding} text: {exc}") from None
+        raise UnreadableFile(f"header is not {options.encoding} text ({exc.reason}): not a CSV file?") from None
     header = next(csv.reader([first_line], delimiter=options.delimiter))
-    extra = _check_columns(header, dataset)
+    extra = check_columns(header, dataset)
     bad: list[BadRow] = []
 
     def on_invalid(row: pacsv.InvalidRow) -> str:
-        bad.append(BadRow(row.number, f"expected {row.expected_columns} fields, found {row.actual_columns}", row.text))
+        reason = f"expected {row.expected_columns} fields, found {row.actual_columns}"
+        bad.append(BadRow(row.number, reason, row.text))
         return "skip"
 
     try:
         table = pacsv.read_csv(
             io.BytesIO(data),
-            read_options=pacsv.ReadOptions(encoding=options.encoding, use_threads=False),
+            read_options=pacsv.ReadOptions(
+                encoding=options.encoding, use_threads=False, block_size=min(MAX_BLOCK, max(1 << 20, len(data) + 1))
+            ),
             parse_options=pacsv.ParseOptions(
                 delimiter=options.delimiter, newlines_in_values=True, invalid_row_handler=on_invalid
             ),
+            # Binary cells: a bad byte sequence then costs its row, not the file (checked in _text_columns).
             convert_options=pacsv.ConvertOptions(
-                column_types={name: pa.string() for name in header},
+                column_types={name: pa.binary() for name in header},
                 strings_can_be_null=False,
                 include_columns=dataset.table.names,
             ),
@@ -83,32 +101,58 @@ def _read_csv(data: bytes, dataset: Dataset) -> LandedRows:
     except (pa.ArrowInvalid, UnicodeDecodeError) as exc:
         raise UnreadableFile(f"not readable as CSV ({options.encoding}): {exc}") from None
     bad_numbers = {b.row for b in bad}
-    total = table.num_rows + len(bad)
-    rows = [n for n in range(2, total + 2) if n not in bad_numbers][: table.num_rows]
-    return LandedRows(table.to_pandas(), rows, bad, extra)
+    rows = [n for n in range(2, table.num_rows + len(bad) + 2) if n not in bad_numbers][: table.num_rows]
+    values, undecodable = _text_columns(table)
+    for i, reason in sorted(undecodable.items()):
+        text = options.delimiter.join(_decode(table.column(c)[i].as_py(), "utf-8") for c in table.column_names)
+        bad.append(BadRow(rows[i], reason, text))
+    keep = [i for i in range(table.num_rows) if i not in undecodable]
+    return LandedRows(values.iloc[keep].reset_index(drop=True), [rows[i] for i in keep], bad, extra)
+
+
+def _text_columns(table: pa.Table) -> tuple[pd.DataFrame, dict[int, str]]:
+    """Binary CSV cells as text; the positions of rows with a cell that is not valid UTF-8, and why."""
+    columns, undecodable = {}, {}
+    for name in table.column_names:
+        column = table.column(name)
+        try:
+            columns[name] = column.cast(pa.string()).to_pandas()
+            continue
+        except pa.ArrowInvalid:
+            pass
+        texts = []
+        for i, cell in enumerate(column.to_pylist()):
+            try:
+                texts.append(cell.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                texts.append(None)
+                undecodable.setdefault(i, f"{name}: bytes {cell[exc.start : exc.end]!r} are not valid UTF-8")
+        columns[name] = pd.Series(texts, dtype=object)
+    return pd.DataFrame(columns), undecodable
 
 
 def _read_jsonl(data: bytes, dataset: Dataset) -> LandedRows:
-    try:
-        text = data.decode(dataset.source.options.encoding)
-    except UnicodeDecodeError as exc:
-        raise UnreadableFile(f"not {dataset.source.options.encoding} text: {exc}") from None
+    encoding = dataset.source.options.encoding
     records, rows, bad = [], [], []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
             continue
         try:
+            line = raw.decode(encoding).lstrip("\ufeff")
             record = json.loads(line)
+        except UnicodeDecodeError as exc:
+            bad.append(BadRow(number, f"bytes {raw[exc.start : exc.end]!r} are not valid {encoding}", _decode(raw, encoding)))
+            continue
         except json.JSONDecodeError as exc:
-            bad.append(BadRow(number, f"not JSON: {exc.msg}", line[:1000]))
+            bad.append(BadRow(number, f"not JSON: {exc.msg} (column {exc.colno})", line[:10_000]))
             continue
         if not isinstance(record, dict):
-            bad.append(BadRow(number, f"a JSON {type(record).__name__}, not an object", line[:1000]))
+            bad.append(BadRow(number, f"a JSON {type(record).__name__}, not an object", line[:10_000]))
             continue
         records.append(record)
         rows.append(number)
-    found = sorted({k for r in records for k in r})
-    extra = [c for c in found if c not in dataset.table.names]
+    found = list(dict.fromkeys(k for r in records for k in r))
+    extra = check_columns(found, dataset) if records else []
     values = pd.DataFrame.from_records(records, columns=dataset.table.names) if records else _empty(dataset)
     return LandedRows(values.astype(object), rows, bad, extra)
 
@@ -117,8 +161,8 @@ def _read_parquet(data: bytes, dataset: Dataset) -> LandedRows:
     try:
         table = pq.read_table(io.BytesIO(data))
     except (pa.ArrowInvalid, OSError) as exc:
-        raise UnreadableFile(f"not a readable Parquet file: {exc}") from None
-    extra = _check_columns(table.column_names, dataset)
+        raise UnreadableFile(f"not a readable Parquet file ({len(data)} bytes): {exc}") from None
+    extra = check_columns(table.column_names, dataset)
     values = table.select(dataset.table.names).to_pandas()
     return LandedRows(values, list(range(1, table.num_rows + 1)), [], extra)
 

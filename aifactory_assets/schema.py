@@ -6,6 +6,8 @@ them and keep the rest.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -48,13 +50,14 @@ def _is_null(values: pd.Series, null_values: frozenset[str]) -> np.ndarray:
 def _parse(values: pd.Series, column: Column) -> pd.Series:
     """Parse non-null values; unparseable ones become NaN/NaT (detected by the caller)."""
     kind = column.type
-    if kind in ("int32", "int64", "float32", "float64"):
-        if pd.api.types.is_bool_dtype(values.dtype):
-            return pd.Series(np.nan, index=values.index)
-        numbers = pd.to_numeric(values, errors="coerce")
-        if kind.startswith("int"):
-            numbers = numbers.where(np.isfinite(numbers) & (numbers == np.round(numbers)))
-        return numbers
+    if pd.api.types.is_bool_dtype(values.dtype) and kind != "bool":
+        return pd.Series([None] * len(values), index=values.index, dtype=object)
+    if kind.startswith("int"):
+        return _parse_int(values, kind)
+    if kind.startswith("float"):
+        numbers = pd.to_numeric(values, errors="coerce").astype("float64")
+        # "NaN" and "inf" text is not a number for training: declare such tokens in null_values instead.
+        return numbers.where(np.isfinite(numbers))
     if kind == "bool":
         if pd.api.types.is_bool_dtype(values.dtype):
             return values.astype(object)
@@ -68,6 +71,36 @@ def _parse(values: pd.Series, column: Column) -> pd.Series:
         return pd.to_datetime(values.astype("str"), errors="coerce", format=column.format or "ISO8601")
     # string: keep text as is; render other scalars as text (JSON numbers in a string column).
     return values.map(lambda v: v if isinstance(v, str) else str(v))
+
+
+INT_TEXT = r"[+-]?\d{1,18}"
+INT_RANGES = {"int32": (-(2**31), 2**31 - 1), "int64": (-(2**63), 2**63 - 1)}
+
+
+def _int_or_none(value: object) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else None
+    text = str(value).strip()
+    return int(text) if re.fullmatch(INT_TEXT, text) else None
+
+
+def _parse_int(values: pd.Series, kind: str) -> pd.Series:
+    """Exact integers (never through float64, which loses digits past 2**53); out of range -> NA."""
+    if pd.api.types.is_integer_dtype(values.dtype):
+        ints = values.astype("Int64")
+    elif pd.api.types.is_float_dtype(values.dtype):
+        ints = values.where(np.isfinite(values) & (values == np.round(values))).astype("Int64")
+    elif pd.api.types.is_string_dtype(values.dtype) and values.dtype != object:
+        text = values.str.strip()
+        ints = text.where(text.str.fullmatch(INT_TEXT).fillna(False).astype(bool)).astype("Int64")
+    else:
+        ints = pd.Series([_int_or_none(v) if v is not None else None for v in values], dtype="Int64")
+    low, high = INT_RANGES[kind]
+    return ints.where((ints >= low) & (ints <= high))
 
 
 def coerce_frame(frame: pd.DataFrame, dataset: Dataset) -> tuple[pa.Table, pd.Series]:
@@ -87,7 +120,7 @@ def coerce_frame(frame: pd.DataFrame, dataset: Dataset) -> tuple[pa.Table, pd.Se
         bad = failed | (missing & (not column.nullable))
         for i in np.flatnonzero(bad):
             why = (
-                f"{column.name}: cannot parse {str(values.iloc[i])[:80]!r} as {column.type}"
+                f"{column.name}: {str(values.iloc[i])[:80]!r} is not a valid {column.type}"
                 if failed[i]
                 else f"{column.name}: null in a non-nullable column"
             )
@@ -105,7 +138,7 @@ def _to_arrow(values: pd.Series, column: Column) -> pa.Array:
         array = pa.array(stamps.dt.tz_localize(None) if stamps.dt.tz is not None else stamps, type=pa.timestamp("us"))
         return array.cast(target) if column.type == "date" else array
     if column.type.startswith("int"):
-        return pa.array(values.astype("Float64"), type=pa.float64()).cast(target)
+        return pa.array(values.astype("Int64"), type=pa.int64()).cast(target)
     if column.type.startswith("float"):
         return pa.array(values.astype("Float64"), type=pa.float64()).cast(target)
     return pa.array(values.astype(object).where(values.notna(), None).tolist(), type=target)

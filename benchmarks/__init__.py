@@ -1,0 +1,1 @@
+"""Reproducible performance runs (not tests): `make bench` runs `python -m benchmarks.run`."""
