@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import dagster as dg
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from aifactory_assets.catalog import Dataset
-from aifactory_assets.metadata import location
+from aifactory_assets.metadata import location, markdown_table
 from aifactory_assets.schema import ARROW_TYPES
 from resources.object_store import ObjectStore
 
 SCHEMA_CHECK, CONSERVATION_CHECK = "schema_matches_catalog", "conservation"
-SUITE_CHECK, VERIFIED_CHECK = "expectation_suite", "shards_match_manifest"
+CRITICAL_CHECK, WARNING_CHECK = "critical_expectations", "warning_expectations"
+LEDGER_CHECK, VERIFIED_CHECK = "ledger_per_source", "shards_match_manifest"
+EXPECTATION_CHECKS = {"critical": CRITICAL_CHECK, "warning": WARNING_CHECK}
 
 
 def parquet_schema(store: ObjectStore, key: str) -> pa.Schema:
@@ -80,4 +83,77 @@ def verify_shards(store: ObjectStore, prefix: str, manifest: dict) -> dg.AssetCh
         passed=not problems,
         description="\n".join(problems) or f"{checked} shard(s) match their checksums and row counts",
         metadata={"shards_checked": checked, "problems": len(problems)},
+    )
+
+
+def expectations_table(results: list[dict[str, Any]]) -> str:
+    return markdown_table(
+        ["expectation", "severity", "scope", "ok", "unexpected", "of", "observed / sample"],
+        [
+            [
+                r["label"],
+                r["severity"],
+                r["scope"],
+                "✅" if r["success"] else "❌",
+                r.get("unexpected_count", "-"),
+                r.get("element_count", "-"),
+                (", ".join(r.get("sample", [])) or str(r.get("observed", "")))[:80]
+                + (" (approx.)" if r.get("approximate") else ""),
+            ]
+            for r in results
+        ],
+    )
+
+
+def expectation_group_check(results: list[dict[str, Any]], severity: str) -> dg.AssetCheckResult:
+    """One check per severity: critical failures block the shards (ERROR), warnings only warn."""
+    mine = [r for r in results if r["severity"] == severity]
+    failed = [r for r in mine if not r["success"]]
+    return dg.AssetCheckResult(
+        check_name=EXPECTATION_CHECKS[severity],
+        passed=not failed,
+        severity=dg.AssetCheckSeverity.ERROR if severity == "critical" else dg.AssetCheckSeverity.WARN,
+        description=(
+            "failed: " + ", ".join(f"{r['label']} ({r.get('unexpected_count', r.get('observed'))})" for r in failed)
+            if failed
+            else f"{len(mine)} {severity} expectation(s) hold"
+        ),
+        metadata={
+            "expectations": len(mine),
+            "failed": len(failed),
+            "unexpected_rows": sum(r.get("unexpected_count", 0) for r in mine),
+            "results": dg.MetadataValue.md(expectations_table(mine) if mine else "none"),
+        },
+    )
+
+
+def ledger_check(ledger: list[dict[str, Any]]) -> dg.AssetCheckResult:
+    """Per landed object: rows read = valid + quarantined at ingest + quarantined at validation."""
+    off = [
+        e["source"]
+        for e in ledger
+        if e["rows_read"] != e["rows_valid"] + e["quarantined_at_ingest"] + e["quarantined_at_validation"]
+    ]
+    rows = [
+        [
+            f"`{e['source']}`",
+            e["rows_read"],
+            e["rows_valid"],
+            e["quarantined_at_ingest"],
+            e["quarantined_at_validation"],
+            e["file_error"] or "",
+        ]
+        for e in ledger
+    ]
+    return dg.AssetCheckResult(
+        check_name=LEDGER_CHECK,
+        passed=not off,
+        description=f"unbalanced: {', '.join(off)}" if off else f"{len(ledger)} source object(s) balance",
+        metadata={
+            "ledger": dg.MetadataValue.md(
+                markdown_table(
+                    ["source", "read", "valid", "quarantined (ingest)", "quarantined (suite)", "refused"], rows
+                )
+            )
+        },
     )

@@ -11,13 +11,19 @@ import dagster as dg
 from aifactory_assets.catalog import Catalog, Dataset
 from aifactory_assets.checks import (
     CONSERVATION_CHECK,
+    CRITICAL_CHECK,
+    LEDGER_CHECK,
     SCHEMA_CHECK,
-    SUITE_CHECK,
     VERIFIED_CHECK,
+    WARNING_CHECK,
     conservation_check,
+    expectation_group_check,
+    expectations_table,
+    ledger_check,
     schema_check,
     verify_shards,
 )
+from aifactory_assets.data_docs import render_data_docs
 from aifactory_assets.ingest import ingest_dataset
 from aifactory_assets.manifest import (
     MANIFEST,
@@ -26,7 +32,7 @@ from aifactory_assets.manifest import (
     version_id,
     version_prefix,
 )
-from aifactory_assets.metadata import markdown_table, stage_metadata
+from aifactory_assets.metadata import location, markdown_table, stage_metadata
 from aifactory_assets.publish import require_current
 from aifactory_assets.schema import arrow_schema
 from aifactory_assets.sharding import shard_dataset
@@ -61,6 +67,16 @@ def _resources(context: dg.AssetExecutionContext, dataset: Dataset) -> tuple[Obj
 
 def _checks(dataset: Dataset, stage: str, *names: str, blocking: bool = True) -> list[dg.AssetCheckSpec]:
     return [dg.AssetCheckSpec(name, asset=asset_key(dataset, stage), blocking=blocking) for name in names]
+
+
+def write_report(
+    store: ObjectStore, dataset: Dataset, suite: dict[str, Any], results: list[dict[str, Any]], run_id: str
+) -> dg.MetadataValue:
+    """GX Data Docs for this run under the site's `reports/`, plus `latest.html`; returns a link to it."""
+    html = render_data_docs(suite["name"], results, run_id).encode()
+    store.write_bytes(f"reports/{dataset.name}/validation-{run_id}.html", html)
+    store.write_bytes(f"reports/{dataset.name}/latest.html", html)
+    return location(store, f"reports/{dataset.name}/validation-{run_id}.html")
 
 
 def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDefinition | dg.AssetSpec]:
@@ -135,39 +151,29 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
         deps=[raw.key],
         kinds={"dask", "parquet", "great_expectations"},
         required_resource_keys=resource_keys,
-        check_specs=_checks(dataset, "validated", SCHEMA_CHECK, CONSERVATION_CHECK, SUITE_CHECK),
+        check_specs=[
+            *_checks(dataset, "validated", SCHEMA_CHECK, CONSERVATION_CHECK, CRITICAL_CHECK, LEDGER_CHECK),
+            *_checks(dataset, "validated", WARNING_CHECK, blocking=False),
+        ],
     )
     def validated(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         store, dask = _resources(context, dataset)
-        record = validate_dataset(store, dask.get_client(), dataset, suite, context.run.run_id)
+        run_id = context.run.run_id
+        record = validate_dataset(store, dask.get_client(), dataset, suite, run_id)
         raw_record = require_current(store, f"raw/{dataset.name}", "raw")
+        results = record["results"]
+        report = write_report(store, dataset, suite, results, run_id)
         quarantined = raw_record["rows_quarantined"] + record["rows_quarantined"]
         fraction = quarantined / raw_record["rows_read"] if raw_record["rows_read"] else 0.0
-        results = record["results"]
-        table = markdown_table(
-            ["expectation", "severity", "ok", "unexpected", "of", "sample"],
-            [
-                [
-                    r["label"],
-                    r["severity"],
-                    "✅" if r["success"] else "❌",
-                    r.get("unexpected_count", "-"),
-                    r.get("element_count", r.get("observed", "-")),
-                    ", ".join(r.get("sample", []))[:80],
-                ]
-                for r in results
-            ],
-        )
         if fraction > dataset.max_quarantined_fraction:
             worst = sorted(results, key=lambda r: -r.get("unexpected_count", 0))[:3]
             raise dg.Failure(
-                f"{dataset.name}: {fraction:.1%} of rows quarantined, above the catalogue's "
-                f"max_quarantined_fraction {dataset.max_quarantined_fraction:.1%}; top failing expectations: "
-                + ", ".join(f"{r['label']} ({r.get('unexpected_count', 0)})" for r in worst),
-                metadata={"expectations": dg.MetadataValue.md(table)},
+                f"{dataset.name}: {fraction:.1%} of rows quarantined ({quarantined} of {raw_record['rows_read']}), "
+                f"above the catalogue's max_quarantined_fraction {dataset.max_quarantined_fraction:.1%}; "
+                "top failing expectations: "
+                + ", ".join(f"{r['label']} ({r.get('unexpected_count', 0)} rows)" for r in worst),
+                metadata={"expectations": dg.MetadataValue.md(expectations_table(results)), "data_docs": report},
             )
-        failed_critical = [r["label"] for r in results if not r["success"] and r["severity"] == "critical"]
-        failed_warning = [r["label"] for r in results if not r["success"] and r["severity"] == "warning"]
         return dg.MaterializeResult(
             metadata={
                 **stage_metadata(
@@ -177,9 +183,10 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
                     record["rows_valid"],
                     record["bytes"],
                     record["rows_quarantined"],
-                    table,
+                    expectations_table(results),
                 ),
                 "quarantined_fraction": dg.MetadataValue.float(round(fraction, 6)),
+                "data_docs": report,
             },
             check_results=[
                 schema_check(dataset, store, record["parts"][0] if record["parts"] else None, schema),
@@ -188,15 +195,9 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
                     raw_record["rows_valid"],
                     {"valid": record["rows_valid"], "quarantined": record["rows_quarantined"]},
                 ),
-                dg.AssetCheckResult(
-                    check_name=SUITE_CHECK,
-                    passed=not (failed_critical or failed_warning),
-                    severity=dg.AssetCheckSeverity.ERROR if failed_critical else dg.AssetCheckSeverity.WARN,
-                    description="failed: " + ", ".join(failed_critical + failed_warning)
-                    if failed_critical or failed_warning
-                    else "every expectation holds",
-                    metadata={"results": dg.MetadataValue.md(table)},
-                ),
+                expectation_group_check(results, "critical"),
+                expectation_group_check(results, "warning"),
+                ledger_check(record["ledger"]),
             ],
         )
 

@@ -32,11 +32,11 @@ def landed_objects(store: ObjectStore, dataset: Dataset) -> list[ObjectInfo]:
 
 
 def ingest_file(
-    dataset: Dataset,
     source_url: str,
     source_key: str,
     raw_url: str,
     quarantine_url: str,
+    dataset: Dataset,
     storage_options: dict[str, Any],
     run_id: str,
 ) -> dict[str, Any]:
@@ -83,25 +83,21 @@ def ingest_dataset(store: ObjectStore, client: Client, dataset: Dataset, run_id:
         raise FileNotFoundError(f"no files match {dataset.source.landing!r} under {store.url(landing_prefix(dataset))}")
     raw_gen = generation_prefix(f"raw/{dataset.name}", run_id)
     q_gen = generation_prefix(f"quarantine/{dataset.name}/raw", run_id)
-    futures = [
-        client.submit(
-            ingest_file,
-            dataset,
-            store.url(obj.key),
-            obj.key,
-            store.url(f"{raw_gen}/part-{i:05d}.parquet"),
-            store.url(f"{q_gen}/part-{i:05d}.parquet"),
-            store.storage_options,
-            run_id,
-            key=f"ingest-{dataset.name}-{run_id}-{i}",
-            pure=False,
-        )
-        for i, obj in enumerate(objects)
-    ]
+    futures = client.map(
+        ingest_file,
+        [store.url(obj.key) for obj in objects],
+        [obj.key for obj in objects],
+        [store.url(f"{raw_gen}/part-{i:05d}.parquet") for i in range(len(objects))],
+        [store.url(f"{q_gen}/part-{i:05d}.parquet") for i in range(len(objects))],
+        dataset=dataset,
+        storage_options=store.storage_options,
+        run_id=run_id,
+        pure=False,
+    )
     ledger = client.gather(futures)
     for entry, obj in zip(ledger, objects, strict=True):
         entry["object"] = asdict(obj)
-    parts = [f"{raw_gen}/part-{i:05d}.parquet" for i, e in enumerate(ledger) if "file_error" not in e]
+    read = [(f"{raw_gen}/part-{i:05d}.parquet", e["source"]) for i, e in enumerate(ledger) if "file_error" not in e]
     totals = {k: sum(e[k] for e in ledger) for k in ("rows_read", "rows_valid", "rows_quarantined")}
     quarantine = publish(
         store,
@@ -117,7 +113,8 @@ def ingest_dataset(store: ObjectStore, client: Client, dataset: Dataset, run_id:
         f"raw/{dataset.name}",
         run_id,
         {
-            "parts": parts,
+            "parts": [part for part, _ in read],
+            "part_sources": [source for _, source in read],
             "ledger": ledger,
             **totals,
             "files_refused": sum("file_error" in e for e in ledger),

@@ -141,7 +141,9 @@ def _read_jsonl(data: bytes, dataset: Dataset) -> LandedRows:
             line = raw.decode(encoding).lstrip("\ufeff")
             record = json.loads(line)
         except UnicodeDecodeError as exc:
-            bad.append(BadRow(number, f"bytes {raw[exc.start : exc.end]!r} are not valid {encoding}", _decode(raw, encoding)))
+            bad.append(
+                BadRow(number, f"bytes {raw[exc.start : exc.end]!r} are not valid {encoding}", _decode(raw, encoding))
+            )
             continue
         except json.JSONDecodeError as exc:
             bad.append(BadRow(number, f"not JSON: {exc.msg} (column {exc.colno})", line[:10_000]))

@@ -2,8 +2,10 @@
 
 GX objects do not serialise, so each worker builds its own (once per process) from the suite JSON. Row
 expectations come back as element/missing/unexpected counts per partition and are summed; `mostly` is
-judged on the totals, never by AND-ing partition verdicts. Table expectations are judged once, on the
-totals. Every row that fails a row expectation goes to quarantine naming the expectations it failed.
+judged on the totals, never by AND-ing partition verdicts. Table expectations are judged once on the
+totals, and expectations that do not decompose run over the whole dataset as Dask reductions
+(dataset_statistics.py). Every row that fails a row expectation goes to quarantine naming the
+expectations it failed.
 """
 
 from __future__ import annotations
@@ -11,14 +13,16 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
+import dask.dataframe as dd
 import pyarrow as pa
 from distributed import Client
 
-from aifactory_assets.catalog import ROW_EXPECTATIONS, Dataset
+from aifactory_assets.catalog import GLOBAL_EXPECTATIONS, ROW_EXPECTATIONS, Dataset
+from aifactory_assets.dataset_statistics import judge_global
 from aifactory_assets.parquet_io import read_parquet, write_parquet
 from aifactory_assets.publish import generation_prefix, publish, require_current
 from aifactory_assets.quarantine import quarantine_rows
-from aifactory_assets.schema import PROVENANCE, ROW, SOURCE
+from aifactory_assets.schema import PROVENANCE, ROW, SOURCE, arrow_schema
 from resources.object_store import ObjectStore
 
 SAMPLE_SIZE = 5
@@ -45,55 +49,53 @@ def _batch_definition() -> Any:
     return source.add_dataframe_asset("partition").add_batch_definition_whole_dataframe("whole")
 
 
+def _row_counts(outcome: Any, rows: int) -> dict[str, Any]:
+    found = outcome.result
+    raised = outcome.exception_info.get("raised_exception")
+    return {
+        "element_count": int(found.get("element_count", rows)),
+        "missing_count": int(found.get("missing_count", 0)),
+        "unexpected_count": int(found.get("unexpected_count", 0)),
+        "sample": [str(v) for v in (found.get("partial_unexpected_list") or [])[:SAMPLE_SIZE]],
+        "error": outcome.exception_info.get("exception_message") if raised else None,
+    }
+
+
 def validate_part(
-    suite: dict[str, Any],
     part_url: str,
-    source_part: str,
+    source: str,
     valid_url: str,
     quarantine_url: str,
+    suite: dict[str, Any],
     storage_options: dict[str, Any],
     run_id: str,
 ) -> dict[str, Any]:
-    """Runs on a worker: validate one raw part, write its valid rows and its quarantined rows."""
+    """Runs on a worker: validate one raw part (one landed file), write its valid and quarantined rows."""
     import great_expectations as gx
 
     table = read_parquet(part_url, storage_options)
     row_expectations = [e for e in suite["expectations"] if e["type"] in ROW_EXPECTATIONS]
     failures: dict[int, list[str]] = {}
-    stats = []
+    counts = []
     if row_expectations and table.num_rows:
         frame = table.to_pandas(date_as_object=False)
         gx_suite = gx.ExpectationSuite(name=suite["name"], expectations=[dict(e) for e in row_expectations])
         batch = _batch_definition().get_batch(batch_parameters={"dataframe": frame})
         result = batch.validate(gx_suite, result_format={"result_format": "COMPLETE"})
         for expectation, outcome in zip(row_expectations, result.results, strict=True):
-            found = outcome.result
-            label = expectation_label(expectation)
-            for index in found.get("unexpected_index_list") or []:
-                failures.setdefault(int(index), []).append(label)
-            stats.append(
-                {
-                    "label": label,
-                    "element_count": int(found.get("element_count", table.num_rows)),
-                    "missing_count": int(found.get("missing_count", 0)),
-                    "unexpected_count": int(found.get("unexpected_count", 0)),
-                    "sample": [str(v) for v in (found.get("partial_unexpected_list") or [])[:SAMPLE_SIZE]],
-                    "exception": outcome.exception_info.get("exception_message")
-                    if outcome.exception_info.get("raised_exception")
-                    else None,
-                }
-            )
+            for index in outcome.result.get("unexpected_index_list") or []:
+                failures.setdefault(int(index), []).append(expectation_label(expectation))
+            counts.append(_row_counts(outcome, table.num_rows))
     bad = sorted(failures)
     keep = [i not in failures for i in range(table.num_rows)]
     valid_bytes = write_parquet(table.filter(pa.array(keep, pa.bool_())), valid_url, storage_options)
     rejected = table.take(pa.array(bad, pa.int64()))
-    records = rejected.drop_columns(list(PROVENANCE)).to_pylist()
     write_parquet(
         quarantine_rows(
             rejected.column(SOURCE).to_pylist(),
             rejected.column(ROW).to_pylist(),
             ["failed: " + ", ".join(failures[i]) for i in bad],
-            records,
+            rejected.drop_columns(list(PROVENANCE)).to_pylist(),
             "validated",
             run_id,
             expectations=[failures[i] for i in bad],
@@ -102,35 +104,31 @@ def validate_part(
         storage_options,
     )
     return {
-        "part": source_part,
+        "source": source,
         "rows_in": table.num_rows,
         "rows_valid": table.num_rows - len(bad),
         "rows_quarantined": len(bad),
         "bytes": valid_bytes,
-        "expectations": stats,
+        "counts": counts,
     }
 
 
-def _judge_row(expectation: dict[str, Any], partials: list[dict[str, Any]]) -> dict[str, Any]:
-    label = expectation_label(expectation)
-    mine = [s for p in partials for s in p["expectations"] if s["label"] == label]
-    element = sum(s["element_count"] for s in mine)
-    missing = sum(s["missing_count"] for s in mine)
-    unexpected = sum(s["unexpected_count"] for s in mine)
+def _judge_row(expectation: dict[str, Any], partials: list[dict[str, Any]], position: int) -> dict[str, Any]:
+    """Sum one row expectation's counts over partitions; `mostly` is judged on the totals."""
+    mine = [p["counts"][position] for p in partials if p["counts"]]
+    element = sum(c["element_count"] for c in mine)
+    missing = sum(c["missing_count"] for c in mine)
+    unexpected = sum(c["unexpected_count"] for c in mine)
     judged = element - missing
     mostly = expectation.get("kwargs", {}).get("mostly")
-    fraction_ok = 1.0 if judged == 0 else (judged - unexpected) / judged
-    success = unexpected == 0 if mostly is None else fraction_ok >= mostly
-    errors = [s["exception"] for s in mine if s["exception"]]
+    share_ok = 1.0 if judged == 0 else (judged - unexpected) / judged
+    errors = [c["error"] for c in mine if c["error"]]
     return {
-        "label": label,
-        "severity": severity(expectation),
-        "success": success and not errors,
+        "success": (unexpected == 0 if mostly is None else share_ok >= mostly) and not errors,
         "element_count": element,
         "missing_count": missing,
         "unexpected_count": unexpected,
-        "mostly": mostly,
-        "sample": [v for s in mine for v in s["sample"]][:SAMPLE_SIZE],
+        "sample": [v for c in mine for v in c["sample"]][:SAMPLE_SIZE],
         "error": errors[0] if errors else None,
     }
 
@@ -152,12 +150,58 @@ def _judge_table(expectation: dict[str, Any], rows: int, columns: list[str]) -> 
         success, observed = kwargs["column"] in columns, columns
     else:  # expect_table_column_count_to_equal
         success, observed = len(columns) == kwargs["value"], len(columns)
-    return {
-        "label": expectation_label(expectation),
-        "severity": severity(expectation),
-        "success": bool(success),
-        "observed": observed,
-    }
+    return {"success": bool(success), "observed": observed}
+
+
+def judge_suite(
+    suite: dict[str, Any], partials: list[dict[str, Any]], frame: dd.DataFrame, columns: list[str]
+) -> list[dict[str, Any]]:
+    """One GX-shaped result per expectation of the suite, in suite order."""
+    expectations = suite["expectations"]
+    rows_in = sum(p["rows_in"] for p in partials)
+    row_positions = {i: n for n, i in enumerate(i for i, e in enumerate(expectations) if e["type"] in ROW_EXPECTATIONS)}
+    global_positions = [i for i, e in enumerate(expectations) if e["type"] in GLOBAL_EXPECTATIONS]
+    global_results = dict(
+        zip(global_positions, judge_global(frame, [expectations[i] for i in global_positions]), strict=True)
+    )
+    results = []
+    for i, expectation in enumerate(expectations):
+        if i in row_positions:
+            outcome, scope = _judge_row(expectation, partials, row_positions[i]), "row"
+        elif i in global_results:
+            outcome, scope = global_results[i], "dataset"
+        else:
+            outcome, scope = _judge_table(expectation, rows_in, columns), "table"
+        results.append(
+            {
+                "label": expectation_label(expectation),
+                "type": expectation["type"],
+                "kwargs": expectation.get("kwargs", {}),
+                "severity": severity(expectation),
+                "scope": scope,
+                **outcome,
+            }
+        )
+    return results
+
+
+def source_ledger(raw: dict[str, Any], partials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per landed object: rows read = valid + quarantined at ingest + quarantined at validation."""
+    validated = {p["source"]: p for p in partials}
+    ledger = []
+    for entry in raw["ledger"]:
+        part = validated.get(entry["source"], {"rows_valid": 0, "rows_quarantined": 0})
+        ledger.append(
+            {
+                "source": entry["source"],
+                "rows_read": entry["rows_read"],
+                "rows_valid": part["rows_valid"],
+                "quarantined_at_ingest": entry["rows_quarantined"],
+                "quarantined_at_validation": part["rows_quarantined"],
+                "file_error": entry.get("file_error"),
+            }
+        )
+    return ledger
 
 
 def validate_dataset(
@@ -167,46 +211,44 @@ def validate_dataset(
     raw = require_current(store, f"raw/{dataset.name}", "raw")
     valid_gen = generation_prefix(f"validated/{dataset.name}", run_id)
     q_gen = generation_prefix(f"quarantine/{dataset.name}/validated", run_id)
-    futures = [
-        client.submit(
-            validate_part,
-            suite,
-            store.url(part),
-            part,
-            store.url(f"{valid_gen}/part-{i:05d}.parquet"),
-            store.url(f"{q_gen}/part-{i:05d}.parquet"),
-            store.storage_options,
-            run_id,
-            key=f"validate-{dataset.name}-{run_id}-{i}",
-            pure=False,
-        )
-        for i, part in enumerate(raw["parts"])
-    ]
+    parts = raw["parts"]
+    valid_parts = [f"{valid_gen}/part-{i:05d}.parquet" for i in range(len(parts))]
+    q_parts = [f"{q_gen}/part-{i:05d}.parquet" for i in range(len(parts))]
+    futures = client.map(
+        validate_part,
+        [store.url(p) for p in parts],
+        raw["part_sources"],
+        [store.url(p) for p in valid_parts],
+        [store.url(p) for p in q_parts],
+        suite=suite,
+        storage_options=store.storage_options,
+        run_id=run_id,
+        pure=False,
+    )
     partials = client.gather(futures)
+    if parts:
+        frame = dd.read_parquet([store.url(p) for p in parts], storage_options=store.storage_options)
+    else:  # every file refused: judge the suite on an empty table of the right schema
+        frame = dd.from_pandas(arrow_schema(dataset).empty_table().to_pandas(), npartitions=1)
+    results = judge_suite(suite, partials, frame, dataset.table.names)
     rows_in = sum(p["rows_in"] for p in partials)
-    results = [
-        _judge_row(e, partials) if e["type"] in ROW_EXPECTATIONS else _judge_table(e, rows_in, dataset.table.names)
-        for e in suite["expectations"]
-    ]
     rows_quarantined = sum(p["rows_quarantined"] for p in partials)
     quarantine = publish(
-        store,
-        f"quarantine/{dataset.name}/validated",
-        run_id,
-        {"parts": [f"{q_gen}/part-{i:05d}.parquet" for i in range(len(partials))], "rows": rows_quarantined},
+        store, f"quarantine/{dataset.name}/validated", run_id, {"parts": q_parts, "rows": rows_quarantined}
     )
     return publish(
         store,
         f"validated/{dataset.name}",
         run_id,
         {
-            "parts": [f"{valid_gen}/part-{i:05d}.parquet" for i in range(len(partials))],
+            "parts": valid_parts,
             "rows_in": rows_in,
             "rows_valid": rows_in - rows_quarantined,
             "rows_quarantined": rows_quarantined,
             "bytes": sum(p["bytes"] for p in partials),
             "results": results,
             "success": all(r["success"] for r in results),
+            "ledger": source_ledger(raw, partials),
             "raw_generation": raw["generation"],
             "quarantine": quarantine["generation"],
         },

@@ -49,7 +49,7 @@ def test_whole_graph_materialises_into_checked_shards(
     result = materialize_all(catalog, stores, dask)
     assert result.success
     assert failed_checks(result) == []
-    assert len(result.get_asset_check_evaluations()) == 8 * len(catalog.datasets)
+    assert len(result.get_asset_check_evaluations()) == 10 * len(catalog.datasets)
 
     for dataset in catalog.datasets.values():
         store = stores[dataset.site]
@@ -111,8 +111,8 @@ def test_bad_rows_are_quarantined_with_reasons_and_counted(catalog: Catalog, tmp
     result = materialize_all(catalog, stores, dask, selection=stages(dataset))
     assert result.success
     # Both failing expectations are warnings: rows quarantined, the check warns, shards are still built.
-    assert failed_checks(result) == ["life_sciences/palmer_penguins/validated:expectation_suite"]
-    suite_check = next(e for e in result.get_asset_check_evaluations() if e.check_name == "expectation_suite")
+    assert failed_checks(result) == ["life_sciences/palmer_penguins/validated:warning_expectations"]
+    suite_check = next(e for e in result.get_asset_check_evaluations() if e.check_name == "warning_expectations")
     assert suite_check.severity == dg.AssetCheckSeverity.WARN
 
     raw = current(store, "raw/palmer_penguins")
@@ -157,7 +157,7 @@ def test_critical_expectation_failure_blocks_the_shards(catalog: Catalog, tmp_pa
     )
     result = materialize_all(catalog, stores, dask, selection=stages(dataset))
     assert not result.success
-    assert failed_checks(result) == ["life_sciences/palmer_penguins/validated:expectation_suite"]
+    assert failed_checks(result) == ["life_sciences/palmer_penguins/validated:critical_expectations"]
     assert latest_manifest(stores[dataset.site], dataset) is None
     assert result.asset_materializations_for_node("life_sciences__palmer_penguins__shards") == []
 

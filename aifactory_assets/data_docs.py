@@ -1,0 +1,53 @@
+"""GX Data Docs for a distributed validation: the merged results rendered by GX's own page renderer.
+
+The per-partition GX runs never produce one validation result, so we build the
+`ExpectationSuiteValidationResult` GX would have produced for the whole dataset from the merged counts,
+and render it with the same renderer and view as `context.build_data_docs()`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+
+def render_data_docs(suite_name: str, results: list[dict[str, Any]], run_id: str) -> str:
+    from great_expectations.core import ExpectationSuiteValidationResult, ExpectationValidationResult
+    from great_expectations.core.run_identifier import RunIdentifier
+    from great_expectations.expectations.expectation_configuration import ExpectationConfiguration
+    from great_expectations.render.renderer import ValidationResultsPageRenderer
+    from great_expectations.render.view import DefaultJinjaPageView
+
+    gx_results = []
+    for r in results:
+        result: dict[str, Any] = {"observed_value": r.get("observed")} if "observed" in r else {}
+        if "element_count" in r:
+            judged = r["element_count"] - r.get("missing_count", 0)
+            result |= {
+                "element_count": r["element_count"],
+                "missing_count": r.get("missing_count", 0),
+                "unexpected_count": r.get("unexpected_count", 0),
+                "unexpected_percent": 100.0 * r.get("unexpected_count", 0) / judged if judged else 0.0,
+                "partial_unexpected_list": r.get("sample", []),
+            }
+        config = ExpectationConfiguration(
+            type=r["type"], kwargs=r["kwargs"], meta={"severity": r["severity"], "scope": r["scope"]}
+        )
+        gx_results.append(ExpectationValidationResult(success=r["success"], expectation_config=config, result=result))
+    passed = sum(r["success"] for r in results)
+    validation = ExpectationSuiteValidationResult(
+        success=passed == len(results),
+        results=gx_results,
+        suite_name=suite_name,
+        statistics={
+            "evaluated_expectations": len(results),
+            "successful_expectations": passed,
+            "unsuccessful_expectations": len(results) - passed,
+            "success_percent": 100.0 * passed / len(results) if results else 100.0,
+        },
+        meta={
+            "run_id": RunIdentifier(run_name=run_id, run_time=dt.datetime.now(dt.UTC)),
+            "active_batch_definition": None,
+        },
+    )
+    return DefaultJinjaPageView().render(ValidationResultsPageRenderer().render(validation))
