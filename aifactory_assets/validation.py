@@ -26,6 +26,7 @@ from aifactory_assets.schema import PROVENANCE, ROW, SOURCE, arrow_schema
 from resources.object_store import ObjectStore
 
 SAMPLE_SIZE = 5
+POSITION = "aifactory_position"
 
 
 def expectation_label(expectation: dict[str, Any]) -> str:
@@ -79,10 +80,13 @@ def validate_part(
     counts = []
     if row_expectations and table.num_rows:
         frame = table.to_pandas(date_as_object=False)
-        gx_suite = gx.ExpectationSuite(name=suite["name"], expectations=[dict(e) for e in row_expectations])
+        tagged = [{**e, "meta": {**(e.get("meta") or {}), POSITION: i}} for i, e in enumerate(row_expectations)]
+        gx_suite = gx.ExpectationSuite(name=suite["name"], expectations=tagged)
         batch = _batch_definition().get_batch(batch_parameters={"dataframe": frame})
         result = batch.validate(gx_suite, result_format={"result_format": "COMPLETE"})
-        for expectation, outcome in zip(row_expectations, result.results, strict=True):
+        # GX groups results by column, not in suite order: match them back by the position we tagged.
+        outcomes = sorted(result.results, key=lambda o: o.expectation_config.meta[POSITION])
+        for expectation, outcome in zip(row_expectations, outcomes, strict=True):
             for index in outcome.result.get("unexpected_index_list") or []:
                 failures.setdefault(int(index), []).append(expectation_label(expectation))
             counts.append(_row_counts(outcome, table.num_rows))

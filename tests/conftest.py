@@ -44,8 +44,10 @@ def dask_address() -> Iterator[str]:
 
 
 @pytest.fixture
-def dask(dask_address: str) -> DaskCluster:
-    return DaskCluster(scheduler_address=dask_address)
+def dask(dask_address: str) -> Iterator[DaskCluster]:
+    cluster = DaskCluster(scheduler_address=dask_address)
+    yield cluster
+    cluster.close()
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,160 @@
+"""Distributed GX gives the answers GX gives on the whole table: counts summed, `mostly` on the totals,
+non-decomposable expectations over the whole dataset."""
+
+from __future__ import annotations
+
+import dask.dataframe as dd
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from aifactory_assets.catalog import Dataset
+from aifactory_assets.dataset_statistics import judge_global
+from aifactory_assets.parquet_io import write_parquet
+from aifactory_assets.publish import publish
+from aifactory_assets.validation import validate_dataset
+from resources import DaskCluster, ObjectStore
+
+DATASET = Dataset.model_validate(
+    {
+        "name": "readings",
+        "sector": "climate",
+        "site": "kajaani",
+        "description": "synthetic sensor readings",
+        "owner": "team:test",
+        "source": {"format": "parquet", "landing": "*.parquet"},
+        "schema": {
+            "key": ["id"],
+            "columns": [
+                {"name": "id", "type": "int64", "nullable": False},
+                {"name": "sensor", "type": "string"},
+                {"name": "value", "type": "float64"},
+            ],
+        },
+        "suite": "suites/readings.json",
+    }
+)
+
+
+def gx_whole_table(frame: pd.DataFrame, expectations: list[dict]) -> list:
+    import great_expectations as gx
+
+    context = gx.get_context(mode="ephemeral")
+    batch = (
+        context.data_sources.add_pandas("whole")
+        .add_dataframe_asset("table")
+        .add_batch_definition_whole_dataframe("all")
+        .get_batch(batch_parameters={"dataframe": frame})
+    )
+    tagged = [{**e, "meta": {"position": i}} for i, e in enumerate(expectations)]
+    suite = gx.ExpectationSuite(name="reference", expectations=tagged)
+    results = batch.validate(suite, result_format={"result_format": "SUMMARY"}).results
+    return sorted(results, key=lambda r: r.expectation_config.meta["position"])  # GX groups by column
+
+
+def partitions() -> list[pd.DataFrame]:
+    """Three files; only the middle one has many out-of-range values (20 of 100)."""
+    frames = []
+    for part in range(3):
+        values = np.linspace(0, 50, 100)
+        if part == 1:
+            values[:20] = 500.0
+        frames.append(
+            pd.DataFrame({"id": np.arange(part * 100, part * 100 + 100), "sensor": ["a", "b"] * 50, "value": values})
+        )
+    return frames
+
+
+def publish_raw(store: ObjectStore, frames: list[pd.DataFrame]) -> None:
+    parts = []
+    for i, frame in enumerate(frames):
+        source = f"landing/readings/part-{i}.parquet"
+        table = pa.Table.from_pandas(
+            frame.assign(_source=source, _row=np.arange(1, len(frame) + 1)), preserve_index=False
+        )
+        key = f"raw/readings/run=r0/part-{i:05d}.parquet"
+        write_parquet(table, store.url(key), store.storage_options)
+        parts.append((key, source, len(frame)))
+    publish(
+        store,
+        "raw/readings",
+        "r0",
+        {
+            "parts": [p for p, _, _ in parts],
+            "part_sources": [s for _, s, _ in parts],
+            "ledger": [{"source": s, "rows_read": n, "rows_valid": n, "rows_quarantined": 0} for _, s, n in parts],
+        },
+    )
+
+
+@pytest.mark.parametrize(("mostly", "passes"), [(0.9, True), (0.95, False)])
+def test_mostly_is_judged_on_the_totals(tmp_path, dask: DaskCluster, mostly: float, passes: bool) -> None:
+    """20 of 300 values out of range: 93% good overall, though the middle file alone is only 80% good."""
+    store = ObjectStore(site="kajaani", root=str(tmp_path))
+    frames = partitions()
+    publish_raw(store, frames)
+    expectation = {
+        "type": "expect_column_values_to_be_between",
+        "kwargs": {"column": "value", "min_value": 0, "max_value": 100, "mostly": mostly},
+    }
+    record = validate_dataset(
+        store, dask.get_client(), DATASET, {"name": "readings", "expectations": [expectation]}, "r1"
+    )
+    (result,) = record["results"]
+    (reference,) = gx_whole_table(pd.concat(frames, ignore_index=True), [expectation])
+    assert result["success"] is passes is reference.success
+    assert result["unexpected_count"] == reference.result["unexpected_count"] == 20
+    assert result["element_count"] == reference.result["element_count"] == 300
+    assert record["rows_quarantined"] == 20 and record["rows_valid"] == 280
+    assert [e["quarantined_at_validation"] for e in record["ledger"]] == [0, 20, 0]
+
+
+GLOBAL_CASES = [
+    {"type": "expect_column_values_to_be_unique", "kwargs": {"column": "id"}},
+    {"type": "expect_column_values_to_be_unique", "kwargs": {"column": "sensor"}},
+    {"type": "expect_compound_columns_to_be_unique", "kwargs": {"column_list": ["id", "sensor"]}},
+    {
+        "type": "expect_column_unique_value_count_to_be_between",
+        "kwargs": {"column": "sensor", "min_value": 2, "max_value": 2},
+    },
+    {
+        "type": "expect_column_unique_value_count_to_be_between",
+        "kwargs": {"column": "id", "min_value": 1, "max_value": 10},
+    },
+    {"type": "expect_column_proportion_of_unique_values_to_be_between", "kwargs": {"column": "id", "min_value": 0.99}},
+    {"type": "expect_column_mean_to_be_between", "kwargs": {"column": "value", "min_value": 40, "max_value": 60}},
+    {"type": "expect_column_max_to_be_between", "kwargs": {"column": "value", "max_value": 100}},
+    {"type": "expect_column_min_to_be_between", "kwargs": {"column": "value", "min_value": 0}},
+    {"type": "expect_column_sum_to_be_between", "kwargs": {"column": "value", "min_value": 0}},
+    {"type": "expect_column_stdev_to_be_between", "kwargs": {"column": "value", "min_value": 1, "max_value": 1000}},
+    {"type": "expect_column_median_to_be_between", "kwargs": {"column": "value", "min_value": 10, "max_value": 40}},
+    {"type": "expect_column_median_to_be_between", "kwargs": {"column": "value", "min_value": 100, "max_value": 200}},
+    {"type": "expect_column_values_to_be_increasing", "kwargs": {"column": "id"}},
+    {"type": "expect_column_values_to_be_increasing", "kwargs": {"column": "value"}},
+    {"type": "expect_column_values_to_be_decreasing", "kwargs": {"column": "id"}},
+    {
+        "type": "expect_column_value_z_scores_to_be_less_than",
+        "kwargs": {"column": "value", "threshold": 3, "double_sided": True},
+    },
+    {
+        "type": "expect_column_value_z_scores_to_be_less_than",
+        "kwargs": {"column": "value", "threshold": 1.5, "double_sided": True},
+    },
+]
+
+
+def test_non_decomposable_expectations_agree_with_gx_on_the_whole_table(dask: DaskCluster) -> None:
+    dask.get_client()  # the judgement runs on the real cluster
+    frames = partitions()
+    frames[2].loc[5, "id"] = 150  # a duplicate id across files, and an id out of order
+    whole = pd.concat(frames, ignore_index=True)
+    ours = judge_global(dd.from_pandas(whole, npartitions=3, sort=False), GLOBAL_CASES)
+    reference = gx_whole_table(whole, GLOBAL_CASES)
+    verdicts = [
+        (e["type"], e["kwargs"], o["success"], r.success) for e, o, r in zip(GLOBAL_CASES, ours, reference, strict=True)
+    ]
+    assert [v[2] for v in verdicts] == [v[3] for v in verdicts], verdicts
+    assert {v[2] for v in verdicts} == {True, False}  # the cases exercise both outcomes
+    unique_id = ours[0]
+    assert unique_id["unexpected_count"] == reference[0].result["unexpected_count"] == 2
