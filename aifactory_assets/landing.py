@@ -3,7 +3,8 @@
 Rows that cannot be read (wrong field count, bytes that are not valid text, a JSONL line that is not an
 object) come back as `BadRow`s instead of stopping the read; a file that cannot be read at all raises
 `UnreadableFile` and is quarantined whole. Row numbers are what an editor shows: for CSV the header is
-row 1, for JSONL the line number, for Parquet the 1-based row index.
+row 1 and a record is numbered by the line it starts on (quoted newlines make records span lines), for
+JSONL the line number, for Parquet the 1-based row index.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import io
 import json
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
@@ -42,9 +45,23 @@ class UnreadableFile(ValueError):
     """The whole file cannot be read (or its columns drifted); it is quarantined as one unit."""
 
 
+MAGIC = {b"PAR1": "Parquet", b"PK\x03\x04": "zip", b"\x1f\x8b": "gzip", b"\x89PNG": "PNG", b"%PDF": "PDF"}
+
+
 def read_landed(data: bytes, dataset: Dataset) -> LandedRows:
-    reader = {"csv": _read_csv, "jsonl": _read_jsonl, "parquet": _read_parquet}[dataset.source.format]
+    fmt = dataset.source.format
+    if fmt != "parquet":
+        refuse_binary(data, fmt)
+    reader = {"csv": _read_csv, "jsonl": _read_jsonl, "parquet": _read_parquet}[fmt]
     return reader(data, dataset)
+
+
+def refuse_binary(data: bytes, fmt: str) -> None:
+    """A text format with NUL bytes up front is some other kind of file under the wrong extension."""
+    head = data[:8192]
+    if b"\x00" in head:
+        kind = next((name for magic, name in MAGIC.items() if head.startswith(magic)), "binary")
+        raise UnreadableFile(f"{kind} content, not a {fmt.upper()} file")
 
 
 def check_columns(found: list[str], dataset: Dataset) -> list[str]:
@@ -100,14 +117,34 @@ def _read_csv(data: bytes, dataset: Dataset) -> LandedRows:
         )
     except (pa.ArrowInvalid, UnicodeDecodeError) as exc:
         raise UnreadableFile(f"not readable as CSV ({options.encoding}): {exc}") from None
-    bad_numbers = {b.row for b in bad}
-    rows = [n for n in range(2, table.num_rows + len(bad) + 2) if n not in bad_numbers][: table.num_rows]
+    records = _good_record_numbers(table.num_rows, bad)
+    newlines = sum(pc.count_substring(table.column(c), "\n").to_numpy(zero_copy_only=False) for c in table.column_names)
+    line_of = _record_lines(records, newlines, bad)
+    bad = [BadRow(line_of[b.row], b.reason, b.text) for b in bad]
+    rows = [line_of[r] for r in records]
     values, undecodable = _text_columns(table)
     for i, reason in sorted(undecodable.items()):
         text = options.delimiter.join(_decode(table.column(c)[i].as_py(), "utf-8") for c in table.column_names)
         bad.append(BadRow(rows[i], reason, text))
     keep = [i for i in range(table.num_rows) if i not in undecodable]
     return LandedRows(values.iloc[keep].reset_index(drop=True), [rows[i] for i in keep], bad, extra)
+
+
+def _good_record_numbers(good: int, bad: list[BadRow]) -> list[int]:
+    """pyarrow numbers records (header = 1) and reports only the bad ones; the good ones fill the gaps."""
+    bad_numbers = {b.row for b in bad}
+    return [n for n in range(2, good + len(bad) + 2) if n not in bad_numbers][:good]
+
+
+def _record_lines(records: list[int], newlines: np.ndarray | int, bad: list[BadRow]) -> dict[int, int]:
+    """Record number -> the line it starts on: quoted newlines make a record span several lines."""
+    spans = dict(zip(records, np.broadcast_to(newlines, (len(records),)).tolist(), strict=True))
+    spans.update({b.row: b.text.count("\n") for b in bad})
+    line, line_of = 2, {}
+    for number in sorted(spans):
+        line_of[number] = line
+        line += 1 + spans[number]
+    return line_of
 
 
 def _text_columns(table: pa.Table) -> tuple[pd.DataFrame, dict[int, str]]:

@@ -115,7 +115,10 @@ def coerce_frame(frame: pd.DataFrame, dataset: Dataset) -> tuple[pa.Table, pd.Se
         values = frame[column.name] if column.name in frame else pd.Series([None] * len(frame), dtype=object)
         values = values.reset_index(drop=True)
         missing = _is_null(values, null_values)
-        parsed = _parse(values.where(~missing, None), column) if (~missing).any() else values.where(False)
+        if (~missing).any():
+            parsed = _parse(values.where(~missing, None), column)
+        else:
+            parsed = pd.Series([None] * len(values), dtype=object)
         failed = ~missing & parsed.isna().to_numpy()
         bad = failed | (missing & (not column.nullable))
         for i in np.flatnonzero(bad):

@@ -115,6 +115,16 @@ def test_bad_rows_are_quarantined_with_reasons_and_counted(catalog: Catalog, tmp
     suite_check = next(e for e in result.get_asset_check_evaluations() if e.check_name == "warning_expectations")
     assert suite_check.severity == dg.AssetCheckSeverity.WARN
 
+    warning = next(e for e in result.get_asset_check_evaluations() if e.check_name == "warning_expectations")
+    assert "390.0" in warning.metadata["results"].value  # a sample failing value, shown in the UI
+    assert warning.metadata["unexpected_rows"].value == 2
+    validated_meta = result.asset_materializations_for_node("life_sciences__palmer_penguins__validated")[0].metadata
+    report = validated_meta["data_docs"].value
+    assert report.endswith(f"validation-{result.run_id}.html")
+    html = store.read_bytes(f"reports/palmer_penguins/validation-{result.run_id}.html").decode()
+    assert "expect_column_values_to_be_between" in html or "values must be" in html
+    assert store.read_bytes("reports/palmer_penguins/latest.html").decode() == html
+
     raw = current(store, "raw/palmer_penguins")
     assert raw["rows_read"] == 344 + 7 and raw["rows_quarantined"] == 3 and raw["files_refused"] == 1
     refused = [e for e in raw["ledger"] if "file_error" in e]
@@ -160,6 +170,35 @@ def test_critical_expectation_failure_blocks_the_shards(catalog: Catalog, tmp_pa
     assert failed_checks(result) == ["life_sciences/palmer_penguins/validated:critical_expectations"]
     assert latest_manifest(stores[dataset.site], dataset) is None
     assert result.asset_materializations_for_node("life_sciences__palmer_penguins__shards") == []
+
+
+def test_quarantined_fraction_above_the_catalogue_threshold_fails_the_run(
+    catalog: Catalog, tmp_path, dask: DaskCluster
+) -> None:
+    from tests.conftest import local_stores
+
+    strict = catalog.model_copy(
+        update={
+            "datasets": {
+                **catalog.datasets,
+                "palmer_penguins": catalog.datasets["palmer_penguins"].model_copy(
+                    update={"max_quarantined_fraction": 0.01}
+                ),
+            }
+        }
+    )
+    stores = local_stores(strict, tmp_path)
+    land_demo_data(strict, stores)
+    dataset = strict.datasets["palmer_penguins"]
+    stores[dataset.site].write_bytes("landing/palmer_penguins/drop-2.csv", PENGUIN_DROP.encode())
+    result = materialize_all(strict, stores, dask, selection=stages(dataset))
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    message = failure.event_specific_data.error.message
+    assert "palmer_penguins: 1.4% of rows quarantined (5 of 351)" in message
+    assert "max_quarantined_fraction 1.0%" in message
+    assert "expect_column_values_to_be_between(bill_length_mm) (1 rows)" in message
+    assert latest_manifest(stores[dataset.site], dataset) is None
 
 
 def test_same_inputs_give_same_version_and_bytes(catalog: Catalog, tmp_path, dask: DaskCluster) -> None:

@@ -1,0 +1,239 @@
+"""The bad-input corpus: every kind of broken landed file we promise an outcome for, built as bytes.
+
+Each case names its file, its bytes, and the documented outcome (README, "What happens to bad input"):
+rows read, valid and quarantined, and for refused files the reason. The files are generated rather than
+committed so that binary, zero-byte and 10 MB cases stay reviewable.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+HEADER = "id,name,amount,day,flag\n"
+COLUMNS = [
+    {"name": "id", "type": "int64", "nullable": False},
+    {"name": "name", "type": "string", "nullable": False},
+    {"name": "amount", "type": "float64", "nullable": True},
+    {"name": "day", "type": "date", "nullable": True},
+    {"name": "flag", "type": "bool", "nullable": True},
+]
+SUITE = {
+    "name": "corpus",
+    "expectations": [
+        {
+            "type": "expect_column_values_to_be_between",
+            "kwargs": {"column": "amount", "min_value": 0, "max_value": 1000},
+            "meta": {"severity": "warning"},
+        },
+        {
+            "type": "expect_column_value_lengths_to_be_between",
+            "kwargs": {"column": "name", "max_value": 100},
+            "meta": {"severity": "warning"},
+        },
+    ],
+}
+HUGE = "x" * (10 * 2**20)
+
+
+def good_frame(start: int, rows: int = 3) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "id": range(start, start + rows),
+            "name": [f"item {i}" for i in range(start, start + rows)],
+            "amount": [10.5 * (i + 1) for i in range(rows)],
+            "day": pd.to_datetime(["2024-01-05"] * rows).date,
+            "flag": [True, False, True][:rows] + [True] * max(0, rows - 3),
+        }
+    )
+
+
+def parquet_bytes(frame: pd.DataFrame) -> bytes:
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    return buffer.getvalue()
+
+
+def csv_bytes(frame: pd.DataFrame) -> bytes:
+    return frame.to_csv(index=False).encode()
+
+
+@dataclass(frozen=True)
+class Case:
+    file: str
+    data: bytes
+    read: int
+    valid: int  # rows that reach validated/
+    refused: str | None = None  # a phrase of the reason the whole file was refused
+    reasons: dict[int, str] = field(default_factory=dict)  # row (line) number -> a phrase of its reason
+
+    @property
+    def quarantined(self) -> int:
+        return self.read - self.valid
+
+
+def csv_cases() -> list[Case]:
+    return [
+        Case("good.csv", csv_bytes(good_frame(1)), read=3, valid=3),
+        Case(
+            "malformed_lines.csv",
+            (
+                HEADER
+                + "10,a,1.0,2024-01-05,true\n11,b,2.0\n12,c,3.0,2024-01-05,true,extra\n13,d,4.0,2024-01-05,false\n"
+            ).encode(),
+            read=4,
+            valid=2,
+            reasons={3: "expected 5 fields, found 3", 4: "expected 5 fields, found 6"},
+        ),
+        Case("bom.csv", b"\xef\xbb\xbf" + csv_bytes(good_frame(20)), read=3, valid=3),
+        Case(
+            "latin1.csv",
+            (HEADER + "30,ok,1.0,2024-01-05,true\n").encode() + b"31,Jos\xe9,2.0,2024-01-05,true\n",
+            read=2,
+            valid=1,
+            reasons={3: "not valid UTF-8"},
+        ),
+        Case("semicolons.csv", csv_bytes(good_frame(40)).replace(b",", b";"), read=0, valid=0, refused="missing"),
+        Case(
+            "quoted_newlines.csv",
+            (
+                HEADER
+                + '50,"two\nlines",1.0,2024-01-05,true\n51,"three\nlines\nhere",-5,2024-01-05,true\n52,c,1.0,2024-01-05\n'
+            ).encode(),
+            read=3,
+            valid=1,
+            reasons={4: "expect_column_values_to_be_between(amount)", 7: "expected 5 fields, found 4"},
+        ),
+        Case(
+            "numbers.csv",
+            (
+                HEADER + "60,nan-text,NaN,,true\n61,inf,inf,,\n62,empty-amount,,,\n,no-id,1.0,,\n63,neg,-1e400,,\n"
+            ).encode(),
+            read=5,
+            valid=1,
+            reasons={
+                2: "'NaN' is not a valid float64",
+                3: "'inf' is not a valid float64",
+                5: "id: null in a non-nullable column",
+                6: "'-1e400' is not a valid float64",
+            },
+        ),
+        Case(
+            "dates.csv",
+            (
+                HEADER + "70,iso,1.0,2024-01-05,yes\n71,us,1.0,01/05/2024,no\n72,bad-month,1.0,2024-13-01,maybe\n"
+            ).encode(),
+            read=3,
+            valid=1,
+            reasons={3: "'01/05/2024' is not a valid date", 4: "'maybe' is not a valid bool"},
+        ),
+        Case("header_only.csv", HEADER.encode(), read=0, valid=0),
+        Case("zero_bytes.csv", b"", read=0, valid=0, refused="empty file (0 bytes)"),
+        Case(
+            "drift_missing.csv",
+            b"id,name,amount,day\n80,a,1.0,2024-01-05\n",
+            read=0,
+            valid=0,
+            refused="['flag'] missing",
+        ),
+        Case(
+            "drift_extra.csv",
+            b"id,name,amount,day,flag,colour\n81,a,1.0,2024-01-05,true,red\n",
+            read=0,
+            valid=0,
+            refused="undeclared column(s) ['colour']",
+        ),
+        Case(
+            "huge_field.csv",
+            (HEADER + f"90,{HUGE},1.0,2024-01-05,true\n91,small,1.0,2024-01-05,true\n").encode(),
+            read=2,
+            valid=1,
+            reasons={2: "expect_column_value_lengths_to_be_between(name)"},
+        ),
+        Case(
+            "truncated.csv",
+            (HEADER + "100,a,1.0,2024-01-05,true\n101,b,2.0,2024-0").encode(),
+            read=2,
+            valid=1,
+            reasons={3: "expected 5 fields, found 4"},
+        ),
+        Case(
+            "really_parquet.csv",
+            parquet_bytes(good_frame(110)),
+            read=0,
+            valid=0,
+            refused="Parquet content, not a CSV file",
+        ),
+    ]
+
+
+def jsonl_cases() -> list[Case]:
+    return [
+        Case("good.jsonl", good_frame(200).to_json(orient="records", lines=True, date_format="iso").encode(), 3, 3),
+        Case(
+            "not_json.jsonl",
+            b'{"id": 210, "name": "a", "amount": 1.0, "day": "2024-01-05", "flag": true}\n'
+            b'{"id": 211, "name": \n'
+            b"[1, 2, 3]\n"
+            b'{"id": 212, "name": "b\\u00e9", "amount": "12", "day": "2024-01-05", "flag": false}\n'
+            b'{"id": 213, "name": "c", "amount": 1.0, "day": "2024-01-05", "flag": true}\n',
+            read=5,
+            valid=3,
+            reasons={2: "not JSON", 3: "not an object"},
+        ),
+        Case(
+            "drift.jsonl",
+            b'{"id": 230, "name": "a", "amount": 1.0, "day": "2024-01-05", "flag": true, "colour": "red"}\n',
+            read=0,
+            valid=0,
+            refused="undeclared column(s) ['colour']",
+        ),
+        Case("zero_bytes.jsonl", b"", read=0, valid=0),
+        Case(
+            "bad_bytes.jsonl",
+            b'{"id": 220, "name": "ok", "amount": 1.0, "day": "2024-01-05", "flag": true}\n'
+            b'{"id": 221, "name": "Jos\xe9", "amount": 1.0, "day": "2024-01-05", "flag": true}\n',
+            read=2,
+            valid=1,
+            reasons={2: "are not valid utf-8"},
+        ),
+    ]
+
+
+def parquet_cases() -> list[Case]:
+    good = parquet_bytes(good_frame(300))
+    typed = good_frame(310).astype({"amount": "str"})
+    typed.loc[1, "amount"] = "abc"
+    return [
+        Case("good.parquet", good, read=3, valid=3),
+        Case("truncated.parquet", good[: len(good) // 2], read=0, valid=0, refused="not a readable Parquet file"),
+        Case("really_csv.parquet", csv_bytes(good_frame(320)), read=0, valid=0, refused="not a readable Parquet file"),
+        Case("zero_bytes.parquet", b"", read=0, valid=0, refused="not a readable Parquet file (0 bytes)"),
+        Case("drift.parquet", parquet_bytes(good_frame(330).drop(columns=["flag"])), 0, 0, refused="['flag'] missing"),
+        Case(
+            "amount_as_text.parquet", parquet_bytes(typed), read=3, valid=2, reasons={2: "'abc' is not a valid float64"}
+        ),
+    ]
+
+
+CORPUS = {
+    "corpus_csv": ("csv", csv_cases),
+    "corpus_jsonl": ("jsonl", jsonl_cases),
+    "corpus_parquet": ("parquet", parquet_cases),
+}
+
+
+def dataset_entry(name: str, fmt: str) -> dict:
+    return {
+        "name": name,
+        "sector": "climate",
+        "site": "kajaani",
+        "description": f"The bad-input corpus, as {fmt}.",
+        "owner": "team:aifactory",
+        "source": {"format": fmt, "landing": f"*.{fmt}"},
+        "schema": {"key": ["id"], "columns": COLUMNS},
+        "suite": "suites/corpus.json",
+        "max_quarantined_fraction": 1.0,
+    }
