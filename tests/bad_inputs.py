@@ -100,7 +100,9 @@ def csv_cases() -> list[Case]:
             "quoted_newlines.csv",
             (
                 HEADER
-                + '50,"two\nlines",1.0,2024-01-05,true\n51,"three\nlines\nhere",-5,2024-01-05,true\n52,c,1.0,2024-01-05\n'
+                + '50,"two\nlines",1.0,2024-01-05,true\n'
+                + '51,"three\nlines\nhere",-5,2024-01-05,true\n'
+                + "52,c,1.0,2024-01-05\n"
             ).encode(),
             read=3,
             valid=1,
