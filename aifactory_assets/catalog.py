@@ -177,6 +177,9 @@ class ShardSettings(_Model):
     )
     seed: int = Field(default=0, ge=0)
     retention: int = Field(default=3, ge=1)
+    remainder: Literal["drop", "pad"] = Field(
+        default="drop", description="when rows do not divide by ranks: drop the tail, or pad by wrapping around"
+    )
 
     @field_validator("splits")
     @classmethod

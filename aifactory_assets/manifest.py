@@ -97,7 +97,12 @@ def build_manifest(
             "key": dataset.table.key,
         },
         "splits": sharded["splits"],
-        "sampler": {"seed": dataset.shards.seed, "ratios": dataset.shards.splits, **SAMPLER},
+        "sampler": {
+            "seed": dataset.shards.seed,
+            "ratios": dataset.shards.splits,
+            "remainder": dataset.shards.remainder,
+            **SAMPLER,
+        },
         "lineage": {"inputs": lineage},
         "validation": validation,
         "quarantine": quarantine,

@@ -27,7 +27,7 @@ from aifactory_assets.schema import ROW, SOURCE, arrow_schema
 from resources.object_store import ObjectStore
 
 SEQ, SPLIT, ORDER = "_seq", "_split", "_order"
-ROW_GROUP_ROWS = 16_384
+ROW_GROUP_ROWS = (1_024, 65_536)  # bounds; a split aims at ~1,024 row groups, many more than ranks x workers
 SAMPLER = {
     "split": "siphash-2-4 of the key (pandas.util.hash_pandas_object, default hash key) mapped to [0, 1) "
     "and cut by the cumulative split ratios",
@@ -64,14 +64,19 @@ def _dedup(frame: pd.DataFrame, key: list[str]) -> pd.DataFrame:
     return frame.sort_values([SEQ, ROW], kind="stable").drop_duplicates(key, keep="last")
 
 
+def row_group_rows(split_rows: int) -> int:
+    low, high = ROW_GROUP_ROWS
+    return min(high, max(low, math.ceil(split_rows / 1_024)))
+
+
 def write_shard(
-    slices: list[tuple[str, int, int]], url: str, storage_options: dict[str, Any], schema: pa.Schema
+    slices: list[tuple[str, int, int]], url: str, storage_options: dict[str, Any], schema: pa.Schema, group_rows: int
 ) -> dict[str, Any]:
     """Runs on a worker: concatenate row ranges of sorted staging files into one shard, with its checksum."""
     pieces = [read_parquet(part, storage_options).slice(lo, hi - lo) for part, lo, hi in slices]
     table = pa.concat_tables([p.select(schema.names).cast(schema) for p in pieces]) if pieces else schema.empty_table()
     buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="zstd", row_group_size=ROW_GROUP_ROWS, write_statistics=True)
+    pq.write_table(table, buffer, compression="zstd", row_group_size=group_rows, write_statistics=True)
     data = buffer.getvalue()
     fs, path = open_for_write(url, storage_options)
     with fs.open(path, "wb") as f:
@@ -149,6 +154,7 @@ def shard_dataset(
                 store.url(f"{version_prefix}/{shard_name(split, i, count)}"),
                 options,
                 schema,
+                row_group_rows(rows),
                 key=f"shard-{dataset.name}-{split}-{i}-{version_prefix}",
                 pure=False,
             )

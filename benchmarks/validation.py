@@ -93,6 +93,7 @@ def run_dask(bench: Synthetic, n_workers: int, memory_limit: int) -> PathResult:
             processes=True,
             host="127.0.0.1",
             dashboard_address=None,
+            scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},  # no dashboard, no clash on port 8787
             silence_logs=logging.ERROR,
         ) as cluster,
         Client(cluster) as client,
@@ -107,7 +108,7 @@ def run_dask(bench: Synthetic, n_workers: int, memory_limit: int) -> PathResult:
             lost = [m["worker"] for _, m in events.get("all", ()) if m.get("action") == "remove-worker"]
             lost += sorted(workers_before - set(client.scheduler_info()["workers"]) - set(lost))
             pauses = sum(
-                m.get("action") == "worker-status-change" and m.get("status") == "paused"
+                isinstance(m, dict) and m.get("action") == "worker-status-change" and m.get("status") == "paused"
                 for topic in events.values()
                 for _, m in topic
             )
@@ -151,7 +152,9 @@ def run_plain_gx(bench: Synthetic) -> PathResult:
             .add_batch_definition_whole_dataframe("whole")
             .get_batch(batch_parameters={"dataframe": frame})
         )
-        suite = gx.ExpectationSuite(name=bench.suite["name"], expectations=[dict(e) for e in bench.suite["expectations"]])
+        suite = gx.ExpectationSuite(
+            name=bench.suite["name"], expectations=[dict(e) for e in bench.suite["expectations"]]
+        )
         started = time.perf_counter()
         outcome = batch.validate(suite, result_format={"result_format": "SUMMARY"})
         seconds = time.perf_counter() - started
@@ -165,7 +168,9 @@ def run_plain_gx(bench: Synthetic) -> PathResult:
             "success": bool(one.success),
             "unexpected_count": one.result.get("unexpected_count"),
             "missing_count": one.result.get("missing_count"),
-            "error": one.exception_info.get("exception_message") if one.exception_info.get("raised_exception") else None,
+            "error": one.exception_info.get("exception_message")
+            if one.exception_info.get("raised_exception")
+            else None,
         }
     notes = {"load_s": load_s, "frame_bytes": frame_bytes, "success": bool(outcome.success)}
     return PathResult("plain GX (1 pandas DataFrame)", seconds, rss.peak, results, notes)
@@ -183,5 +188,7 @@ def disagreements(suite: dict[str, Any], dask: PathResult, plain: PathResult) ->
         keys = ["success"]
         if expectation["type"] in ROW_EXPECTATIONS:
             keys += ["unexpected_count", "missing_count"]
-        found += [f"{label}: {k} Dask {ours.get(k)} != GX {theirs.get(k)}" for k in keys if ours.get(k) != theirs.get(k)]
+        found += [
+            f"{label}: {k} Dask {ours.get(k)} != GX {theirs.get(k)}" for k in keys if ours.get(k) != theirs.get(k)
+        ]
     return found

@@ -1,0 +1,243 @@
+"""Read a committed shard version for training, from its manifest alone (no bucket listing, no Dagster).
+
+    from aifactory_assets.loader import ShardReader
+    reader = ShardReader("s3://bucket/shards/x/v=abc/manifest.json", "train", rank=0, world_size=8,
+                         storage_options={...}, epoch=3)
+    for batch in reader:        # pyarrow.RecordBatch
+        ...
+
+The order is a pure function of (seed, epoch): row groups are permuted per epoch and rows permuted within
+each row group. That stream is cut into `world_size` equal contiguous slices, one per rank, so every rank
+gets exactly the same number of samples (the tail is dropped, or padded by wrapping around, as the
+manifest's sampler says): uneven ranks hang collective ops. Within a rank, the i-th batch (counted from
+where the run starts) goes to data-loader worker i % num_workers, the order in which PyTorch's
+DataLoader interleaves workers, so the rank's order does not depend on the worker count.
+`start_sample` resumes a rank exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+DEFAULT_CACHE_BYTES = 20 * 2**30
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    """One unit of reading and shuffling: a row group of a shard."""
+
+    shard: str
+    index: int
+    rows: int
+
+
+def epoch_seed(seed: int, epoch: int, *more: int) -> np.random.Generator:
+    return np.random.default_rng([seed, epoch, *more])
+
+
+class ShardCache:
+    """Local copies of remote shards, verified on download, evicted least recently used past `max_bytes`."""
+
+    def __init__(self, directory: str | Path, max_bytes: int = DEFAULT_CACHE_BYTES):
+        self.directory, self.max_bytes = Path(directory), max_bytes
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def path(self, checksum: str) -> Path:
+        return self.directory / f"{checksum}.parquet"
+
+    def fetch(self, fs: fsspec.AbstractFileSystem, remote: str, checksum: str, verify: bool) -> Path:
+        target = self.path(checksum)
+        if target.exists():
+            os.utime(target)
+            return target
+        data = fs.cat_file(remote)
+        if verify:
+            verify_bytes(data, checksum, remote)
+        tmp = target.with_suffix(f".tmp-{os.getpid()}")
+        tmp.write_bytes(data)
+        tmp.replace(target)
+        self.evict(keep=target)
+        return target
+
+    def evict(self, keep: Path) -> None:
+        files = sorted(self.directory.glob("*.parquet"), key=lambda p: p.stat().st_atime)
+        total = sum(p.stat().st_size for p in files)
+        for old in files:
+            if total <= self.max_bytes:
+                break
+            if old != keep:
+                total -= old.stat().st_size
+                old.unlink(missing_ok=True)
+
+
+class ChecksumMismatch(OSError):
+    """A shard's bytes differ from its manifest: a torn copy or a tampered file; never train on it."""
+
+
+def verify_bytes(data: bytes, checksum: str, where: str) -> None:
+    found = hashlib.sha256(data).hexdigest()
+    if found != checksum:
+        raise ChecksumMismatch(f"{where}: sha256 {found} differs from the manifest's {checksum}")
+
+
+class ShardReader:
+    """One rank's (and one data-loader worker's) view of a split of a committed version."""
+
+    def __init__(
+        self,
+        manifest: str,
+        split: str,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        worker_id: int = 0,
+        num_workers: int = 1,
+        epoch: int = 0,
+        seed: int | None = None,
+        batch_size: int = 65_536,
+        columns: list[str] | None = None,
+        shuffle: bool = True,
+        remainder: Literal["drop", "pad"] | None = None,
+        start_sample: int = 0,
+        verify: bool = True,
+        storage_options: dict[str, Any] | None = None,
+        cache_dir: str | Path | None = None,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+    ):
+        if not 0 <= rank < world_size or not 0 <= worker_id < num_workers:
+            raise ValueError(f"rank {rank} of {world_size}, worker {worker_id} of {num_workers}: out of range")
+        self.fs, manifest_path = fsspec.core.url_to_fs(manifest, **(storage_options or {}))
+        self.manifest: dict[str, Any] = json.loads(self.fs.cat_file(manifest_path))
+        if split not in self.manifest["splits"]:
+            raise KeyError(f"split {split!r} not in {manifest}; it has {sorted(self.manifest['splits'])}")
+        self.root = posixpath.dirname(manifest_path)
+        self.split, self.rank, self.world_size = split, rank, world_size
+        self.worker_id, self.num_workers = worker_id, num_workers
+        self.epoch, self.batch_size, self.columns, self.shuffle = epoch, batch_size, columns, shuffle
+        self.seed = self.manifest["sampler"]["seed"] if seed is None else seed
+        self.remainder = remainder or self.manifest["sampler"].get("remainder", "drop")
+        self.start_sample, self.verify = start_sample, verify
+        shards = self.manifest["splits"][split]["shards"]
+        self.checksums = {s["path"]: s["sha256"] for s in shards}
+        self.groups = [RowGroup(s["path"], i, n) for s in shards for i, n in enumerate(s["row_groups"]) if n]
+        self.total = sum(g.rows for g in self.groups)
+        is_local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+        self.cache = None if is_local else ShardCache(cache_dir or default_cache_dir(), cache_bytes)
+        self._verified: set[str] = set()
+        self._files: dict[str, pq.ParquetFile] = {}
+        self._tables: OrderedDict[tuple[str, int], pa.Table] = OrderedDict()
+
+    # The sampling plan: pure functions of (seed, epoch, rank, world_size).
+    def samples_per_rank(self) -> int:
+        if self.remainder == "pad":
+            return -(-self.total // self.world_size)
+        return self.total // self.world_size
+
+    def __len__(self) -> int:
+        """Samples this worker yields in the epoch (from `start_sample` on)."""
+        return sum(hi - lo for lo, hi in self._batches())
+
+    def _order(self) -> list[RowGroup]:
+        if not self.shuffle:
+            return self.groups
+        return [self.groups[i] for i in epoch_seed(self.seed, self.epoch).permutation(len(self.groups))]
+
+    def _batches(self) -> list[tuple[int, int]]:
+        """This worker's batches, as [lo, hi) positions in the rank's slice of the epoch stream."""
+        per_rank = self.samples_per_rank()
+        bounds = range(0, per_rank, self.batch_size)
+        batches = [(lo, min(lo + self.batch_size, per_rank)) for lo in bounds]
+        first = self.start_sample // self.batch_size
+        mine = []
+        for i, (lo, hi) in enumerate(batches):
+            if i >= first and (i - first) % self.num_workers == self.worker_id:
+                mine.append((max(lo, self.start_sample), hi))
+        return [(lo, hi) for lo, hi in mine if lo < hi]
+
+    def __iter__(self) -> Iterator[pa.RecordBatch]:
+        if self.total == 0:
+            return
+        order = self._order()
+        ends = np.cumsum([g.rows for g in order])
+        offset = self.rank * self.samples_per_rank()
+        for lo, hi in self._batches():
+            yield self._read(order, ends, offset + lo, offset + hi)
+
+    def iter_rows(self) -> Iterator[dict[str, Any]]:
+        for batch in self:
+            yield from batch.to_pylist()
+
+    def _read(self, order: list[RowGroup], ends: np.ndarray, start: int, stop: int) -> pa.RecordBatch:
+        """Rows [start, stop) of the epoch stream; positions past the end wrap around (padding)."""
+        pieces, position = [], start
+        while position < stop:
+            q = position % self.total
+            k = int(np.searchsorted(ends, q, side="right"))
+            group_start = int(ends[k]) - order[k].rows
+            take = min(stop - position, int(ends[k]) - q)
+            pieces.append(self._group(order[k]).slice(q - group_start, take))
+            position += take
+        table = pa.concat_tables(pieces) if len(pieces) > 1 else pieces[0]
+        return (
+            table.combine_chunks().to_batches()[0] if table.num_rows else pa.RecordBatch.from_pylist([], table.schema)
+        )
+
+    def _group(self, group: RowGroup) -> pa.Table:
+        """A row group, rows permuted for this epoch; the last few stay in memory (consecutive batches)."""
+        key = (group.shard, group.index)
+        if key in self._tables:
+            self._tables.move_to_end(key)
+            return self._tables[key]
+        table = self._file(group.shard).read_row_group(group.index, columns=self.columns)
+        if self.shuffle:
+            shard_number = list(self.checksums).index(group.shard)
+            permutation = epoch_seed(self.seed, self.epoch, shard_number, group.index).permutation(table.num_rows)
+            table = table.take(permutation)
+        self._tables[key] = table
+        while len(self._tables) > 2:
+            self._tables.popitem(last=False)
+        return table
+
+    def _file(self, shard: str) -> pq.ParquetFile:
+        if shard not in self._files:
+            remote = f"{self.root}/{shard}"
+            checksum = self.checksums[shard]
+            if self.cache is not None:
+                local = self.cache.fetch(self.fs, remote, checksum, self.verify)
+            else:
+                local = Path(remote)
+                if self.verify and shard not in self._verified:
+                    verify_bytes(local.read_bytes(), checksum, remote)
+            self._verified.add(shard)
+            self._files[shard] = pq.ParquetFile(local, memory_map=True)
+        return self._files[shard]
+
+    def state_dict(self, samples_consumed: int) -> dict[str, int]:
+        """What to save with a checkpoint: resume with `ShardReader(..., epoch=e, start_sample=s)`."""
+        return {"epoch": self.epoch, "start_sample": self.start_sample + samples_consumed}
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("AIFACTORY_CACHE", Path.home() / ".cache" / "aifactory" / "shards"))
+
+
+def __getattr__(name: str) -> Any:
+    """`ShardIterableDataset` exists only where torch is installed (an optional extra)."""
+    if name == "ShardIterableDataset":
+        from aifactory_assets.torch_dataset import ShardIterableDataset
+
+        return ShardIterableDataset
+    raise AttributeError(name)

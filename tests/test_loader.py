@@ -1,0 +1,203 @@
+"""The training loader on a real committed version: equal, disjoint ranks; order a function of (seed,
+epoch); exact resume; checksums; a bounded S3 cache; the torch IterableDataset; other readers' interop."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+import pyarrow.dataset as pads
+import pytest
+
+from aifactory_assets.catalog import Catalog
+from aifactory_assets.demo import land_demo_data
+from aifactory_assets.factory import asset_key, build_catalog_assets
+from aifactory_assets.loader import ChecksumMismatch, ShardReader
+from aifactory_assets.manifest import latest_manifest
+from resources import DaskCluster, ObjectStore
+from tests.conftest import local_stores, pipeline_resources, s3_stores
+
+DATASET = "seattle_weather"
+
+
+def commit_version(catalog: Catalog, stores: dict[str, ObjectStore], dask: DaskCluster) -> str:
+    """Materialise seattle_weather with small shards (100 rows) so a split spans many files."""
+    dataset = catalog.datasets[DATASET].model_copy(
+        update={"shards": catalog.datasets[DATASET].shards.model_copy(update={"target_rows": 100})}
+    )
+    small = catalog.model_copy(update={"datasets": {DATASET: dataset}})
+    land_demo_data(small, stores)
+    result = dg.materialize(
+        build_catalog_assets(small),
+        resources=pipeline_resources(stores, dask),
+        instance=dg.DagsterInstance.ephemeral(),
+        selection=[asset_key(dataset, s) for s in ("raw", "validated", "shards")],
+    )
+    assert result.success
+    manifest = latest_manifest(stores[dataset.site], dataset)
+    return stores[dataset.site].url(f"shards/{DATASET}/v={manifest['version']}/manifest.json")
+
+
+@pytest.fixture(scope="module")
+def manifest_url(catalog: Catalog, tmp_path_factory: pytest.TempPathFactory, dask_address: str) -> str:
+    dask = DaskCluster(scheduler_address=dask_address)
+    try:
+        return commit_version(catalog, local_stores(catalog, tmp_path_factory.mktemp("stores")), dask)
+    finally:
+        dask.close()
+
+
+def dates(reader: ShardReader) -> list:
+    return [d for batch in reader for d in batch.column("date").to_pylist()]
+
+
+def rank_stream(manifest_url: str, rank: int, world: int, workers: int = 2, **options) -> list:
+    """What one rank sees through `workers` data-loader workers, interleaved as PyTorch does."""
+    per_worker = [
+        list(
+            ShardReader(
+                manifest_url,
+                "train",
+                rank=rank,
+                world_size=world,
+                worker_id=w,
+                num_workers=workers,
+                batch_size=7,
+                **options,
+            )
+        )
+        for w in range(workers)
+    ]
+    batches = [b for round_ in itertools.zip_longest(*per_worker) for b in round_ if b is not None]
+    return [d for batch in batches for d in batch.column("date").to_pylist()]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+def test_ranks_are_equal_disjoint_and_complete(manifest_url: str, world: int) -> None:
+    everything = dates(ShardReader(manifest_url, "train", shuffle=False))
+    streams = [rank_stream(manifest_url, rank, world) for rank in range(world)]
+    counts = {len(s) for s in streams}
+    assert counts == {len(everything) // world}
+    seen = [d for s in streams for d in s]
+    assert len(seen) == len(set(seen))  # disjoint
+    assert len(everything) - len(seen) == len(everything) % world  # complete up to the dropped tail
+
+    padded = [rank_stream(manifest_url, rank, world, remainder="pad") for rank in range(world)]
+    assert {len(s) for s in padded} == {-(-len(everything) // world)}
+    assert set(itertools.chain(*padded)) == set(everything)
+
+
+def test_order_is_a_function_of_seed_and_epoch(manifest_url: str) -> None:
+    first = rank_stream(manifest_url, 1, 3, epoch=4)
+    assert rank_stream(manifest_url, 1, 3, epoch=4) == first
+    assert rank_stream(manifest_url, 1, 3, workers=1, epoch=4) == first  # worker count does not change it
+    assert rank_stream(manifest_url, 1, 3, epoch=5) != first
+    assert rank_stream(manifest_url, 1, 3, epoch=4, seed=99) != first
+    assert sorted(rank_stream(manifest_url, 0, 1, epoch=4)) == sorted(rank_stream(manifest_url, 0, 1, epoch=5))
+
+
+@pytest.mark.parametrize("consumed", [0, 5, 7, 50, 301])
+def test_resume_continues_exactly_where_it_stopped(manifest_url: str, consumed: int) -> None:
+    whole = rank_stream(manifest_url, 2, 3, epoch=2)
+    reader = ShardReader(manifest_url, "train", rank=2, world_size=3, epoch=2)
+    state = reader.state_dict(samples_consumed=consumed)
+    assert rank_stream(manifest_url, 2, 3, **state) == whole[consumed:]
+
+
+def test_a_corrupted_shard_is_refused(manifest_url: str, tmp_path: Path) -> None:
+    import shutil
+
+    root = Path(manifest_url).parent
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    shard = next(copy.glob("train-*.parquet"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ChecksumMismatch, match="differs from the manifest"):
+        dates(ShardReader(str(copy / "manifest.json"), "train", shuffle=False))
+
+
+def test_remote_shards_are_cached_within_a_size_bound(
+    catalog: Catalog, s3_endpoint: str, dask: DaskCluster, tmp_path: Path
+) -> None:
+    stores = s3_stores(catalog, s3_endpoint)
+    url = commit_version(catalog, stores, dask)
+    options = stores["kajaani"].storage_options
+    local = dates(ShardReader(url, "train", storage_options=options, cache_dir=tmp_path / "big", shuffle=False))
+    cached = list((tmp_path / "big").glob("*.parquet"))
+    assert len(cached) == len(ShardReader(url, "train", storage_options=options).checksums)
+    shard_size = max(p.stat().st_size for p in cached)
+    bounded = dates(
+        ShardReader(
+            url,
+            "train",
+            storage_options=options,
+            cache_dir=tmp_path / "small",
+            cache_bytes=2 * shard_size,
+            shuffle=False,
+        )
+    )
+    assert bounded == local
+    assert sum(p.stat().st_size for p in (tmp_path / "small").glob("*.parquet")) <= 2 * shard_size
+
+
+def test_torch_iterable_dataset_feeds_a_dataloader(manifest_url: str) -> None:
+    torch = pytest.importorskip("torch", reason="torch is an optional extra; `make test` installs the pinned CPU build")
+    from aifactory_assets.loader import ShardIterableDataset
+
+    dataset = ShardIterableDataset(
+        manifest_url, "train", rank=1, world_size=2, batch_size=7, columns=["precipitation", "wind"]
+    )
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=2)
+    tensors = list(loader)
+    assert all(isinstance(b["wind"], torch.Tensor) and b["wind"].dtype == torch.float64 for b in tensors)
+    expected = [w for b in rank_stream_columns(manifest_url, 1, 2, ["wind"]) for w in b]
+    assert torch.cat([b["wind"] for b in tensors]).tolist() == expected
+
+
+def rank_stream_columns(manifest_url: str, rank: int, world: int, columns: list[str]) -> list[list]:
+    per_worker = [
+        list(
+            ShardReader(
+                manifest_url,
+                "train",
+                rank=rank,
+                world_size=world,
+                worker_id=w,
+                num_workers=2,
+                batch_size=7,
+                columns=columns,
+            )
+        )
+        for w in range(2)
+    ]
+    return [b.column(columns[0]).to_pylist() for r in itertools.zip_longest(*per_worker) for b in r if b is not None]
+
+
+def test_shards_open_as_they_are_in_other_readers(manifest_url: str, tmp_path: Path, monkeypatch) -> None:
+    import json
+
+    import dask.dataframe as dd
+
+    root = Path(manifest_url).parent
+    manifest = json.loads(Path(manifest_url).read_text())
+    rows = {split: v["rows"] for split, v in manifest["splits"].items()}
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from datasets import load_dataset
+
+    hf = load_dataset("parquet", data_dir=str(root))
+    hf_names = {"val": "validation"}  # HF's name for the split it detects from `val-*` files
+    assert {split: hf[split].num_rows for split in hf} == {hf_names.get(k, k): n for k, n in rows.items()}
+
+    # manifest.json sits beside the shards: pyarrow.dataset skips it when told to skip non-Parquet files.
+    assert pads.dataset(str(root), format="parquet", exclude_invalid_files=True).count_rows() == sum(rows.values())
+    train = sorted(str(p) for p in root.glob("train-*.parquet"))
+    assert len(pd.concat(pd.read_parquet(p) for p in train)) == rows["train"]
+    assert len(dd.read_parquet(train)) == rows["train"]
+    assert os.path.exists(root / "manifest.json")
