@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The loader's torch extra, pinned to the release that lies on the build machines' disk (a CPU build).
+TORCH := torch==2.13.0
 export DAGSTER_HOME := $(CURDIR)/dagster_home
 export AIFACTORY_HOME ?= $(CURDIR)/.aifactory
 
@@ -28,6 +30,7 @@ materialize: demo
 	$(BIN)/python -m aifactory_assets.materialize_all
 
 test: setup
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH)"
 	$(BIN)/python -m pytest
 
 lint: setup

@@ -29,7 +29,7 @@ from aifactory_assets.manifest import (
     MANIFEST,
     build_manifest,
     commit,
-    version_id,
+    version_for,
     version_prefix,
 )
 from aifactory_assets.metadata import location, markdown_table, stage_metadata
@@ -217,10 +217,9 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
         store, dask = _resources(context, dataset)
         raw_record = require_current(store, f"raw/{dataset.name}", "raw")
         valid_record = require_current(store, f"validated/{dataset.name}", "validated")
-        inputs = [e["object"] for e in raw_record["ledger"]]
-        version = version_id(dataset, suite, [f"{o['key']}|{o['size']}|{o['etag']}|{o['mtime']}" for o in inputs])
+        version = version_for(dataset, suite, raw_record)
         prefix = version_prefix(dataset, version)
-        if store.exists(f"{prefix}/{MANIFEST}"):
+        if store.is_object(f"{prefix}/{MANIFEST}"):
             manifest = store.read_json(f"{prefix}/{MANIFEST}")
             context.log.info(f"version {version} is already committed; re-pointing _latest at it")
         else:

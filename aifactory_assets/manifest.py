@@ -60,6 +60,12 @@ def version_id(dataset: Dataset, suite: dict[str, Any], inputs: list[str]) -> st
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def version_for(dataset: Dataset, suite: dict[str, Any], raw_record: dict[str, Any]) -> str:
+    """The version the published raw generation (its landed objects' fingerprints) will shard into."""
+    inputs = [e["object"] for e in raw_record["ledger"]]
+    return version_id(dataset, suite, [f"{o['key']}|{o['size']}|{o['etag']}|{o['mtime']}" for o in inputs])
+
+
 def dataset_prefix(dataset: Dataset) -> str:
     return f"shards/{dataset.name}"
 

@@ -125,6 +125,11 @@ class ObjectStore(dg.ConfigurableResource):
         self.fs.invalidate_cache()
         return self.fs.exists(self.path(key))
 
+    def is_object(self, key: str) -> bool:
+        """An object (a file), not a prefix (a folder)."""
+        self.fs.invalidate_cache()
+        return self.fs.isfile(self.path(key))
+
     def read_bytes(self, key: str) -> bytes:
         return self.fs.cat_file(self.path(key))
 

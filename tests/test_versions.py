@@ -1,0 +1,125 @@
+"""Versions: a failed run leaves no visible version and a re-run completes it; retention never touches the
+latest or an unfinished version; a record keeps its split when new data arrives."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+import pytest
+
+from aifactory_assets.catalog import Catalog
+from aifactory_assets.demo import land_demo_data
+from aifactory_assets.factory import asset_key, build_catalog_assets
+from aifactory_assets.loader import ShardReader
+from aifactory_assets.manifest import committed_versions, latest_manifest, version_for
+from aifactory_assets.publish import current
+from resources import DaskCluster, ObjectStore
+from tests.conftest import local_stores, pipeline_resources
+
+DATASET = "seattle_weather"
+
+
+@pytest.fixture
+def setup(catalog: Catalog, tmp_path: Path, dask: DaskCluster):
+    dataset = catalog.datasets[DATASET]
+    dataset = dataset.model_copy(
+        update={"shards": dataset.shards.model_copy(update={"retention": 2, "target_rows": 200})}
+    )
+    small = catalog.model_copy(update={"datasets": {DATASET: dataset}})
+    stores = local_stores(small, tmp_path)
+    land_demo_data(small, stores)
+    return small, dataset, stores[dataset.site], stores, dask
+
+
+def run(catalog: Catalog, stores, dask, stages=("raw", "validated", "shards")):
+    dataset = catalog.datasets[DATASET]
+    return dg.materialize(
+        build_catalog_assets(catalog),
+        resources=pipeline_resources(stores, dask),
+        instance=dg.DagsterInstance.ephemeral(),
+        selection=[asset_key(dataset, s) for s in stages],
+        raise_on_error=False,
+    )
+
+
+def land_more(store: ObjectStore, year: int, name: str = "extra") -> None:
+    """A later drop: a year of new days (new keys) for the same dataset; the same name replaces it."""
+    days = pd.date_range(f"{year}-01-01", f"{year}-12-31", freq="D")
+    frame = pd.DataFrame(
+        {"date": days, "precipitation": 0.5, "temp_max": 10.0, "temp_min": 2.0, "wind": 3.0, "weather": "rain"}
+    )
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    store.write_bytes(f"landing/{DATASET}/{name}.parquet", buffer.getvalue())
+
+
+def all_rows(store: ObjectStore, manifest: dict) -> pd.DataFrame:
+    prefix = f"shards/{DATASET}/v={manifest['version']}"
+    return pd.concat(
+        pd.read_parquet(store.url(f"{prefix}/{s['path']}")).assign(split=split)
+        for split, v in manifest["splits"].items()
+        for s in v["shards"]
+    )
+
+
+def test_a_failed_run_leaves_no_visible_version_and_a_rerun_completes_it(setup) -> None:
+    catalog, dataset, store, stores, dask = setup
+    assert run(catalog, stores, dask).success
+    first = latest_manifest(store, dataset)
+
+    land_more(store, 2016)
+    assert run(catalog, stores, dask, stages=("raw", "validated")).success
+    version = version_for(dataset, catalog.suites[DATASET], current(store, f"raw/{DATASET}"))
+    blocker = Path(store.path(f"shards/{DATASET}/v={version}/manifest.json"))
+    blocker.mkdir(parents=True)  # the commit point cannot be written: the run dies after its shards
+
+    failed = run(catalog, stores, dask, stages=("shards",))
+    assert not failed.success
+    assert list(blocker.parent.glob("train-*.parquet")), "the shards were written before the failure"
+    assert latest_manifest(store, dataset)["version"] == first["version"]  # nothing new is visible
+    latest_url = store.url(f"shards/{DATASET}/v={first['version']}/manifest.json")
+    assert len(list(ShardReader(latest_url, "train"))) > 0
+
+    blocker.rmdir()
+    assert run(catalog, stores, dask, stages=("shards",)).success
+    second = latest_manifest(store, dataset)
+    assert second["version"] == version != first["version"]
+    assert second["conservation"]["rows_read"] == first["conservation"]["rows_read"] + 366
+    assert not store.exists(f"shards/{DATASET}/_staging/{version}")
+
+
+def test_retention_keeps_the_latest_and_never_an_unfinished_version(setup) -> None:
+    catalog, dataset, store, stores, dask = setup
+    unfinished = Path(store.path(f"shards/{DATASET}/v=0000unfinished00/train-00000-of-00001.parquet"))
+    unfinished.parent.mkdir(parents=True)
+    unfinished.write_bytes(b"being written")
+    made = []
+    for year in (None, 2016, 2017, 2018):
+        if year:
+            land_more(store, year)
+        assert run(catalog, stores, dask).success
+        made.append(latest_manifest(store, dataset)["version"])
+    assert len(set(made)) == 4
+    kept = [v for _, v in committed_versions(store, dataset)]
+    assert kept == made[-2:]  # retention 2: the newest two, the latest among them
+    assert json.loads(store.read_bytes(f"shards/{DATASET}/_latest"))["version"] == made[-1]
+    assert unfinished.exists()
+    for old in made[:2]:
+        assert not store.exists(f"shards/{DATASET}/v={old}")
+
+
+def test_records_keep_their_split_when_new_data_arrives(setup) -> None:
+    catalog, dataset, store, stores, dask = setup
+    assert run(catalog, stores, dask).success
+    before = all_rows(store, latest_manifest(store, dataset)).set_index("date")["split"]
+    land_more(store, 2016)
+    assert run(catalog, stores, dask).success
+    after = all_rows(store, latest_manifest(store, dataset)).set_index("date")["split"]
+    assert len(after) == len(before) + 366
+    assert (after.loc[before.index] == before).all()
+    train = latest_manifest(store, dataset)["splits"]["train"]["shards"]
+    assert max(s["rows"] for s in train) - min(s["rows"] for s in train) <= 1
