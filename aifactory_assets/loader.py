@@ -6,8 +6,9 @@
     for batch in reader:        # pyarrow.RecordBatch
         ...
 
-The order is a pure function of (seed, epoch): row groups are permuted per epoch and rows permuted within
-each row group. That stream is cut into `world_size` equal contiguous slices, one per rank, so every rank
+The order is a pure function of (seed, epoch): row groups are permuted per epoch and blocks of rows
+(`shuffle_block`, 1 = single rows) permuted within each row group, on top of the seeded global shuffle
+the shards were written in. That stream is cut into `world_size` equal contiguous slices, one per rank, so every rank
 gets exactly the same number of samples (the tail is dropped, or padded by wrapping around, as the
 manifest's sampler says): uneven ranks hang collective ops. Within a rank, the i-th batch (counted from
 where the run starts) goes to data-loader worker i % num_workers, the order in which PyTorch's
@@ -110,6 +111,7 @@ class ShardReader:
         batch_size: int = 65_536,
         columns: list[str] | None = None,
         shuffle: bool = True,
+        shuffle_block: int = 1_024,
         remainder: Literal["drop", "pad"] | None = None,
         start_sample: int = 0,
         verify: bool = True,
@@ -127,6 +129,7 @@ class ShardReader:
         self.split, self.rank, self.world_size = split, rank, world_size
         self.worker_id, self.num_workers = worker_id, num_workers
         self.epoch, self.batch_size, self.columns, self.shuffle = epoch, batch_size, columns, shuffle
+        self.shuffle_block = shuffle_block
         self.seed = self.manifest["sampler"]["seed"] if seed is None else seed
         self.remainder = remainder or self.manifest["sampler"].get("remainder", "drop")
         self.start_sample, self.verify = start_sample, verify
@@ -204,8 +207,8 @@ class ShardReader:
         table = self._file(group.shard).read_row_group(group.index, columns=self.columns)
         if self.shuffle:
             shard_number = list(self.checksums).index(group.shard)
-            permutation = epoch_seed(self.seed, self.epoch, shard_number, group.index).permutation(table.num_rows)
-            table = table.take(permutation)
+            rng = epoch_seed(self.seed, self.epoch, shard_number, group.index)
+            table = shuffle_blocks(table, rng, self.shuffle_block)
         self._tables[key] = table
         while len(self._tables) > 2:
             self._tables.popitem(last=False)
@@ -228,6 +231,15 @@ class ShardReader:
     def state_dict(self, samples_consumed: int) -> dict[str, int]:
         """What to save with a checkpoint: resume with `ShardReader(..., epoch=e, start_sample=s)`."""
         return {"epoch": self.epoch, "start_sample": self.start_sample + samples_consumed}
+
+
+def shuffle_blocks(table: pa.Table, rng: np.random.Generator, block: int) -> pa.Table:
+    """Permute a row group in blocks of `block` rows (1 = every row). Rows are already globally shuffled
+    by the seeded hash the shards were written in; per epoch, blocks keep the cost to zero-copy slices."""
+    if block <= 1:
+        return table.take(rng.permutation(table.num_rows))
+    starts = rng.permutation(range(0, table.num_rows, block))
+    return pa.concat_tables([table.slice(int(start), block) for start in starts])
 
 
 def default_cache_dir() -> Path:

@@ -22,12 +22,18 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from aifactory_assets.loader import ShardReader
 
 
-def batch_to_tensors(batch: pa.RecordBatch) -> dict[str, Any]:
-    """Numeric columns as tensors (zero-copy where Arrow allows); others stay Python lists."""
+def batch_to_tensors(batch: pa.RecordBatch, stack: dict[str, list[str]] | None = None) -> dict[str, Any]:
+    """Numeric columns as tensors, and each `stack` group as one [rows, k] tensor built in the worker
+    (one transfer to the main process instead of k); other columns stay Python lists."""
     out: dict[str, Any] = {}
+    stacked = {c for columns in (stack or {}).values() for c in columns}
+    for name, columns in (stack or {}).items():
+        out[name] = torch.from_numpy(np.column_stack([batch.column(c).to_numpy(zero_copy_only=False) for c in columns]))
     for name, column in zip(batch.schema.names, batch.columns, strict=True):
+        if name in stacked:
+            continue
         if pa.types.is_integer(column.type) or pa.types.is_floating(column.type) or pa.types.is_boolean(column.type):
-            out[name] = torch.from_numpy(np.asarray(column.to_numpy(zero_copy_only=False)))
+            out[name] = torch.from_numpy(np.array(column.to_numpy(zero_copy_only=False)))
         else:
             out[name] = column.to_pylist()
     return out
@@ -35,10 +41,17 @@ def batch_to_tensors(batch: pa.RecordBatch) -> dict[str, Any]:
 
 class ShardIterableDataset(IterableDataset):
     def __init__(
-        self, manifest: str, split: str, *, rank: int | None = None, world_size: int | None = None, **options: Any
+        self,
+        manifest: str,
+        split: str,
+        *,
+        rank: int | None = None,
+        world_size: int | None = None,
+        stack: dict[str, list[str]] | None = None,
+        **options: Any,
     ):
         super().__init__()
-        self.manifest, self.split, self.options = manifest, split, options
+        self.manifest, self.split, self.stack, self.options = manifest, split, stack, options
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         self.rank = rank if rank is not None else (torch.distributed.get_rank() if distributed else 0)
         self.world_size = (
@@ -64,4 +77,4 @@ class ShardIterableDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for batch in self.reader():
-            yield batch_to_tensors(batch)
+            yield batch_to_tensors(batch, self.stack)
