@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
+import pandas as pd
 import pyarrow as pa
 from distributed import Client
 
@@ -49,7 +50,10 @@ def ingest_file(
         table = quarantine_rows([source_key], [None], [f"file refused: {exc}"], [None], "raw", run_id)
         write_parquet(table, quarantine_url, storage_options)
         return entry
-    typed, reasons = coerce_frame(landed.values, dataset)
+    if landed.typed is not None:
+        typed, reasons = landed.typed, pd.Series([None] * landed.typed.num_rows, dtype=object)
+    else:
+        typed, reasons = coerce_frame(landed.values, dataset)
     ok = reasons.isna().to_numpy()
     good = typed.filter(pa.array(ok))
     good = good.append_column(SOURCE, pa.array([source_key] * good.num_rows, pa.string()))
@@ -57,7 +61,8 @@ def ingest_file(
     entry["raw_bytes"] = write_parquet(good.cast(arrow_schema(dataset)), raw_url, storage_options)
 
     failed = [i for i, k in enumerate(ok) if not k]
-    records = landed.values.iloc[failed].astype(object).where(landed.values.iloc[failed].notna(), None)
+    rejected = landed.values.iloc[failed] if failed else pd.DataFrame()
+    records = rejected.astype(object).where(rejected.notna(), None)
     quarantined = quarantine_rows(
         [source_key] * (len(failed) + len(landed.bad)),
         [landed.rows[i] for i in failed] + [b.row for b in landed.bad],

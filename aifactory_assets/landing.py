@@ -22,6 +22,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from aifactory_assets.catalog import Dataset
+from aifactory_assets.schema import ARROW_TYPES, FALSE_WORDS, TRUE_WORDS, arrow_schema
 
 MAX_BLOCK = 2**31 - 1  # pyarrow's CSV block size limit; a row (e.g. a 10 MB field) must fit in one block
 
@@ -35,10 +36,11 @@ class BadRow:
 
 @dataclass(frozen=True)
 class LandedRows:
-    values: pd.DataFrame  # the declared columns, as landed (text for CSV)
+    values: pd.DataFrame | None  # the declared columns, as landed (text for CSV); None when `typed` is set
     rows: list[int]  # each value row's number in the file
     bad: list[BadRow]
     extra_columns: list[str]
+    typed: pa.Table | None = None  # already in the declared types (the clean-file fast path)
 
 
 class UnreadableFile(ValueError):
@@ -48,12 +50,14 @@ class UnreadableFile(ValueError):
 MAGIC = {b"PAR1": "Parquet", b"PK\x03\x04": "zip", b"\x1f\x8b": "gzip", b"\x89PNG": "PNG", b"%PDF": "PDF"}
 
 
-def read_landed(data: bytes, dataset: Dataset) -> LandedRows:
+def read_landed(data: bytes, dataset: Dataset, fast: bool = True) -> LandedRows:
+    """`fast=False` forces the robust CSV path (the tests compare the two)."""
     fmt = dataset.source.format
     if fmt != "parquet":
         refuse_binary(data, fmt)
-    reader = {"csv": _read_csv, "jsonl": _read_jsonl, "parquet": _read_parquet}[fmt]
-    return reader(data, dataset)
+    if fmt == "csv":
+        return _read_csv(data, dataset, fast)
+    return {"jsonl": _read_jsonl, "parquet": _read_parquet}[fmt](data, dataset)
 
 
 def refuse_binary(data: bytes, fmt: str) -> None:
@@ -82,7 +86,7 @@ def _decode(raw: bytes, encoding: str) -> str:
     return raw.decode(encoding, errors="backslashreplace")
 
 
-def _read_csv(data: bytes, dataset: Dataset) -> LandedRows:
+def _read_csv(data: bytes, dataset: Dataset, fast: bool) -> LandedRows:
     options = dataset.source.options
     if not data.strip():
         raise UnreadableFile(f"empty file ({len(data)} bytes): no header")
@@ -92,13 +96,43 @@ def _read_csv(data: bytes, dataset: Dataset) -> LandedRows:
         raise UnreadableFile(f"header is not {options.encoding} text ({exc.reason}): not a CSV file?") from None
     header = next(csv.reader([first_line], delimiter=options.delimiter))
     extra = check_columns(header, dataset)
+    fast = _typed_csv(data, dataset) if fast else None
+    table, bad = fast or _parse_csv(data, dataset, {name: pa.binary() for name in header}, text=False)
+    records = _good_record_numbers(table.num_rows, bad)
+    line_of = _record_lines(records, _newlines(table), bad)
+    bad = [BadRow(line_of[b.row], b.reason, b.text) for b in bad]
+    rows = [line_of[r] for r in records]
+    if fast is not None:
+        return LandedRows(None, rows, bad, extra, typed=table)
+    values, undecodable = _text_columns(table)
+    for i, reason in sorted(undecodable.items()):
+        text = options.delimiter.join(_decode(table.column(c)[i].as_py(), "utf-8") for c in table.column_names)
+        bad.append(BadRow(rows[i], reason, text))
+    keep = [i for i in range(table.num_rows) if i not in undecodable]
+    return LandedRows(values.iloc[keep].reset_index(drop=True), [rows[i] for i in keep], bad, extra)
+
+
+def _parse_csv(
+    data: bytes, dataset: Dataset, column_types: dict[str, pa.DataType], text: bool
+) -> tuple[pa.Table, list[BadRow]]:
+    """One pyarrow pass; rows with the wrong field count are collected, not fatal. `text` reads values as
+    the typed fast path does (null tokens, bool words); otherwise every cell stays raw bytes."""
+    options = dataset.source.options
     bad: list[BadRow] = []
 
     def on_invalid(row: pacsv.InvalidRow) -> str:
-        reason = f"expected {row.expected_columns} fields, found {row.actual_columns}"
-        bad.append(BadRow(row.number, reason, row.text))
+        bad.append(BadRow(row.number, f"expected {row.expected_columns} fields, found {row.actual_columns}", row.text))
         return "skip"
 
+    convert = {"column_types": column_types, "include_columns": dataset.table.names}
+    if text:
+        words = {
+            kind: sorted({v for w in words for v in (w, w.upper(), w.capitalize())})
+            for kind, words in (("true_values", TRUE_WORDS), ("false_values", FALSE_WORDS))
+        }
+        convert |= {"null_values": options.null_values, "strings_can_be_null": True, **words}
+    else:
+        convert |= {"strings_can_be_null": False}
     try:
         table = pacsv.read_csv(
             io.BytesIO(data),
@@ -108,26 +142,46 @@ def _read_csv(data: bytes, dataset: Dataset) -> LandedRows:
             parse_options=pacsv.ParseOptions(
                 delimiter=options.delimiter, newlines_in_values=True, invalid_row_handler=on_invalid
             ),
-            # Binary cells: a bad byte sequence then costs its row, not the file (checked in _text_columns).
-            convert_options=pacsv.ConvertOptions(
-                column_types={name: pa.binary() for name in header},
-                strings_can_be_null=False,
-                include_columns=dataset.table.names,
-            ),
+            convert_options=pacsv.ConvertOptions(**convert),
         )
     except (pa.ArrowInvalid, UnicodeDecodeError) as exc:
         raise UnreadableFile(f"not readable as CSV ({options.encoding}): {exc}") from None
-    records = _good_record_numbers(table.num_rows, bad)
-    newlines = sum(pc.count_substring(table.column(c), "\n").to_numpy(zero_copy_only=False) for c in table.column_names)
-    line_of = _record_lines(records, newlines, bad)
-    bad = [BadRow(line_of[b.row], b.reason, b.text) for b in bad]
-    rows = [line_of[r] for r in records]
-    values, undecodable = _text_columns(table)
-    for i, reason in sorted(undecodable.items()):
-        text = options.delimiter.join(_decode(table.column(c)[i].as_py(), "utf-8") for c in table.column_names)
-        bad.append(BadRow(rows[i], reason, text))
-    keep = [i for i in range(table.num_rows) if i not in undecodable]
-    return LandedRows(values.iloc[keep].reset_index(drop=True), [rows[i] for i in keep], bad, extra)
+    return table, bad
+
+
+def _typed_csv(data: bytes, dataset: Dataset) -> tuple[pa.Table, list[BadRow]] | None:
+    """The fast path for clean files: pyarrow parses straight into the declared types. Any value the
+    robust path would judge differently (unparseable, non-finite, padded null, null in a non-nullable
+    column, a custom date format, timestamps and their zones) sends the file down the robust path."""
+    columns = dataset.table.columns
+    if any(c.type == "timestamp" or c.format for c in columns):
+        return None
+    try:
+        table, bad = _parse_csv(data, dataset, {c.name: ARROW_TYPES[c.type] for c in columns}, text=True)
+    except UnreadableFile:
+        return None
+    nulls = pa.array(dataset.source.options.null_values, pa.string())
+    for column in columns:
+        values = table.column(column.name)
+        if not column.nullable and values.null_count:
+            return None
+        if column.type.startswith("float") and pc.all(pc.is_finite(values)).as_py() is False:
+            return None
+        if column.type == "string":
+            padded = pc.and_(pc.is_in(pc.utf8_trim_whitespace(values), nulls), pc.invert(pc.is_in(values, nulls)))
+            if pc.any(padded).as_py():
+                return None
+    return table.cast(arrow_schema(dataset, provenance=False)), bad
+
+
+def _newlines(table: pa.Table) -> np.ndarray | int:
+    """Newlines inside each record's values (quoted newlines), from text or binary columns."""
+    texts = [
+        c
+        for c in table.column_names
+        if pa.types.is_string(table.schema.field(c).type) or pa.types.is_binary(table.schema.field(c).type)
+    ]
+    return sum(pc.count_substring(table.column(c), "\n").fill_null(0).to_numpy(zero_copy_only=False) for c in texts)
 
 
 def _good_record_numbers(good: int, bad: list[BadRow]) -> list[int]:

@@ -1,0 +1,78 @@
+"""The CSV fast path (pyarrow straight into the declared types) gives exactly what the robust path gives,
+and steps aside whenever the robust path would judge a value differently."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+
+from aifactory_assets.catalog import Catalog, Dataset
+from aifactory_assets.demo import encode
+from aifactory_assets.demo_sources import DEMO_SOURCES
+from aifactory_assets.landing import read_landed
+from aifactory_assets.schema import coerce_frame
+from tests.bad_inputs import COLUMNS
+
+
+def robust(data: bytes, dataset: Dataset) -> tuple[pa.Table, list[int]]:
+    landed = read_landed(data, dataset, fast=False)
+    typed, reasons = coerce_frame(landed.values, dataset)
+    assert reasons.isna().all()
+    return typed, landed.rows
+
+
+@pytest.mark.parametrize("name", ["breast_cancer_wisconsin", "palmer_penguins"])
+def test_fast_path_equals_robust_path_on_real_data(catalog: Catalog, name: str) -> None:
+    dataset = catalog.datasets[name]
+    data = encode(DEMO_SOURCES[name](), dataset)
+    fast = read_landed(data, dataset)
+    assert fast.typed is not None, "a clean file takes the fast path"
+    table, rows = robust(data, dataset)
+    assert fast.typed.equals(table)
+    assert fast.rows == rows
+
+
+CORPUS = Dataset.model_validate(
+    {
+        "name": "fast_path",
+        "sector": "climate",
+        "site": "kajaani",
+        "description": "d",
+        "owner": "team:test",
+        "source": {"format": "csv", "landing": "*.csv"},
+        "schema": {"key": ["id"], "columns": COLUMNS},
+        "suite": "s.json",
+    }
+)
+HEADER = b"id,name,amount,day,flag\n"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"1,a,1.5,2024-01-05,true\n2,b,,,\n",  # nulls where allowed
+        b'1,"two\nlines",1.5,2024-01-05,YES\n2,b,2,2024-01-06,n\n',  # quoted newline, bool words
+        b"1,a,1.5,2024-01-05,true\n2,b,2.0\n3,c,3,2024-01-07,false\n",  # a short row: quarantined, rest fast
+        b" 4 ,a, 1.0 ,2024-01-05,true\n",  # padded numbers: both paths read them
+    ],
+)
+def test_fast_path_agrees_on_clean_values(body: bytes) -> None:
+    fast = read_landed(HEADER + body, CORPUS)
+    assert fast.typed is not None
+    table, rows = robust(HEADER + body, CORPUS)
+    assert fast.typed.equals(table) and fast.rows == rows
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"1,a,NaN,2024-01-05,true\n",  # pyarrow reads NaN; we refuse it
+        b"1,a,inf,2024-01-05,true\n",
+        b"1,  ,1.0,2024-01-05,true\n",  # a padded empty string is null
+        b",a,1.0,2024-01-05,true\n",  # null in a non-nullable column
+        b"1,a,1.0,01/05/2024,true\n",  # not ISO
+        b"1,Jos\xe9,1.0,2024-01-05,true\n",  # not UTF-8
+    ],
+)
+def test_anything_doubtful_takes_the_robust_path(body: bytes) -> None:
+    assert read_landed(HEADER + body, CORPUS).typed is None
