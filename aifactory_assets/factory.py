@@ -226,7 +226,8 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
             staging = f"shards/{dataset.name}/_staging/{version}"
             store.delete(staging)
             rank = {e["source"]: i for i, e in enumerate(raw_record["ledger"])}
-            sharded = shard_dataset(store, dask.get_client(), dataset, valid_record["parts"], rank, prefix, staging)
+            seqs = [rank[source] for source in raw_record["part_sources"]]
+            sharded = shard_dataset(store, dask.get_client(), dataset, valid_record["parts"], seqs, prefix, staging)
             lineage = [
                 {**e["object"], "rows_read": e["rows_read"], "rows_valid": e["rows_valid"]}
                 for e in raw_record["ledger"]

@@ -1,10 +1,13 @@
 """The `shards` stage: dedup by key, split by a stable hash of the key, seeded shuffle, equal-row shards.
 
-Steps, all on the Dask workers, staged through the store so nothing must fit in one process:
-1. dedup: shuffle on the key, keep the latest record (the latest landed file, then the last row);
-2. split: a stable hash of the key picks the split, so a record never changes split across versions;
-3. order: within a split, sort by a seeded hash of the key (a seeded, reproducible global shuffle);
-4. shard: cut each sorted split into shards whose row counts differ by at most one.
+A range shuffle through the store, two waves of Dask tasks, so no process ever holds more than one
+bucket (about BUCKET_BYTES) and the data is read three times in all:
+1. scatter (one task per validated part): hash the key twice, once for the split (stable across
+   versions: a record never changes split) and once under the seed (the shuffle order); write each row to
+   the bucket of its split and of its order's range. Equal keys land in the same bucket.
+2. gather (one task per bucket): drop duplicate keys, the latest landed file and last row winning; sort
+   by the seeded order. The buckets of a split, in range order, are the split globally shuffled.
+3. shard: cut each split into shards whose row counts differ by at most one.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ import io
 import math
 from typing import Any
 
-import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -22,11 +24,12 @@ import pyarrow.parquet as pq
 from distributed import Client
 
 from aifactory_assets.catalog import Dataset
-from aifactory_assets.parquet_io import open_for_write, read_parquet
-from aifactory_assets.schema import ROW, SOURCE, arrow_schema
+from aifactory_assets.parquet_io import open_for_write, read_parquet, write_parquet
+from aifactory_assets.schema import ROW, arrow_schema
 from resources.object_store import ObjectStore
 
-SEQ, SPLIT, ORDER = "_seq", "_split", "_order"
+SEQ, ORDER = "_seq", "_order"
+BUCKET_BYTES = 64 * 2**20  # on-disk size a gather task handles at once
 ROW_GROUP_ROWS = (1_024, 65_536)  # bounds; a split aims at ~1,024 row groups, many more than ranks x workers
 SAMPLER = {
     "split": "siphash-2-4 of the key (pandas.util.hash_pandas_object, default hash key) mapped to [0, 1) "
@@ -55,13 +58,48 @@ def assign_splits(frame: pd.DataFrame, key: list[str], ratios: dict[str, float])
     return np.searchsorted(np.cumsum(list(ratios.values()))[:-1], unit, side="right").astype(np.int8)
 
 
-def _annotate(frame: pd.DataFrame, key: list[str], ratios: dict[str, float], seed: int) -> pd.DataFrame:
-    frame = frame.assign(**{SPLIT: assign_splits(frame, key, ratios)})
-    return frame.assign(**{ORDER: _key_hash(frame, key, _hash_key(seed))})
+def scatter_part(
+    part_url: str,
+    seq: int,
+    bucket_prefix: str,
+    key_columns: list[str],
+    ratios: dict[str, float],
+    seed: int,
+    ranges: int,
+    storage_options: dict[str, Any],
+) -> dict[int, int]:
+    """Runs on a worker: split one validated part into bucket fragments; returns rows per bucket."""
+    table = read_parquet(part_url, storage_options)
+    frame = table.select(key_columns).to_pandas()
+    split = assign_splits(frame, key_columns, ratios).astype(np.int64)
+    order = _key_hash(frame, key_columns, _hash_key(seed))
+    # Monotone in the order (uint64 -> float64 never reorders), so buckets in range order stay sorted.
+    in_range = np.minimum((order.astype(np.float64) / 2.0**64 * ranges).astype(np.int64), ranges - 1)
+    bucket = split * ranges + in_range
+    table = table.append_column(ORDER, pa.array(order, pa.uint64()))
+    table = table.append_column(SEQ, pa.array(np.full(table.num_rows, seq, np.int64)))
+    counts: dict[int, int] = {}
+    for b in np.unique(bucket):
+        rows = table.filter(pa.array(bucket == b))
+        write_parquet(rows, f"{bucket_prefix}/bucket={b:05d}/part-{seq:05d}.parquet", storage_options)
+        counts[int(b)] = rows.num_rows
+    return counts
 
 
-def _dedup(frame: pd.DataFrame, key: list[str]) -> pd.DataFrame:
-    return frame.sort_values([SEQ, ROW], kind="stable").drop_duplicates(key, keep="last")
+def gather_bucket(
+    fragment_urls: list[str], out_url: str, key_columns: list[str], storage_options: dict[str, Any]
+) -> tuple[int, int]:
+    """Runs on a worker: one bucket's fragments -> deduplicated, sorted by the seeded order.
+    Returns (rows kept, bytes written)."""
+    table = pa.concat_tables([read_parquet(u, storage_options) for u in fragment_urls])
+    # Latest wins: sort so that, per key, the latest (file, row) comes last; keep the last of each key.
+    table = table.sort_by([(ORDER, "ascending"), (SEQ, "ascending"), (ROW, "ascending")])
+    if table.num_rows > 1:
+        frame = table.select(key_columns).to_pandas()
+        keep = ~frame.duplicated(keep="last").to_numpy()
+        table = table.filter(pa.array(keep))
+    kept = table.drop_columns([SEQ])
+    return kept.num_rows, write_parquet(kept, out_url, storage_options)
 
 
 def row_group_rows(split_rows: int) -> int:
@@ -118,52 +156,69 @@ def shard_dataset(
     client: Client,
     dataset: Dataset,
     parts: list[str],
-    source_rank: dict[str, int],
+    part_seqs: list[int],
     version_prefix: str,
     staging_prefix: str,
 ) -> dict[str, Any]:
     """Write every split's shards under `version_prefix`; returns per-split shard entries and counts."""
     options = store.storage_options
     key, ratios = dataset.table.key, dataset.shards.splits
-    frame = dd.read_parquet([store.url(p) for p in parts], storage_options=options)
-    rows_in = int(frame.shape[0].compute())
-    frame = frame.assign(**{SEQ: frame[SOURCE].map(source_rank, meta=(SEQ, "int64"))})
-    deduped = frame.shuffle(on=key).map_partitions(_dedup, key)
-    annotated = deduped.map_partitions(_annotate, key, ratios, dataset.shards.seed)
-    annotated.to_parquet(store.url(f"{staging_prefix}/annotated"), storage_options=options, write_index=False)
-    annotated = dd.read_parquet(store.url(f"{staging_prefix}/annotated"), storage_options=options)
-    rows_kept = int(annotated.shape[0].compute())
-
+    sizes = sum(store.info(p).size for p in parts)
+    ranges = max(1, math.ceil(sizes / BUCKET_BYTES))
+    buckets = store.url(f"{staging_prefix}/fragments")
+    seqs = part_seqs  # each part's landed file, in landing order: later files win on duplicate keys
+    scattered = client.gather(
+        client.map(
+            scatter_part,
+            [store.url(p) for p in parts],
+            seqs,
+            bucket_prefix=buckets,
+            key_columns=key,
+            ratios=ratios,
+            seed=dataset.shards.seed,
+            ranges=ranges,
+            storage_options=options,
+            pure=False,
+        )
+    )
+    rows_in = sum(n for counts in scattered for n in counts.values())
+    by_bucket: dict[int, list[str]] = {}
+    for seq, counts in zip(seqs, scattered, strict=True):
+        for b in counts:
+            by_bucket.setdefault(b, []).append(f"{buckets}/bucket={b:05d}/part-{seq:05d}.parquet")
+    ordered = sorted(by_bucket)
+    gathered = client.gather(
+        client.map(
+            gather_bucket,
+            [by_bucket[b] for b in ordered],
+            [store.url(f"{staging_prefix}/sorted/bucket={b:05d}.parquet") for b in ordered],
+            key_columns=key,
+            storage_options=options,
+            pure=False,
+        )
+    )
+    sorted_rows = dict(zip(ordered, gathered, strict=True))
     schema = arrow_schema(dataset)
     splits: dict[str, Any] = {}
     for index, split in enumerate(ratios):
-        sorted_prefix = f"{staging_prefix}/sorted/{split}"
-        part = annotated[annotated[SPLIT] == index]
-        part.sort_values(ORDER).to_parquet(store.url(sorted_prefix), storage_options=options, write_index=False)
-        files = [o for o in store.list_objects(sorted_prefix, "*.parquet")]
-        files.sort(key=lambda o: int(o.key.rsplit("part.", 1)[-1].split(".")[0]))
-        part_rows = [
-            (store.url(o.key), pq.ParquetFile(store.fs.open(store.path(o.key))).metadata.num_rows) for o in files
-        ]
+        mine = [b for b in ordered if b // ranges == index]
+        part_rows = [(store.url(f"{staging_prefix}/sorted/bucket={b:05d}.parquet"), sorted_rows[b][0]) for b in mine]
         rows = sum(n for _, n in part_rows)
-        count = shard_count(rows, sum(o.size for o in files), dataset)
-        futures = [
-            client.submit(
-                write_shard,
-                plan,
-                store.url(f"{version_prefix}/{shard_name(split, i, count)}"),
-                options,
-                schema,
-                row_group_rows(rows),
-                key=f"shard-{dataset.name}-{split}-{i}-{version_prefix}",
-                pure=False,
-            )
-            for i, plan in enumerate(plan_shards(part_rows, count))
-        ]
+        count = shard_count(rows, sum(sorted_rows[b][1] for b in mine), dataset)
+        futures = client.map(
+            write_shard,
+            plan_shards(part_rows, count),
+            [store.url(f"{version_prefix}/{shard_name(split, i, count)}") for i in range(count)],
+            storage_options=options,
+            schema=schema,
+            group_rows=row_group_rows(rows),
+            pure=False,
+        )
         shards = [{"path": shard_name(split, i, count), **entry} for i, entry in enumerate(client.gather(futures))]
         splits[split] = {
             "rows": sum(s["rows"] for s in shards),
             "bytes": sum(s["bytes"] for s in shards),
             "shards": shards,
         }
+    rows_kept = sum(kept for kept, _ in gathered)
     return {"rows_in": rows_in, "duplicates_dropped": rows_in - rows_kept, "splits": splits}

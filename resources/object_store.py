@@ -158,6 +158,8 @@ class ObjectStore(dg.ConfigurableResource):
             self.fs.rm(path, recursive=True)
 
     def upload(self, local_path: str | Path, key: str) -> None:
+        if self.protocol == "file":
+            Path(self.path(key)).parent.mkdir(parents=True, exist_ok=True)
         self.fs.put_file(str(local_path), self.path(key))
 
     def display(self) -> str:
