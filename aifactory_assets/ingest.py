@@ -56,8 +56,8 @@ def ingest_file(
         typed, reasons = coerce_frame(landed.values, dataset)
     ok = reasons.isna().to_numpy()
     good = typed.filter(pa.array(ok))
-    good = good.append_column(SOURCE, pa.array([source_key] * good.num_rows, pa.string()))
-    good = good.append_column(ROW, pa.array([r for r, k in zip(landed.rows, ok, strict=True) if k], pa.int64()))
+    good = good.append_column(SOURCE, pa.repeat(pa.scalar(source_key, pa.string()), good.num_rows))
+    good = good.append_column(ROW, pa.array(landed.rows[ok], pa.int64()))
     entry["raw_bytes"] = write_parquet(good.cast(arrow_schema(dataset)), raw_url, storage_options)
 
     failed = [i for i, k in enumerate(ok) if not k]
@@ -65,7 +65,7 @@ def ingest_file(
     records = rejected.astype(object).where(rejected.notna(), None)
     quarantined = quarantine_rows(
         [source_key] * (len(failed) + len(landed.bad)),
-        [landed.rows[i] for i in failed] + [b.row for b in landed.bad],
+        [int(landed.rows[i]) for i in failed] + [b.row for b in landed.bad],
         [reasons.iloc[i] for i in failed] + [b.reason for b in landed.bad],
         records.to_dict("records") + [b.text for b in landed.bad],
         "raw",

@@ -37,7 +37,7 @@ class BadRow:
 @dataclass(frozen=True)
 class LandedRows:
     values: pd.DataFrame | None  # the declared columns, as landed (text for CSV); None when `typed` is set
-    rows: list[int]  # each value row's number in the file
+    rows: np.ndarray  # each value row's number (line) in the file
     bad: list[BadRow]
     extra_columns: list[str]
     typed: pa.Table | None = None  # already in the declared types (the clean-file fast path)
@@ -98,18 +98,15 @@ def _read_csv(data: bytes, dataset: Dataset, fast: bool) -> LandedRows:
     extra = check_columns(header, dataset)
     fast = _typed_csv(data, dataset) if fast else None
     table, bad = fast or _parse_csv(data, dataset, {name: pa.binary() for name in header}, text=False)
-    records = _good_record_numbers(table.num_rows, bad)
-    line_of = _record_lines(records, _newlines(table), bad)
-    bad = [BadRow(line_of[b.row], b.reason, b.text) for b in bad]
-    rows = [line_of[r] for r in records]
+    rows, bad = record_lines(table.num_rows, _newlines(table), bad)
     if fast is not None:
         return LandedRows(None, rows, bad, extra, typed=table)
     values, undecodable = _text_columns(table)
     for i, reason in sorted(undecodable.items()):
         text = options.delimiter.join(_decode(table.column(c)[i].as_py(), "utf-8") for c in table.column_names)
         bad.append(BadRow(rows[i], reason, text))
-    keep = [i for i in range(table.num_rows) if i not in undecodable]
-    return LandedRows(values.iloc[keep].reset_index(drop=True), [rows[i] for i in keep], bad, extra)
+    keep = np.array([i not in undecodable for i in range(table.num_rows)], dtype=bool)
+    return LandedRows(values[keep].reset_index(drop=True), rows[keep], bad, extra)
 
 
 def _parse_csv(
@@ -184,21 +181,18 @@ def _newlines(table: pa.Table) -> np.ndarray | int:
     return sum(pc.count_substring(table.column(c), "\n").fill_null(0).to_numpy(zero_copy_only=False) for c in texts)
 
 
-def _good_record_numbers(good: int, bad: list[BadRow]) -> list[int]:
-    """pyarrow numbers records (header = 1) and reports only the bad ones; the good ones fill the gaps."""
-    bad_numbers = {b.row for b in bad}
-    return [n for n in range(2, good + len(bad) + 2) if n not in bad_numbers][:good]
-
-
-def _record_lines(records: list[int], newlines: np.ndarray | int, bad: list[BadRow]) -> dict[int, int]:
-    """Record number -> the line it starts on: quoted newlines make a record span several lines."""
-    spans = dict(zip(records, np.broadcast_to(newlines, (len(records),)).tolist(), strict=True))
-    spans.update({b.row: b.text.count("\n") for b in bad})
-    line, line_of = 2, {}
-    for number in sorted(spans):
-        line_of[number] = line
-        line += 1 + spans[number]
-    return line_of
+def record_lines(good: int, newlines: np.ndarray | int, bad: list[BadRow]) -> tuple[np.ndarray, list[BadRow]]:
+    """The line each record starts on. pyarrow numbers records (header = 1) and reports only the bad ones,
+    so good records fill the gaps; quoted newlines make a record span lines."""
+    total = good + len(bad)
+    is_bad = np.zeros(total, dtype=bool)
+    spans = np.zeros(total, dtype=np.int64)
+    bad_index = np.array([b.row - 2 for b in bad], dtype=np.int64)
+    is_bad[bad_index] = True
+    spans[~is_bad] = newlines
+    spans[bad_index] = [b.text.count("\n") for b in bad]
+    starts = 2 + np.concatenate([[0], np.cumsum(1 + spans)[:-1]])
+    return starts[~is_bad], [BadRow(int(starts[b.row - 2]), b.reason, b.text) for b in bad]
 
 
 def _text_columns(table: pa.Table) -> tuple[pd.DataFrame, dict[int, str]]:
@@ -247,7 +241,7 @@ def _read_jsonl(data: bytes, dataset: Dataset) -> LandedRows:
     found = list(dict.fromkeys(k for r in records for k in r))
     extra = check_columns(found, dataset) if records else []
     values = pd.DataFrame.from_records(records, columns=dataset.table.names) if records else _empty(dataset)
-    return LandedRows(values.astype(object), rows, bad, extra)
+    return LandedRows(values.astype(object), np.array(rows, dtype=np.int64), bad, extra)
 
 
 def _read_parquet(data: bytes, dataset: Dataset) -> LandedRows:
@@ -257,7 +251,7 @@ def _read_parquet(data: bytes, dataset: Dataset) -> LandedRows:
         raise UnreadableFile(f"not a readable Parquet file ({len(data)} bytes): {exc}") from None
     extra = check_columns(table.column_names, dataset)
     values = table.select(dataset.table.names).to_pandas()
-    return LandedRows(values, list(range(1, table.num_rows + 1)), [], extra)
+    return LandedRows(values, np.arange(1, table.num_rows + 1, dtype=np.int64), [], extra)
 
 
 def _empty(dataset: Dataset) -> pd.DataFrame:
