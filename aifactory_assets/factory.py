@@ -7,6 +7,7 @@ no DataFrame goes through an IO manager. Checks are computed in the same step fr
 from typing import Any
 
 import dagster as dg
+from distributed import Client
 
 from aifactory_assets.catalog import Catalog, Dataset
 from aifactory_assets.checks import (
@@ -70,10 +71,16 @@ def _checks(dataset: Dataset, stage: str, *names: str, blocking: bool = True) ->
 
 
 def write_report(
-    store: ObjectStore, dataset: Dataset, suite: dict[str, Any], results: list[dict[str, Any]], run_id: str
+    store: ObjectStore,
+    client: Client,
+    dataset: Dataset,
+    suite: dict[str, Any],
+    results: list[dict[str, Any]],
+    run_id: str,
 ) -> dg.MetadataValue:
-    """GX Data Docs for this run under the site's `reports/`, plus `latest.html`; returns a link to it."""
-    html = render_data_docs(suite["name"], results, run_id).encode()
+    """GX Data Docs for this run under the site's `reports/`, plus `latest.html`; returns a link to it.
+    Rendered on a worker, which has imported GX already (it costs seconds in this process)."""
+    html = client.submit(render_data_docs, suite["name"], results, run_id, pure=False).result().encode()
     store.write_bytes(f"reports/{dataset.name}/validation-{run_id}.html", html)
     store.write_bytes(f"reports/{dataset.name}/latest.html", html)
     return location(store, f"reports/{dataset.name}/validation-{run_id}.html")
@@ -162,7 +169,7 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
         record = validate_dataset(store, dask.get_client(), dataset, suite, run_id)
         raw_record = require_current(store, f"raw/{dataset.name}", "raw")
         results = record["results"]
-        report = write_report(store, dataset, suite, results, run_id)
+        report = write_report(store, dask.get_client(), dataset, suite, results, run_id)
         quarantined = raw_record["rows_quarantined"] + record["rows_quarantined"]
         fraction = quarantined / raw_record["rows_read"] if raw_record["rows_read"] else 0.0
         if fraction > dataset.max_quarantined_fraction:
@@ -280,7 +287,7 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
                         "duplicates dropped": balance["duplicates_dropped"],
                     },
                 ),
-                verify_shards(store, prefix, manifest),
+                verify_shards(store, dask.get_client(), prefix, manifest),
             ],
         )
 

@@ -78,12 +78,14 @@ def scatter_part(
     bucket = split * ranges + in_range
     table = table.append_column(ORDER, pa.array(order, pa.uint64()))
     table = table.append_column(SEQ, pa.array(np.full(table.num_rows, seq, np.int64)))
-    counts: dict[int, int] = {}
-    for b in np.unique(bucket):
-        rows = table.filter(pa.array(bucket == b))
+    # One reorder by bucket, then each bucket is a zero-copy slice (not one filter pass per bucket).
+    by_bucket = np.argsort(bucket, kind="stable")
+    table, bucket = table.take(pa.array(by_bucket)), bucket[by_bucket]
+    ids, starts, sizes = np.unique(bucket, return_index=True, return_counts=True)
+    for b, start, size in zip(ids.tolist(), starts.tolist(), sizes.tolist(), strict=True):
+        rows = table.slice(start, size)
         write_parquet(rows, f"{bucket_prefix}/bucket={b:05d}/part-{seq:05d}.parquet", storage_options)
-        counts[int(b)] = rows.num_rows
-    return counts
+    return dict(zip(ids.tolist(), sizes.tolist(), strict=True))
 
 
 def gather_bucket(

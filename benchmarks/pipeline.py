@@ -1,0 +1,245 @@
+"""End to end, landing CSV to committed shards, against what else a site could run on the same files.
+
+One run, one seeded synthetic CSV landing (size is a parameter), one machine, in this order:
+
+- raw PyArrow pass (the physical baseline): read each CSV, write zstd Parquet;
+- plain Dask: `read_csv` then `to_parquet` on the same LocalCluster the pipeline uses;
+- Hugging Face `datasets`: load the CSV, then write it as Parquet shards;
+- aifactory: `dagster.materialize` of raw -> validated -> shards (typed, validated, deduplicated, split,
+  shuffled, checksummed, manifest committed);
+- the loader (`ShardReader`) against a raw PyArrow read of the same shards.
+
+    python -m benchmarks.run pipeline --gb 2             # the default table
+    python -m benchmarks.run pipeline --gb 6 --memory-limit 1GiB   # 2 workers x 1 GiB: must not run out
+
+Peak RSS is sampled for this process and all its children (the Dask workers included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+from distributed import Client, LocalCluster
+
+from aifactory_assets.catalog import Catalog, Dataset, Site, load_catalog
+from aifactory_assets.factory import asset_key, build_dataset_assets, store_key
+from aifactory_assets.loader import ShardReader
+from aifactory_assets.manifest import latest_manifest
+from benchmarks.validation import Watch
+from resources import DaskCluster, ObjectStore
+
+NAME = "bench_pipeline"
+FILE_BYTES = 64 * 2**20  # one landed file: what a partner's export tool typically cuts
+ROW_BYTES = 80  # about what a generated row takes as CSV text
+FLOATS = ["temperature", "humidity", "pressure", "wind", "rain"]
+SUITE = {
+    "name": NAME,
+    "expectations": [
+        {"type": "expect_column_values_to_not_be_null", "kwargs": {"column": "sensor"}},
+        {
+            "type": "expect_column_values_to_be_between",
+            "kwargs": {"column": "humidity", "min_value": 0, "max_value": 100, "mostly": 0.99},
+            "meta": {"severity": "warning"},  # ~0.04% of generated values fall outside: quarantined, not fatal
+        },
+        {"type": "expect_column_values_to_be_in_set", "kwargs": {"column": "label", "value_set": list(range(10))}},
+        {"type": "expect_table_row_count_to_be_between", "kwargs": {"min_value": 1}},
+    ],
+}
+
+
+def dataset_entry() -> Dataset:
+    columns = [{"name": "id", "type": "int64", "nullable": False}, {"name": "sensor", "type": "string"}]
+    columns += [{"name": c, "type": "float64"} for c in FLOATS] + [{"name": "label", "type": "int64"}]
+    return Dataset.model_validate(
+        {
+            "name": NAME,
+            "sector": "climate",
+            "site": "kajaani",
+            "description": "Synthetic sensor readings for the end-to-end benchmark.",
+            "owner": "team:benchmarks",
+            "source": {"format": "csv", "landing": "*.csv"},
+            "schema": {"key": ["id"], "columns": columns},
+            "suite": "suites/bench.json",
+            "shards": {"target_bytes": 128 * 2**20, "seed": 7},
+            "max_quarantined_fraction": 1.0,
+        }
+    )
+
+
+def generate(landing: Path, total_bytes: int, seed: int) -> list[Path]:
+    """Seeded CSV files of about FILE_BYTES each; reused when already there for (size, seed)."""
+    files = int(max(1, round(total_bytes / FILE_BYTES)))
+    rows_per_file = max(1, total_bytes // files // ROW_BYTES)
+    done = landing / f"_complete-{files}-{rows_per_file}-{seed}"
+    if done.exists():
+        return sorted(landing.glob("*.csv"))
+    shutil.rmtree(landing, ignore_errors=True)
+    landing.mkdir(parents=True)
+    for i in range(files):
+        rng = np.random.default_rng([seed, i])
+        n = rows_per_file
+        table = pa.table(
+            {
+                "id": np.arange(i * n, (i + 1) * n, dtype=np.int64),
+                "sensor": pa.array([f"station-{k:04d}" for k in rng.integers(0, 5_000, n)]),
+                **{c: np.round(rng.normal(50, 15, n), 3) for c in FLOATS},
+                "label": rng.integers(0, 10, n),
+            }
+        )
+        pacsv.write_csv(table, landing / f"part-{i:04d}.csv")
+    done.touch()
+    return sorted(landing.glob("*.csv"))
+
+
+@dataclass
+class Row:
+    path: str
+    seconds: float
+    peak: int
+    others_cpu_s: float  # CPU other processes took meanwhile: was the machine quiet?
+
+
+def timed(label: str, fn) -> Row:
+    with Watch() as watch:
+        fn()
+    return Row(label, watch.seconds, watch.peak, watch.others_cpu_s)
+
+
+def pyarrow_pass(files: list[Path], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for path in files:
+        pq.write_table(pacsv.read_csv(path), out / f"{path.stem}.parquet", compression="zstd")
+
+
+def dask_pass(client: Client, files: list[Path], out: Path) -> None:
+    import dask.dataframe as dd
+
+    dd.read_csv([str(f) for f in files], blocksize=FILE_BYTES).to_parquet(str(out), compression="zstd")
+
+
+def hf_pass(files: list[Path], out: Path, shards: int) -> None:
+    from datasets import load_dataset
+
+    with tempfile.TemporaryDirectory() as cache:
+        data = load_dataset("csv", data_files=[str(f) for f in files], cache_dir=cache, split="train")
+        out.mkdir(parents=True, exist_ok=True)
+        for i in range(shards):
+            data.shard(shards, i, contiguous=True).to_parquet(str(out / f"train-{i:05d}-of-{shards:05d}.parquet"))
+
+
+def catalog_for(dataset: Dataset) -> Catalog:
+    sites: dict[str, Site] = load_catalog().sites
+    return Catalog(root=Path("."), sites=sites, datasets={dataset.name: dataset}, suites={dataset.name: SUITE})
+
+
+def aifactory_pass(address: str, files: list[Path], store: ObjectStore) -> dg.ExecuteInProcessResult:
+    dataset = dataset_entry()
+    store.delete("")
+    for path in files:
+        store.upload(path, f"landing/{NAME}/{path.name}")
+    dask = DaskCluster(scheduler_address=address)
+    result = dg.materialize(
+        [a for a in build_dataset_assets(dataset, catalog_for(dataset)) if isinstance(a, dg.AssetsDefinition)],
+        resources={store_key(dataset.site): store, "dask": dask},
+        instance=dg.DagsterInstance.ephemeral(),
+        selection=[asset_key(dataset, s) for s in ("raw", "validated", "shards")],
+    )
+    dask.close()
+    if not result.success:
+        raise RuntimeError("the aifactory run failed")
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="benchmarks.run pipeline", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gb", type=float, default=2.0, help="size of the landed CSV")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--memory-limit", default="auto", help="per Dask worker, e.g. 1GiB")
+    parser.add_argument("--workdir", type=Path, default=Path(".bench/pipeline"))
+    parser.add_argument("--only-aifactory", action="store_true", help="skip the baselines (the memory-limit run)")
+    args = parser.parse_args(argv)
+
+    files = generate(args.workdir / "landing", int(args.gb * 2**30), args.seed)
+    size = sum(f.stat().st_size for f in files)
+    out = args.workdir / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    store = ObjectStore(site="kajaani", root=str((args.workdir / "store").resolve()))
+    rows: list[Row] = []
+    with (
+        LocalCluster(
+            n_workers=args.workers,
+            threads_per_worker=1,
+            memory_limit=args.memory_limit,
+            host="127.0.0.1",
+            dashboard_address=None,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        workers_before = set(client.scheduler_info()["workers"])
+        if not args.only_aifactory:
+            rows.append(timed("raw PyArrow pass (read CSV, write zstd)", lambda: pyarrow_pass(files, out / "pyarrow")))
+            rows.append(timed("plain Dask (read_csv, to_parquet)", lambda: dask_pass(client, files, out / "dask")))
+        runs: list[dg.ExecuteInProcessResult] = []
+        rows.append(
+            timed(
+                "aifactory (raw, validated, shards)",
+                lambda: runs.append(aifactory_pass(cluster.scheduler_address, files, store)),
+            )
+        )
+        restarted = workers_before - set(client.scheduler_info()["workers"])
+    if not args.only_aifactory:
+        shards = max(1, round(size / (128 * 2**20)))
+        rows.append(timed("Hugging Face datasets (load CSV, to_parquet)", lambda: hf_pass(files, out / "hf", shards)))
+
+    manifest = latest_manifest(store, dataset_entry())
+    version = store.url(f"shards/{NAME}/v={manifest['version']}")
+    train = [f"{version}/{s['path']}" for s in manifest["splits"]["train"]["shards"]]
+    raw_read = timed("raw PyArrow read of the train shards", lambda: [pq.read_table(p) for p in train])
+    loader = timed(
+        "ShardReader over the train shards",
+        lambda: sum(b.num_rows for b in ShardReader(f"{version}/manifest.json", "train")),
+    )
+
+    mb = size / 2**20
+    print(
+        f"\nend-to-end benchmark: {len(files)} CSV files, {mb:,.0f} MiB, "
+        f"{manifest['conservation']['rows_read']:,} rows,"
+        f" seed {args.seed}; Dask: {args.workers} workers x {args.memory_limit} memory limit"
+    )
+    base = rows[0].seconds if not args.only_aifactory else None
+    print(f"{'path':46} {'seconds':>8} {'MiB/s':>7} {'peak RSS':>10} {'x raw pass':>10} {'others CPU s':>12}")
+    for row in rows:
+        ratio = f"{row.seconds / base:10.2f}" if base else f"{'-':>10}"
+        print(
+            f"{row.path:46} {row.seconds:8.1f} {mb / row.seconds:7.1f} {row.peak / 2**30:8.2f} GiB {ratio}"
+            f" {row.others_cpu_s:12.1f}"
+        )
+    train_rows = manifest["splits"]["train"]["rows"]
+    print(f"\n{'loader':46} {'seconds':>8} {'M rows/s':>9} {'x raw read':>10}")
+    for row in (raw_read, loader):
+        print(
+            f"{row.path:46} {row.seconds:8.2f} {train_rows / row.seconds / 1e6:9.2f}"
+            f" {raw_read.seconds / row.seconds:10.2f}"
+        )
+    steps = [e for e in runs[0].all_events if e.event_type_value == "STEP_SUCCESS"]
+    print(
+        "\naifactory by stage: "
+        + ", ".join(f"{e.step_key.split('__')[-1]} {e.event_specific_data.duration_ms / 1e3:.1f} s" for e in steps)
+    )
+    print(f"\nDask workers restarted (out of memory or crashed): {len(restarted)}")
+    if restarted:
+        raise SystemExit("a Dask worker was lost during the aifactory run")
+
+
+if __name__ == "__main__":
+    main()
