@@ -21,11 +21,14 @@ def open_for_write(url: str, storage_options: dict[str, Any]) -> tuple[fsspec.Ab
     return fs, path
 
 
+STAGING = {"compression": "lz4"}  # intermediate files, read once: cheap to write beats small
+
+
 def write_parquet(table: pa.Table, url: str, storage_options: dict[str, Any], **options: Any) -> int:
-    """Write `table` as one zstd Parquet object; returns its size in bytes."""
+    """Write `table` as one Parquet object (zstd unless `options` say otherwise); returns its size in bytes."""
     fs, path = open_for_write(url, storage_options)
     with fs.open(path, "wb") as f:
-        pq.write_table(table, f, compression="zstd", **options)
+        pq.write_table(table, f, **({"compression": "zstd"} | options))
     return int(fs.size(path))
 
 

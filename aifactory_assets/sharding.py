@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from distributed import Client
 
 from aifactory_assets.catalog import Dataset
-from aifactory_assets.parquet_io import open_for_write, read_parquet, write_parquet
+from aifactory_assets.parquet_io import STAGING, open_for_write, read_parquet, write_parquet
 from aifactory_assets.schema import ROW, arrow_schema
 from resources.object_store import ObjectStore
 
@@ -84,7 +84,7 @@ def scatter_part(
     ids, starts, sizes = np.unique(bucket, return_index=True, return_counts=True)
     for b, start, size in zip(ids.tolist(), starts.tolist(), sizes.tolist(), strict=True):
         rows = table.slice(start, size)
-        write_parquet(rows, f"{bucket_prefix}/bucket={b:05d}/part-{seq:05d}.parquet", storage_options)
+        write_parquet(rows, f"{bucket_prefix}/bucket={b:05d}/part-{seq:05d}.parquet", storage_options, **STAGING)
     return dict(zip(ids.tolist(), sizes.tolist(), strict=True))
 
 
@@ -93,15 +93,16 @@ def gather_bucket(
 ) -> tuple[int, int]:
     """Runs on a worker: one bucket's fragments -> deduplicated, sorted by the seeded order.
     Returns (rows kept, bytes written)."""
-    table = pa.concat_tables([read_parquet(u, storage_options) for u in fragment_urls])
+    table = pa.concat_tables([read_parquet(u, storage_options) for u in fragment_urls]).combine_chunks()
+    order, seq, row = (table.column(c).to_numpy() for c in (ORDER, SEQ, ROW))
     # Latest wins: sort so that, per key, the latest (file, row) comes last; keep the last of each key.
-    table = table.sort_by([(ORDER, "ascending"), (SEQ, "ascending"), (ROW, "ascending")])
-    if table.num_rows > 1:
+    table = table.take(pa.array(np.lexsort((row, seq, order))))
+    order = table.column(ORDER).to_numpy()
+    if table.num_rows > 1 and (order[1:] == order[:-1]).any():  # equal keys have equal order hashes
         frame = table.select(key_columns).to_pandas()
-        keep = ~frame.duplicated(keep="last").to_numpy()
-        table = table.filter(pa.array(keep))
+        table = table.filter(pa.array(~frame.duplicated(keep="last").to_numpy()))
     kept = table.drop_columns([SEQ])
-    return kept.num_rows, write_parquet(kept, out_url, storage_options)
+    return kept.num_rows, write_parquet(kept, out_url, storage_options, **STAGING)
 
 
 def row_group_rows(split_rows: int) -> int:
