@@ -8,7 +8,7 @@ TORCH := torch==2.13.0
 export DAGSTER_HOME := $(CURDIR)/dagster_home
 export AIFACTORY_HOME ?= $(CURDIR)/.aifactory
 
-.PHONY: setup dev materialize demo test lint bench lock clean
+.PHONY: setup dev materialize demo test lint bench bench-validation bench-pipeline lock clean
 
 setup: $(STAMP)
 
@@ -37,8 +37,13 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-bench: setup
+bench: bench-validation bench-pipeline
+
+bench-validation: setup
 	$(BIN)/python -m benchmarks.run
+
+bench-pipeline: setup
+	$(BIN)/python -m benchmarks.pipeline
 
 lock:
 	test -x $(BIN)/uv || $(BIN)/python -m pip install --quiet uv

@@ -6,10 +6,10 @@ give the same version. `manifest.json` is written last and is the commit point; 
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import subprocess
-import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -90,7 +90,7 @@ def build_manifest(
         "sector": dataset.sector,
         "site": dataset.site,
         "version": version,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="microseconds"),  # orders versions
         "producer": {
             "package": "aifactory",
             "version": package_version(),

@@ -17,6 +17,7 @@ import io
 import math
 from typing import Any
 
+import fsspec
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -24,12 +25,12 @@ import pyarrow.parquet as pq
 from distributed import Client
 
 from aifactory_assets.catalog import Dataset
-from aifactory_assets.parquet_io import STAGING, open_for_write, read_parquet, write_parquet
+from aifactory_assets.parquet_io import STAGING, STAGING_GROUP, open_for_write, read_parquet, write_parquet
 from aifactory_assets.schema import ROW, arrow_schema
 from resources.object_store import ObjectStore
 
 SEQ, ORDER = "_seq", "_order"
-BUCKET_BYTES = 64 * 2**20  # on-disk size a gather task handles at once
+BUCKET_BYTES = 96 * 2**20  # in-memory (Arrow) size of the rows a gather task handles at once
 ROW_GROUP_ROWS = (1_024, 65_536)  # bounds; a split aims at ~1,024 row groups, many more than ranks x workers
 SAMPLER = {
     "split": "siphash-2-4 of the key (pandas.util.hash_pandas_object, default hash key) mapped to [0, 1) "
@@ -65,7 +66,7 @@ def scatter_part(
     key_columns: list[str],
     ratios: dict[str, float],
     seed: int,
-    ranges: int,
+    ranges: list[int],
     storage_options: dict[str, Any],
 ) -> dict[int, int]:
     """Runs on a worker: split one validated part into bucket fragments; returns rows per bucket."""
@@ -74,8 +75,9 @@ def scatter_part(
     split = assign_splits(frame, key_columns, ratios).astype(np.int64)
     order = _key_hash(frame, key_columns, _hash_key(seed))
     # Monotone in the order (uint64 -> float64 never reorders), so buckets in range order stay sorted.
-    in_range = np.minimum((order.astype(np.float64) / 2.0**64 * ranges).astype(np.int64), ranges - 1)
-    bucket = split * ranges + in_range
+    per_split = np.array(ranges, dtype=np.int64)[split]
+    in_range = np.minimum((order.astype(np.float64) / 2.0**64 * per_split).astype(np.int64), per_split - 1)
+    bucket = np.concatenate([[0], np.cumsum(ranges)[:-1]]).astype(np.int64)[split] + in_range
     table = table.append_column(ORDER, pa.array(order, pa.uint64()))
     table = table.append_column(SEQ, pa.array(np.full(table.num_rows, seq, np.int64)))
     # One reorder by bucket, then each bucket is a zero-copy slice (not one filter pass per bucket).
@@ -93,16 +95,16 @@ def gather_bucket(
 ) -> tuple[int, int]:
     """Runs on a worker: one bucket's fragments -> deduplicated, sorted by the seeded order.
     Returns (rows kept, bytes written)."""
-    table = pa.concat_tables([read_parquet(u, storage_options) for u in fragment_urls]).combine_chunks()
+    table = pa.concat_tables([read_parquet(u, storage_options) for u in fragment_urls])
     order, seq, row = (table.column(c).to_numpy() for c in (ORDER, SEQ, ROW))
     # Latest wins: sort so that, per key, the latest (file, row) comes last; keep the last of each key.
-    table = table.take(pa.array(np.lexsort((row, seq, order))))
+    table = table.take(pa.array(np.lexsort((row, seq, order))))  # the one full copy
     order = table.column(ORDER).to_numpy()
     if table.num_rows > 1 and (order[1:] == order[:-1]).any():  # equal keys have equal order hashes
         frame = table.select(key_columns).to_pandas()
         table = table.filter(pa.array(~frame.duplicated(keep="last").to_numpy()))
     kept = table.drop_columns([SEQ])
-    return kept.num_rows, write_parquet(kept, out_url, storage_options, **STAGING)
+    return kept.num_rows, write_parquet(kept, out_url, storage_options, row_group_size=STAGING_GROUP, **STAGING)
 
 
 def row_group_rows(split_rows: int) -> int:
@@ -110,25 +112,47 @@ def row_group_rows(split_rows: int) -> int:
     return min(high, max(low, math.ceil(split_rows / 1_024)))
 
 
+def read_rows(url: str, lo: int, hi: int, storage_options: dict[str, Any]) -> pa.Table:
+    """Rows [lo, hi) of a Parquet object, reading only the row groups that hold them."""
+    fs, path = fsspec.core.url_to_fs(url, **storage_options)
+    with fs.open(path, "rb") as f:
+        parquet = pq.ParquetFile(f)
+        sizes = [parquet.metadata.row_group(i).num_rows for i in range(parquet.metadata.num_row_groups)]
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        groups = [i for i in range(len(sizes)) if starts[i] < hi and starts[i + 1] > lo]
+        table = parquet.read_row_groups(groups) if groups else parquet.schema_arrow.empty_table()
+    return table.slice(lo - int(starts[groups[0]]) if groups else 0, hi - lo)
+
+
 def write_shard(
     slices: list[tuple[str, int, int]], url: str, storage_options: dict[str, Any], schema: pa.Schema, group_rows: int
 ) -> dict[str, Any]:
-    """Runs on a worker: concatenate row ranges of sorted staging files into one shard, with its checksum."""
-    pieces = [read_parquet(part, storage_options).slice(lo, hi - lo) for part, lo, hi in slices]
-    table = pa.concat_tables([p.select(schema.names).cast(schema) for p in pieces]) if pieces else schema.empty_table()
+    """Runs on a worker: stream row ranges of sorted buckets into one shard (one range in memory at a
+    time), with its checksum."""
     buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="zstd", row_group_size=group_rows, write_statistics=True)
+    with pq.ParquetWriter(buffer, schema, compression="zstd", write_statistics=True) as writer:
+        for part, lo, hi in slices:
+            writer.write_table(read_rows(part, lo, hi, storage_options).select(schema.names).cast(schema), group_rows)
+        if not slices:
+            writer.write_table(schema.empty_table())
     data = buffer.getvalue()
     fs, path = open_for_write(url, storage_options)
     with fs.open(path, "wb") as f:
         f.write(data)
     meta = pq.ParquetFile(io.BytesIO(data)).metadata
     return {
-        "rows": table.num_rows,
+        "rows": meta.num_rows,
         "bytes": len(data),
         "sha256": hashlib.sha256(data).hexdigest(),
         "row_groups": [meta.row_group(i).num_rows for i in range(meta.num_row_groups)],
     }
+
+
+def arrow_bytes(store: ObjectStore, part: str) -> int:
+    """Uncompressed size of a Parquet object (from its footer): what its rows take in memory."""
+    with store.fs.open(store.path(part), "rb") as f:
+        meta = pq.ParquetFile(f).metadata
+    return sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
 
 
 def plan_shards(part_rows: list[tuple[str, int]], shards: int) -> list[list[tuple[str, int, int]]]:
@@ -166,8 +190,9 @@ def shard_dataset(
     """Write every split's shards under `version_prefix`; returns per-split shard entries and counts."""
     options = store.storage_options
     key, ratios = dataset.table.key, dataset.shards.splits
-    sizes = sum(store.info(p).size for p in parts)
-    ranges = max(1, math.ceil(sizes / BUCKET_BYTES))
+    in_memory = sum(arrow_bytes(store, p) for p in parts)
+    ranges = [max(1, math.ceil(ratio * in_memory / BUCKET_BYTES)) for ratio in ratios.values()]
+    first_bucket = np.concatenate([[0], np.cumsum(ranges)]).tolist()
     buckets = store.url(f"{staging_prefix}/fragments")
     seqs = part_seqs  # each part's landed file, in landing order: later files win on duplicate keys
     scattered = client.gather(
@@ -204,7 +229,7 @@ def shard_dataset(
     schema = arrow_schema(dataset)
     splits: dict[str, Any] = {}
     for index, split in enumerate(ratios):
-        mine = [b for b in ordered if b // ranges == index]
+        mine = [b for b in ordered if first_bucket[index] <= b < first_bucket[index + 1]]
         part_rows = [(store.url(f"{staging_prefix}/sorted/bucket={b:05d}.parquet"), sorted_rows[b][0]) for b in mine]
         rows = sum(n for _, n in part_rows)
         count = shard_count(rows, sum(sorted_rows[b][1] for b in mine), dataset)

@@ -6,11 +6,15 @@ import logging
 import os
 
 import dagster as dg
+import dask
 from distributed import Client, LocalCluster
 from pydantic import Field, PrivateAttr
 
-# P2P shuffles (dedup in the shards stage) log every start and stop at WARNING; they are routine here.
+# P2P shuffles (dataset statistics) log every start and stop at WARNING; they are routine here.
 logging.getLogger("distributed.shuffle._scheduler_plugin").setLevel(logging.ERROR)
+# Arrow's default allocator keeps freed memory; with the system allocator (which Dask's nanny trims) a
+# worker's memory falls back after each task, so the memory limit measures the work, not the history.
+dask.config.set({"distributed.nanny.pre-spawn-environ.ARROW_DEFAULT_MEMORY_POOL": "system"})
 
 
 class DaskCluster(dg.ConfigurableResource):
