@@ -30,7 +30,7 @@ from aifactory_assets.schema import ROW, arrow_schema
 from resources.object_store import ObjectStore
 
 SEQ, ORDER = "_seq", "_order"
-BUCKET_BYTES = 96 * 2**20  # in-memory (Arrow) size of the rows a gather task handles at once
+BUCKET_BYTES = 64 * 2**20  # in-memory (Arrow) size of one bucket; a gather task peaks near three times that
 ROW_GROUP_ROWS = (1_024, 65_536)  # bounds; a split aims at ~1,024 row groups, many more than ranks x workers
 SAMPLER = {
     "split": "siphash-2-4 of the key (pandas.util.hash_pandas_object, default hash key) mapped to [0, 1) "
@@ -148,11 +148,20 @@ def write_shard(
     }
 
 
-def arrow_bytes(store: ObjectStore, part: str) -> int:
-    """Uncompressed size of a Parquet object (from its footer): what its rows take in memory."""
-    with store.fs.open(store.path(part), "rb") as f:
-        meta = pq.ParquetFile(f).metadata
-    return sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+def footer_rows(store: ObjectStore, key: str) -> int:
+    with store.fs.open(store.path(key), "rb") as f:
+        return pq.ParquetFile(f).metadata.num_rows
+
+
+def in_memory_bytes(store: ObjectStore, parts: list[str]) -> int:
+    """What the parts' rows take as Arrow tables: row counts from the footers, bytes per row measured on
+    the largest part (footers understate it: dictionary-encoded strings expand in memory)."""
+    rows = {p: footer_rows(store, p) for p in parts}
+    sample = max(rows, key=rows.get, default=None)
+    if sample is None or rows[sample] == 0:
+        return 0
+    table = read_parquet(store.url(sample), store.storage_options)
+    return int(table.nbytes / table.num_rows * sum(rows.values()))
 
 
 def plan_shards(part_rows: list[tuple[str, int]], shards: int) -> list[list[tuple[str, int, int]]]:
@@ -190,7 +199,7 @@ def shard_dataset(
     """Write every split's shards under `version_prefix`; returns per-split shard entries and counts."""
     options = store.storage_options
     key, ratios = dataset.table.key, dataset.shards.splits
-    in_memory = sum(arrow_bytes(store, p) for p in parts)
+    in_memory = in_memory_bytes(store, parts)
     ranges = [max(1, math.ceil(ratio * in_memory / BUCKET_BYTES)) for ratio in ratios.values()]
     first_bucket = np.concatenate([[0], np.cumsum(ranges)]).tolist()
     buckets = store.url(f"{staging_prefix}/fragments")
