@@ -22,7 +22,7 @@ def landing_sensor(catalog: Catalog, site: str) -> dg.SensorDefinition:
         target=dataset_selection(datasets),
         minimum_interval_seconds=MINIMUM_INTERVAL_SECONDS,
         required_resource_keys={store_key(site)},
-        default_status=dg.DefaultSensorStatus.STOPPED,
+        default_status=dg.DefaultSensorStatus.RUNNING,
     )
     def sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
         store = getattr(context.resources, store_key(site))

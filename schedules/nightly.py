@@ -19,7 +19,7 @@ def nightly_schedules(catalog: Catalog) -> list[dg.ScheduleDefinition]:
             target=dataset_selection(catalog.datasets_of(site.id)),
             description=f"Re-materialise every dataset of {site.name} ({site.city}) at 02:00 {site.timezone}.",
             tags={"site": site.id, "trigger": "nightly"},
-            default_status=dg.DefaultScheduleStatus.STOPPED,
+            default_status=dg.DefaultScheduleStatus.RUNNING,
         )
         for site in catalog.sites.values()
         if catalog.datasets_of(site.id)

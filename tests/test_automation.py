@@ -21,6 +21,7 @@ def test_new_landing_file_requests_one_run_then_none(catalog: Catalog, tmp_path)
     store = local_stores(catalog, tmp_path)["linkoping"]
     sensor = landing_sensor(catalog, "linkoping")
 
+    assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
     empty = evaluate(sensor, store, None)
     assert empty.run_requests == []
 
@@ -60,3 +61,4 @@ def test_one_nightly_schedule_per_site_in_its_zone(catalog: Catalog) -> None:
         schedule = schedules[f"{site.id}_nightly"]
         assert schedule.cron_schedule == NIGHTLY_CRON
         assert schedule.execution_timezone == site.timezone
+        assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING  # nightly without a person
