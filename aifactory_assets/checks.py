@@ -70,11 +70,14 @@ def shard_problem(url: str, sha256: str, rows: int, storage_options: dict[str, A
     fs, path = fsspec.core.url_to_fs(url, **storage_options)
     if not fs.exists(path):
         return "missing"
-    data = fs.cat_file(path)
-    if hashlib.sha256(data).hexdigest() != sha256:
-        return "checksum differs from the manifest"
-    if pq.ParquetFile(pa.BufferReader(data)).metadata.num_rows != rows:
-        return "row count differs from the manifest"
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        for block in iter(lambda: f.read(8 * 2**20), b""):  # streamed: memory does not grow with the shard
+            digest.update(block)
+        if digest.hexdigest() != sha256:
+            return "checksum differs from the manifest"
+        if pq.ParquetFile(f).metadata.num_rows != rows:
+            return "row count differs from the manifest"
     return None
 
 

@@ -13,8 +13,9 @@ bucket (about BUCKET_BYTES) and the data is read three times in all:
 from __future__ import annotations
 
 import hashlib
-import io
 import math
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -127,25 +128,30 @@ def read_rows(url: str, lo: int, hi: int, storage_options: dict[str, Any]) -> pa
 def write_shard(
     slices: list[tuple[str, int, int]], url: str, storage_options: dict[str, Any], schema: pa.Schema, group_rows: int
 ) -> dict[str, Any]:
-    """Runs on a worker: stream row ranges of sorted buckets into one shard (one range in memory at a
-    time), with its checksum."""
-    buffer = io.BytesIO()
-    with pq.ParquetWriter(buffer, schema, compression="zstd", write_statistics=True) as writer:
-        for part, lo, hi in slices:
-            writer.write_table(read_rows(part, lo, hi, storage_options).select(schema.names).cast(schema), group_rows)
-        if not slices:
-            writer.write_table(schema.empty_table())
-    data = buffer.getvalue()
-    fs, path = open_for_write(url, storage_options)
-    with fs.open(path, "wb") as f:
-        f.write(data)
-    meta = pq.ParquetFile(io.BytesIO(data)).metadata
-    return {
-        "rows": meta.num_rows,
-        "bytes": len(data),
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "row_groups": [meta.row_group(i).num_rows for i in range(meta.num_row_groups)],
-    }
+    """Runs on a worker: stream row ranges of sorted buckets into one shard, one range in memory at a time,
+    through a local temporary file (hashed as it is read back), so memory does not grow with the shard."""
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / "shard.parquet"
+        with pq.ParquetWriter(local, schema, compression="zstd", write_statistics=True) as writer:
+            for part, lo, hi in slices:
+                writer.write_table(
+                    read_rows(part, lo, hi, storage_options).select(schema.names).cast(schema), group_rows
+                )
+            if not slices:
+                writer.write_table(schema.empty_table())
+        digest = hashlib.sha256()
+        with local.open("rb") as f:
+            for block in iter(lambda: f.read(8 * 2**20), b""):
+                digest.update(block)
+        meta = pq.ParquetFile(local).metadata
+        fs, path = open_for_write(url, storage_options)
+        fs.put_file(str(local), path)
+        return {
+            "rows": meta.num_rows,
+            "bytes": local.stat().st_size,
+            "sha256": digest.hexdigest(),
+            "row_groups": [meta.row_group(i).num_rows for i in range(meta.num_row_groups)],
+        }
 
 
 def footer_rows(store: ObjectStore, key: str) -> int:
