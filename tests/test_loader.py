@@ -54,7 +54,7 @@ def dates(reader: ShardReader) -> list:
     return [d for batch in reader for d in batch.column("date").to_pylist()]
 
 
-def rank_stream(manifest_url: str, rank: int, world: int, workers: int = 2, **options) -> list:
+def rank_batches(manifest_url: str, rank: int, world: int, workers: int = 2, **options) -> list:
     """What one rank sees through `workers` data-loader workers, interleaved as PyTorch does."""
     per_worker = [
         list(
@@ -71,8 +71,13 @@ def rank_stream(manifest_url: str, rank: int, world: int, workers: int = 2, **op
         )
         for w in range(workers)
     ]
-    batches = [b for round_ in itertools.zip_longest(*per_worker) for b in round_ if b is not None]
-    return [d for batch in batches for d in batch.column("date").to_pylist()]
+    return [b for round_ in itertools.zip_longest(*per_worker) for b in round_ if b is not None]
+
+
+def rank_stream(manifest_url: str, rank: int, world: int, workers: int = 2, **options) -> list:
+    return [
+        d for b in rank_batches(manifest_url, rank, world, workers, **options) for d in b.column("date").to_pylist()
+    ]
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 8])
@@ -155,27 +160,8 @@ def test_torch_iterable_dataset_feeds_a_dataloader(manifest_url: str) -> None:
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=2)
     tensors = list(loader)
     assert all(isinstance(b["wind"], torch.Tensor) and b["wind"].dtype == torch.float64 for b in tensors)
-    expected = [w for b in rank_stream_columns(manifest_url, 1, 2, ["wind"]) for w in b]
+    expected = [w for b in rank_batches(manifest_url, 1, 2, columns=["wind"]) for w in b.column("wind").to_pylist()]
     assert torch.cat([b["wind"] for b in tensors]).tolist() == expected
-
-
-def rank_stream_columns(manifest_url: str, rank: int, world: int, columns: list[str]) -> list[list]:
-    per_worker = [
-        list(
-            ShardReader(
-                manifest_url,
-                "train",
-                rank=rank,
-                world_size=world,
-                worker_id=w,
-                num_workers=2,
-                batch_size=7,
-                columns=columns,
-            )
-        )
-        for w in range(2)
-    ]
-    return [b.column(columns[0]).to_pylist() for r in itertools.zip_longest(*per_worker) for b in r if b is not None]
 
 
 def test_shards_open_as_they_are_in_other_readers(manifest_url: str, tmp_path: Path, monkeypatch) -> None:
