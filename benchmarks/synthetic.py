@@ -82,7 +82,7 @@ def _expectation(kind: str, severity: str = "critical", **kwargs: Any) -> dict[s
 
 
 def make_suite(rows: int) -> dict[str, Any]:
-    """Nine row expectations (all but one broken by some rows), one table and four non-decomposable ones."""
+    """Nine row expectations (seven of them broken by some rows), one table and four non-decomposable ones."""
     return {
         "name": NAME,
         "expectations": [
@@ -113,6 +113,11 @@ def make_suite(rows: int) -> dict[str, Any]:
     }
 
 
+def source_key(index: int) -> str:
+    """The landed file part `index` stands for, as the raw stage records it in `_source` and the ledger."""
+    return f"landing/{NAME}/readings-{index:05d}.parquet"
+
+
 def make_part(seed: int, index: int, rows: int) -> pa.Table:
     """Part `index`: ids are unique across parts, shuffled within one; provenance names a landed file."""
     rng = np.random.default_rng([seed, index])
@@ -139,7 +144,7 @@ def make_part(seed: int, index: int, rows: int) -> pa.Table:
         "status": pc.if_else(broken(), "UNKNOWN", STATUSES.take(rng.choice(len(STATUSES), rows, p=STATUS_WEIGHTS))),
         "count": count,
         "payload": pc.if_else(broken(), pc.utf8_slice_codeunits(payload, 0, PAYLOAD_BYTES), payload),  # truncated
-        SOURCE: pa.array([f"landing/{NAME}/readings-{index:05d}.parquet"] * rows, pa.string()),
+        SOURCE: pa.array([source_key(index)] * rows, pa.string()),
         ROW: np.arange(rows),
     }
     return pa.table(table).cast(arrow_schema(DATASET))
@@ -156,20 +161,20 @@ class Synthetic:
 
 def ensure(workdir: Path, rows: int, seed: int) -> Synthetic:
     """The published raw generation for (rows, seed) under `workdir`, generated only if missing."""
-    store = ObjectStore(site="bench", root=str((workdir / f"{NAME}-rows={rows}-seed={seed}").resolve()))
+    store = ObjectStore(
+        site="bench", root=str((workdir / f"{NAME}-rows={rows}-seed={seed}-part={PART_ROWS}").resolve())
+    )
     raw, took = current(store, f"raw/{NAME}"), None
     if raw is None:
         started = time.perf_counter()
         gen = generation_prefix(f"raw/{NAME}", f"synthetic-seed={seed}")
         parts, ledger, arrow_bytes, pandas_bytes = [], [], 0, 0
         for index, first in enumerate(range(0, rows, PART_ROWS)):
-            table = make_part(seed, index, min(PART_ROWS, rows - first))
+            n = min(PART_ROWS, rows - first)
+            table = make_part(seed, index, n)
             parts.append(f"{gen}/part-{index:05d}.parquet")
             write_parquet(table, store.url(parts[-1]), store.storage_options)
-            source = table.column(SOURCE)[0].as_py()
-            ledger.append(
-                {"source": source, "rows_read": table.num_rows, "rows_valid": table.num_rows, "rows_quarantined": 0}
-            )
+            ledger.append({"source": source_key(index), "rows_read": n, "rows_valid": n, "rows_quarantined": 0})
             arrow_bytes += table.nbytes
             pandas_bytes += int(table.to_pandas(date_as_object=False).memory_usage(deep=True).sum())
         record = {
