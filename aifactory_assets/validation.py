@@ -10,6 +10,7 @@ expectations it failed.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 import dask.dataframe as dd
@@ -40,9 +41,9 @@ def severity(expectation: dict[str, Any]) -> str:
     return (expectation.get("meta") or {}).get("severity", "critical")
 
 
+@lru_cache(maxsize=1)
 def _batch_definition() -> Any:
-    """A fresh ephemeral GX context per task (milliseconds): a cached one keeps the last partition's
-    DataFrame alive on the worker between tasks. GX is imported here because it costs seconds."""
+    """One ephemeral GX context per worker process; imported here because GX costs seconds to import."""
     import great_expectations as gx
 
     context = gx.get_context(mode="ephemeral")
