@@ -10,6 +10,7 @@ expectations it failed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
@@ -170,15 +171,18 @@ def _judge_table(expectation: dict[str, Any], rows: int, columns: list[str]) -> 
 
 
 def judge_suite(
-    suite: dict[str, Any], partials: list[dict[str, Any]], frame: dd.DataFrame, columns: list[str]
+    suite: dict[str, Any], partials: list[dict[str, Any]], frame: Callable[[], dd.DataFrame], columns: list[str]
 ) -> list[dict[str, Any]]:
-    """One GX-shaped result per expectation of the suite, in suite order."""
+    """One GX-shaped result per expectation of the suite, in suite order. `frame` builds the whole dataset
+    for the non-decomposable expectations; it is not called (no footers read) when the suite has none."""
     expectations = suite["expectations"]
     rows_in = sum(p["rows_in"] for p in partials)
     row_positions = {i: n for n, i in enumerate(i for i, e in enumerate(expectations) if e["type"] in ROW_EXPECTATIONS)}
     global_positions = [i for i, e in enumerate(expectations) if e["type"] in GLOBAL_EXPECTATIONS]
-    global_results = dict(
-        zip(global_positions, judge_global(frame, [expectations[i] for i in global_positions]), strict=True)
+    global_results = (
+        dict(zip(global_positions, judge_global(frame(), [expectations[i] for i in global_positions]), strict=True))
+        if global_positions
+        else {}
     )
     results = []
     for i, expectation in enumerate(expectations):
@@ -242,11 +246,14 @@ def validate_dataset(
         pure=False,
     )
     partials = client.gather(futures)
-    if parts:
-        frame = dd.read_parquet([store.url(p) for p in parts], storage_options=store.storage_options)
-    else:  # every file refused: judge the suite on an empty table of the right schema
-        frame = dd.from_pandas(arrow_schema(dataset).empty_table().to_pandas(), npartitions=1)
-    results = judge_suite(suite, partials, frame, dataset.table.names)
+
+    def whole_dataset() -> dd.DataFrame:
+        if parts:
+            return dd.read_parquet([store.url(p) for p in parts], storage_options=store.storage_options)
+        # every file refused: judge the suite on an empty table of the right schema
+        return dd.from_pandas(arrow_schema(dataset).empty_table().to_pandas(), npartitions=1)
+
+    results = judge_suite(suite, partials, whole_dataset, dataset.table.names)
     rows_in = sum(p["rows_in"] for p in partials)
     rows_quarantined = sum(p["rows_quarantined"] for p in partials)
     quarantine = publish(
