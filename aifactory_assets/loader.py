@@ -6,14 +6,14 @@
     for batch in reader:        # pyarrow.RecordBatch
         ...
 
-The order is a pure function of (seed, epoch): row groups are permuted per epoch and blocks of rows
-(`shuffle_block`, 1 = single rows) permuted within each row group, on top of the seeded global shuffle
-the shards were written in. That stream is cut into `world_size` equal contiguous slices, one per rank, so every rank
-gets exactly the same number of samples (the tail is dropped, or padded by wrapping around, as the
-manifest's sampler says): uneven ranks hang collective ops. Within a rank, the i-th batch (counted from
-where the run starts) goes to data-loader worker i % num_workers, the order in which PyTorch's
-DataLoader interleaves workers, so the rank's order does not depend on the worker count.
-`start_sample` resumes a rank exactly where it stopped.
+The order is a pure function of (seed, epoch): row groups are permuted per epoch and the rows within each row
+group too (`shuffle_block` rows at a time; 1, the default, moves every row), on top of the seeded global
+shuffle the shards were written in. That stream is cut into `world_size` equal contiguous slices, one per
+rank, so every rank gets exactly the same number of samples (the tail is dropped, or padded by wrapping
+around, as the manifest's sampler says): uneven ranks hang collective ops. Within a rank, the i-th batch
+(counted from where the run starts) goes to data-loader worker i % num_workers, the order in which PyTorch's
+DataLoader interleaves workers, so the rank's order does not depend on the worker count. `start_sample`
+resumes a rank exactly where it stopped.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import os
 import posixpath
 from collections import OrderedDict
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -43,6 +44,9 @@ class RowGroup:
     shard: str
     index: int
     rows: int
+
+
+Piece = tuple[RowGroup, int, int]  # rows [lo, hi) of a row group, in this epoch's order of its rows
 
 
 def epoch_seed(seed: int, epoch: int, *more: int) -> np.random.Generator:
@@ -66,7 +70,7 @@ class ShardCache:
             return target
         data = fs.cat_file(remote)
         if verify:
-            verify_bytes(data, checksum, remote)
+            verify_digest(hashlib.sha256(data).hexdigest(), checksum, remote)
         tmp = target.with_suffix(f".tmp-{os.getpid()}")
         tmp.write_bytes(data)
         tmp.replace(target)
@@ -88,10 +92,24 @@ class ChecksumMismatch(OSError):
     """A shard's bytes differ from its manifest: a torn copy or a tampered file; never train on it."""
 
 
-def verify_bytes(data: bytes, checksum: str, where: str) -> None:
-    found = hashlib.sha256(data).hexdigest()
+def verify_digest(found: str, checksum: str, where: str) -> None:
     if found != checksum:
         raise ChecksumMismatch(f"{where}: sha256 {found} differs from the manifest's {checksum}")
+
+
+_VERIFIED: set[tuple[str, str, int, int]] = set()  # (path, sha256, size, mtime_ns) this process has hashed
+
+
+def verify_file(path: Path, checksum: str) -> None:
+    """Hash a local shard once per process (a reader is made per epoch; the file is not re-hashed
+    unless it changed on disk since)."""
+    stat = path.stat()
+    stamp = (str(path), checksum, stat.st_size, stat.st_mtime_ns)
+    if stamp in _VERIFIED:
+        return
+    with path.open("rb") as f:
+        verify_digest(hashlib.file_digest(f, "sha256").hexdigest(), checksum, str(path))  # streamed, GIL released
+    _VERIFIED.add(stamp)
 
 
 class ShardReader:
@@ -135,13 +153,13 @@ class ShardReader:
         self.start_sample, self.verify = start_sample, verify
         shards = self.manifest["splits"][split]["shards"]
         self.checksums = {s["path"]: s["sha256"] for s in shards}
+        self.shard_numbers = {s["path"]: i for i, s in enumerate(shards)}
         self.groups = [RowGroup(s["path"], i, n) for s in shards for i, n in enumerate(s["row_groups"]) if n]
         self.total = sum(g.rows for g in self.groups)
         is_local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
         self.cache = None if is_local else ShardCache(cache_dir or default_cache_dir(), cache_bytes)
-        self._verified: set[str] = set()
         self._files: dict[str, pq.ParquetFile] = {}
-        self._tables: OrderedDict[tuple[str, int], pa.Table] = OrderedDict()
+        self._tables: OrderedDict[RowGroup, pa.Table] = OrderedDict()
 
     # The sampling plan: pure functions of (seed, epoch, rank, world_size).
     def samples_per_rank(self) -> int:
@@ -171,48 +189,59 @@ class ShardReader:
         return [(lo, hi) for lo, hi in mine if lo < hi]
 
     def __iter__(self) -> Iterator[pa.RecordBatch]:
+        for pieces in self.plan():
+            parts = [self._group(group).slice(lo, hi - lo) for group, lo, hi in pieces]
+            batches = pa.concat_tables(parts).combine_chunks().to_batches()
+            yield batches[0] if batches else pa.RecordBatch.from_pylist([], parts[0].schema)
+
+    def plan(self) -> Iterator[list[Piece]]:
+        """Per batch, where its rows come from: rows [lo, hi) of row groups in their permuted order (see
+        `read_group` and `permutation`), for a consumer that gathers them itself (`torch_dataset`)."""
         if self.total == 0:
             return
         order = self._order()
         ends = np.cumsum([g.rows for g in order])
         offset = self.rank * self.samples_per_rank()
         for lo, hi in self._batches():
-            yield self._read(order, ends, offset + lo, offset + hi)
+            yield self._pieces(order, ends, offset + lo, offset + hi)
 
     def iter_rows(self) -> Iterator[dict[str, Any]]:
         for batch in self:
             yield from batch.to_pylist()
 
-    def _read(self, order: list[RowGroup], ends: np.ndarray, start: int, stop: int) -> pa.RecordBatch:
+    def _pieces(self, order: list[RowGroup], ends: np.ndarray, start: int, stop: int) -> list[Piece]:
         """Rows [start, stop) of the epoch stream; positions past the end wrap around (padding)."""
         pieces, position = [], start
         while position < stop:
             q = position % self.total
             k = int(np.searchsorted(ends, q, side="right"))
-            group_start = int(ends[k]) - order[k].rows
+            lo = q - (int(ends[k]) - order[k].rows)
             take = min(stop - position, int(ends[k]) - q)
-            pieces.append(self._group(order[k]).slice(q - group_start, take))
+            pieces.append((order[k], lo, lo + take))
             position += take
-        table = pa.concat_tables(pieces) if len(pieces) > 1 else pieces[0]
-        return (
-            table.combine_chunks().to_batches()[0] if table.num_rows else pa.RecordBatch.from_pylist([], table.schema)
-        )
+        return pieces
+
+    def read_group(self, group: RowGroup) -> pa.Table:
+        """A row group as stored (verified first, when asked)."""
+        return self._file(group.shard).read_row_group(group.index, columns=self.columns)
+
+    def permutation(self, group: RowGroup) -> np.ndarray | None:
+        """This epoch's order of a row group's rows, None when not shuffling."""
+        if not self.shuffle:
+            return None
+        rng = epoch_seed(self.seed, self.epoch, self.shard_numbers[group.shard], group.index)
+        return shuffle_index(group.rows, rng, self.shuffle_block)
 
     def _group(self, group: RowGroup) -> pa.Table:
         """A row group, rows permuted for this epoch; the last few stay in memory (consecutive batches)."""
-        key = (group.shard, group.index)
-        if key in self._tables:
-            self._tables.move_to_end(key)
-            return self._tables[key]
-        table = self._file(group.shard).read_row_group(group.index, columns=self.columns)
-        if self.shuffle:
-            shard_number = list(self.checksums).index(group.shard)
-            rng = epoch_seed(self.seed, self.epoch, shard_number, group.index)
-            table = shuffle_blocks(table, rng, self.shuffle_block)
-        self._tables[key] = table
+        if group in self._tables:
+            self._tables.move_to_end(group)
+            return self._tables[group]
+        table, order = self.read_group(group), self.permutation(group)
+        self._tables[group] = table if order is None else table.take(order)
         while len(self._tables) > 2:
             self._tables.popitem(last=False)
-        return table
+        return self._tables[group]
 
     def _file(self, shard: str) -> pq.ParquetFile:
         if shard not in self._files:
@@ -222,24 +251,35 @@ class ShardReader:
                 local = self.cache.fetch(self.fs, remote, checksum, self.verify)
             else:
                 local = Path(remote)
-                if self.verify and shard not in self._verified:
-                    verify_bytes(local.read_bytes(), checksum, remote)
-            self._verified.add(shard)
+                if self.verify:
+                    verify_file(local, checksum)
             self._files[shard] = pq.ParquetFile(local, memory_map=True)
         return self._files[shard]
+
+    def verify_local_shards(self, threads: int | None = None) -> bool:
+        """Hash every shard of the split now, in parallel, when they are local; True if it did. Data-loader
+        workers share shards, so hashing once here spares each worker hashing them all again. Remote
+        shards are verified as they are downloaded into the cache instead."""
+        if self.cache is not None or not self.verify:
+            return False
+        paths = [Path(f"{self.root}/{shard}") for shard in self.checksums]
+        with ThreadPoolExecutor(threads or os.cpu_count()) as pool:
+            list(pool.map(verify_file, paths, self.checksums.values()))
+        return True
 
     def state_dict(self, samples_consumed: int) -> dict[str, int]:
         """What to save with a checkpoint: resume with `ShardReader(..., epoch=e, start_sample=s)`."""
         return {"epoch": self.epoch, "start_sample": self.start_sample + samples_consumed}
 
 
-def shuffle_blocks(table: pa.Table, rng: np.random.Generator, block: int) -> pa.Table:
-    """Permute a row group in blocks of `block` rows (1 = every row). Rows are already globally shuffled
-    by the seeded hash the shards were written in; per epoch, blocks keep the cost to zero-copy slices."""
+def shuffle_index(rows: int, rng: np.random.Generator, block: int) -> np.ndarray:
+    """A permutation of a row group's rows that moves blocks of `block` rows (1 = every row), on top of
+    the seeded global shuffle the shards were written in."""
+    starts = rng.permutation(range(0, rows, block))
     if block <= 1:
-        return table.take(rng.permutation(table.num_rows))
-    starts = rng.permutation(range(0, table.num_rows, block))
-    return pa.concat_tables([table.slice(int(start), block) for start in starts])
+        return starts
+    index = (starts[:, None] + np.arange(block)).ravel()
+    return index[index < rows]
 
 
 def default_cache_dir() -> Path:
@@ -247,9 +287,9 @@ def default_cache_dir() -> Path:
 
 
 def __getattr__(name: str) -> Any:
-    """`ShardIterableDataset` exists only where torch is installed (an optional extra)."""
-    if name == "ShardIterableDataset":
-        from aifactory_assets.torch_dataset import ShardIterableDataset
+    """The torch classes exist only where torch is installed (an optional extra)."""
+    if name in ("ShardIterableDataset", "TensorLoader"):
+        from aifactory_assets import torch_dataset
 
-        return ShardIterableDataset
+        return getattr(torch_dataset, name)
     raise AttributeError(name)

@@ -28,21 +28,17 @@ from distributed import Client
 from aifactory_assets.catalog import Dataset
 from aifactory_assets.parquet_io import STAGING, STAGING_GROUP, open_for_write, read_parquet, write_parquet
 from aifactory_assets.schema import ROW, arrow_schema
+from aifactory_assets.shard_layout import dictionary_columns, row_group_rows, shard_name
 from resources.object_store import ObjectStore
 
 SEQ, ORDER = "_seq", "_order"
 BUCKET_BYTES = 64 * 2**20  # in-memory (Arrow) size of one bucket; a gather task peaks near three times that
-ROW_GROUP_ROWS = (1_024, 65_536)  # bounds; a split aims at ~1,024 row groups, many more than ranks x workers
 SAMPLER = {
     "split": "siphash-2-4 of the key (pandas.util.hash_pandas_object, default hash key) mapped to [0, 1) "
     "and cut by the cumulative split ratios",
     "shuffle": "rows sorted by siphash-2-4 of the key under the seed-derived hash key",
     "dedup": "by key, the record from the latest landed file (mtime, then name) and its last row wins",
 }
-
-
-def shard_name(split: str, index: int, count: int) -> str:
-    return f"{split}-{index:05d}-of-{count:05d}.parquet"
 
 
 def _hash_key(seed: int) -> str:
@@ -108,11 +104,6 @@ def gather_bucket(
     return kept.num_rows, write_parquet(kept, out_url, storage_options, row_group_size=STAGING_GROUP, **STAGING)
 
 
-def row_group_rows(split_rows: int) -> int:
-    low, high = ROW_GROUP_ROWS
-    return min(high, max(low, math.ceil(split_rows / 1_024)))
-
-
 def read_rows(url: str, lo: int, hi: int, storage_options: dict[str, Any]) -> pa.Table:
     """Rows [lo, hi) of a Parquet object, reading only the row groups that hold them."""
     fs, path = fsspec.core.url_to_fs(url, **storage_options)
@@ -132,7 +123,9 @@ def write_shard(
     through a local temporary file (hashed as it is read back), so memory does not grow with the shard."""
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / "shard.parquet"
-        with pq.ParquetWriter(local, schema, compression="zstd", write_statistics=True) as writer:
+        with pq.ParquetWriter(
+            local, schema, compression="zstd", write_statistics=True, use_dictionary=dictionary_columns(schema)
+        ) as writer:
             for part, lo, hi in slices:
                 writer.write_table(
                     read_rows(part, lo, hi, storage_options).select(schema.names).cast(schema), group_rows

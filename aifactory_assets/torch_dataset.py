@@ -1,12 +1,19 @@
-"""The loader as a `torch.utils.data.IterableDataset` (torch is an optional extra: `pip install .[torch]`).
+"""The loader for PyTorch (torch is an optional extra: `pip install .[torch]`), two ways:
 
-Each DataLoader worker builds its own `ShardReader` for (rank, worker); rank and world size come from
-`torch.distributed` when it is initialised. Use `DataLoader(dataset, batch_size=None, num_workers=W)`:
-the reader already yields batches, and PyTorch interleaves workers in the order the reader assumes.
+- `ShardIterableDataset`, for `DataLoader(dataset, batch_size=None, num_workers=W)`: each worker builds
+  its own `ShardReader` for (rank, worker), and PyTorch interleaves workers in the order the reader assumes.
+- `TensorLoader`, the fast path to a GPU: the same batches in the same order, read by threads into pinned
+  memory (no worker processes, no shared-memory copies).
+
+Rank and world size come from `torch.distributed` when it is initialised.
 """
 
 from __future__ import annotations
 
+import itertools
+import queue
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,27 +26,76 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("ShardIterableDataset needs torch: pip install 'aifactory[torch]'") from exc
 
-from aifactory_assets.loader import ShardReader
+from aifactory_assets.loader import Piece, RowGroup, ShardReader
 
 
-def batch_to_tensors(batch: pa.RecordBatch, stack: dict[str, list[str]] | None = None) -> dict[str, Any]:
-    """Numeric columns as tensors, and each `stack` group as one [rows, k] tensor built in the worker
-    (one transfer to the main process instead of k); other columns stay Python lists."""
-    out: dict[str, Any] = {}
-    stacked = {c for columns in (stack or {}).values() for c in columns}
-    for name, columns in (stack or {}).items():
-        out[name] = torch.from_numpy(np.column_stack([batch.column(c).to_numpy(zero_copy_only=False) for c in columns]))
-    for name, column in zip(batch.schema.names, batch.columns, strict=True):
-        if name in stacked:
-            continue
-        if pa.types.is_integer(column.type) or pa.types.is_floating(column.type) or pa.types.is_boolean(column.type):
-            out[name] = torch.from_numpy(np.array(column.to_numpy(zero_copy_only=False)))
-        else:
-            out[name] = column.to_pylist()
-    return out
+class BatchGatherer:
+    """A reader's batches as tensors, gathered straight from decoded row groups: each value is copied
+    once, by one `np.take` per piece of a batch into the batch's tensor (pinned when `pin`, so the copy to
+    the GPU is asynchronous). `stack` groups become one [rows, k] tensor, stacked once per row group.
+    Few, large calls that release the GIL, so threads reading in parallel scale."""
+
+    def __init__(self, reader: ShardReader, stack: dict[str, list[str]] | None = None, pin: bool = False):
+        self.reader, self.stack, self.pin = reader, stack or {}, pin
+        self._groups: OrderedDict[RowGroup, tuple[dict[str, Any], np.ndarray | None]] = OrderedDict()
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for pieces in self.reader.plan():
+            yield self.batch(pieces)
+
+    def batch(self, pieces: list[Piece]) -> dict[str, Any]:
+        parts = [(*self.group(group), lo, hi) for group, lo, hi in pieces]
+        rows = sum(hi - lo for _, _, lo, hi in parts)
+        out: dict[str, Any] = {}
+        for name, sample in parts[0][0].items():
+            if not isinstance(sample, np.ndarray):  # values torch has no type for stay Python lists
+                out[name] = [v for arrays, order, lo, hi in parts for v in rows_of(arrays[name], order, lo, hi)]
+                continue
+            dtype = torch.from_numpy(np.empty(0, sample.dtype)).dtype
+            tensor = torch.empty((rows, *sample.shape[1:]), dtype=dtype, pin_memory=self.pin)
+            view, position = tensor.numpy(), 0
+            for arrays, order, lo, hi in parts:
+                target = view[position : position + hi - lo]
+                if order is None:
+                    target[...] = arrays[name][lo:hi]
+                else:
+                    np.take(arrays[name], order[lo:hi], axis=0, out=target, mode="clip")
+                position += hi - lo
+            out[name] = tensor
+        return out
+
+    def group(self, group: RowGroup) -> tuple[dict[str, Any], np.ndarray | None]:
+        """A decoded row group as arrays (numeric columns as NumPy, zero-copy where Arrow allows) and this
+        epoch's order of its rows; the last two stay in memory, as consecutive batches share them."""
+        if group in self._groups:
+            self._groups.move_to_end(group)
+            return self._groups[group]
+        table = self.reader.read_group(group)
+        arrays: dict[str, Any] = {
+            name: np.column_stack([table.column(c).to_numpy() for c in columns]) for name, columns in self.stack.items()
+        }
+        stacked = {c for columns in self.stack.values() for c in columns}
+        for name, column in zip(table.schema.names, table.columns, strict=True):
+            if name not in stacked:
+                arrays[name] = column.to_numpy() if is_numeric(column.type) else column.combine_chunks()
+        self._groups[group] = (arrays, self.reader.permutation(group))
+        while len(self._groups) > 2:
+            self._groups.popitem(last=False)
+        return self._groups[group]
+
+
+def is_numeric(kind: pa.DataType) -> bool:
+    return pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)
+
+
+def rows_of(values: pa.Array, order: np.ndarray | None, lo: int, hi: int) -> list[Any]:
+    return (values.slice(lo, hi - lo) if order is None else values.take(order[lo:hi])).to_pylist()
 
 
 class ShardIterableDataset(IterableDataset):
+    """Use as `DataLoader(dataset, batch_size=None, num_workers=W)`; local shards are hashed once, here,
+    in parallel, rather than by every data-loader worker."""
+
     def __init__(
         self,
         manifest: str,
@@ -58,23 +114,91 @@ class ShardIterableDataset(IterableDataset):
             world_size if world_size is not None else (torch.distributed.get_world_size() if distributed else 1)
         )
         self.epoch = options.pop("epoch", 0)
+        if ShardReader(manifest, split, **options).verify_local_shards():
+            self.options["verify"] = False
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def reader(self) -> ShardReader:
+    def reader(self, worker_id: int | None = None, num_workers: int | None = None) -> ShardReader:
+        """The reader of one worker; by default the calling DataLoader worker's."""
         info = get_worker_info()
         return ShardReader(
             self.manifest,
             self.split,
             rank=self.rank,
             world_size=self.world_size,
-            worker_id=info.id if info else 0,
-            num_workers=info.num_workers if info else 1,
+            worker_id=worker_id if worker_id is not None else (info.id if info else 0),
+            num_workers=num_workers if num_workers is not None else (info.num_workers if info else 1),
             epoch=self.epoch,
             **self.options,
         )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        for batch in self.reader():
-            yield batch_to_tensors(batch, self.stack)
+        yield from BatchGatherer(self.reader(), self.stack)
+
+
+class TensorLoader:
+    """Batches as tensors on `device`, read by threads of this process instead of DataLoader worker
+    processes: PyArrow decodes with the GIL released, each batch is copied once, straight into pinned
+    memory, and from there asynchronously to the GPU; nothing goes through shared memory or a pickle.
+    The order is the DataLoader's (batch i from reader i % threads), so it equals
+    `ShardIterableDataset`'s for any number of workers or threads, and resumes the same way."""
+
+    def __init__(
+        self,
+        manifest: str,
+        split: str,
+        *,
+        device: str | torch.device = "cuda",
+        threads: int = 8,
+        prefetch: int = 4,
+        **dataset_options: Any,
+    ):
+        self.dataset = ShardIterableDataset(manifest, split, **dataset_options)
+        self.device, self.threads, self.prefetch = torch.device(device), threads, prefetch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        pin = self.device.type == "cuda"
+        queues: list[queue.Queue] = [queue.Queue(self.prefetch) for _ in range(self.threads)]
+        stop = threading.Event()
+
+        def offer(q: queue.Queue, item: Any) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def read(worker: int) -> None:
+            try:
+                for batch in BatchGatherer(self.dataset.reader(worker, self.threads), self.dataset.stack, pin):
+                    if not offer(queues[worker], batch):
+                        return
+                offer(queues[worker], _END)
+            except BaseException as exc:  # handed to the consumer, raised there
+                offer(queues[worker], exc)
+
+        workers = [threading.Thread(target=read, args=(w,), daemon=True) for w in range(self.threads)]
+        for thread in workers:
+            thread.start()
+        try:
+            for i in itertools.count():
+                item = queues[i % self.threads].get()
+                if item is _END:  # batch i does not exist, so neither does any later one
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in item.items()}
+        finally:
+            stop.set()
+            for thread in workers:
+                thread.join()
+
+
+_END = object()

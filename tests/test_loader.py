@@ -164,6 +164,27 @@ def test_torch_iterable_dataset_feeds_a_dataloader(manifest_url: str) -> None:
     assert torch.cat([b["wind"] for b in tensors]).tolist() == expected
 
 
+def test_tensor_loader_gives_the_dataloaders_batches_in_its_order(manifest_url: str) -> None:
+    pytest.importorskip("torch", reason="torch is an optional extra; `make test` installs the pinned CPU build")
+    from aifactory_assets.loader import TensorLoader
+
+    columns = ["precipitation", "wind", "temp_max"]
+    options = {"rank": 0, "world_size": 3, "batch_size": 7, "columns": columns, "stack": {"x": columns[:2]}}
+    for threads in (1, 3):
+        loader = TensorLoader(manifest_url, "train", device="cpu", threads=threads, **options)
+        loader.set_epoch(2)
+        got = list(loader)
+        expected = rank_batches(manifest_url, 0, 3, workers=1, epoch=2, columns=columns)
+        assert len(got) == len(expected) > threads
+        for tensors, batch in zip(got, expected, strict=True):
+            assert tensors["x"].shape == (batch.num_rows, 2)
+            assert tensors["x"][:, 1].tolist() == batch.column("wind").to_pylist()
+            assert tensors["temp_max"].tolist() == batch.column("temp_max").to_pylist()
+    stream = iter(TensorLoader(manifest_url, "train", device="cpu", threads=2, **options))
+    next(stream)
+    stream.close()  # stopping early ends the reading threads instead of leaving them blocked
+
+
 def test_shards_open_as_they_are_in_other_readers(manifest_url: str, tmp_path: Path, monkeypatch) -> None:
     import json
 
