@@ -136,6 +136,8 @@ class ShardReader:
         storage_options: dict[str, Any] | None = None,
         cache_dir: str | Path | None = None,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
+        memory_map: bool = True,
+        use_threads: bool = True,
     ):
         if not 0 <= rank < world_size or not 0 <= worker_id < num_workers:
             raise ValueError(f"rank {rank} of {world_size}, worker {worker_id} of {num_workers}: out of range")
@@ -151,6 +153,7 @@ class ShardReader:
         self.seed = self.manifest["sampler"]["seed"] if seed is None else seed
         self.remainder = remainder or self.manifest["sampler"].get("remainder", "drop")
         self.start_sample, self.verify = start_sample, verify
+        self.memory_map, self.use_threads = memory_map, use_threads  # PyArrow's, for opening and decoding
         shards = self.manifest["splits"][split]["shards"]
         self.checksums = {s["path"]: s["sha256"] for s in shards}
         self.shard_numbers = {s["path"]: i for i, s in enumerate(shards)}
@@ -223,7 +226,7 @@ class ShardReader:
 
     def read_group(self, group: RowGroup) -> pa.Table:
         """A row group as stored (verified first, when asked)."""
-        return self._file(group.shard).read_row_group(group.index, columns=self.columns)
+        return self._file(group.shard).read_row_group(group.index, columns=self.columns, use_threads=self.use_threads)
 
     def permutation(self, group: RowGroup) -> np.ndarray | None:
         """This epoch's order of a row group's rows, None when not shuffling."""
@@ -253,7 +256,7 @@ class ShardReader:
                 local = Path(remote)
                 if self.verify:
                     verify_file(local, checksum)
-            self._files[shard] = pq.ParquetFile(local, memory_map=True)
+            self._files[shard] = pq.ParquetFile(local, memory_map=self.memory_map)
         return self._files[shard]
 
     def verify_local_shards(self, threads: int | None = None) -> bool:

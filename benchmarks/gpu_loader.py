@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import os
 import time
@@ -92,9 +93,11 @@ def raw_read(root: Path) -> tuple[float, int, int]:
     return time.perf_counter() - start, rows, nbytes
 
 
-def dataloader(manifest: Path, device: torch.device, workers: int, batch: int):
+def dataloader(manifest: Path, device: torch.device, workers: int, batch: int, **options):
     """`DataLoader(ShardIterableDataset)` with worker processes; the dataset carries the epoch to them."""
-    dataset = ShardIterableDataset(str(manifest), "train", batch_size=batch, verify=True, stack={"x": FEATURES})
+    dataset = ShardIterableDataset(
+        str(manifest), "train", batch_size=batch, verify=True, stack={"x": FEATURES}, **options
+    )
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=None,
@@ -105,9 +108,16 @@ def dataloader(manifest: Path, device: torch.device, workers: int, batch: int):
     return dataset.set_epoch, loader
 
 
-def tensor_loader(manifest: Path, device: torch.device, threads: int, batch: int):
+def tensor_loader(manifest: Path, device: torch.device, threads: int, batch: int, **options):
     loader = TensorLoader(
-        str(manifest), "train", device=device, threads=threads, batch_size=batch, verify=True, stack={"x": FEATURES}
+        str(manifest),
+        "train",
+        device=device,
+        threads=threads,
+        batch_size=batch,
+        verify=True,
+        stack={"x": FEATURES},
+        **options,
     )
     return loader.set_epoch, loader
 
@@ -143,6 +153,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=65_536)
     parser.add_argument("--workers", type=int, nargs="+", default=[4, 8], help="DataLoader worker counts to try")
     parser.add_argument("--threads", type=int, nargs="+", default=[8, 16], help="TensorLoader thread counts to try")
+    parser.add_argument("--memory-map", type=int, nargs="+", default=[1], help="open shards memory-mapped (1/0)")
+    parser.add_argument("--decode-threads", type=int, nargs="+", default=[1], help="PyArrow threads per decode (1/0)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=Path(".bench/gpu_loader"))
     parser.add_argument("--mlp", action="store_true", help="also time a 16-512-512-10 MLP consuming the batches")
@@ -155,10 +167,21 @@ def main() -> None:
     torch.ones(1, device=device).sum().item()  # CUDA context outside the timings
     raw_read(manifest.parent)  # warm the page cache, as a long training job would have it
     results = [("pyarrow read (multi-threaded)", *raw_read(manifest.parent))]
-    paths = [(f"DataLoader, {n} workers", partial(dataloader, manifest, device, n, args.batch)) for n in args.workers]
-    paths += [
-        (f"TensorLoader, {n} threads", partial(tensor_loader, manifest, device, n, args.batch)) for n in args.threads
-    ]
+    paths = []
+    for memory_map, use_threads in itertools.product(args.memory_map, args.decode_threads):
+        how = f"{'mmap' if memory_map else 'read'}{', multi-threaded decode' if use_threads else ''}"
+        options = {"memory_map": memory_map, "use_threads": use_threads}
+        for n in args.workers:
+            paths.append(
+                (f"DataLoader, {n} workers, {how}", partial(dataloader, manifest, device, n, args.batch, **options))
+            )
+        for n in args.threads:
+            paths.append(
+                (
+                    f"TensorLoader, {n} threads, {how}",
+                    partial(tensor_loader, manifest, device, n, args.batch, **options),
+                )
+            )
     best, best_rate = paths[0], 0.0
     for label, make in paths:
         for epoch, (seconds, rows, nbytes) in enumerate(epochs(make, device, None)):
@@ -179,14 +202,14 @@ def main() -> None:
 
     groups = pq.ParquetFile(next(manifest.parent.glob("train-*.parquet"))).metadata.row_group(0).num_rows
     print(
-        f"\nloader on {name}, {os.cpu_count()} CPUs: {args.rows:,} rows x 18 columns in {args.shards} zstd shards "
-        f"(row groups of {groups:,} rows), batch {args.batch:,}, checksums verified"
+        f"\nloader on {name}, {os.cpu_count()} CPUs, kernel {os.uname().release}: {args.rows:,} rows x 18 columns "
+        f"in {args.shards} zstd shards (row groups of {groups:,} rows), batch {args.batch:,}, checksums verified"
     )
-    print(f"{'path':44} {'seconds':>8} {'M rows/s':>9} {'GB/s':>6} {'vs pyarrow':>10}")
+    print(f"{'path':70} {'seconds':>8} {'M rows/s':>9} {'GB/s':>6} {'vs pyarrow':>10}")
     base = results[0][2] / results[0][1]
     for label, seconds, rows, nbytes in results:
         rate = rows / seconds
-        print(f"{label:44} {seconds:8.2f} {rate / 1e6:9.2f} {nbytes / seconds / 1e9:6.2f} {rate / base:10.2f}")
+        print(f"{label:70} {seconds:8.2f} {rate / 1e6:9.2f} {nbytes / seconds / 1e9:6.2f} {rate / base:10.2f}")
 
 
 if __name__ == "__main__":
