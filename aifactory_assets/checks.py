@@ -14,6 +14,7 @@ from distributed import Client
 from aifactory_assets.catalog import Dataset
 from aifactory_assets.metadata import location, markdown_table
 from aifactory_assets.schema import ARROW_TYPES
+from aifactory_assets.tasks import run_tasks
 from resources.object_store import ObjectStore
 
 SCHEMA_CHECK, CONSERVATION_CHECK = "schema_matches_catalog", "conservation"
@@ -84,15 +85,13 @@ def shard_problem(url: str, sha256: str, rows: int, storage_options: dict[str, A
 def verify_shards(store: ObjectStore, client: Client, prefix: str, manifest: dict) -> dg.AssetCheckResult:
     """Re-read every shard of a version, in parallel: its checksum and row count must match the manifest."""
     shards = [s for split in manifest["splits"].values() for s in split["shards"]]
-    found = client.gather(
-        client.map(
-            shard_problem,
-            [store.url(f"{prefix}/{s['path']}") for s in shards],
-            [s["sha256"] for s in shards],
-            [s["rows"] for s in shards],
-            storage_options=store.storage_options,
-            pure=False,
-        )
+    found = run_tasks(
+        client,
+        shard_problem,
+        [store.url(f"{prefix}/{s['path']}") for s in shards],
+        [s["sha256"] for s in shards],
+        [s["rows"] for s in shards],
+        storage_options=store.storage_options,
     )
     problems = [f"{s['path']}: {problem}" for s, problem in zip(shards, found, strict=True) if problem]
     return dg.AssetCheckResult(

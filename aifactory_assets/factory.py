@@ -170,6 +170,7 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
         raw_record = require_current(store, f"raw/{dataset.name}", "raw")
         results = record["results"]
         report = write_report(store, dask.get_client(), dataset, suite, results, run_id)
+        dask.refresh_workers()
         quarantined = raw_record["rows_quarantined"] + record["rows_quarantined"]
         fraction = quarantined / raw_record["rows_read"] if raw_record["rows_read"] else 0.0
         if fraction > dataset.max_quarantined_fraction:

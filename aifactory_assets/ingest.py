@@ -19,6 +19,7 @@ from aifactory_assets.parquet_io import read_bytes, write_parquet
 from aifactory_assets.publish import generation_prefix, publish
 from aifactory_assets.quarantine import quarantine_rows
 from aifactory_assets.schema import ROW, SOURCE, arrow_schema, coerce_frame
+from aifactory_assets.tasks import run_tasks
 from resources.object_store import ObjectInfo, ObjectStore
 
 
@@ -88,7 +89,8 @@ def ingest_dataset(store: ObjectStore, client: Client, dataset: Dataset, run_id:
         raise FileNotFoundError(f"no files match {dataset.source.landing!r} under {store.url(landing_prefix(dataset))}")
     raw_gen = generation_prefix(f"raw/{dataset.name}", run_id)
     q_gen = generation_prefix(f"quarantine/{dataset.name}/raw", run_id)
-    futures = client.map(
+    ledger = run_tasks(
+        client,
         ingest_file,
         [store.url(obj.key) for obj in objects],
         [obj.key for obj in objects],
@@ -97,9 +99,7 @@ def ingest_dataset(store: ObjectStore, client: Client, dataset: Dataset, run_id:
         dataset=dataset,
         storage_options=store.storage_options,
         run_id=run_id,
-        pure=False,
     )
-    ledger = client.gather(futures)
     for entry, obj in zip(ledger, objects, strict=True):
         entry["object"] = asdict(obj)
     read = [(f"{raw_gen}/part-{i:05d}.parquet", e["source"]) for i, e in enumerate(ledger) if "file_error" not in e]

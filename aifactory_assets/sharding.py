@@ -29,6 +29,7 @@ from aifactory_assets.catalog import Dataset
 from aifactory_assets.parquet_io import STAGING, STAGING_GROUP, open_for_write, read_parquet, write_parquet
 from aifactory_assets.schema import ROW, arrow_schema
 from aifactory_assets.shard_layout import dictionary_columns, row_group_rows, shard_name
+from aifactory_assets.tasks import run_tasks
 from resources.object_store import ObjectStore
 
 SEQ, ORDER = "_seq", "_order"
@@ -117,7 +118,7 @@ def read_rows(url: str, lo: int, hi: int, storage_options: dict[str, Any]) -> pa
 
 
 def write_shard(
-    slices: list[tuple[str, int, int]], url: str, storage_options: dict[str, Any], schema: pa.Schema, group_rows: int
+    slices: list[tuple[str, int, int]], url: str, group_rows: int, storage_options: dict[str, Any], schema: pa.Schema
 ) -> dict[str, Any]:
     """Runs on a worker: stream row ranges of sorted buckets into one shard, one range in memory at a time,
     through a local temporary file (hashed as it is read back), so memory does not grow with the shard."""
@@ -203,19 +204,17 @@ def shard_dataset(
     first_bucket = np.concatenate([[0], np.cumsum(ranges)]).tolist()
     buckets = store.url(f"{staging_prefix}/fragments")
     seqs = part_seqs  # each part's landed file, in landing order: later files win on duplicate keys
-    scattered = client.gather(
-        client.map(
-            scatter_part,
-            [store.url(p) for p in parts],
-            seqs,
-            bucket_prefix=buckets,
-            key_columns=key,
-            ratios=ratios,
-            seed=dataset.shards.seed,
-            ranges=ranges,
-            storage_options=options,
-            pure=False,
-        )
+    scattered = run_tasks(
+        client,
+        scatter_part,
+        [store.url(p) for p in parts],
+        seqs,
+        bucket_prefix=buckets,
+        key_columns=key,
+        ratios=ratios,
+        seed=dataset.shards.seed,
+        ranges=ranges,
+        storage_options=options,
     )
     rows_in = sum(n for counts in scattered for n in counts.values())
     by_bucket: dict[int, list[str]] = {}
@@ -223,38 +222,43 @@ def shard_dataset(
         for b in counts:
             by_bucket.setdefault(b, []).append(f"{buckets}/bucket={b:05d}/part-{seq:05d}.parquet")
     ordered = sorted(by_bucket)
-    gathered = client.gather(
-        client.map(
-            gather_bucket,
-            [by_bucket[b] for b in ordered],
-            [store.url(f"{staging_prefix}/sorted/bucket={b:05d}.parquet") for b in ordered],
-            key_columns=key,
-            storage_options=options,
-            pure=False,
-        )
+    gathered = run_tasks(
+        client,
+        gather_bucket,
+        [by_bucket[b] for b in ordered],
+        [store.url(f"{staging_prefix}/sorted/bucket={b:05d}.parquet") for b in ordered],
+        key_columns=key,
+        storage_options=options,
     )
     sorted_rows = dict(zip(ordered, gathered, strict=True))
-    schema = arrow_schema(dataset)
-    splits: dict[str, Any] = {}
+    # Every split's shards in one wave, so no worker idles while a small split finishes.
+    shards: dict[str, list[tuple[str, list[tuple[str, int, int]], int]]] = {}
     for index, split in enumerate(ratios):
         mine = [b for b in ordered if first_bucket[index] <= b < first_bucket[index + 1]]
         part_rows = [(store.url(f"{staging_prefix}/sorted/bucket={b:05d}.parquet"), sorted_rows[b][0]) for b in mine]
         rows = sum(n for _, n in part_rows)
         count = shard_count(rows, sum(sorted_rows[b][1] for b in mine), dataset)
-        futures = client.map(
+        plans = plan_shards(part_rows, count)
+        shards[split] = [(shard_name(split, i, count), plan, row_group_rows(rows)) for i, plan in enumerate(plans)]
+    jobs = [job for split_jobs in shards.values() for job in split_jobs]
+    written = iter(
+        run_tasks(
+            client,
             write_shard,
-            plan_shards(part_rows, count),
-            [store.url(f"{version_prefix}/{shard_name(split, i, count)}") for i in range(count)],
+            [plan for _, plan, _ in jobs],
+            [store.url(f"{version_prefix}/{name}") for name, _, _ in jobs],
+            [group_rows for _, _, group_rows in jobs],
             storage_options=options,
-            schema=schema,
-            group_rows=row_group_rows(rows),
-            pure=False,
+            schema=arrow_schema(dataset),
         )
-        shards = [{"path": shard_name(split, i, count), **entry} for i, entry in enumerate(client.gather(futures))]
+    )
+    splits: dict[str, Any] = {}
+    for split, split_jobs in shards.items():
+        entries = [{"path": name, **next(written)} for name, _, _ in split_jobs]
         splits[split] = {
-            "rows": sum(s["rows"] for s in shards),
-            "bytes": sum(s["bytes"] for s in shards),
-            "shards": shards,
+            "rows": sum(e["rows"] for e in entries),
+            "bytes": sum(e["bytes"] for e in entries),
+            "shards": entries,
         }
     rows_kept = sum(kept for kept, _ in gathered)
     return {"rows_in": rows_in, "duplicates_dropped": rows_in - rows_kept, "splits": splits}

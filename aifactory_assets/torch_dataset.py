@@ -10,7 +10,6 @@ Rank and world size come from `torch.distributed` when it is initialised.
 
 from __future__ import annotations
 
-import itertools
 import queue
 import threading
 from collections import OrderedDict
@@ -142,8 +141,9 @@ class TensorLoader:
     """Batches as tensors on `device`, read by threads of this process instead of DataLoader worker
     processes: PyArrow decodes with the GIL released, each batch is copied once, straight into pinned
     memory, and from there asynchronously to the GPU; nothing goes through shared memory or a pickle.
-    The order is the DataLoader's (batch i from reader i % threads), so it equals
-    `ShardIterableDataset`'s for any number of workers or threads, and resumes the same way."""
+    The batches are the rank's stream in order (the same as `ShardIterableDataset` gives through a
+    DataLoader with any number of workers), so it resumes the same way. Each thread makes `chunk`
+    consecutive batches in turn, so row groups that straddle two batches are mostly decoded once."""
 
     def __init__(
         self,
@@ -152,19 +152,24 @@ class TensorLoader:
         *,
         device: str | torch.device = "cuda",
         threads: int = 8,
-        prefetch: int = 4,
+        chunk: int = 4,
+        prefetch: int = 2,
         **dataset_options: Any,
     ):
         self.dataset = ShardIterableDataset(manifest, split, **dataset_options)
-        self.device, self.threads, self.prefetch = torch.device(device), threads, prefetch
+        self.device, self.threads, self.chunk, self.prefetch = torch.device(device), threads, chunk, prefetch
 
     def set_epoch(self, epoch: int) -> None:
         self.dataset.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         pin = self.device.type == "cuda"
-        queues: list[queue.Queue] = [queue.Queue(self.prefetch) for _ in range(self.threads)]
+        plan = list(self.dataset.reader(0, 1).plan())
+        queues: list[queue.Queue] = [queue.Queue(self.prefetch * self.chunk) for _ in range(self.threads)]
         stop = threading.Event()
+
+        def owner(batch: int) -> int:
+            return (batch // self.chunk) % self.threads
 
         def offer(q: queue.Queue, item: Any) -> bool:
             while not stop.is_set():
@@ -177,21 +182,19 @@ class TensorLoader:
 
         def read(worker: int) -> None:
             try:
-                for batch in BatchGatherer(self.dataset.reader(worker, self.threads), self.dataset.stack, pin):
-                    if not offer(queues[worker], batch):
+                gather = BatchGatherer(self.dataset.reader(0, 1), self.dataset.stack, pin)
+                for i, pieces in enumerate(plan):
+                    if owner(i) == worker and not offer(queues[worker], gather.batch(pieces)):
                         return
-                offer(queues[worker], _END)
-            except BaseException as exc:  # handed to the consumer, raised there
+            except BaseException as exc:  # handed to the consumer, raised in its turn
                 offer(queues[worker], exc)
 
         workers = [threading.Thread(target=read, args=(w,), daemon=True) for w in range(self.threads)]
         for thread in workers:
             thread.start()
         try:
-            for i in itertools.count():
-                item = queues[i % self.threads].get()
-                if item is _END:  # batch i does not exist, so neither does any later one
-                    return
+            for i in range(len(plan)):
+                item = queues[owner(i)].get()
                 if isinstance(item, BaseException):
                     raise item
                 yield {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in item.items()}
@@ -199,6 +202,3 @@ class TensorLoader:
             stop.set()
             for thread in workers:
                 thread.join()
-
-
-_END = object()

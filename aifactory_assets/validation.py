@@ -26,6 +26,7 @@ from aifactory_assets.parquet_io import read_parquet, write_parquet
 from aifactory_assets.publish import generation_prefix, publish, require_current
 from aifactory_assets.quarantine import quarantine_rows
 from aifactory_assets.schema import PROVENANCE, ROW, SOURCE, arrow_schema
+from aifactory_assets.tasks import run_tasks
 from resources.object_store import ObjectStore
 
 SAMPLE_SIZE = 5
@@ -234,7 +235,8 @@ def validate_dataset(
     parts = raw["parts"]
     valid_parts = [f"{valid_gen}/part-{i:05d}.parquet" for i in range(len(parts))]
     q_parts = [f"{q_gen}/part-{i:05d}.parquet" for i in range(len(parts))]
-    futures = client.map(
+    partials = run_tasks(
+        client,
         validate_part,
         [store.url(p) for p in parts],
         raw["part_sources"],
@@ -243,9 +245,7 @@ def validate_dataset(
         suite=suite,
         storage_options=store.storage_options,
         run_id=run_id,
-        pure=False,
     )
-    partials = client.gather(futures)
 
     def whole_dataset() -> dd.DataFrame:
         if parts:

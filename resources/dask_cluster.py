@@ -45,6 +45,13 @@ class DaskCluster(dg.ConfigurableResource):
                 self._client = Client(self._cluster)
         return self._client
 
+    def refresh_workers(self) -> None:
+        """Fresh worker processes for the next stage, on this run's own LocalCluster only (a shared
+        scheduler's workers are not ours to restart). Validation imports GX into every worker, ~330 MiB
+        that no task gives back, which would otherwise come out of the next stage's memory limit."""
+        if self._cluster is not None and self._client is not None:
+            self._client.restart()
+
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
         self.close()
 

@@ -170,12 +170,12 @@ def test_tensor_loader_gives_the_dataloaders_batches_in_its_order(manifest_url: 
 
     columns = ["precipitation", "wind", "temp_max"]
     options = {"rank": 0, "world_size": 3, "batch_size": 7, "columns": columns, "stack": {"x": columns[:2]}}
-    for threads in (1, 3):
-        loader = TensorLoader(manifest_url, "train", device="cpu", threads=threads, **options)
+    for threads, chunk in ((1, 4), (3, 1), (2, 3)):
+        loader = TensorLoader(manifest_url, "train", device="cpu", threads=threads, chunk=chunk, **options)
         loader.set_epoch(2)
         got = list(loader)
         expected = rank_batches(manifest_url, 0, 3, workers=1, epoch=2, columns=columns)
-        assert len(got) == len(expected) > threads
+        assert len(got) == len(expected) > threads * chunk
         for tensors, batch in zip(got, expected, strict=True):
             assert tensors["x"].shape == (batch.num_rows, 2)
             assert tensors["x"][:, 1].tolist() == batch.column("wind").to_pylist()
