@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import fsspec
@@ -31,6 +32,33 @@ def write_parquet(table: pa.Table, url: str, storage_options: dict[str, Any], **
     with fs.open(path, "wb") as f:
         pq.write_table(table, f, **({"compression": "zstd"} | options))
     return int(fs.size(path))
+
+
+class HashingFile:
+    """A write-only file that hashes and counts what passes through it to `inner`, so a writer gets its
+    output's checksum without reading it back."""
+
+    def __init__(self, inner: Any):
+        self.inner, self.digest, self.size = inner, hashlib.sha256(), 0
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self.digest.update(view)
+        self.size += view.nbytes
+        return self.inner.write(view)
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        self.inner.flush()
+
+    @property
+    def closed(self) -> bool:
+        return self.inner.closed
+
+    def close(self) -> None:
+        """The owner of `inner` closes it (its `with` block), not the Parquet writer."""
 
 
 def read_parquet(url: str, storage_options: dict[str, Any]) -> pa.Table:

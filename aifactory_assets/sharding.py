@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -26,7 +24,14 @@ import pyarrow.parquet as pq
 from distributed import Client
 
 from aifactory_assets.catalog import Dataset
-from aifactory_assets.parquet_io import STAGING, STAGING_GROUP, open_for_write, read_parquet, write_parquet
+from aifactory_assets.parquet_io import (
+    STAGING,
+    STAGING_GROUP,
+    HashingFile,
+    open_for_write,
+    read_parquet,
+    write_parquet,
+)
 from aifactory_assets.schema import ROW, arrow_schema
 from aifactory_assets.shard_layout import dictionary_columns, row_group_rows, shard_name
 from aifactory_assets.tasks import run_tasks
@@ -121,11 +126,13 @@ def write_shard(
     slices: list[tuple[str, int, int]], url: str, group_rows: int, storage_options: dict[str, Any], schema: pa.Schema
 ) -> dict[str, Any]:
     """Runs on a worker: stream row ranges of sorted buckets into one shard, one range in memory at a time,
-    through a local temporary file (hashed as it is read back), so memory does not grow with the shard."""
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(tmp) / "shard.parquet"
+    hashing the bytes on their way out (no temporary copy, no reading back). Written in place: the version
+    is invisible until its manifest is committed."""
+    fs, path = open_for_write(url, storage_options)
+    with fs.open(path, "wb") as f:
+        out = HashingFile(f)
         with pq.ParquetWriter(
-            local, schema, compression="zstd", write_statistics=True, use_dictionary=dictionary_columns(schema)
+            out, schema, compression="zstd", write_statistics=True, use_dictionary=dictionary_columns(schema)
         ) as writer:
             for part, lo, hi in slices:
                 writer.write_table(
@@ -133,19 +140,14 @@ def write_shard(
                 )
             if not slices:
                 writer.write_table(schema.empty_table())
-        digest = hashlib.sha256()
-        with local.open("rb") as f:
-            for block in iter(lambda: f.read(8 * 2**20), b""):
-                digest.update(block)
-        meta = pq.ParquetFile(local).metadata
-        fs, path = open_for_write(url, storage_options)
-        fs.put_file(str(local), path)
-        return {
-            "rows": meta.num_rows,
-            "bytes": local.stat().st_size,
-            "sha256": digest.hexdigest(),
-            "row_groups": [meta.row_group(i).num_rows for i in range(meta.num_row_groups)],
-        }
+    with fs.open(path, "rb") as f:
+        meta = pq.read_metadata(f)
+    return {
+        "rows": meta.num_rows,
+        "bytes": out.size,
+        "sha256": out.digest.hexdigest(),
+        "row_groups": [meta.row_group(i).num_rows for i in range(meta.num_row_groups)],
+    }
 
 
 def footer_rows(store: ObjectStore, key: str) -> int:
