@@ -21,7 +21,7 @@ from aifactory_assets.sharding import SAMPLER
 from resources.object_store import ObjectStore
 
 MANIFEST, LATEST = "manifest.json", "_latest"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # bump whenever the same inputs and configuration give other bytes
 
 
 def package_version() -> str:

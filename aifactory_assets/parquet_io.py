@@ -22,10 +22,6 @@ def open_for_write(url: str, storage_options: dict[str, Any]) -> tuple[fsspec.Ab
     return fs, path
 
 
-STAGING = {"compression": "lz4"}  # intermediate files, read once: cheap to write beats small
-STAGING_GROUP = 65_536  # rows per row group in staging files, so a slice reads only what it needs
-
-
 def write_parquet(table: pa.Table, url: str, storage_options: dict[str, Any], **options: Any) -> int:
     """Write `table` as one Parquet object (zstd unless `options` say otherwise); returns its size in bytes."""
     fs, path = open_for_write(url, storage_options)

@@ -7,6 +7,7 @@ import os
 import re
 
 import dagster as dg
+import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
@@ -223,12 +224,28 @@ def test_same_inputs_give_same_version_and_bytes(catalog: Catalog, tmp_path, das
 
 @pytest.mark.parametrize("split", ["train", "val", "test"])
 def test_split_is_a_function_of_the_key(split: str) -> None:
-    from aifactory_assets.sharding import assign_splits
+    from aifactory_assets.sharding import assign_splits, key_hash
 
     ratios = {"train": 0.8, "val": 0.1, "test": 0.1}
     frame = pd.DataFrame({"id": range(20_000)})
-    first = assign_splits(frame, ["id"], ratios)
-    again = assign_splits(frame.sample(frac=1, random_state=1).sort_index(), ["id"], ratios)
-    assert (first == again).all()
+    first = assign_splits(key_hash(frame, ["id"]), ratios)
+    shuffled = frame.sample(frac=1, random_state=1)
+    again = pd.Series(assign_splits(key_hash(shuffled, ["id"]), ratios), index=shuffled.index).sort_index()
+    assert (first == again.to_numpy()).all()
     share = (first == list(ratios).index(split)).mean()
     assert abs(share - ratios[split]) < 0.02
+
+
+@pytest.mark.parametrize("keys", [range(50_000), [f"record-{i}" for i in range(50_000)]], ids=["int", "text"])
+def test_shuffle_depends_on_the_seed_and_spreads_each_split_evenly(keys) -> None:
+    from aifactory_assets.sharding import assign_splits, key_hash, shuffle_order
+
+    hashes = key_hash(pd.DataFrame({"id": keys}), ["id"])
+    order = shuffle_order(hashes, seed=7)
+    assert (np.argsort(order) != np.argsort(shuffle_order(hashes, seed=8))).mean() > 0.99
+    assert (shuffle_order(hashes, seed=7) == order).all()
+    split = assign_splits(hashes, {"train": 0.8, "val": 0.1, "test": 0.1})
+    for index in range(3):  # the order within a split is not bunched where the split's hashes lie
+        ranges = np.floor(order[split == index].astype(np.float64) / 2.0**64 * 10).astype(int)
+        counts = np.bincount(ranges, minlength=10)
+        assert counts.min() > 0.8 * counts.mean(), counts

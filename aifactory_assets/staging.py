@@ -1,0 +1,50 @@
+"""The shuffle's intermediate files: Arrow IPC with lz4, read back one record batch at a time.
+
+A scatter task writes one file with a record batch per bucket, rather than a file per (part, bucket): the
+number of files grows with the data, not with its square, and a gather reads only its own batch of each
+file (the IPC footer holds every batch's offset). Sorted buckets are written in batches of BATCH_ROWS, so
+a row range maps to its batches by arithmetic alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+
+from aifactory_assets.parquet_io import open_for_write
+
+BATCH_ROWS = 65_536
+_OPTIONS = pa.ipc.IpcWriteOptions(compression="lz4")  # written once, read once: fast beats small
+
+
+def write_batches(url: str, schema: pa.Schema, tables: Iterable[pa.Table], storage_options: dict[str, Any]) -> int:
+    """Each table as one record batch, in order; returns the file's size in bytes."""
+    fs, path = open_for_write(url, storage_options)
+    with fs.open(path, "wb") as f, pa.ipc.new_file(f, schema, options=_OPTIONS) as writer:
+        for table in tables:
+            writer.write_batch(table.combine_chunks().to_batches(max_chunksize=None)[0])
+    return int(fs.size(path))
+
+
+def write_sorted(url: str, table: pa.Table, storage_options: dict[str, Any]) -> int:
+    """`table` in batches of exactly BATCH_ROWS rows (the last one fewer); returns the size in bytes."""
+    fs, path = open_for_write(url, storage_options)
+    with fs.open(path, "wb") as f, pa.ipc.new_file(f, table.schema, options=_OPTIONS) as writer:
+        writer.write_table(table.combine_chunks(), max_chunksize=BATCH_ROWS)
+    return int(fs.size(path))
+
+
+def read_batches(url: str, indices: list[int], storage_options: dict[str, Any]) -> pa.Table:
+    fs, path = fsspec.core.url_to_fs(url, **storage_options)
+    with fs.open(path, "rb") as f:
+        reader = pa.ipc.open_file(f)
+        return pa.Table.from_batches([reader.get_batch(i) for i in indices], reader.schema)
+
+
+def read_sorted_rows(url: str, lo: int, hi: int, storage_options: dict[str, Any]) -> pa.Table:
+    """Rows [lo, hi) of a file `write_sorted` wrote, reading only the batches that hold them."""
+    first, stop = lo // BATCH_ROWS, -(-hi // BATCH_ROWS)
+    return read_batches(url, list(range(first, stop)), storage_options).slice(lo - first * BATCH_ROWS, hi - lo)
