@@ -21,6 +21,10 @@ def run_tasks(client: Client, fn: Callable[..., Any], *per_item: Iterable[Any], 
     futures = client.map(fn, *per_item, pure=False, **shared)
     try:
         return client.gather(futures)
+    except BaseException:
+        client.cancel(futures)  # the rest of a failed wave is not worth finishing
+        raise
     finally:
-        client.cancel(futures)
+        for future in futures:
+            future.release()
         log.info("%s: %d tasks in %.1f s", fn.__name__, len(futures), time.perf_counter() - start)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 from distributed import Client
 
@@ -30,3 +31,20 @@ def test_refresh_restarts_the_runs_own_workers_only(dask_address: str) -> None:
         assert worker_pids(shared.get_client()) == before
     finally:
         shared.close()
+
+
+def test_a_wave_leaves_no_results_on_the_workers(dask_address: str) -> None:
+    """Results a wave's futures still held would be recomputed if a worker died during the next wave."""
+    from aifactory_assets.tasks import run_tasks
+
+    with Client(dask_address) as client:
+        assert run_tasks(client, pow, [1, 2, 3], exp=2) == [1, 4, 9]
+        deadline = time.monotonic() + 10
+        while wave_tasks(client) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert wave_tasks(client) == []
+
+
+def wave_tasks(client: Client) -> list[str]:
+    keys = client.run_on_scheduler(lambda dask_scheduler: [str(k) for k in dask_scheduler.tasks])
+    return [k for k in keys if k.startswith("pow-")]
