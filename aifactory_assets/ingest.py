@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 from distributed import Client
@@ -61,7 +62,7 @@ def ingest_file(
     good = good.append_column(ROW, pa.array(landed.rows[ok], pa.int64()))
     entry["raw_bytes"] = write_parquet(good.cast(arrow_schema(dataset)), raw_url, storage_options)
 
-    failed = [i for i, k in enumerate(ok) if not k]
+    failed = np.flatnonzero(~ok).tolist()
     rejected = landed.values.iloc[failed] if failed else pd.DataFrame()
     records = rejected.astype(object).where(rejected.notna(), None)
     quarantined = quarantine_rows(

@@ -153,8 +153,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=65_536)
     parser.add_argument("--workers", type=int, nargs="+", default=[4, 8], help="DataLoader worker counts to try")
     parser.add_argument("--threads", type=int, nargs="+", default=[8, 16], help="TensorLoader thread counts to try")
-    parser.add_argument("--memory-map", type=int, nargs="+", default=[1], help="open shards memory-mapped (1/0)")
-    parser.add_argument("--decode-threads", type=int, nargs="+", default=[1], help="PyArrow threads per decode (1/0)")
+    parser.add_argument("--memory-map", type=int, nargs="+", help="memory-map shards (1/0; default: the loader's)")
+    parser.add_argument("--decode-threads", type=int, nargs="+", help="PyArrow threads per decode (1/0; ditto)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=Path(".bench/gpu_loader"))
     parser.add_argument("--mlp", action="store_true", help="also time a 16-512-512-10 MLP consuming the batches")
@@ -168,19 +168,16 @@ def main() -> None:
     raw_read(manifest.parent)  # warm the page cache, as a long training job would have it
     results = [("pyarrow read (multi-threaded)", *raw_read(manifest.parent))]
     paths = []
-    for memory_map, use_threads in itertools.product(args.memory_map, args.decode_threads):
-        how = f"{'mmap' if memory_map else 'read'}{', multi-threaded decode' if use_threads else ''}"
-        options = {"memory_map": memory_map, "use_threads": use_threads}
+    for memory_map, use_threads in itertools.product(args.memory_map or [None], args.decode_threads or [None]):
+        options = {k: bool(v) for k, v in (("memory_map", memory_map), ("use_threads", use_threads)) if v is not None}
+        how = "".join(f", {k}={v}" for k, v in options.items())
         for n in args.workers:
             paths.append(
-                (f"DataLoader, {n} workers, {how}", partial(dataloader, manifest, device, n, args.batch, **options))
+                (f"DataLoader, {n} workers{how}", partial(dataloader, manifest, device, n, args.batch, **options))
             )
         for n in args.threads:
             paths.append(
-                (
-                    f"TensorLoader, {n} threads, {how}",
-                    partial(tensor_loader, manifest, device, n, args.batch, **options),
-                )
+                (f"TensorLoader, {n} threads{how}", partial(tensor_loader, manifest, device, n, args.batch, **options))
             )
     best, best_rate = paths[0], 0.0
     for label, make in paths:
