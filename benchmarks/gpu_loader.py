@@ -108,6 +108,36 @@ def dataloader(manifest: Path, device: torch.device, workers: int, batch: int, *
     return dataset.set_epoch, loader
 
 
+class EmptyBatches(torch.utils.data.IterableDataset):
+    """Batches of the real epoch's shapes with nothing read: what the DataLoader's transport alone allows
+    (copies into shared memory, the main process's receiving and pinning)."""
+
+    def __init__(self, rows: int, batch: int):
+        self.rows, self.batch = rows, batch
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        for i in range(worker, -(-self.rows // self.batch), workers):
+            n = min(self.batch, self.rows - i * self.batch)
+            yield {
+                "x": torch.empty((n, len(FEATURES))),
+                "label": torch.empty(n, dtype=torch.int64),
+                "id": torch.empty(n, dtype=torch.int64),
+            }
+
+
+def transport(device: torch.device, workers: int, batch: int, rows: int):
+    loader = torch.utils.data.DataLoader(
+        EmptyBatches(rows, batch),
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if workers else None,
+    )
+    return (lambda epoch: None), loader
+
+
 def tensor_loader(manifest: Path, device: torch.device, threads: int, batch: int, **options):
     loader = TensorLoader(
         str(manifest),
@@ -157,6 +187,7 @@ def main() -> None:
     parser.add_argument("--decode-threads", type=int, nargs="+", help="PyArrow threads per decode (1/0; ditto)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=Path(".bench/gpu_loader"))
+    parser.add_argument("--transport", action="store_true", help="also time the DataLoader moving empty batches")
     parser.add_argument("--mlp", action="store_true", help="also time a 16-512-512-10 MLP consuming the batches")
     args = parser.parse_args()
 
@@ -185,6 +216,10 @@ def main() -> None:
             results.append((f"{label}, epoch {epoch}", seconds, rows, nbytes))
         if rows / seconds > best_rate:
             best, best_rate = (label, make), rows / seconds
+    for n in args.workers if args.transport else []:
+        make = partial(transport, device, n, args.batch, args.rows)
+        for epoch, measured in enumerate(epochs(make, device, None)):
+            results.append((f"DataLoader moving empty batches, {n} workers, epoch {epoch}", *measured))
     if args.mlp:
         model = torch.nn.Sequential(
             torch.nn.Linear(16, 512),
