@@ -7,7 +7,7 @@
         ...
 
 The order is a pure function of (seed, epoch): row groups are permuted per epoch and the rows within each row
-group too (`shuffle_block` rows at a time; 1, the default, moves every row), on top of the seeded global
+group too (`shuffle_block` rows at a time, 1,024 by default; 1 moves every row), on top of the seeded global
 shuffle the shards were written in. That stream is cut into `world_size` equal contiguous slices, one per
 rank, so every rank gets exactly the same number of samples (the tail is dropped, or padded by wrapping
 around, as the manifest's sampler says): uneven ranks hang collective ops. Within a rank, the i-th batch

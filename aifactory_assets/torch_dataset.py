@@ -32,7 +32,7 @@ class BatchGatherer:
     """A reader's batches as tensors, gathered straight from decoded row groups: each value is copied
     once, by one `np.take` per piece of a batch into the batch's tensor (pinned when `pin`, so the copy to
     the GPU is asynchronous). `stack` groups become one [rows, k] tensor, stacked once per row group.
-    Few, large calls that release the GIL, so threads reading in parallel scale."""
+    Few, large calls that release the GIL, so threads reading in parallel seldom wait for each other."""
 
     def __init__(self, reader: ShardReader, stack: dict[str, list[str]] | None = None, pin: bool = False):
         self.reader, self.stack, self.pin = reader, stack or {}, pin
