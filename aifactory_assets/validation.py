@@ -30,6 +30,7 @@ from aifactory_assets.tasks import run_tasks
 from resources.object_store import ObjectStore
 
 SAMPLE_SIZE = 5
+SAMPLE_CHARS = 200  # a failing value shown in metadata and data docs is cut to this (a 10 MiB field happens)
 POSITION = "aifactory_position"
 
 
@@ -72,6 +73,10 @@ def referenced_columns(expectations: list[dict[str, Any]]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def shorten(text: str) -> str:
+    return text if len(text) <= SAMPLE_CHARS else f"{text[:SAMPLE_CHARS]}… ({len(text):,} characters)"
+
+
 def _row_counts(outcome: Any, rows: int) -> dict[str, Any]:
     found = outcome.result
     raised = outcome.exception_info.get("raised_exception")
@@ -79,7 +84,7 @@ def _row_counts(outcome: Any, rows: int) -> dict[str, Any]:
         "element_count": int(found.get("element_count", rows)),
         "missing_count": int(found.get("missing_count", 0)),
         "unexpected_count": int(found.get("unexpected_count", 0)),
-        "sample": [str(v) for v in (found.get("partial_unexpected_list") or [])[:SAMPLE_SIZE]],
+        "sample": [shorten(str(v)) for v in (found.get("partial_unexpected_list") or [])[:SAMPLE_SIZE]],
         "error": outcome.exception_info.get("exception_message") if raised else None,
     }
 

@@ -40,7 +40,7 @@ class DaskCluster(dg.ConfigurableResource):
                     memory_limit=self.memory_limit,
                     processes=True,
                     host="127.0.0.1",
-                    dashboard_address=None,
+                    dashboard_address=":0",  # a free port: runs side by side never clash
                 )
                 self._client = Client(self._cluster)
         return self._client

@@ -38,7 +38,7 @@ def s3_endpoint() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def dask_address() -> Iterator[str]:
     with LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=":0"
     ) as cluster:
         yield cluster.scheduler_address
 

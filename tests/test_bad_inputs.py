@@ -128,3 +128,16 @@ def test_the_good_files_reach_the_shards(corpus_run, corpus_catalog: Catalog) ->
     assert shards.loc[shards["id"] == 50, "name"].iloc[0] == "two\nlines"
     assert shards.loc[shards["id"] == 50, "_row"].iloc[0] == 2
     assert asset_key(dataset, "shards").path[-1] == "shards"
+
+
+def test_failing_values_are_shown_cut_short(corpus_run, corpus_catalog: Catalog) -> None:
+    """A 10 MiB field fails its length expectation; its sample in the metadata and data docs is cut."""
+    _, store = corpus_run
+    samples = [
+        value
+        for name in corpus_catalog.datasets
+        for result in current(store, f"validated/{name}")["results"]
+        for value in result.get("sample", [])
+    ]
+    assert any(value.endswith(f"({10 * 2**20:,} characters)") for value in samples), samples
+    assert max(len(value) for value in samples) < 300
