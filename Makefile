@@ -8,7 +8,7 @@ TORCH := torch==2.13.0
 export DAGSTER_HOME := $(CURDIR)/dagster_home
 export AIFACTORY_HOME ?= $(CURDIR)/.aifactory
 
-.PHONY: setup dev materialize demo test lint bench bench-validation bench-pipeline lock clean
+.PHONY: setup dev materialize demo test lint bench bench-validation bench-pipeline bench-memory lock clean
 
 setup: $(STAMP)
 
@@ -37,13 +37,17 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-bench: bench-validation bench-pipeline
+bench: bench-validation bench-pipeline bench-memory
 
 bench-validation: setup
 	$(BIN)/python -m benchmarks.run
 
 bench-pipeline: setup
 	$(BIN)/python -m benchmarks.pipeline
+
+# 6 GiB of CSV through two Dask workers of 1 GiB each; fails if a worker is killed for memory.
+bench-memory: setup
+	$(BIN)/python -m benchmarks.pipeline --gb 6 --memory-limit 1GiB --only-aifactory --workdir .bench/pipeline6
 
 lock:
 	test -x $(BIN)/uv || $(BIN)/python -m pip install --quiet uv
