@@ -6,11 +6,13 @@ features, an int label and an int id, zstd shards, a manifest with checksums and
 then measures, on the same files:
 
 - a multi-threaded PyArrow read of every shard (the physical baseline);
-- the loader: `DataLoader(ShardIterableDataset(...), batch_size=None, num_workers=W, pin_memory=True)`,
-  each batch stacked and copied to the device;
-- optionally a small MLP (16-512-512-10) consuming those batches.
+- `DataLoader(ShardIterableDataset(...), batch_size=None, num_workers=W, pin_memory=True)` for each W in
+  `--workers`, and `TensorLoader(..., threads=T)` for each T in `--threads`, two epochs each, every batch
+  on the device;
+- with `--transport`, the DataLoader moving empty batches of the same shapes (its own ceiling);
+- with `--mlp`, a small MLP (16-512-512-10) consuming the fastest path's batches.
 
-    python -m benchmarks.gpu_loader --rows 16000000 --shards 32 --workers 4 8 --mlp
+    python -m benchmarks.gpu_loader --rows 16000000 --shards 32 --workers 4 --threads 4 8 16 --mlp --transport
 
 Falls back to the CPU when no CUDA device is present (the numbers then say so).
 """
