@@ -10,8 +10,7 @@ Rank and world size come from `torch.distributed` when it is initialised.
 
 from __future__ import annotations
 
-import queue
-import threading
+import traceback
 from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
@@ -47,21 +46,30 @@ class BatchGatherer:
         rows = sum(hi - lo for _, _, lo, hi in parts)
         out: dict[str, Any] = {}
         for name, sample in parts[0][0].items():
-            if not isinstance(sample, np.ndarray):  # values torch has no type for stay Python lists
+            if isinstance(sample, np.ndarray):
+                shape = (rows, *sample.shape[1:])
+                out[name] = torch.empty(shape, dtype=torch_dtype(sample.dtype), pin_memory=self.pin)
+            else:  # values torch has no type for stay Python lists
                 out[name] = [v for arrays, order, lo, hi in parts for v in rows_of(arrays[name], order, lo, hi)]
-                continue
-            dtype = torch.from_numpy(np.empty(0, sample.dtype)).dtype
-            tensor = torch.empty((rows, *sample.shape[1:]), dtype=dtype, pin_memory=self.pin)
-            view, position = tensor.numpy(), 0
-            for arrays, order, lo, hi in parts:
-                target = view[position : position + hi - lo]
-                if order is None:
-                    target[...] = arrays[name][lo:hi]
-                else:
-                    np.take(arrays[name], order[lo:hi], axis=0, out=target, mode="clip")
-                position += hi - lo
-            out[name] = tensor
+        self._fill(parts, {name: value.numpy() for name, value in out.items() if torch.is_tensor(value)})
         return out
+
+    def fill(self, pieces: list[Piece], targets: dict[str, np.ndarray]) -> int:
+        """Write a batch into preallocated arrays (at least the batch's rows each); returns its rows."""
+        return self._fill([(*self.group(group), lo, hi) for group, lo, hi in pieces], targets)
+
+    @staticmethod
+    def _fill(parts: list[tuple[dict[str, Any], np.ndarray | None, int, int]], targets: dict[str, np.ndarray]) -> int:
+        position = 0
+        for arrays, order, lo, hi in parts:
+            for name, target in targets.items():
+                view = target[position : position + hi - lo]
+                if order is None:
+                    view[...] = arrays[name][lo:hi]
+                else:
+                    np.take(arrays[name], order[lo:hi], axis=0, out=view, mode="clip")
+            position += hi - lo
+        return position
 
     def group(self, group: RowGroup) -> tuple[dict[str, Any], np.ndarray | None]:
         """A decoded row group as arrays (numeric columns as NumPy, zero-copy where Arrow allows) and this
@@ -81,6 +89,10 @@ class BatchGatherer:
         while len(self._groups) > 2:
             self._groups.popitem(last=False)
         return self._groups[group]
+
+
+def torch_dtype(dtype: np.dtype) -> torch.dtype:
+    return torch.from_numpy(np.empty(0, dtype)).dtype
 
 
 def is_numeric(kind: pa.DataType) -> bool:
@@ -138,12 +150,16 @@ class ShardIterableDataset(IterableDataset):
 
 
 class TensorLoader:
-    """Batches as tensors on `device`, read by threads of this process instead of DataLoader worker
-    processes: PyArrow decodes with the GIL released, each batch is copied once, straight into pinned
-    memory, and from there asynchronously to the GPU; nothing goes through shared memory or a pickle.
+    """Batches as tensors on `device`, made by `workers` processes straight into a fixed ring of slots in
+    shared memory that is registered with CUDA (pinned): a worker decodes, shuffles and gathers a batch
+    into one of its own slots, the training process copies the slot to the GPU asynchronously and hands
+    it back. Per batch only two small messages cross processes: no tensors through shared-memory files,
+    no pinning copy, no GIL shared between the workers (a DataLoader's transport alone tops out below
+    what its workers can decode; threads contend).
     The batches are the rank's stream in order (the same as `ShardIterableDataset` gives through a
-    DataLoader with any number of workers), so it resumes the same way. Each thread makes `chunk`
-    consecutive batches in turn, so row groups that straddle two batches are mostly decoded once."""
+    DataLoader with any number of workers), so it resumes the same way. Each worker makes `chunk`
+    consecutive batches in turn, so row groups that straddle two batches are mostly decoded once.
+    Numeric columns only (select them with `columns=`); workers are forked (Linux)."""
 
     def __init__(
         self,
@@ -151,57 +167,110 @@ class TensorLoader:
         split: str,
         *,
         device: str | torch.device = "cuda",
-        threads: int = 8,
+        workers: int = 8,
         chunk: int = 4,
-        prefetch: int = 2,
+        slots: int = 4,
         **dataset_options: Any,
     ):
-        # Its threads are the parallelism: each decodes one row group at a time, read rather than mapped
-        # (faster with 8 threads on the lent H100 host than PyArrow's own threads or memory maps).
+        # Workers are the parallelism: each decodes one row group at a time, read rather than mapped
+        # (faster on the lent H100 host than PyArrow's own threads or memory maps).
         dataset_options = {"use_threads": False, "memory_map": False} | dataset_options
         self.dataset = ShardIterableDataset(manifest, split, **dataset_options)
-        self.device, self.threads, self.chunk, self.prefetch = torch.device(device), threads, chunk, prefetch
+        self.device, self.workers, self.chunk, self.slots = torch.device(device), workers, chunk, slots
 
     def set_epoch(self, epoch: int) -> None:
         self.dataset.set_epoch(epoch)
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        pin = self.device.type == "cuda"
+    def owner(self, batch: int) -> int:
+        return (batch // self.chunk) % self.workers
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         plan = list(self.dataset.reader(0, 1).plan())
-        queues: list[queue.Queue] = [queue.Queue(self.prefetch * self.chunk) for _ in range(self.threads)]
-        stop = threading.Event()
-
-        def owner(batch: int) -> int:
-            return (batch // self.chunk) % self.threads
-
-        def offer(q: queue.Queue, item: Any) -> bool:
-            while not stop.is_set():
-                try:
-                    q.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
-        def read(worker: int) -> None:
-            try:
-                gather = BatchGatherer(self.dataset.reader(0, 1), self.dataset.stack, pin)
-                for i, pieces in enumerate(plan):
-                    if owner(i) == worker and not offer(queues[worker], gather.batch(pieces)):
-                        return
-            except BaseException as exc:  # handed to the consumer, raised in its turn
-                offer(queues[worker], exc)
-
-        workers = [threading.Thread(target=read, args=(w,), daemon=True) for w in range(self.threads)]
-        for thread in workers:
-            thread.start()
+        if not plan:
+            return
+        ring = self._ring(plan)
+        pinned = self.device.type == "cuda" and all(pin_shared(t) for t in ring.values())
+        context = torch.multiprocessing.get_context("fork")
+        free = [context.SimpleQueue() for _ in range(self.workers)]
+        ready = [context.SimpleQueue() for _ in range(self.workers)]
+        for queue_ in free:
+            for slot in range(self.slots):
+                queue_.put(slot)
+        processes = [
+            context.Process(target=self._work, args=(w, plan, ring, free[w], ready[w]), daemon=True)
+            for w in range(self.workers)
+        ]
+        for process in processes:
+            process.start()
+        in_flight: tuple[Any, int, int] | None = None  # the last batch's copy, its worker and slot
         try:
             for i in range(len(plan)):
-                item = queues[owner(i)].get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in item.items()}
+                worker = self.owner(i)
+                message = ready[worker].get()
+                if isinstance(message, str):
+                    raise RuntimeError(f"TensorLoader worker {worker} failed:\n{message}")
+                slot, rows = message
+                batch = {name: t[worker, slot, :rows] for name, t in ring.items()}
+                if self.device.type == "cuda":
+                    batch = {name: t.to(self.device, non_blocking=pinned) for name, t in batch.items()}
+                    event = torch.cuda.Event()
+                    event.record()
+                else:
+                    batch, event = {name: t.clone() for name, t in batch.items()}, None
+                if in_flight is not None:
+                    release(*in_flight, free)
+                in_flight = (event, worker, slot)
+                yield batch
         finally:
-            stop.set()
-            for thread in workers:
-                thread.join()
+            if in_flight is not None:
+                release(*in_flight, free)
+            for queue_ in free:
+                queue_.put(None)
+            for process in processes:
+                process.join(timeout=10)
+                if process.is_alive():
+                    process.terminate()
+            if pinned:
+                for t in ring.values():
+                    torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
+
+    def _ring(self, plan: list[list[Piece]]) -> dict[str, torch.Tensor]:
+        """[workers, slots, batch rows, ...] shared tensors, one per output, shaped after the first row group."""
+        arrays, _ = BatchGatherer(self.dataset.reader(0, 1), self.dataset.stack).group(plan[0][0][0])
+        text = [name for name, values in arrays.items() if not isinstance(values, np.ndarray)]
+        if text:
+            raise ValueError(f"TensorLoader carries numbers only; leave out {text} with columns=[...]")
+        rows = max(sum(hi - lo for _, lo, hi in pieces) for pieces in plan)
+        return {
+            name: torch.empty(
+                (self.workers, self.slots, rows, *values.shape[1:]), dtype=torch_dtype(values.dtype)
+            ).share_memory_()
+            for name, values in arrays.items()
+        }
+
+    def _work(self, worker: int, plan: list[list[Piece]], ring: dict[str, torch.Tensor], free: Any, ready: Any) -> None:
+        """A worker process: its batches, in order, each into a free slot of its own."""
+        try:
+            gather = BatchGatherer(self.dataset.reader(0, 1), self.dataset.stack)
+            for i, pieces in enumerate(plan):
+                if self.owner(i) != worker:
+                    continue
+                slot = free.get()
+                if slot is None:
+                    return
+                ready.put((slot, gather.fill(pieces, {name: t[worker, slot].numpy() for name, t in ring.items()})))
+        except BaseException:
+            ready.put(traceback.format_exc())
+
+
+def pin_shared(tensor: torch.Tensor) -> bool:
+    """Page-lock a shared-memory tensor for asynchronous copies to the GPU; False where CUDA refuses."""
+    nbytes = tensor.numel() * tensor.element_size()
+    return torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), nbytes, 0) == 0
+
+
+def release(event: Any, worker: int, slot: int, free: list[Any]) -> None:
+    """Give a slot back to its worker once the copy out of it is done."""
+    if event is not None:
+        event.synchronize()
+    free[worker].put(slot)

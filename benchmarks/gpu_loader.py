@@ -7,12 +7,12 @@ then measures, on the same files:
 
 - a multi-threaded PyArrow read of every shard (the physical baseline);
 - `DataLoader(ShardIterableDataset(...), batch_size=None, num_workers=W, pin_memory=True)` for each W in
-  `--workers`, and `TensorLoader(..., threads=T)` for each T in `--threads`, two epochs each, every batch
+  `--workers`, and `TensorLoader(..., workers=P)` for each P in `--processes`, two epochs each, every batch
   on the device;
 - with `--transport`, the DataLoader moving empty batches of the same shapes (its own ceiling);
 - with `--mlp`, a small MLP (16-512-512-10) consuming the fastest path's batches.
 
-    python -m benchmarks.gpu_loader --rows 16000000 --shards 32 --workers 4 --threads 4 8 16 --mlp --transport
+    python -m benchmarks.gpu_loader --rows 16000000 --shards 32 --workers 4 --processes 4 8 12 --mlp --transport
 
 Falls back to the CPU when no CUDA device is present (the numbers then say so).
 """
@@ -140,12 +140,12 @@ def transport(device: torch.device, workers: int, batch: int, rows: int):
     return (lambda epoch: None), loader
 
 
-def tensor_loader(manifest: Path, device: torch.device, threads: int, batch: int, **options):
+def tensor_loader(manifest: Path, device: torch.device, processes: int, batch: int, **options):
     loader = TensorLoader(
         str(manifest),
         "train",
         device=device,
-        threads=threads,
+        workers=processes,
         batch_size=batch,
         verify=True,
         stack={"x": FEATURES},
@@ -184,7 +184,7 @@ def main() -> None:
     parser.add_argument("--group-rows", type=int, help="rows per row group (default: the pipeline's rule)")
     parser.add_argument("--batch", type=int, default=65_536)
     parser.add_argument("--workers", type=int, nargs="+", default=[4, 8], help="DataLoader worker counts to try")
-    parser.add_argument("--threads", type=int, nargs="+", default=[8, 16], help="TensorLoader thread counts to try")
+    parser.add_argument("--processes", type=int, nargs="+", default=[8], help="TensorLoader worker counts to try")
     parser.add_argument("--memory-map", type=int, nargs="+", help="memory-map shards (1/0; default: the loader's)")
     parser.add_argument("--decode-threads", type=int, nargs="+", help="PyArrow threads per decode (1/0; ditto)")
     parser.add_argument("--seed", type=int, default=0)
@@ -208,9 +208,9 @@ def main() -> None:
             paths.append(
                 (f"DataLoader, {n} workers{how}", partial(dataloader, manifest, device, n, args.batch, **options))
             )
-        for n in args.threads:
+        for n in args.processes:
             paths.append(
-                (f"TensorLoader, {n} threads{how}", partial(tensor_loader, manifest, device, n, args.batch, **options))
+                (f"TensorLoader, {n} workers{how}", partial(tensor_loader, manifest, device, n, args.batch, **options))
             )
     best, best_rate = paths[0], 0.0
     for label, make in paths:

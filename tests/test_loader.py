@@ -170,19 +170,21 @@ def test_tensor_loader_gives_the_dataloaders_batches_in_its_order(manifest_url: 
 
     columns = ["precipitation", "wind", "temp_max"]
     options = {"rank": 0, "world_size": 3, "batch_size": 7, "columns": columns, "stack": {"x": columns[:2]}}
-    for threads, chunk in ((1, 4), (3, 1), (2, 3)):
-        loader = TensorLoader(manifest_url, "train", device="cpu", threads=threads, chunk=chunk, **options)
+    for workers, chunk in ((1, 4), (3, 1), (2, 3)):
+        loader = TensorLoader(manifest_url, "train", device="cpu", workers=workers, chunk=chunk, **options)
         loader.set_epoch(2)
         got = list(loader)
         expected = rank_batches(manifest_url, 0, 3, workers=1, epoch=2, columns=columns)
-        assert len(got) == len(expected) > threads * chunk
+        assert len(got) == len(expected) > workers * chunk
         for tensors, batch in zip(got, expected, strict=True):
             assert tensors["x"].shape == (batch.num_rows, 2)
             assert tensors["x"][:, 1].tolist() == batch.column("wind").to_pylist()
             assert tensors["temp_max"].tolist() == batch.column("temp_max").to_pylist()
-    stream = iter(TensorLoader(manifest_url, "train", device="cpu", threads=2, **options))
+    stream = iter(TensorLoader(manifest_url, "train", device="cpu", workers=2, slots=1, **options))
     next(stream)
-    stream.close()  # stopping early ends the reading threads instead of leaving them blocked
+    stream.close()  # stopping early ends the worker processes instead of leaving them blocked
+    with pytest.raises(ValueError, match="numbers only"):
+        next(iter(TensorLoader(manifest_url, "train", device="cpu", workers=1, columns=["date", "wind"])))
 
 
 def test_shards_open_as_they_are_in_other_readers(manifest_url: str, tmp_path: Path, monkeypatch) -> None:
