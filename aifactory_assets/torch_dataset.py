@@ -202,6 +202,7 @@ class TensorLoader:
         ]
         for process in processes:
             process.start()
+        copies = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         in_flight: tuple[Any, int, int] | None = None  # the last batch's copy, its worker and slot
         try:
             for i in range(len(plan)):
@@ -212,9 +213,15 @@ class TensorLoader:
                 slot, rows = message
                 batch = {name: t[worker, slot, :rows] for name, t in ring.items()}
                 if self.device.type == "cuda":
-                    batch = {name: t.to(self.device, non_blocking=pinned) for name, t in batch.items()}
-                    event = torch.cuda.Event()
-                    event.record()
+                    # Copied on a stream of its own, so handing the slot back waits for this copy alone,
+                    # not for the model's work queued before it; the model's stream waits for the copy.
+                    with torch.cuda.stream(copies):
+                        batch = {name: t.to(self.device, non_blocking=pinned) for name, t in batch.items()}
+                        event = torch.cuda.Event()
+                        event.record(copies)
+                    torch.cuda.current_stream(self.device).wait_event(event)
+                    for t in batch.values():
+                        t.record_stream(torch.cuda.current_stream(self.device))
                 else:
                     batch, event = {name: t.clone() for name, t in batch.items()}, None
                 if in_flight is not None:
