@@ -2,8 +2,8 @@
 
 - `ShardIterableDataset`, for `DataLoader(dataset, batch_size=None, num_workers=W)`: each worker builds
   its own `ShardReader` for (rank, worker), and PyTorch interleaves workers in the order the reader assumes.
-- `TensorLoader`, the fast path to a GPU: the same batches in the same order, read by threads into pinned
-  memory (no worker processes, no shared-memory copies).
+- `TensorLoader`, the fast path to a GPU: the same batches in the same order, made by worker processes
+  into a fixed ring of shared, CUDA-pinned slots (no tensors through shared-memory files, no pinning copy).
 
 Rank and world size come from `torch.distributed` when it is initialised.
 """
@@ -31,7 +31,7 @@ class BatchGatherer:
     """A reader's batches as tensors, gathered straight from decoded row groups: each value is copied
     once, by one `np.take` per piece of a batch into the batch's tensor (pinned when `pin`, so the copy to
     the GPU is asynchronous). `stack` groups become one [rows, k] tensor, stacked once per row group.
-    Few, large calls that release the GIL, so threads reading in parallel seldom wait for each other."""
+    Few, large NumPy and Arrow calls per batch."""
 
     def __init__(self, reader: ShardReader, stack: dict[str, list[str]] | None = None, pin: bool = False):
         self.reader, self.stack, self.pin = reader, stack or {}, pin
