@@ -10,6 +10,7 @@ Rank and world size come from `torch.distributed` when it is initialised.
 
 from __future__ import annotations
 
+import queue
 import traceback
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -192,12 +193,14 @@ class TensorLoader:
         pinned = self.device.type == "cuda" and all(pin_shared(t) for t in ring.values())
         context = torch.multiprocessing.get_context("fork")
         free = [context.SimpleQueue() for _ in range(self.workers)]
-        ready = [context.SimpleQueue() for _ in range(self.workers)]
+        ready = [context.Queue() for _ in range(self.workers)]
         for queue_ in free:
             for slot in range(self.slots):
                 queue_.put(slot)
         processes = [
-            context.Process(target=self._work, args=(w, plan, ring, free[w], ready[w]), daemon=True)
+            context.Process(
+                target=self._work, args=(w, plan, ring, free[w], ready[w]), name=f"TensorLoader-{w}", daemon=True
+            )
             for w in range(self.workers)
         ]
         for process in processes:
@@ -207,7 +210,7 @@ class TensorLoader:
         try:
             for i in range(len(plan)):
                 worker = self.owner(i)
-                message = ready[worker].get()
+                message = receive(ready[worker], processes[worker])
                 if isinstance(message, str):
                     raise RuntimeError(f"TensorLoader worker {worker} failed:\n{message}")
                 slot, rows = message
@@ -274,6 +277,16 @@ def pin_shared(tensor: torch.Tensor) -> bool:
     """Page-lock a shared-memory tensor for asynchronous copies to the GPU; False where CUDA refuses."""
     nbytes = tensor.numel() * tensor.element_size()
     return torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), nbytes, 0) == 0
+
+
+def receive(ready: Any, process: Any) -> Any:
+    """The worker's next message; an error, not a hang, if the worker died without sending one."""
+    while True:
+        try:
+            return ready.get(timeout=1.0)
+        except queue.Empty:
+            if not process.is_alive():
+                raise RuntimeError(f"TensorLoader worker {process.name} exited ({process.exitcode})") from None
 
 
 def release(event: Any, worker: int, slot: int, free: list[Any]) -> None:

@@ -4,6 +4,7 @@ epoch); exact resume; checksums; a bounded S3 cache; the torch IterableDataset; 
 from __future__ import annotations
 
 import itertools
+import multiprocessing
 import os
 from pathlib import Path
 
@@ -183,6 +184,13 @@ def test_tensor_loader_gives_the_dataloaders_batches_in_its_order(manifest_url: 
     stream = iter(TensorLoader(manifest_url, "train", device="cpu", workers=2, slots=1, **options))
     next(stream)
     stream.close()  # stopping early ends the worker processes instead of leaving them blocked
+    stream = iter(TensorLoader(manifest_url, "train", device="cpu", workers=2, **options))
+    next(stream)
+    for process in multiprocessing.active_children():
+        if process.name.startswith("TensorLoader"):
+            process.kill()  # a worker lost (OOM killer, a node going away): an error, not a hang
+    with pytest.raises(RuntimeError, match="exited"):
+        list(stream)
     with pytest.raises(ValueError, match="numbers only"):
         next(iter(TensorLoader(manifest_url, "train", device="cpu", workers=1, columns=["date", "wind"])))
 
