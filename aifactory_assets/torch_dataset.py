@@ -190,7 +190,8 @@ class TensorLoader:
         if not plan:
             return
         ring = self._ring(plan)
-        pinned = self.device.type == "cuda" and all(pin_shared(t) for t in ring.values())
+        registered = [t for t in ring.values() if self.device.type == "cuda" and pin_shared(t)]
+        pinned = bool(registered) and len(registered) == len(ring)  # else copies wait for the host
         context = torch.multiprocessing.get_context("fork")
         free = [context.SimpleQueue() for _ in range(self.workers)]
         ready = [context.Queue() for _ in range(self.workers)]
@@ -240,9 +241,8 @@ class TensorLoader:
                 process.join(timeout=10)
                 if process.is_alive():
                     process.terminate()
-            if pinned:
-                for t in ring.values():
-                    torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
+            for t in registered:
+                torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
 
     def _ring(self, plan: list[list[Piece]]) -> dict[str, torch.Tensor]:
         """[workers, slots, batch rows, ...] shared tensors, one per output, shaped after the first row group."""
@@ -275,8 +275,9 @@ class TensorLoader:
 
 def pin_shared(tensor: torch.Tensor) -> bool:
     """Page-lock a shared-memory tensor for asynchronous copies to the GPU; False where CUDA refuses."""
+    cudart = torch.cuda.cudart()
     nbytes = tensor.numel() * tensor.element_size()
-    return torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), nbytes, 0) == 0
+    return cudart.cudaHostRegister(tensor.data_ptr(), nbytes, 0) == cudart.cudaError.success
 
 
 def receive(ready: Any, process: Any) -> Any:
