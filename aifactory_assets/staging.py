@@ -20,21 +20,19 @@ BATCH_ROWS = 65_536
 _OPTIONS = pa.ipc.IpcWriteOptions(compression="lz4")  # written once, read once: fast beats small
 
 
-def write_batches(url: str, schema: pa.Schema, tables: Iterable[pa.Table], storage_options: dict[str, Any]) -> int:
-    """Each table as one record batch, in order; returns the file's size in bytes."""
+def write_batches(url: str, schema: pa.Schema, tables: Iterable[pa.Table], storage_options: dict[str, Any]) -> None:
+    """Each table as one record batch, in order."""
     fs, path = open_for_write(url, storage_options)
     with fs.open(path, "wb") as f, pa.ipc.new_file(f, schema, options=_OPTIONS) as writer:
         for table in tables:
             writer.write_batch(table.combine_chunks().to_batches(max_chunksize=None)[0])
-    return int(fs.size(path))
 
 
-def write_sorted(url: str, table: pa.Table, storage_options: dict[str, Any]) -> int:
-    """`table` in batches of exactly BATCH_ROWS rows (the last one fewer); returns the size in bytes."""
+def write_sorted(url: str, table: pa.Table, storage_options: dict[str, Any]) -> None:
+    """`table` in batches of exactly BATCH_ROWS rows (the last one fewer)."""
     fs, path = open_for_write(url, storage_options)
     with fs.open(path, "wb") as f, pa.ipc.new_file(f, table.schema, options=_OPTIONS) as writer:
         writer.write_table(table.combine_chunks(), max_chunksize=BATCH_ROWS)
-    return int(fs.size(path))
 
 
 def read_batches(url: str, indices: list[int], storage_options: dict[str, Any]) -> pa.Table:

@@ -186,10 +186,11 @@ class TensorLoader:
         return (batch // self.chunk) % self.workers
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        plan = list(self.dataset.reader(0, 1).plan())
+        reader = self.dataset.reader(0, 1)
+        plan = list(reader.plan())
         if not plan:
             return
-        ring = self._ring(plan)
+        ring = self._ring(reader, plan)
         registered = [t for t in ring.values() if self.device.type == "cuda" and pin_shared(t)]
         pinned = bool(registered) and len(registered) == len(ring)  # else copies wait for the host
         context = torch.multiprocessing.get_context("fork")
@@ -244,9 +245,9 @@ class TensorLoader:
             for t in registered:
                 torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
 
-    def _ring(self, plan: list[list[Piece]]) -> dict[str, torch.Tensor]:
+    def _ring(self, reader: ShardReader, plan: list[list[Piece]]) -> dict[str, torch.Tensor]:
         """[workers, slots, batch rows, ...] shared tensors, one per output, shaped after the first row group."""
-        arrays, _ = BatchGatherer(self.dataset.reader(0, 1), self.dataset.stack).group(plan[0][0][0])
+        arrays, _ = BatchGatherer(reader, self.dataset.stack).group(plan[0][0][0])
         text = [name for name, values in arrays.items() if not isinstance(values, np.ndarray)]
         if text:
             raise ValueError(f"TensorLoader carries numbers only; leave out {text} with columns=[...]")
