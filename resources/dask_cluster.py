@@ -12,11 +12,21 @@ from pydantic import Field, PrivateAttr
 
 # P2P shuffles (dataset statistics) log every start and stop at WARNING; they are routine here.
 logging.getLogger("distributed.shuffle._scheduler_plugin").setLevel(logging.ERROR)
-# Arrow on jemalloc, which gives freed pages back to the OS within about a second, so a worker's memory
-# falls back after each task and the memory limit measures the work, not the history. (The system
-# allocator does that too, but under the nanny's malloc settings every large buffer is a fresh mmap:
-# a shuffle's gather task ran 1.5x slower than on jemalloc, measured on the 2-core machine.)
-dask.config.set({"distributed.nanny.pre-spawn-environ.ARROW_DEFAULT_MEMORY_POOL": "jemalloc"})
+# The workers' allocators, set before their processes start (for every LocalCluster in this process, the
+# benchmarks' baselines included, so comparisons stay fair):
+# - Arrow on jemalloc, which gives freed pages back to the OS within about a second, so a worker's memory
+#   falls back after each task and the memory limit measures the work, not the history.
+# - glibc's malloc left adaptive. Dask sets MALLOC_TRIM_THRESHOLD_=65536, and any explicit threshold also
+#   freezes glibc's mmap threshold at 128 KiB: every larger numpy or pandas buffer is then a fresh mmap,
+#   faulted in and zeroed page by page. Measured on the 2-core machine: 3.5x the page faults and 0.43 vs
+#   0.35 s per ingest task; the 2 GB benchmark 89 -> 76 s; the 6 GB run under 1 GiB workers 271 -> 237 s,
+#   still no worker killed (glibc still unmaps blocks over 32 MiB and trims a heap top over 64 MiB).
+dask.config.set(
+    {
+        "distributed.nanny.pre-spawn-environ.ARROW_DEFAULT_MEMORY_POOL": "jemalloc",
+        "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,  # None: not set (nanny.py)
+    }
+)
 
 
 class DaskCluster(dg.ConfigurableResource):

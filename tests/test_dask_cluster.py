@@ -33,6 +33,24 @@ def test_refresh_restarts_the_runs_own_workers_only(dask_address: str) -> None:
         shared.close()
 
 
+def worker_allocators() -> tuple[str | None, str]:
+    import pyarrow as pa
+
+    return os.environ.get("MALLOC_TRIM_THRESHOLD_"), pa.default_memory_pool().backend_name
+
+
+def test_workers_run_arrow_on_jemalloc_and_glibc_adaptive() -> None:
+    """Both settings are measured speed and memory choices (resources/dask_cluster.py): a worker started
+    by the resource must have them, also after a restart."""
+    own = DaskCluster(n_workers=1, memory_limit="1GiB")
+    try:
+        assert set(own.get_client().run(worker_allocators).values()) == {(None, "jemalloc")}
+        own.refresh_workers()
+        assert set(own.get_client().run(worker_allocators).values()) == {(None, "jemalloc")}
+    finally:
+        own.close()
+
+
 def test_a_wave_leaves_no_results_on_the_workers(dask_address: str) -> None:
     """Results a wave's futures still held would be recomputed if a worker died during the next wave."""
     from aifactory_assets.tasks import run_tasks
