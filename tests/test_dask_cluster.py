@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 
-from distributed import Client
+from distributed import Client, Worker
 
 from resources import DaskCluster
 
@@ -33,20 +33,21 @@ def test_refresh_restarts_the_runs_own_workers_only(dask_address: str) -> None:
         shared.close()
 
 
-def worker_allocators() -> tuple[str | None, str]:
+def worker_allocators(dask_worker: Worker) -> tuple[str | None, str, bool]:
     import pyarrow as pa
 
-    return os.environ.get("MALLOC_TRIM_THRESHOLD_"), pa.default_memory_pool().backend_name
+    trims = "trim-after-task" in dask_worker.plugins
+    return os.environ.get("MALLOC_TRIM_THRESHOLD_"), pa.default_memory_pool().backend_name, trims
 
 
-def test_workers_run_arrow_on_jemalloc_and_glibc_adaptive() -> None:
-    """Both settings are measured speed and memory choices (resources/dask_cluster.py): a worker started
-    by the resource must have them, also after a restart."""
+def test_workers_allocate_as_measured() -> None:
+    """Arrow on jemalloc, glibc adaptive, trimmed after each task: measured speed and memory choices
+    (resources/dask_cluster.py) that every worker the resource starts must have, also after a restart."""
     own = DaskCluster(n_workers=1, memory_limit="1GiB")
     try:
-        assert set(own.get_client().run(worker_allocators).values()) == {(None, "jemalloc")}
+        assert set(own.get_client().run(worker_allocators).values()) == {(None, "jemalloc", True)}
         own.refresh_workers()
-        assert set(own.get_client().run(worker_allocators).values()) == {(None, "jemalloc")}
+        assert set(own.get_client().run(worker_allocators).values()) == {(None, "jemalloc", True)}
     finally:
         own.close()
 
