@@ -39,7 +39,8 @@ class TrimAfterTask(WorkerPlugin):
     idempotent = True
 
     def setup(self, worker: Worker) -> None:
-        self.malloc_trim = ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim if sys.platform == "linux" else None
+        libc = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform == "linux" else None
+        self.malloc_trim = getattr(libc, "malloc_trim", None)  # glibc only (not musl, not macOS)
 
     def transition(self, key: object, start: str, finish: str, **kwargs: object) -> None:
         if start == "executing" and self.malloc_trim is not None:
