@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from distributed import Client
 
@@ -34,6 +36,7 @@ from resources.object_store import ObjectStore
 
 SEQ, ORDER = "_seq", "_order"
 BUCKET_BYTES = 64 * 2**20  # in-memory (Arrow) size of one bucket; a gather task peaks near four times that
+DICTIONARY_BYTES = BUCKET_BYTES // 8  # the dictionaries one gather task may load, all parts' together
 SAMPLER = {
     "split": "the key hashed by pandas.util.hash_pandas_object (siphash-2-4 for text, its 64-bit mix for "
     "numbers), mapped to [0, 1) and cut by the cumulative split ratios",
@@ -60,14 +63,6 @@ def shuffle_order(hashes: np.ndarray, seed: int) -> np.ndarray:
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     return z ^ (z >> np.uint64(31))
-
-
-def moved_as_dictionary(schema: pa.Schema, key_columns: list[str]) -> list[str]:
-    """Text columns the shuffle carries as dictionaries: every row is moved twice (scatter, gather), and a
-    dictionary moves as int32 codes (`_source` holds one value per part, categories repeat): about 80 ms
-    less per part of 560k rows. The key stays as it is: its hash must not depend on how it was read."""
-    text = (pa.types.is_string, pa.types.is_large_string)
-    return [f.name for f in schema if any(test(f.type) for test in text) and f.name not in key_columns]
 
 
 def scatter_part(
@@ -150,23 +145,48 @@ def write_shard(
     }
 
 
+@dataclass(frozen=True)
+class PartsMeasure:
+    """What the shuffle plans with, learnt from the validated parts before it starts."""
+
+    in_memory: int  # bytes the parts' rows take as Arrow tables
+    bytes_per_row: float  # on disk, as zstd Parquet
+    dictionary_columns: list[str]  # text the shuffle carries as dictionaries
+
+
 def footer_rows(store: ObjectStore, key: str) -> int:
     with store.fs.open(store.path(key), "rb") as f:
         return pq.ParquetFile(f).metadata.num_rows
 
 
-def measure_parts(store: ObjectStore, parts: list[str]) -> tuple[int, float]:
-    """(bytes the parts' rows take as Arrow tables, bytes a row takes on disk as zstd Parquet). Row counts
-    come from the footers; the in-memory size per row is measured on the largest part (footers understate
-    it: dictionary-encoded strings expand in memory)."""
+def text_for_dictionaries(sample: pa.Table, parts: int, key_columns: list[str]) -> list[str]:
+    """Text columns the shuffle carries as dictionaries: every row is moved twice (scatter, gather), and a
+    dictionary moves as int32 codes (about 80 ms less per part of 560k rows, mostly `_source`, one value per
+    part). A staging file holds its part's whole dictionary and a gather reads a batch of every file, so
+    only columns whose distinct values, times the parts, stay under DICTIONARY_BYTES qualify (categories,
+    not free text). The key stays as it is: its hash must not depend on how it was read."""
+    text = (pa.types.is_string, pa.types.is_large_string)
+    return [
+        field.name
+        for field in sample.schema
+        if any(test(field.type) for test in text)
+        and field.name not in key_columns
+        and pc.unique(sample.column(field.name)).nbytes * parts <= DICTIONARY_BYTES
+    ]
+
+
+def measure_parts(store: ObjectStore, parts: list[str], key_columns: list[str]) -> PartsMeasure:
+    """Row counts come from the footers; the in-memory size per row and the text columns' distinct values
+    are measured on the largest part (footers understate memory: dictionary-encoded strings expand)."""
     rows = {p: footer_rows(store, p) for p in parts}
     total = sum(rows.values())
     sample = max(rows, key=rows.get, default=None)
     if sample is None or total == 0:
-        return 0, 0.0
+        return PartsMeasure(0, 0.0, [])
     table = read_parquet(store.url(sample), store.storage_options)
     on_disk = sum(store.fs.size(store.path(p)) for p in parts)
-    return int(table.nbytes / table.num_rows * total), on_disk / total
+    in_memory = int(table.nbytes / table.num_rows * total)
+    return PartsMeasure(in_memory, on_disk / total, text_for_dictionaries(table, len(parts), key_columns))
 
 
 def plan_shards(part_rows: list[tuple[str, int]], shards: int) -> list[list[tuple[str, int, int]]]:
@@ -207,8 +227,8 @@ def shard_dataset(
     options = store.storage_options
     key, ratios = dataset.table.key, dataset.shards.splits
     schema = arrow_schema(dataset)
-    in_memory, bytes_per_row = measure_parts(store, parts)
-    ranges = [max(1, math.ceil(ratio * in_memory / BUCKET_BYTES)) for ratio in ratios.values()]
+    measured = measure_parts(store, parts, key)
+    ranges = [max(1, math.ceil(ratio * measured.in_memory / BUCKET_BYTES)) for ratio in ratios.values()]
     first_bucket = np.concatenate([[0], np.cumsum(ranges)]).tolist()
     scattered_urls = [store.url(f"{staging_prefix}/scattered/part-{seq:05d}.arrow") for seq in part_seqs]
     scattered = run_tasks(
@@ -218,7 +238,7 @@ def shard_dataset(
         part_seqs,  # each part's landed file, in landing order: later files win on duplicate keys
         scattered_urls,
         key_columns=key,
-        dictionary_columns=moved_as_dictionary(schema, key),
+        dictionary_columns=measured.dictionary_columns,
         ratios=ratios,
         seed=dataset.shards.seed,
         ranges=ranges,
@@ -246,7 +266,7 @@ def shard_dataset(
         mine = [b for b in ordered if first_bucket[index] <= b < first_bucket[index + 1]]
         part_rows = [(sorted_urls[b], sorted_rows[b]) for b in mine]
         rows = sum(n for _, n in part_rows)
-        count = shard_count(rows, bytes_per_row, dataset)
+        count = shard_count(rows, measured.bytes_per_row, dataset)
         plans = plan_shards(part_rows, count)
         shards[split] = [(shard_name(split, i, count), plan, row_group_rows(rows)) for i, plan in enumerate(plans)]
     jobs = [job for split_jobs in shards.values() for job in split_jobs]

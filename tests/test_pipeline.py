@@ -249,3 +249,24 @@ def test_shuffle_depends_on_the_seed_and_spreads_each_split_evenly(keys) -> None
         ranges = np.floor(order[split == index].astype(np.float64) / 2.0**64 * 10).astype(int)
         counts = np.bincount(ranges, minlength=10)
         assert counts.min() > 0.8 * counts.mean(), counts
+
+
+def test_only_repeating_text_moves_as_dictionaries() -> None:
+    """A staging file holds its part's whole dictionary and every gather reads a batch of each file: free
+    text as a dictionary would bring every part's text into every gather."""
+    import pyarrow as pa
+
+    from aifactory_assets.sharding import text_for_dictionaries
+
+    rows = 50_000
+    sample = pa.table(
+        {
+            "name": [f"record-{i}" for i in range(rows)],  # the key
+            "species": [("Adelie", "Gentoo", "Chinstrap")[i % 3] for i in range(rows)],
+            "notes": [f"free text {i} about the bird" for i in range(rows)],
+            "_source": ["landing/penguins/part-0.csv"] * rows,
+            "mass": np.arange(rows, dtype=np.float64),
+        }
+    )
+    assert text_for_dictionaries(sample, 64, ["name"]) == ["species", "_source"]
+    assert text_for_dictionaries(sample, 64, []) == ["species", "_source"]  # unique names: free text too
