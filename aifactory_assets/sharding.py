@@ -226,7 +226,6 @@ def shard_dataset(
     """Write every split's shards under `version_prefix`; returns per-split shard entries and counts."""
     options = store.storage_options
     key, ratios = dataset.table.key, dataset.shards.splits
-    schema = arrow_schema(dataset)
     measured = measure_parts(store, parts, key)
     ranges = [max(1, math.ceil(ratio * measured.in_memory / BUCKET_BYTES)) for ratio in ratios.values()]
     first_bucket = np.concatenate([[0], np.cumsum(ranges)]).tolist()
@@ -278,7 +277,7 @@ def shard_dataset(
             [store.url(f"{version_prefix}/{name}") for name, _, _ in jobs],
             [group_rows for _, _, group_rows in jobs],
             storage_options=options,
-            schema=schema,
+            schema=arrow_schema(dataset),
         )
     )
     splits: dict[str, Any] = {}

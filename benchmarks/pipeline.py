@@ -185,6 +185,7 @@ def stage_floor(path: Path) -> dict[str, float]:
     read, stage, read, stage sorted, read, write. The raw PyArrow pass is parse + write."""
     csv_options = pacsv.ReadOptions(use_threads=False)
     part, staged = "memory://stage_floor/part.parquet", "memory://stage_floor/staged.arrow"
+    threads = pa.cpu_count()
     pa.set_cpu_count(1)
     try:
         table = pacsv.read_csv(path, read_options=csv_options)
@@ -196,7 +197,7 @@ def stage_floor(path: Path) -> dict[str, float]:
             "read staging": best_of(lambda: read_sorted_rows(staged, 0, table.num_rows, {})),
         }
     finally:
-        pa.set_cpu_count(os.cpu_count() or 1)
+        pa.set_cpu_count(threads)
         fsspec.filesystem("memory").rm("/stage_floor", recursive=True)
     cost["raw pass"] = cost["parse CSV"] + cost["write zstd Parquet"]
     cost["stage layout"] = (
