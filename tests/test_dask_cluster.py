@@ -41,13 +41,13 @@ def worker_allocators(dask_worker: Worker) -> tuple[str | None, str, bool]:
 
 
 def test_workers_allocate_as_measured() -> None:
-    """Arrow on jemalloc, glibc adaptive, trimmed after each task: measured speed and memory choices
+    """Arrow on mimalloc, glibc adaptive, trimmed after each task: measured speed and memory choices
     (resources/dask_cluster.py) that every worker the resource starts must have, also after a restart."""
     own = DaskCluster(n_workers=1, memory_limit="1GiB")
     try:
-        assert set(own.get_client().run(worker_allocators).values()) == {(None, "jemalloc", True)}
+        assert set(own.get_client().run(worker_allocators).values()) == {(None, "mimalloc", True)}
         own.refresh_workers()
-        assert set(own.get_client().run(worker_allocators).values()) == {(None, "jemalloc", True)}
+        assert set(own.get_client().run(worker_allocators).values()) == {(None, "mimalloc", True)}
     finally:
         own.close()
 
