@@ -135,8 +135,7 @@ def write_shard(
                 )
             if not slices:
                 writer.write_table(schema.empty_table())
-    with fs.open(path, "rb") as f:
-        meta = pq.read_metadata(f)
+    meta = writer.writer.metadata  # the footer it wrote (how pyarrow's own metadata_collector gets it)
     return {
         "rows": meta.num_rows,
         "bytes": out.size,
