@@ -6,13 +6,14 @@
     for batch in reader:        # pyarrow.RecordBatch
         ...
 
-The order is a pure function of (seed, epoch): row groups are permuted per epoch and the rows within each row
-group too (`shuffle_block` rows at a time, 1,024 by default; 1 moves every row), on top of the seeded global
-shuffle the shards were written in. That stream is cut into `world_size` equal contiguous slices, one per
-rank, so every rank gets exactly the same number of samples (the tail is dropped, or padded by wrapping
-around, as the manifest's sampler says): uneven ranks hang collective ops. Within a rank, the i-th batch
-(counted from where the run starts) goes to data-loader worker i % num_workers, the order in which PyTorch's
-DataLoader interleaves workers, so the rank's order does not depend on the worker count. `start_sample`
+The order is a pure function of (seed, epoch): row groups are permuted per epoch and the rows within each
+row group too (every row by default; `shuffle_block` > 1 moves runs of rows, cheaper, but then a batch
+no longer than a run holds the same rows every epoch), on top of the seeded global shuffle the shards were
+written in. That stream is cut into `world_size` equal contiguous slices, one per rank, so every rank gets
+exactly the same number of samples (the tail is dropped, or padded by wrapping around, as the manifest's
+sampler says): uneven ranks hang collective ops. Within a rank, the i-th batch (counted from where the run
+starts) goes to data-loader worker i % num_workers, the order in which PyTorch's DataLoader interleaves
+workers, so the rank's order does not depend on the worker count. `start_sample`
 resumes a rank exactly where it stopped.
 """
 
@@ -22,6 +23,8 @@ import hashlib
 import json
 import os
 import posixpath
+import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +38,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 DEFAULT_CACHE_BYTES = 20 * 2**30
+COPY_CHUNK = 8 * 2**20  # a download is streamed to disk, never held whole
+ABANDONED_S = 3_600
 
 
 @dataclass(frozen=True)
@@ -54,7 +59,13 @@ def epoch_seed(seed: int, epoch: int, *more: int) -> np.random.Generator:
 
 
 class ShardCache:
-    """Local copies of remote shards, verified on download, evicted least recently used past `max_bytes`."""
+    """Local copies of remote shards, named by their checksum, evicted least recently used past `max_bytes`.
+
+    Shared by every rank and data-loader worker on a node: a copy enters only whole (written to a temporary
+    file, synced, renamed) and only once its bytes hash to its name, so a file in the cache is trusted as
+    far as a crash can make it; a reader that verifies hashes it once more (per process) and fetches it
+    again if the local copy was damaged. Files that another process evicts meanwhile are fetched again.
+    """
 
     def __init__(self, directory: str | Path, max_bytes: int = DEFAULT_CACHE_BYTES):
         self.directory, self.max_bytes = Path(directory), max_bytes
@@ -65,27 +76,53 @@ class ShardCache:
 
     def fetch(self, fs: fsspec.AbstractFileSystem, remote: str, checksum: str, verify: bool) -> Path:
         target = self.path(checksum)
-        if target.exists():
-            os.utime(target)
+        try:
+            os.utime(target, ns=(time.time_ns(), target.stat().st_mtime_ns))  # used now; mtime kept (verify_file)
+            if verify:
+                verify_file(target, checksum)
             return target
-        data = fs.cat_file(remote)
-        if verify:
-            verify_digest(hashlib.sha256(data).hexdigest(), checksum, remote)
-        tmp = target.with_suffix(f".tmp-{os.getpid()}")
-        tmp.write_bytes(data)
-        tmp.replace(target)
+        except FileNotFoundError:
+            pass
+        except ChecksumMismatch:
+            target.unlink(missing_ok=True)  # a damaged local copy: the remote one may be fine
+        tmp = target.with_suffix(f".tmp-{os.getpid()}-{threading.get_ident()}")
+        try:
+            digest = hashlib.sha256()
+            with fs.open(remote, "rb") as source, tmp.open("wb") as copy:
+                while chunk := source.read(COPY_CHUNK):
+                    digest.update(chunk)
+                    copy.write(chunk)
+                copy.flush()
+                os.fsync(copy.fileno())
+            verify_digest(digest.hexdigest(), checksum, remote)  # always: the name promises these bytes
+            tmp.replace(target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        stat = target.stat()
+        _VERIFIED.add((str(target), checksum, stat.st_size, stat.st_mtime_ns))
         self.evict(keep=target)
         return target
 
     def evict(self, keep: Path) -> None:
-        files = sorted(self.directory.glob("*.parquet"), key=lambda p: p.stat().st_atime)
-        total = sum(p.stat().st_size for p in files)
-        for old in files:
+        """Oldest used first, down to `max_bytes`; also the temporary files of copies that died (a copy
+        takes seconds, so one an hour old is abandoned). Other processes may evict at the same time."""
+        now, files = time.time(), []
+        for path in self.directory.iterdir():
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                continue
+            if path.suffix == ".parquet":
+                files.append((stat.st_atime, stat.st_size, path))
+            elif ".tmp-" in path.name and now - stat.st_mtime > ABANDONED_S:
+                path.unlink(missing_ok=True)
+        total = sum(size for _, size, _ in files)
+        for _, size, path in sorted(files):
             if total <= self.max_bytes:
                 break
-            if old != keep:
-                total -= old.stat().st_size
-                old.unlink(missing_ok=True)
+            if path != keep:
+                total -= size
+                path.unlink(missing_ok=True)
 
 
 class ChecksumMismatch(OSError):
@@ -129,7 +166,7 @@ class ShardReader:
         batch_size: int = 65_536,
         columns: list[str] | None = None,
         shuffle: bool = True,
-        shuffle_block: int = 1_024,
+        shuffle_block: int = 1,
         remainder: Literal["drop", "pad"] | None = None,
         start_sample: int = 0,
         verify: bool = True,
@@ -248,16 +285,28 @@ class ShardReader:
 
     def _file(self, shard: str) -> pq.ParquetFile:
         if shard not in self._files:
-            remote = f"{self.root}/{shard}"
-            checksum = self.checksums[shard]
-            if self.cache is not None:
-                local = self.cache.fetch(self.fs, remote, checksum, self.verify)
-            else:
-                local = Path(remote)
+            remote, checksum = f"{self.root}/{shard}", self.checksums[shard]
+            if self.cache is None:
                 if self.verify:
-                    verify_file(local, checksum)
-            self._files[shard] = pq.ParquetFile(local, memory_map=self.memory_map)
+                    verify_file(Path(remote), checksum)
+                self._files[shard] = pq.ParquetFile(remote, memory_map=self.memory_map)
+            else:
+                self._files[shard] = self._open_cached(self.cache, remote, checksum)
         return self._files[shard]
+
+    def _open_cached(self, cache: ShardCache, remote: str, checksum: str, attempts: int = 3) -> pq.ParquetFile:
+        """Once open, a copy stays readable to this reader even if another process evicts it; between the
+        fetch and the open it may vanish, and is fetched again."""
+        for _ in range(attempts):
+            local = cache.fetch(self.fs, remote, checksum, self.verify)
+            try:
+                return pq.ParquetFile(local, memory_map=self.memory_map)
+            except FileNotFoundError:
+                continue
+        raise OSError(
+            f"{remote}: evicted from {cache.directory} {attempts} times before it could be opened; "
+            f"cache_bytes ({cache.max_bytes}) is too small for the readers sharing it"
+        )
 
     def verify_local_shards(self, threads: int | None = None) -> bool:
         """Hash every shard of the split now, in parallel, when they are local; True if it did. Data-loader
@@ -278,7 +327,7 @@ class ShardReader:
 def shuffle_index(rows: int, rng: np.random.Generator, block: int) -> np.ndarray:
     """A permutation of a row group's rows that moves blocks of `block` rows (1 = every row), on top of
     the seeded global shuffle the shards were written in."""
-    starts = rng.permutation(range(0, rows, block))
+    starts = rng.permutation(np.arange(0, rows, block))
     if block <= 1:
         return starts
     index = (starts[:, None] + np.arange(block)).ravel()

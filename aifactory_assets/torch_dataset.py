@@ -125,12 +125,20 @@ class ShardIterableDataset(IterableDataset):
         self.world_size = (
             world_size if world_size is not None else (torch.distributed.get_world_size() if distributed else 1)
         )
-        self.epoch = options.pop("epoch", 0)
+        # In shared memory, so that persistent DataLoader workers see `set_epoch` too (they keep the copy of
+        # the dataset they were started with).
+        self._epoch = torch.tensor(options.pop("epoch", 0), dtype=torch.int64).share_memory_()
+        self.resume = (self.epoch, options.pop("start_sample", 0))  # a resume point belongs to its epoch
         if ShardReader(manifest, split, **options).verify_local_shards():
             self.options["verify"] = False
 
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        """Call before each epoch. `start_sample` applies to the epoch it was given with; others start at 0."""
+        self._epoch.fill_(epoch)
 
     def reader(self, worker_id: int | None = None, num_workers: int | None = None) -> ShardReader:
         """The reader of one worker; by default the calling DataLoader worker's."""
@@ -143,6 +151,7 @@ class ShardIterableDataset(IterableDataset):
             worker_id=worker_id if worker_id is not None else (info.id if info else 0),
             num_workers=num_workers if num_workers is not None else (info.num_workers if info else 1),
             epoch=self.epoch,
+            start_sample=self.resume[1] if self.epoch == self.resume[0] else 0,
             **self.options,
         )
 
