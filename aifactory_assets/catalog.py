@@ -135,6 +135,25 @@ class TableSchema(_Model):
     key: list[str] = Field(min_length=1)
     columns: list[Column] = Field(min_length=1)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _keys_never_null(cls, data: Any) -> Any:
+        """A record without its key can be neither deduplicated nor split (and a null would turn an integer
+        key into floats, which hash differently): key columns are not nullable, rows without a key go to
+        quarantine, and declaring a key column nullable is an error."""
+        if not isinstance(data, dict):
+            return data
+        keys, columns = set(data.get("key") or []), []
+        for column in data.get("columns") or []:
+            if isinstance(column, dict) and column.get("name") in keys:
+                if column.get("nullable") is True:
+                    raise ValueError(f"key column {column['name']!r} cannot be nullable: a record needs its key")
+                column = {**column, "nullable": False}
+            elif isinstance(column, Column) and column.name in keys:
+                column = column.model_copy(update={"nullable": False})
+            columns.append(column)
+        return {**data, "columns": columns}
+
     @model_validator(mode="after")
     def _consistent(self) -> TableSchema:
         names = [c.name for c in self.columns]

@@ -37,6 +37,7 @@ from aifactory_assets.metadata import location, markdown_table, stage_metadata
 from aifactory_assets.publish import require_current
 from aifactory_assets.schema import arrow_schema
 from aifactory_assets.sharding import shard_dataset
+from aifactory_assets.staging import remove_finished_staging, staging_prefix
 from aifactory_assets.validation import validate_dataset
 from resources.dask_cluster import DaskCluster
 from resources.object_store import ObjectStore
@@ -62,8 +63,43 @@ def _common(dataset: Dataset, stage: str, description: str) -> dict[str, Any]:
     }
 
 
+def shards_pool(dataset: Dataset) -> str:
+    return f"aifactory/{dataset.name}/shards"
+
+
 def _resources(context: dg.AssetExecutionContext, dataset: Dataset) -> tuple[ObjectStore, DaskCluster]:
     return getattr(context.resources, store_key(dataset.site)), context.resources.dask
+
+
+def quarantined_fraction(raw_record: dict[str, Any], valid_record: dict[str, Any]) -> float:
+    quarantined = raw_record["rows_quarantined"] + valid_record["rows_quarantined"]
+    return quarantined / raw_record["rows_read"] if raw_record["rows_read"] else 0.0
+
+
+def run_finished(instance: dg.DagsterInstance, run_id: str) -> bool:
+    """Known to this instance and over; a run it does not know may be another deployment's, still going."""
+    run = instance.get_run_by_id(run_id)
+    return run is not None and run.is_finished
+
+
+def require_shardable(dataset: Dataset, raw_record: dict[str, Any], valid_record: dict[str, Any]) -> None:
+    """A run may materialise the shards alone, so they check what the validated step decided: a failed
+    validation still publishes (its report and quarantine are what a person needs), and validated may lag
+    behind a newer raw generation."""
+    if valid_record["raw_generation"] != raw_record["generation"]:
+        raise dg.Failure(
+            f"{dataset.name}: validated was made from {valid_record['raw_generation']}, not from the current raw "
+            f"generation {raw_record['generation']}: materialise validated first"
+        )
+    failed = [r["label"] for r in valid_record["results"] if r["severity"] == "critical" and not r["success"]]
+    if failed:
+        raise dg.Failure(f"{dataset.name}: validated failed critical expectation(s) {failed}; nothing to shard")
+    fraction = quarantined_fraction(raw_record, valid_record)
+    if fraction > dataset.max_quarantined_fraction:
+        raise dg.Failure(
+            f"{dataset.name}: {fraction:.1%} of rows quarantined, above the catalogue's max_quarantined_fraction "
+            f"{dataset.max_quarantined_fraction:.1%}; nothing to shard"
+        )
 
 
 def _checks(dataset: Dataset, stage: str, *names: str, blocking: bool = True) -> list[dg.AssetCheckSpec]:
@@ -174,12 +210,12 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
             dask.refresh_workers()
         except Exception as exc:  # validation is done and published; only the next stage's headroom is lost
             context.log.warning(f"Dask workers not restarted after validation: {exc}")
-        quarantined = raw_record["rows_quarantined"] + record["rows_quarantined"]
-        fraction = quarantined / raw_record["rows_read"] if raw_record["rows_read"] else 0.0
+        fraction = quarantined_fraction(raw_record, record)
         if fraction > dataset.max_quarantined_fraction:
             worst = sorted(results, key=lambda r: -r.get("unexpected_count", 0))[:3]
             raise dg.Failure(
-                f"{dataset.name}: {fraction:.1%} of rows quarantined ({quarantined} of {raw_record['rows_read']}), "
+                f"{dataset.name}: {fraction:.1%} of rows quarantined "
+                f"({raw_record['rows_quarantined'] + record['rows_quarantined']} of {raw_record['rows_read']}), "
                 f"above the catalogue's max_quarantined_fraction {dataset.max_quarantined_fraction:.1%}; "
                 "top failing expectations: "
                 + ", ".join(f"{r['label']} ({r.get('unexpected_count', 0)} rows)" for r in worst),
@@ -223,22 +259,29 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
         kinds={"dask", "parquet"},
         required_resource_keys=resource_keys,
         check_specs=_checks(dataset, "shards", SCHEMA_CHECK, CONSERVATION_CHECK, VERIFIED_CHECK),
+        # Two runs writing one version would rewrite shards the other has just committed; the instance's
+        # `concurrency.pools.default_limit: 1` (dagster_home/dagster.yaml) lets one at a time per dataset.
+        pool=shards_pool(dataset),
     )
     def shards(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         store, dask = _resources(context, dataset)
         raw_record = require_current(store, f"raw/{dataset.name}", "raw")
         valid_record = require_current(store, f"validated/{dataset.name}", "validated")
+        require_shardable(dataset, raw_record, valid_record)
         version = version_for(dataset, suite, raw_record)
         prefix = version_prefix(dataset, version)
         if store.is_object(f"{prefix}/{MANIFEST}"):
             manifest = store.read_json(f"{prefix}/{MANIFEST}")
             context.log.info(f"version {version} is already committed; re-pointing _latest at it")
         else:
-            staging = f"shards/{dataset.name}/_staging/{version}"
-            store.delete(staging)
+            remove_finished_staging(store, dataset, lambda run_id: run_finished(context.instance, run_id))
+            staging = f"{staging_prefix(dataset)}/{version}/{context.run.run_id}"
             rank = {e["source"]: i for i, e in enumerate(raw_record["ledger"])}
             seqs = [rank[source] for source in raw_record["part_sources"]]
-            sharded = shard_dataset(store, dask.get_client(), dataset, valid_record["parts"], seqs, prefix, staging)
+            try:
+                sharded = shard_dataset(store, dask.get_client(), dataset, valid_record["parts"], seqs, prefix, staging)
+            finally:
+                store.delete(staging)
             lineage = [
                 {**e["object"], "rows_read": e["rows_read"], "rows_valid": e["rows_valid"]}
                 for e in raw_record["ledger"]
@@ -255,7 +298,6 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
             manifest = build_manifest(
                 dataset, version, schema, sharded, lineage, validation, quarantine, context.run.run_id
             )
-            store.delete(staging)
         commit(store, dataset, manifest)
         balance = manifest["conservation"]
         split_rows = [[s, v["rows"], len(v["shards"]), v["bytes"]] for s, v in manifest["splits"].items()]

@@ -54,6 +54,7 @@ def version_id(dataset: Dataset, suite: dict[str, Any], inputs: list[str]) -> st
     config = {
         "format": FORMAT_VERSION,
         "dataset": dataset.model_dump(mode="json", exclude={"description", "owner", "origin", "residency"}),
+        "split_order": list(dataset.shards.splits),  # the cut follows it; the dump's keys get sorted
         "suite": suite,
         "inputs": sorted(inputs),
     }
@@ -105,7 +106,7 @@ def build_manifest(
         "splits": sharded["splits"],
         "sampler": {
             "seed": dataset.shards.seed,
-            "ratios": dataset.shards.splits,
+            "ratios": [[split, ratio] for split, ratio in dataset.shards.splits.items()],  # in cut order
             "remainder": dataset.shards.remainder,
             **SAMPLER,
         },
@@ -145,10 +146,12 @@ def committed_versions(store: ObjectStore, dataset: Dataset) -> list[tuple[str, 
 
 
 def apply_retention(store: ObjectStore, dataset: Dataset, keep: str) -> list[str]:
-    """Remove committed versions beyond the catalogue's retention, never `keep` (the latest)."""
+    """Remove committed versions beyond the catalogue's retention, never `keep` (the latest). The manifest
+    goes first: a removal cut short leaves an uncommitted folder, never a committed version with holes."""
     versions = [v for _, v in committed_versions(store, dataset) if v != keep]
     doomed = versions[: max(0, len(versions) - (dataset.shards.retention - 1))]
     for old in doomed:
+        store.delete(f"{version_prefix(dataset, old)}/{MANIFEST}")
         store.delete(version_prefix(dataset, old))
     return doomed
 

@@ -8,13 +8,15 @@ a row range maps to its batches by arithmetic alone.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import fsspec
 import pyarrow as pa
 
+from aifactory_assets.catalog import Dataset
 from aifactory_assets.parquet_io import open_for_write
+from resources.object_store import ObjectStore
 
 BATCH_ROWS = 65_536
 _OPTIONS = pa.ipc.IpcWriteOptions(compression="lz4")  # written once, read once: fast beats small
@@ -46,3 +48,17 @@ def read_sorted_rows(url: str, lo: int, hi: int, storage_options: dict[str, Any]
     """Rows [lo, hi) of a file `write_sorted` wrote, reading only the batches that hold them."""
     first, stop = lo // BATCH_ROWS, -(-hi // BATCH_ROWS)
     return read_batches(url, list(range(first, stop)), storage_options).slice(lo - first * BATCH_ROWS, hi - lo)
+
+
+def staging_prefix(dataset: Dataset) -> str:
+    """Under it, `<version>/<run id>/`: a run's own files, so runs never delete each other's."""
+    return f"shards/{dataset.name}/_staging"
+
+
+def remove_finished_staging(store: ObjectStore, dataset: Dataset, is_finished: Callable[[str], bool]) -> None:
+    """What runs that ended without cleaning up (killed) left behind; a run removes its own when it ends."""
+    prefix = staging_prefix(dataset)
+    runs = {tuple(obj.key[len(prefix) + 1 :].split("/")[:2]) for obj in store.list_objects(prefix)}
+    for version, run_id in sorted(runs):
+        if is_finished(run_id):
+            store.delete(f"{prefix}/{version}/{run_id}")

@@ -69,6 +69,11 @@ DATASET_ERRORS = {
     ),
     "unknown residency site": (lambda d: d.update(residency=["atlantis"]), "residency.0", "unknown site"),
     "misspelled field": (lambda d: d.update(sectr="health"), "sectr", "Extra inputs"),
+    "nullable key": (
+        lambda d: next(c for c in d["schema"]["columns"] if c["name"] in d["schema"]["key"]).update(nullable=True),
+        "schema",
+        "key column 'record_id' cannot be nullable",
+    ),
     "missing suite file": (lambda d: d.update(suite="suites/missing.json"), "suite", "does not exist"),
 }
 
@@ -84,6 +89,12 @@ def test_dataset_error_names_file_and_field(tmp_catalog: Path, case: str) -> Non
     assert err.value.field.startswith(field)
     assert message in str(err.value)
     assert str(path) in str(err.value)
+
+
+def test_key_columns_are_never_nullable(catalog: Catalog) -> None:
+    """Not declared nullable in the demo catalogue, and still not: rows without a key go to quarantine."""
+    for dataset in catalog.datasets.values():
+        assert not [c.name for c in dataset.table.columns if c.name in dataset.table.key and c.nullable]
 
 
 def test_duplicate_dataset_name(tmp_catalog: Path) -> None:

@@ -13,10 +13,11 @@ import pytest
 
 from aifactory_assets.catalog import Catalog
 from aifactory_assets.demo import land_demo_data
-from aifactory_assets.factory import asset_key, build_catalog_assets
+from aifactory_assets.factory import asset_key, build_catalog_assets, run_finished
 from aifactory_assets.loader import ShardReader
-from aifactory_assets.manifest import committed_versions, latest_manifest, version_for
+from aifactory_assets.manifest import committed_versions, latest_manifest, version_for, version_id
 from aifactory_assets.publish import current
+from aifactory_assets.staging import remove_finished_staging, staging_prefix
 from resources import DaskCluster, ObjectStore
 from tests.conftest import local_stores, pipeline_resources
 
@@ -89,7 +90,7 @@ def test_a_failed_run_leaves_no_visible_version_and_a_rerun_completes_it(setup) 
     second = latest_manifest(store, dataset)
     assert second["version"] == version != first["version"]
     assert second["conservation"]["rows_read"] == first["conservation"]["rows_read"] + 366
-    assert not store.exists(f"shards/{DATASET}/_staging/{version}")
+    assert not store.list_objects(f"shards/{DATASET}/_staging")  # the failed run's staging went with it
 
 
 def test_retention_keeps_the_latest_and_never_an_unfinished_version(setup) -> None:
@@ -123,3 +124,45 @@ def test_records_keep_their_split_when_new_data_arrives(setup) -> None:
     assert (after.loc[before.index] == before).all()
     train = latest_manifest(store, dataset)["splits"]["train"]["shards"]
     assert max(s["rows"] for s in train) - min(s["rows"] for s in train) <= 1
+
+
+def failure_message(result: dg.ExecuteInJobResult) -> str:
+    return "\n".join(e.event_specific_data.error.message for e in result.all_events if e.is_step_failure)
+
+
+def test_shards_refuse_validated_rows_of_an_older_raw_generation(setup) -> None:
+    catalog, dataset, store, stores, dask = setup
+    assert run(catalog, stores, dask).success
+    first = latest_manifest(store, dataset)
+    land_more(store, 2016)
+    assert run(catalog, stores, dask, stages=("raw",)).success  # validated still holds the old rows
+    stale = run(catalog, stores, dask, stages=("shards",))
+    assert not stale.success
+    assert "materialise validated first" in failure_message(stale)
+    assert latest_manifest(store, dataset)["version"] == first["version"]
+
+
+def test_the_split_order_is_part_of_the_version(setup) -> None:
+    catalog, dataset, *_ = setup
+    turned = dataset.model_copy(
+        update={"shards": dataset.shards.model_copy(update={"splits": {"val": 0.1, "train": 0.8, "test": 0.1}})}
+    )
+    inputs = ["landing/x.csv|10|etag|1.0"]
+    suite = catalog.suites[DATASET]
+    assert version_id(turned, suite, inputs) != version_id(dataset, suite, inputs)  # other keys in each split
+
+
+def test_staging_left_by_finished_runs_is_removed(setup) -> None:
+    catalog, dataset, store, stores, dask = setup
+    instance = dg.DagsterInstance.ephemeral()
+    finished = dg.materialize([nothing], instance=instance)
+    prefix = staging_prefix(dataset)
+    for run_id in (finished.run_id, "a-run-this-instance-does-not-know"):
+        store.write_bytes(f"{prefix}/v1/{run_id}/scattered/part-00000.arrow", b"left behind")
+    remove_finished_staging(store, dataset, lambda run_id: run_finished(instance, run_id))
+    assert [o.key.split("/")[4] for o in store.list_objects(prefix)] == ["a-run-this-instance-does-not-know"]
+
+
+@dg.asset
+def nothing() -> None:
+    """A run to finish."""
