@@ -28,14 +28,18 @@ def _between(value: float | None, kwargs: dict[str, Any]) -> bool:
     return bool(above and below)
 
 
+def _out_of_order(earlier: Any, later: Any, decreasing: bool, strictly: bool) -> Any:
+    """Comparisons, not differences: dates, timestamps and text have an order but no numeric step."""
+    if decreasing:
+        earlier, later = later, earlier
+    return later <= earlier if strictly else later < earlier
+
+
 def _order_violations(part: pd.Series, decreasing: bool, strictly: bool) -> pd.DataFrame:
     """Per partition: first and last non-null value, and violations inside the partition."""
-    values = part.dropna()
-    steps = values.diff().iloc[1:]
-    if decreasing:
-        steps = -steps
-    bad = int((steps <= 0).sum() if strictly else (steps < 0).sum())
-    first, last = (values.iloc[0], values.iloc[-1]) if len(values) else (None, None)
+    values = part.dropna().to_numpy()
+    bad = int(np.count_nonzero(_out_of_order(values[:-1], values[1:], decreasing, strictly)))
+    first, last = (values[0], values[-1]) if len(values) else (None, None)
     return pd.DataFrame({"first": [first], "last": [last], "bad": [bad]}, dtype=object)
 
 
@@ -73,8 +77,7 @@ def _ordered(partials: pd.DataFrame, kwargs: dict[str, Any], decreasing: bool) -
         if first is None:
             continue
         if previous is not None:
-            step = (previous - first) if decreasing else (first - previous)
-            bad += int(step <= 0 if kwargs.get("strictly") else step < 0)
+            bad += int(_out_of_order(previous, first, decreasing, bool(kwargs.get("strictly"))))
         previous = last
     return bad, len(partials)
 

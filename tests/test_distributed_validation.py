@@ -133,6 +133,9 @@ GLOBAL_CASES = [
     {"type": "expect_column_values_to_be_increasing", "kwargs": {"column": "id"}},
     {"type": "expect_column_values_to_be_increasing", "kwargs": {"column": "value"}},
     {"type": "expect_column_values_to_be_decreasing", "kwargs": {"column": "id"}},
+    {"type": "expect_column_values_to_be_increasing", "kwargs": {"column": "at"}},  # ordered, no numeric step
+    {"type": "expect_column_values_to_be_increasing", "kwargs": {"column": "at", "strictly": True}},
+    {"type": "expect_column_values_to_be_decreasing", "kwargs": {"column": "at"}},
     {
         "type": "expect_column_value_z_scores_to_be_less_than",
         "kwargs": {"column": "value", "threshold": 3, "double_sided": True},
@@ -149,6 +152,7 @@ def test_non_decomposable_expectations_agree_with_gx_on_the_whole_table(dask: Da
     frames = partitions()
     frames[2].loc[5, "id"] = 150  # a duplicate id across files, and an id out of order
     whole = pd.concat(frames, ignore_index=True)
+    whole["at"] = pd.Timestamp("2026-01-01") + pd.to_timedelta(whole["id"], unit="min")
     ours = judge_global(dd.from_pandas(whole, npartitions=3, sort=False), GLOBAL_CASES)
     reference = gx_whole_table(whole, GLOBAL_CASES)
     verdicts = [
