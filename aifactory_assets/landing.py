@@ -94,7 +94,10 @@ def _read_csv(data: bytes, dataset: Dataset, fast: bool) -> LandedRows:
         first_line = data.split(b"\n", 1)[0].decode(options.encoding).lstrip("\ufeff").rstrip("\r")
     except UnicodeDecodeError as exc:
         raise UnreadableFile(f"header is not {options.encoding} text ({exc.reason}): not a CSV file?") from None
-    header = next(csv.reader([first_line], delimiter=options.delimiter))
+    try:
+        header = next(csv.reader([first_line], delimiter=options.delimiter))
+    except csv.Error as exc:  # e.g. a classic Mac export: lines end in CR alone, so the file is one "line"
+        raise UnreadableFile(f"header line is not CSV ({exc}); lines must end in LF or CRLF") from None
     extra = check_columns(header, dataset)
     fast = _typed_csv(data, dataset) if fast else None
     table, bad = fast or _parse_csv(data, dataset, {name: pa.binary() for name in header}, text=False)

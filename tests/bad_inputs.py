@@ -134,6 +134,13 @@ def csv_cases() -> list[Case]:
         Case("header_only.csv", HEADER.encode(), read=0, valid=0),
         Case("zero_bytes.csv", b"", read=0, valid=0, refused="empty file (0 bytes)"),
         Case(
+            "mac_line_ends.csv",
+            csv_bytes(good_frame(335)).replace(b"\r\n", b"\r").replace(b"\n", b"\r"),
+            read=0,
+            valid=0,
+            refused="lines must end in LF or CRLF",
+        ),
+        Case(
             "drift_missing.csv",
             b"id,name,amount,day\n80,a,1.0,2024-01-05\n",
             read=0,
