@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from aifactory_assets.catalog import Dataset
+from aifactory_assets.catalog import Dataset, ReaderOptions
 from aifactory_assets.schema import ARROW_TYPES, FALSE_WORDS, TRUE_WORDS, arrow_schema
 
 MAX_BLOCK = 2**31 - 1  # pyarrow's CSV block size limit; a row (e.g. a 10 MB field) must fit in one block
@@ -101,7 +101,11 @@ def _read_csv(data: bytes, dataset: Dataset, fast: bool) -> LandedRows:
     extra = check_columns(header, dataset)
     fast = _typed_csv(data, dataset) if fast else None
     table, bad = fast or _parse_csv(data, dataset, {name: pa.binary() for name in header}, text=False)
-    rows, bad = record_lines(table.num_rows, _newlines(table), bad)
+    newlines = _newlines(table)
+    counted = 1 + table.num_rows + len(bad) + int(np.sum(newlines)) + sum(b.text.count("\n") for b in bad)
+    # Every other newline is a blank line or inside a column pyarrow dropped: its numbering missed them.
+    starts = record_starts(data, options) if data.count(b"\n") > counted else None
+    rows, bad = record_lines(table.num_rows, newlines, bad, starts)
     if fast is not None:
         return LandedRows(None, rows, bad, extra, typed=table)
     values, undecodable = _text_columns(table)
@@ -184,18 +188,44 @@ def _newlines(table: pa.Table) -> np.ndarray | int:
     return sum(pc.count_substring(table.column(c), "\n").fill_null(0).to_numpy(zero_copy_only=False) for c in texts)
 
 
-def record_lines(good: int, newlines: np.ndarray | int, bad: list[BadRow]) -> tuple[np.ndarray, list[BadRow]]:
+def record_lines(
+    good: int, newlines: np.ndarray | int, bad: list[BadRow], starts: np.ndarray | None = None
+) -> tuple[np.ndarray, list[BadRow]]:
     """The line each record starts on. pyarrow numbers records (header = 1) and reports only the bad ones,
-    so good records fill the gaps; quoted newlines make a record span lines."""
+    so good records fill the gaps; quoted newlines make a record span lines. `starts`, where counted
+    (`record_starts`), gives every record's line directly."""
     total = good + len(bad)
     is_bad = np.zeros(total, dtype=bool)
-    spans = np.zeros(total, dtype=np.int64)
     bad_index = np.array([b.row - 2 for b in bad], dtype=np.int64)
     is_bad[bad_index] = True
-    spans[~is_bad] = newlines
-    spans[bad_index] = [b.text.count("\n") for b in bad]
-    starts = 2 + np.concatenate([[0], np.cumsum(1 + spans)[:-1]])
+    if starts is None or len(starts) != total:
+        spans = np.zeros(total, dtype=np.int64)
+        spans[~is_bad] = newlines
+        spans[bad_index] = [b.text.count("\n") for b in bad]
+        starts = 2 + np.concatenate([[0], np.cumsum(1 + spans)[:-1]])
     return starts[~is_bad], [BadRow(int(starts[b.row - 2]), b.reason, b.text) for b in bad]
+
+
+def record_starts(data: bytes, options: ReaderOptions) -> np.ndarray | None:
+    """The line each non-empty record starts on, counted by Python's csv reader, which sees blank lines and
+    every column (pyarrow skips blank lines uncounted, and counts quoted newlines only in the columns it
+    keeps). Slower than pyarrow, so only for files that need it; None if the reader cannot follow the file."""
+    reader = csv.reader(
+        io.StringIO(_decode(data, options.encoding).lstrip("\ufeff"), newline=""), delimiter=options.delimiter
+    )
+    starts = []
+    try:
+        next(reader)  # the header
+        while True:
+            start = reader.line_num + 1
+            record = next(reader, None)
+            if record is None:
+                break
+            if record:
+                starts.append(start)
+    except csv.Error:
+        return None
+    return np.array(starts, dtype=np.int64)
 
 
 def _text_columns(table: pa.Table) -> tuple[pd.DataFrame, dict[int, str]]:

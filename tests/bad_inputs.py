@@ -131,6 +131,13 @@ def csv_cases() -> list[Case]:
             valid=1,
             reasons={3: "'01/05/2024' is not a valid date", 4: "'maybe' is not a valid bool"},
         ),
+        Case(
+            "blank_lines.csv",
+            (HEADER + "\n340,a,1.0,2024-01-05,true\n\r\n\n341,b,2.0\n342,c,-5,2024-01-05,true\n").encode(),
+            read=3,
+            valid=1,
+            reasons={6: "expected 5 fields, found 3", 7: "expect_column_values_to_be_between(amount)"},
+        ),
         Case("header_only.csv", HEADER.encode(), read=0, valid=0),
         Case("zero_bytes.csv", b"", read=0, valid=0, refused="empty file (0 bytes)"),
         Case(

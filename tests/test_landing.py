@@ -76,3 +76,18 @@ def test_fast_path_agrees_on_clean_values(body: bytes) -> None:
 )
 def test_anything_doubtful_takes_the_robust_path(body: bytes) -> None:
     assert read_landed(HEADER + body, CORPUS).typed is None
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_rows_keep_their_lines_past_blank_lines_and_ignored_columns(fast: bool) -> None:
+    """pyarrow numbers records without blank lines, and sees newlines only in the columns it keeps."""
+    ignoring = CORPUS.model_copy(update={"source": CORPUS.source.model_copy(update={"extra_columns": "ignore"})})
+    data = (
+        b"id,name,amount,day,flag,note\n"
+        b'1,a,1.5,2024-01-05,true,"a note\nover\nthree lines"\n'
+        b"\n"
+        b"2,b,2.5,2024-01-06,false,x\n"
+        b"\r\n"
+        b"3,c,3.5,2024-01-07,true,y\n"
+    )
+    assert list(read_landed(data, ignoring, fast=fast).rows) == [2, 6, 8]
