@@ -64,11 +64,11 @@ def _parse(values: pd.Series, column: Column) -> pd.Series:
         text = values.astype("str").str.strip().str.lower()
         return text.map(lambda t: True if t in TRUE_WORDS else (False if t in FALSE_WORDS else None))
     if kind in ("date", "timestamp"):
-        if pd.api.types.is_datetime64_any_dtype(values.dtype):
-            return values
-        if values.map(lambda v: hasattr(v, "year")).all():
-            return pd.to_datetime(values, errors="coerce")
-        return pd.to_datetime(values.astype("str"), errors="coerce", format=column.format or "ISO8601")
+        # In UTC: values with an offset are converted (mixed offsets, e.g. across a DST change, included),
+        # values without one are taken as UTC.
+        if pd.api.types.is_datetime64_any_dtype(values.dtype) or values.map(lambda v: hasattr(v, "year")).all():
+            return pd.to_datetime(values, errors="coerce", utc=True)
+        return pd.to_datetime(values.astype("str"), errors="coerce", utc=True, format=column.format or "ISO8601")
     # string: keep text as is; render other scalars as text (JSON numbers in a string column).
     return values.map(lambda v: v if isinstance(v, str) else str(v))
 
@@ -137,8 +137,8 @@ def coerce_frame(frame: pd.DataFrame, dataset: Dataset) -> tuple[pa.Table, pd.Se
 def _to_arrow(values: pd.Series, column: Column) -> pa.Array:
     target = ARROW_TYPES[column.type]
     if column.type in ("date", "timestamp"):
-        stamps = pd.to_datetime(values, errors="coerce")
-        array = pa.array(stamps.dt.tz_localize(None) if stamps.dt.tz is not None else stamps, type=pa.timestamp("us"))
+        stamps = pd.to_datetime(values, errors="coerce", utc=True).dt.tz_localize(None)  # UTC, as _parse made it
+        array = pa.array(stamps, type=pa.timestamp("us"))
         return array.cast(target) if column.type == "date" else array
     if column.type.startswith("int"):
         return pa.array(values.astype("Int64"), type=pa.int64()).cast(target)

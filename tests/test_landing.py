@@ -91,3 +91,19 @@ def test_rows_keep_their_lines_past_blank_lines_and_ignored_columns(fast: bool) 
         b"3,c,3.5,2024-01-07,true,y\n"
     )
     assert list(read_landed(data, ignoring, fast=fast).rows) == [2, 6, 8]
+
+
+def test_timestamps_are_read_in_utc_whatever_their_offsets() -> None:
+    """A file crossing a DST change mixes offsets; values without an offset are taken as UTC."""
+    columns = [{"name": "id", "type": "int64"}, {"name": "at", "type": "timestamp"}]
+    dataset = CORPUS.model_copy(update={"table": CORPUS.table.model_validate({"key": ["id"], "columns": columns})})
+    data = (
+        b"id,at\n1,2024-03-31T01:30:00+02:00\n2,2024-03-31T04:30:00+03:00\n3,2024-03-31T00:30:00Z\n4,2024-03-31 00:30\n"
+    )
+    typed, _ = robust(data, dataset)
+    assert [str(t) for t in typed.column("at").to_pylist()] == [
+        "2024-03-30 23:30:00",
+        "2024-03-31 01:30:00",
+        "2024-03-31 00:30:00",
+        "2024-03-31 00:30:00",
+    ]
