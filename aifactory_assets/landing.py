@@ -257,7 +257,7 @@ def _read_jsonl(data: bytes, dataset: Dataset) -> LandedRows:
             continue
         try:
             line = raw.decode(encoding).lstrip("\ufeff")
-            record = json.loads(line)
+            record = json.loads(line, parse_constant=str)  # NaN / Infinity stay text, judged as CSV's are
         except UnicodeDecodeError as exc:
             bad.append(
                 BadRow(number, f"bytes {raw[exc.start : exc.end]!r} are not valid {encoding}", _decode(raw, encoding))
@@ -273,8 +273,12 @@ def _read_jsonl(data: bytes, dataset: Dataset) -> LandedRows:
         rows.append(number)
     found = list(dict.fromkeys(k for r in records for k in r))
     extra = check_columns(found, dataset) if records else []
-    values = pd.DataFrame.from_records(records, columns=dataset.table.names) if records else _empty(dataset)
-    return LandedRows(values.astype(object), np.array(rows, dtype=np.int64), bad, extra)
+    # Python objects as parsed: inferring dtypes would turn an integer column with a null into floats
+    # (digits past 2**53 lost) and the numbers of a text column into "1234.0".
+    values = pd.DataFrame(
+        {name: pd.Series([r.get(name) for r in records], dtype=object) for name in dataset.table.names}
+    )
+    return LandedRows(values, np.array(rows, dtype=np.int64), bad, extra)
 
 
 def _read_parquet(data: bytes, dataset: Dataset) -> LandedRows:
@@ -283,9 +287,5 @@ def _read_parquet(data: bytes, dataset: Dataset) -> LandedRows:
     except (pa.ArrowInvalid, OSError) as exc:
         raise UnreadableFile(f"not a readable Parquet file ({len(data)} bytes): {exc}") from None
     extra = check_columns(table.column_names, dataset)
-    values = table.select(dataset.table.names).to_pandas()
+    values = table.select(dataset.table.names).to_pandas(integer_object_nulls=True)  # exact, nulls or not
     return LandedRows(values, np.arange(1, table.num_rows + 1, dtype=np.int64), [], extra)
-
-
-def _empty(dataset: Dataset) -> pd.DataFrame:
-    return pd.DataFrame({name: pd.Series([], dtype=object) for name in dataset.table.names})

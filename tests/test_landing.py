@@ -107,3 +107,18 @@ def test_timestamps_are_read_in_utc_whatever_their_offsets() -> None:
         "2024-03-31 00:30:00",
         "2024-03-31 00:30:00",
     ]
+
+
+def test_json_numbers_stay_exact_and_nan_is_judged_as_in_csv() -> None:
+    jsonl = CORPUS.model_copy(update={"source": CORPUS.source.model_copy(update={"format": "jsonl"})})
+    lines = [
+        '{"id": 9007199254740993, "name": 1234, "amount": 1.5, "day": "2024-01-05", "flag": true}',
+        '{"id": 7, "name": null, "amount": NaN, "day": null, "flag": null}',
+        '{"id": null, "name": "no key", "amount": 2.5, "day": null, "flag": null}',
+    ]
+    landed = read_landed("\n".join(lines).encode(), jsonl)
+    typed, reasons = coerce_frame(landed.values, jsonl)
+    assert typed.column("id").to_pylist()[:2] == [9007199254740993, 7]  # not through float64 (a null is there)
+    assert typed.column("name").to_pylist()[0] == "1234"
+    assert reasons.iloc[0] is None and "'NaN' is not a valid float64" in reasons.iloc[1]
+    assert "id: null in a non-nullable column" in reasons.iloc[2]
