@@ -197,6 +197,11 @@ class ShardReader:
         self.groups = [RowGroup(s["path"], i, n) for s in shards for i, n in enumerate(s["row_groups"]) if n]
         self.total = sum(g.rows for g in self.groups)
         is_local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+        if 0 < self.total < world_size and self.remainder == "drop":
+            raise ValueError(
+                f"split {split!r} of {manifest} has {self.total} rows, fewer than world_size {world_size}: dropping "
+                "the remainder would leave every rank with nothing; use remainder='pad'"
+            )
         self.cache = None if is_local else ShardCache(cache_dir or default_cache_dir(), cache_bytes)
         self._files: dict[str, pq.ParquetFile] = {}
         self._tables: OrderedDict[RowGroup, pa.Table] = OrderedDict()

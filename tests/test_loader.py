@@ -100,6 +100,13 @@ def test_ranks_are_equal_disjoint_and_complete(manifest_url: str, world: int) ->
     assert set(itertools.chain(*padded)) == set(everything)
 
 
+def test_more_ranks_than_rows_is_an_error_unless_padding(manifest_url: str) -> None:
+    rows = ShardReader(manifest_url, "test").total
+    with pytest.raises(ValueError, match="every rank with nothing"):
+        ShardReader(manifest_url, "test", world_size=rows + 1)
+    assert len(ShardReader(manifest_url, "test", world_size=rows + 1, remainder="pad")) == 1
+
+
 def test_order_is_a_function_of_seed_and_epoch(manifest_url: str) -> None:
     first = rank_stream(manifest_url, 1, 3, epoch=4)
     assert rank_stream(manifest_url, 1, 3, epoch=4) == first
