@@ -50,6 +50,7 @@ bench-memory: setup
 	$(BIN)/python -m benchmarks.pipeline --gb 6 --memory-limit 1GiB --only-aifactory --workdir .bench/pipeline6
 
 lock:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	test -x $(BIN)/uv || $(BIN)/python -m pip install --quiet uv
 	$(BIN)/uv pip compile pyproject.toml --extra demo --extra test --universal --python-version 3.11 -o requirements.lock
 

@@ -1,4 +1,4 @@
-"""The loader for PyTorch (torch is an optional extra: `pip install .[torch]`), two ways:
+"""The loader for PyTorch (torch is an optional extra: `pip install -e '.[torch]'` in the checkout), two ways:
 
 - `ShardIterableDataset`, for `DataLoader(dataset, batch_size=None, num_workers=W)`: each worker builds
   its own `ShardReader` for (rank, worker), and PyTorch interleaves workers in the order the reader assumes.
@@ -23,7 +23,7 @@ try:
     import torch
     from torch.utils.data import IterableDataset, get_worker_info
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
-    raise ImportError("ShardIterableDataset needs torch: pip install 'aifactory[torch]'") from exc
+    raise ImportError("ShardIterableDataset needs torch: pip install -e '.[torch]' in the checkout") from exc
 
 from aifactory_assets.loader import Piece, RowGroup, ShardReader
 

@@ -9,8 +9,8 @@ One run, one seeded synthetic CSV landing (size is a parameter), one machine, in
   shuffled, checksummed, manifest committed);
 - the loader (`ShardReader`) against a raw PyArrow read of the same shards.
 
-    python -m benchmarks.run pipeline --gb 2             # the default table
-    python -m benchmarks.run pipeline --gb 6 --memory-limit 1GiB   # 2 workers x 1 GiB: must not run out
+    python -m benchmarks.pipeline --gb 2      # the default table
+    python -m benchmarks.pipeline --gb 6 --memory-limit 1GiB --only-aifactory --workdir .bench/pipeline6
 
 Peak RSS is sampled for this process and all its children (the Dask workers included).
 """
@@ -238,7 +238,7 @@ def aifactory_pass(store: ObjectStore, dask: DaskCluster) -> dg.ExecuteInProcess
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="benchmarks.run pipeline", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="benchmarks.pipeline", description=__doc__.split("\n\n")[0])
     parser.add_argument("--gb", type=float, default=2.0, help="size of the landed CSV")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2)
