@@ -72,12 +72,12 @@ class DaskCluster(dg.ConfigurableResource):
                 self._client = Client(self.scheduler_address)
             else:
                 self._cluster = LocalCluster(
-                    n_workers=self.n_workers or max(1, os.cpu_count() or 1),
+                    n_workers=self.n_workers or dask.system.CPU_COUNT,  # the CPUs this job may use (cgroups, affinity)
                     threads_per_worker=self.threads_per_worker,
                     memory_limit=self.memory_limit,
                     processes=True,
                     host="127.0.0.1",
-                    dashboard_address=":0",  # a free port: runs side by side never clash
+                    dashboard_address="127.0.0.1:0",  # a free port, this host only: runs side by side never clash
                 )
                 self._client = Client(self._cluster)
                 self._client.register_plugin(TrimAfterTask(), name="trim-after-task")

@@ -52,8 +52,8 @@ class ObjectStore(dg.ConfigurableResource):
     protocol: Literal["file", "s3"] = Field(default="file", description="'file' (local directory) or 's3'")
     root: str = Field(description="local directory, or 'bucket/prefix' for S3")
     endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint; None means AWS")
-    access_key_id: str | None = Field(default=None, description="from the environment (dg.EnvVar)")
-    secret_access_key: str | None = Field(default=None, description="from the environment (dg.EnvVar)")
+    access_key_id: str | None = Field(default=None, repr=False, description="from the environment (dg.EnvVar)")
+    secret_access_key: str | None = Field(default=None, repr=False, description="from the environment (dg.EnvVar)")
     region: str | None = Field(default=None, description="S3 region, where the endpoint needs one")
 
     @property

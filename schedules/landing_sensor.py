@@ -1,8 +1,12 @@
-"""Landing-zone sensors: one per site; a new or changed file under `landing/<dataset>/` starts a run of
-that dataset's assets. The cursor remembers each file's fingerprint, so a file is picked up once."""
+"""Landing-zone sensors: one per site; a change under `landing/<dataset>/` (a file new, changed or removed)
+starts one run of that dataset's assets once the listing has stayed the same for one tick, so a file still
+being copied in, or a drop of many files, is ingested once, whole. The cursor holds, per dataset, the
+listing last seen, the one last requested and a count of requests (part of the run key, so returning to an
+earlier file set is a new run, not one Dagster drops as a repeat)."""
 
 import hashlib
 import json
+from typing import Any
 
 import dagster as dg
 
@@ -18,7 +22,7 @@ def landing_sensor(catalog: Catalog, site: str) -> dg.SensorDefinition:
 
     @dg.sensor(
         name=f"{site}_landing_sensor",
-        description=f"Starts a run for each dataset of {site} whose landing zone has new or changed files.",
+        description=f"Starts a run for each dataset of {site} whose landing zone has changed and settled.",
         target=dataset_selection(datasets),
         minimum_interval_seconds=MINIMUM_INTERVAL_SECONDS,
         required_resource_keys={store_key(site)},
@@ -26,23 +30,26 @@ def landing_sensor(catalog: Catalog, site: str) -> dg.SensorDefinition:
     )
     def sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
         store = getattr(context.resources, store_key(site))
-        seen: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
-        requests = []
+        before: dict[str, Any] = json.loads(context.cursor) if context.cursor else {}
+        requests, cursor = [], {}
         for dataset in datasets:
-            current = {o.key: o.fingerprint() for o in landed_objects(store, dataset)}
-            new = sorted(k for k, fp in current.items() if seen.get(k) != fp)
-            if new:
-                requests.append(_run_request(dataset, new, current))
-            seen.update(current)
-        return dg.SensorResult(run_requests=requests, cursor=json.dumps(seen, sort_keys=True))
+            listing = {o.key: o.fingerprint() for o in landed_objects(store, dataset)}
+            state = before.get(dataset.name, {})
+            now = {"seen": listing, "requested": state.get("requested", {}), "requests": state.get("requests", 0)}
+            if listing and listing == state.get("seen") and listing != now["requested"]:
+                now["requests"] += 1
+                now["requested"] = listing
+                requests.append(_run_request(dataset, listing, now["requests"]))
+            cursor[dataset.name] = now
+        return dg.SensorResult(run_requests=requests, cursor=json.dumps(cursor, sort_keys=True))
 
     return sensor
 
 
-def _run_request(dataset: Dataset, new: list[str], current: dict[str, str]) -> dg.RunRequest:
-    digest = hashlib.sha256("\n".join(current[k] for k in new).encode()).hexdigest()[:16]
+def _run_request(dataset: Dataset, listing: dict[str, str], count: int) -> dg.RunRequest:
+    digest = hashlib.sha256("\n".join(f"{k}={v}" for k, v in sorted(listing.items())).encode()).hexdigest()[:16]
     return dg.RunRequest(
-        run_key=f"{dataset.name}-{digest}",
+        run_key=f"{dataset.name}-{count}-{digest}",
         asset_selection=materialisable_keys(dataset),
         tags={"site": dataset.site, "dataset": dataset.name, "trigger": "landing"},
     )

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import dagster as dg
 
 from aifactory_assets.catalog import Catalog
@@ -17,30 +20,46 @@ def evaluate(sensor: dg.SensorDefinition, store, cursor: str | None):
     return sensor.evaluate_tick(context)
 
 
-def test_new_landing_file_requests_one_run_then_none(catalog: Catalog, tmp_path) -> None:
+def test_each_settled_change_requests_one_run(catalog: Catalog, tmp_path) -> None:
+    """New, changed, removed or restored files: one run each, once the listing has held for a tick."""
     store = local_stores(catalog, tmp_path)["linkoping"]
     sensor = landing_sensor(catalog, "linkoping")
-
+    dataset = catalog.datasets["palmer_penguins"]
     assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
-    empty = evaluate(sensor, store, None)
-    assert empty.run_requests == []
+    cursor = evaluate(sensor, store, None).cursor
+    keys = []
+
+    def settle() -> dg.RunRequest:
+        nonlocal cursor
+        changing = evaluate(sensor, store, cursor)  # still being copied in, as far as the sensor knows
+        assert changing.run_requests == []
+        settled = evaluate(sensor, store, changing.cursor)
+        assert len(settled.run_requests) == 1
+        again = evaluate(sensor, store, settled.cursor)
+        assert again.run_requests == []
+        cursor = again.cursor
+        request = settled.run_requests[0]
+        assert request.run_key not in keys  # Dagster drops a run whose key it has seen
+        keys.append(request.run_key)
+        return request
 
     store.write_bytes("landing/palmer_penguins/drop-1.csv", b"record_id,species\n1,Adelie\n")
     store.write_bytes("landing/palmer_penguins/notes.txt", b"not a landing file for this dataset")
-    first = evaluate(sensor, store, empty.cursor)
-    assert len(first.run_requests) == 1
-    request = first.run_requests[0]
-    dataset = catalog.datasets["palmer_penguins"]
+    request = settle()
     assert set(request.asset_selection) == {asset_key(dataset, s) for s in ("raw", "validated", "shards")}
     assert request.tags["dataset"] == "palmer_penguins" and request.tags["trigger"] == "landing"
 
-    again = evaluate(sensor, store, first.cursor)
-    assert again.run_requests == []
-
+    first = Path(store.path("landing/palmer_penguins/drop-1.csv"))
+    first_mtime = first.stat().st_mtime_ns
     store.write_bytes("landing/palmer_penguins/drop-1.csv", b"record_id,species\n1,Adelie\n2,Gentoo\n")
-    changed = evaluate(sensor, store, again.cursor)
-    assert len(changed.run_requests) == 1
-    assert changed.run_requests[0].run_key != request.run_key
+    settle()
+    store.write_bytes("landing/palmer_penguins/drop-2.csv", b"record_id,species\n3,Gentoo\n")
+    settle()
+    store.delete("landing/palmer_penguins/drop-2.csv")
+    settle()
+    store.write_bytes("landing/palmer_penguins/drop-1.csv", b"record_id,species\n1,Adelie\n")
+    os.utime(first, ns=(first_mtime, first_mtime))  # restored as it was (rsync -a): the first file set again
+    settle()
 
 
 def test_sensor_resolves_through_definitions(catalog: Catalog, tmp_path, monkeypatch) -> None:
@@ -49,8 +68,13 @@ def test_sensor_resolves_through_definitions(catalog: Catalog, tmp_path, monkeyp
     sensor = defs.resolve_sensor_def("kajaani_landing_sensor")
     store = local_stores(catalog, tmp_path)["kajaani"]
     store.write_bytes("landing/seattle_weather/2026-11.parquet", b"PAR1")
-    with dg.build_sensor_context(resources=defs.resources, instance=dg.DagsterInstance.ephemeral()) as context:
-        result = sensor.evaluate_tick(context)
+    cursor = None
+    for _ in range(2):  # seen, then settled
+        with dg.build_sensor_context(
+            resources=defs.resources, instance=dg.DagsterInstance.ephemeral(), cursor=cursor
+        ) as context:
+            result = sensor.evaluate_tick(context)
+        cursor = result.cursor
     assert [r.tags["dataset"] for r in result.run_requests] == ["seattle_weather"]
 
 

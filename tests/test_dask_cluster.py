@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 
+import psutil
 from distributed import Client, Worker
 
 from resources import DaskCluster
@@ -46,6 +47,9 @@ def test_workers_allocate_as_measured() -> None:
     own = DaskCluster(n_workers=1, memory_limit="1GiB")
     try:
         assert set(own.get_client().run(worker_allocators).values()) == {(None, "mimalloc", True)}
+        port = own._cluster.scheduler.http_server.port
+        listening = [c.laddr.ip for c in psutil.net_connections("tcp") if c.laddr.port == port and c.status == "LISTEN"]
+        assert listening and set(listening) <= {"127.0.0.1"}  # the dashboard, unauthenticated: this host only
         own.refresh_workers()
         assert set(own.get_client().run(worker_allocators).values()) == {(None, "mimalloc", True)}
     finally:

@@ -52,6 +52,7 @@ def test_url_points_at_the_object(store: ObjectStore) -> None:
 
 def test_display_never_shows_the_secret(store: ObjectStore) -> None:
     assert S3_SECRET not in store.display()
+    assert S3_SECRET not in repr(store) and S3_SECRET not in str(store)  # a resource printed in a log
 
 
 def test_environment_selects_local_or_s3(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
