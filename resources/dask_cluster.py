@@ -94,12 +94,13 @@ class DaskCluster(dg.ConfigurableResource):
         self.close()
 
     def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
-        if self._cluster is not None:
-            self._cluster.close()
-            self._cluster = None
+        client, cluster, self._client, self._cluster = self._client, self._cluster, None, None
+        try:
+            if client is not None:
+                client.close()
+        finally:
+            if cluster is not None:  # even when the client's close failed: its worker processes go too
+                cluster.close()
 
 
 def dask_cluster_from_env() -> DaskCluster:
