@@ -134,12 +134,16 @@ def test_a_corrupted_shard_is_refused(manifest_url: str, tmp_path: Path) -> None
         dates(ShardReader(str(copy / "manifest.json"), "train", shuffle=False))
 
 
+def s3_version(catalog: Catalog, s3_endpoint: str, dask: DaskCluster) -> tuple[str, dict]:
+    """A version committed to a fresh bucket: its manifest URL and the storage options to read it."""
+    stores = s3_stores(catalog, s3_endpoint)
+    return commit_version(catalog, stores, dask), stores["kajaani"].storage_options
+
+
 def test_remote_shards_are_cached_within_a_size_bound(
     catalog: Catalog, s3_endpoint: str, dask: DaskCluster, tmp_path: Path
 ) -> None:
-    stores = s3_stores(catalog, s3_endpoint)
-    url = commit_version(catalog, stores, dask)
-    options = stores["kajaani"].storage_options
+    url, options = s3_version(catalog, s3_endpoint, dask)
     local = dates(ShardReader(url, "train", storage_options=options, cache_dir=tmp_path / "big", shuffle=False))
     cached = list((tmp_path / "big").glob("*.parquet"))
     assert len(cached) == len(ShardReader(url, "train", storage_options=options).checksums)
@@ -161,9 +165,7 @@ def test_remote_shards_are_cached_within_a_size_bound(
 def test_the_cache_keeps_only_whole_copies_that_match_the_manifest(
     catalog: Catalog, s3_endpoint: str, dask: DaskCluster, tmp_path: Path
 ) -> None:
-    stores = s3_stores(catalog, s3_endpoint)
-    url = commit_version(catalog, stores, dask)
-    options = stores["kajaani"].storage_options
+    url, options = s3_version(catalog, s3_endpoint, dask)
     cache = tmp_path / "cache"
 
     def read(**more) -> list:
