@@ -58,7 +58,7 @@ def staging_prefix(dataset: Dataset) -> str:
 def remove_finished_staging(store: ObjectStore, dataset: Dataset, is_finished: Callable[[str], bool]) -> None:
     """What runs that ended without cleaning up (killed) left behind; a run removes its own when it ends."""
     prefix = staging_prefix(dataset)
-    runs = {tuple(obj.key[len(prefix) + 1 :].split("/")[:2]) for obj in store.list_objects(prefix)}
+    runs = {tuple(obj.key[len(prefix) + 1 :].split("/")[:2]) for obj in store.list_objects(prefix, "*/*/**")}
     for version, run_id in sorted(runs):
         if is_finished(run_id):
             store.delete(f"{prefix}/{version}/{run_id}")

@@ -159,8 +159,10 @@ def test_staging_left_by_finished_runs_is_removed(setup) -> None:
     prefix = staging_prefix(dataset)
     for run_id in (finished.run_id, "a-run-this-instance-does-not-know"):
         store.write_bytes(f"{prefix}/v1/{run_id}/scattered/part-00000.arrow", b"left behind")
+    store.write_bytes(f"{prefix}/stray.txt", b"not a run's")
     remove_finished_staging(store, dataset, lambda run_id: run_finished(instance, run_id))
-    assert [o.key.split("/")[4] for o in store.list_objects(prefix)] == ["a-run-this-instance-does-not-know"]
+    left = sorted(o.key[len(prefix) + 1 :] for o in store.list_objects(prefix))
+    assert left == ["stray.txt", "v1/a-run-this-instance-does-not-know/scattered/part-00000.arrow"]
 
 
 @dg.asset
