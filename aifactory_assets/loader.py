@@ -98,8 +98,7 @@ class ShardCache:
             tmp.replace(target)
         finally:
             tmp.unlink(missing_ok=True)
-        stat = target.stat()
-        _VERIFIED.add((str(target), checksum, stat.st_size, stat.st_mtime_ns))
+        _VERIFIED.add(file_stamp(target, checksum))  # hashed on the way in
         self.evict(keep=target)
         return target
 
@@ -137,11 +136,15 @@ def verify_digest(found: str, checksum: str, where: str) -> None:
 _VERIFIED: set[tuple[str, str, int, int]] = set()  # (path, sha256, size, mtime_ns) this process has hashed
 
 
+def file_stamp(path: Path, checksum: str) -> tuple[str, str, int, int]:
+    stat = path.stat()
+    return str(path), checksum, stat.st_size, stat.st_mtime_ns
+
+
 def verify_file(path: Path, checksum: str) -> None:
     """Hash a local shard once per process (a reader is made per epoch; the file is not re-hashed
     unless it changed on disk since)."""
-    stat = path.stat()
-    stamp = (str(path), checksum, stat.st_size, stat.st_mtime_ns)
+    stamp = file_stamp(path, checksum)
     if stamp in _VERIFIED:
         return
     with path.open("rb") as f:
