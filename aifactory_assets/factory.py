@@ -30,6 +30,7 @@ from aifactory_assets.manifest import (
     MANIFEST,
     build_manifest,
     commit,
+    remove_abandoned_writes,
     version_for,
     version_prefix,
 )
@@ -37,7 +38,7 @@ from aifactory_assets.metadata import location, markdown_table, stage_metadata
 from aifactory_assets.publish import require_current
 from aifactory_assets.schema import arrow_schema
 from aifactory_assets.sharding import shard_dataset
-from aifactory_assets.staging import remove_finished_staging, staging_prefix
+from aifactory_assets.staging import staging_prefix
 from aifactory_assets.validation import validate_dataset
 from resources.dask_cluster import DaskCluster
 from resources.object_store import ObjectStore
@@ -270,18 +271,17 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
         require_shardable(dataset, raw_record, valid_record)
         version = version_for(dataset, suite, raw_record)
         prefix = version_prefix(dataset, version)
+        staging = None
         if store.is_object(f"{prefix}/{MANIFEST}"):
             manifest = store.read_json(f"{prefix}/{MANIFEST}")
             context.log.info(f"version {version} is already committed; re-pointing _latest at it")
         else:
-            remove_finished_staging(store, dataset, lambda run_id: run_finished(context.instance, run_id))
+            for abandoned in remove_abandoned_writes(store, dataset, lambda run: run_finished(context.instance, run)):
+                context.log.info(f"removed v={abandoned}/, left unfinished by runs that are over")
             staging = f"{staging_prefix(dataset)}/{version}/{context.run.run_id}"
             rank = {e["source"]: i for i, e in enumerate(raw_record["ledger"])}
             seqs = [rank[source] for source in raw_record["part_sources"]]
-            try:
-                sharded = shard_dataset(store, dask.get_client(), dataset, valid_record["parts"], seqs, prefix, staging)
-            finally:
-                store.delete(staging)
+            sharded = shard_dataset(store, dask.get_client(), dataset, valid_record["parts"], seqs, prefix, staging)
             lineage = [
                 {**e["object"], "rows_read": e["rows_read"], "rows_valid": e["rows_valid"]}
                 for e in raw_record["ledger"]
@@ -299,6 +299,8 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
                 dataset, version, schema, sharded, lineage, validation, quarantine, context.run.run_id
             )
         commit(store, dataset, manifest)
+        if staging:
+            store.delete(staging)  # kept if anything above failed: it marks the version left unfinished
         balance = manifest["conservation"]
         split_rows = [[s, v["rows"], len(v["shards"]), v["bytes"]] for s, v in manifest["splits"].items()]
         summary = f"Version `{version}` committed: `{store.url(prefix)}/{MANIFEST}`\n\n" + markdown_table(

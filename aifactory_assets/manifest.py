@@ -10,6 +10,7 @@ import datetime as dt
 import hashlib
 import json
 import subprocess
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import pyarrow as pa
 
 from aifactory_assets.catalog import Dataset
 from aifactory_assets.sharding import SAMPLER
+from aifactory_assets.staging import staging_prefix
 from resources.object_store import ObjectStore
 
 MANIFEST, LATEST = "manifest.json", "_latest"
@@ -154,6 +156,27 @@ def apply_retention(store: ObjectStore, dataset: Dataset, keep: str) -> list[str
         store.delete(f"{version_prefix(dataset, old)}/{MANIFEST}")
         store.delete(version_prefix(dataset, old))
     return doomed
+
+
+def remove_abandoned_writes(store: ObjectStore, dataset: Dataset, is_finished: Callable[[str], bool]) -> list[str]:
+    """A run removes its staging once it has committed; one that failed or was killed leaves it, and the
+    staging names the version it was writing. Once every run writing a version is over, their staging goes,
+    and so does the version's folder unless a manifest committed it. Returns the folders removed. A folder
+    that no staging names (another deployment's, or older) is left alone."""
+    prefix = staging_prefix(dataset)
+    writers: dict[str, set[str]] = {}
+    for obj in store.list_objects(prefix, "*/*/**"):
+        version, run_id = obj.key[len(prefix) + 1 :].split("/")[:2]
+        writers.setdefault(version, set()).add(run_id)
+    removed = []
+    for version, runs in sorted(writers.items()):
+        over = {run_id for run_id in runs if is_finished(run_id)}
+        for run_id in sorted(over):
+            store.delete(f"{prefix}/{version}/{run_id}")
+        if over == runs and not store.is_object(f"{version_prefix(dataset, version)}/{MANIFEST}"):
+            store.delete(version_prefix(dataset, version))
+            removed.append(version)
+    return removed
 
 
 def latest_manifest(store: ObjectStore, dataset: Dataset) -> dict[str, Any] | None:

@@ -8,7 +8,7 @@ a row range maps to its batches by arithmetic alone.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import fsspec
@@ -16,7 +16,6 @@ import pyarrow as pa
 
 from aifactory_assets.catalog import Dataset
 from aifactory_assets.parquet_io import open_for_write
-from resources.object_store import ObjectStore
 
 BATCH_ROWS = 65_536
 _OPTIONS = pa.ipc.IpcWriteOptions(compression="lz4")  # written once, read once: fast beats small
@@ -51,14 +50,6 @@ def read_sorted_rows(url: str, lo: int, hi: int, storage_options: dict[str, Any]
 
 
 def staging_prefix(dataset: Dataset) -> str:
-    """Under it, `<version>/<run id>/`: a run's own files, so runs never delete each other's."""
+    """Under it, `<version>/<run id>/`: a run's own files, so runs never delete each other's, and a mark of
+    which run was writing which version until it commits."""
     return f"shards/{dataset.name}/_staging"
-
-
-def remove_finished_staging(store: ObjectStore, dataset: Dataset, is_finished: Callable[[str], bool]) -> None:
-    """What runs that ended without cleaning up (killed) left behind; a run removes its own when it ends."""
-    prefix = staging_prefix(dataset)
-    runs = {tuple(obj.key[len(prefix) + 1 :].split("/")[:2]) for obj in store.list_objects(prefix, "*/*/**")}
-    for version, run_id in sorted(runs):
-        if is_finished(run_id):
-            store.delete(f"{prefix}/{version}/{run_id}")

@@ -15,9 +15,15 @@ from aifactory_assets.catalog import Catalog
 from aifactory_assets.demo import land_demo_data
 from aifactory_assets.factory import asset_key, build_catalog_assets, run_finished
 from aifactory_assets.loader import ShardReader
-from aifactory_assets.manifest import committed_versions, latest_manifest, version_for, version_id
+from aifactory_assets.manifest import (
+    committed_versions,
+    latest_manifest,
+    remove_abandoned_writes,
+    version_for,
+    version_id,
+)
 from aifactory_assets.publish import current
-from aifactory_assets.staging import remove_finished_staging, staging_prefix
+from aifactory_assets.staging import staging_prefix
 from resources import DaskCluster, ObjectStore
 from tests.conftest import local_stores, pipeline_resources
 
@@ -36,12 +42,12 @@ def setup(catalog: Catalog, tmp_path: Path, dask: DaskCluster):
     return small, dataset, stores[dataset.site], stores, dask
 
 
-def run(catalog: Catalog, stores, dask, stages=("raw", "validated", "shards")):
+def run(catalog: Catalog, stores, dask, stages=("raw", "validated", "shards"), instance=None):
     dataset = catalog.datasets[DATASET]
     return dg.materialize(
         build_catalog_assets(catalog),
         resources=pipeline_resources(stores, dask),
-        instance=dg.DagsterInstance.ephemeral(),
+        instance=instance or dg.DagsterInstance.ephemeral(),
         selection=[asset_key(dataset, s) for s in stages],
         raise_on_error=False,
     )
@@ -78,7 +84,8 @@ def test_a_failed_run_leaves_no_visible_version_and_a_rerun_completes_it(setup) 
     blocker = Path(store.path(f"shards/{DATASET}/v={version}/manifest.json"))
     blocker.mkdir(parents=True)  # the commit point cannot be written: the run dies after its shards
 
-    failed = run(catalog, stores, dask, stages=("shards",))
+    instance = dg.DagsterInstance.ephemeral()  # the failed run and the rerun, as on a site's instance
+    failed = run(catalog, stores, dask, stages=("shards",), instance=instance)
     assert not failed.success
     assert list(blocker.parent.glob("train-*.parquet")), "the shards were written before the failure"
     assert latest_manifest(store, dataset)["version"] == first["version"]  # nothing new is visible
@@ -86,11 +93,11 @@ def test_a_failed_run_leaves_no_visible_version_and_a_rerun_completes_it(setup) 
     assert len(list(ShardReader(latest_url, "train"))) > 0
 
     blocker.rmdir()
-    assert run(catalog, stores, dask, stages=("shards",)).success
+    assert run(catalog, stores, dask, stages=("shards",), instance=instance).success
     second = latest_manifest(store, dataset)
     assert second["version"] == version != first["version"]
     assert second["conservation"]["rows_read"] == first["conservation"]["rows_read"] + 366
-    assert not store.list_objects(f"shards/{DATASET}/_staging")  # the failed run's staging went with it
+    assert not store.list_objects(f"shards/{DATASET}/_staging")  # the failed run's, swept; the rerun's, committed
 
 
 def test_retention_keeps_the_latest_and_never_an_unfinished_version(setup) -> None:
@@ -152,17 +159,24 @@ def test_the_split_order_is_part_of_the_version(setup) -> None:
     assert version_id(turned, suite, inputs) != version_id(dataset, suite, inputs)  # other keys in each split
 
 
-def test_staging_left_by_finished_runs_is_removed(setup) -> None:
+def test_what_runs_that_are_over_left_unfinished_is_removed(setup) -> None:
     catalog, dataset, store, stores, dask = setup
     instance = dg.DagsterInstance.ephemeral()
-    finished = dg.materialize([nothing], instance=instance)
+    over = dg.materialize([nothing], instance=instance).run_id
+    going = "a-run-this-instance-does-not-know"  # may be another deployment's, still writing
     prefix = staging_prefix(dataset)
-    for run_id in (finished.run_id, "a-run-this-instance-does-not-know"):
-        store.write_bytes(f"{prefix}/v1/{run_id}/scattered/part-00000.arrow", b"left behind")
+    for version, run_id in (("v1", over), ("v2", going), ("v3", over)):
+        store.write_bytes(f"{prefix}/{version}/{run_id}/scattered/part-00000.arrow", b"left behind")
+        store.write_bytes(f"shards/{DATASET}/v={version}/train-00000-of-00001.parquet", b"half written")
+    store.write_bytes(f"shards/{DATASET}/v=v3/manifest.json", b"{}")  # v3 was committed before its run died
     store.write_bytes(f"{prefix}/stray.txt", b"not a run's")
-    remove_finished_staging(store, dataset, lambda run_id: run_finished(instance, run_id))
+
+    assert remove_abandoned_writes(store, dataset, lambda run_id: run_finished(instance, run_id)) == ["v1"]
     left = sorted(o.key[len(prefix) + 1 :] for o in store.list_objects(prefix))
-    assert left == ["stray.txt", "v1/a-run-this-instance-does-not-know/scattered/part-00000.arrow"]
+    assert left == ["stray.txt", f"v2/{going}/scattered/part-00000.arrow"]
+    assert not store.exists(f"shards/{DATASET}/v=v1")
+    assert store.exists(f"shards/{DATASET}/v=v2/train-00000-of-00001.parquet")
+    assert store.exists(f"shards/{DATASET}/v=v3/train-00000-of-00001.parquet")
 
 
 @dg.asset
