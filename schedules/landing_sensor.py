@@ -47,7 +47,9 @@ def landing_sensor(catalog: Catalog, site: str) -> dg.SensorDefinition:
 
 
 def _run_request(dataset: Dataset, listing: dict[str, str], count: int) -> dg.RunRequest:
-    digest = hashlib.sha256("\n".join(f"{k}={v}" for k, v in sorted(listing.items())).encode()).hexdigest()[:16]
+    digest = hashlib.sha256("\n".join(sorted(listing.values())).encode()).hexdigest()[
+        :16
+    ]  # fingerprints name their key
     return dg.RunRequest(
         run_key=f"{dataset.name}-{count}-{digest}",
         asset_selection=materialisable_keys(dataset),
