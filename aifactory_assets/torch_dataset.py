@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import queue
 import traceback
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
@@ -169,6 +170,9 @@ class TensorLoader:
     The batches are the rank's stream in order (the same as `ShardIterableDataset` gives through a
     DataLoader with any number of workers), so it resumes the same way. Each worker makes `chunk`
     consecutive batches in turn, so row groups that straddle two batches are mostly decoded once.
+    The workers and the ring are made on the first epoch and kept for the next ones (forking a process
+    that holds a CUDA context and pinning the ring cost a large part of a short epoch); an epoch left
+    unfinished ends them, and `close()` (or leaving a `with` block) ends them for good.
     Numeric columns only (select them with `columns=`); workers are forked (Linux)."""
 
     def __init__(
@@ -185,52 +189,36 @@ class TensorLoader:
         # Workers are the parallelism: each decodes one row group at a time, read rather than mapped
         # (faster on the lent H100 host than PyArrow's own threads or memory maps).
         dataset_options = {"use_threads": False, "memory_map": False} | dataset_options
+        self._pool: WorkerPool | None = None
         self.dataset = ShardIterableDataset(manifest, split, **dataset_options)
         self.device, self.workers, self.chunk, self.slots = torch.device(device), workers, chunk, slots
 
     def set_epoch(self, epoch: int) -> None:
         self.dataset.set_epoch(epoch)
 
-    def owner(self, batch: int) -> int:
-        return (batch // self.chunk) % self.workers
-
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         reader = self.dataset.reader(0, 1)
         plan = list(reader.plan())
         if not plan:
             return
-        ring = self._ring(reader, plan)
-        registered = [t for t in ring.values() if self.device.type == "cuda" and pin_shared(t)]
-        pinned = bool(registered) and len(registered) == len(ring)  # else copies wait for the host
-        context = torch.multiprocessing.get_context("fork")
-        free = [context.SimpleQueue() for _ in range(self.workers)]
-        ready = [context.Queue() for _ in range(self.workers)]
-        for queue_ in free:
-            for slot in range(self.slots):
-                queue_.put(slot)
-        processes = [
-            context.Process(
-                target=self._work, args=(w, plan, ring, free[w], ready[w]), name=f"TensorLoader-{w}", daemon=True
-            )
-            for w in range(self.workers)
-        ]
-        for process in processes:
-            process.start()
+        pool = self._pool or self._start(reader, plan)
+        if pool.busy:
+            raise RuntimeError("TensorLoader: an epoch is still being read; finish or close it before the next")
+        pool.begin_epoch()
         copies = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         in_flight: tuple[Any, int, int] | None = None  # the last batch's copy, its worker and slot
+        received = 0
         try:
             for i in range(len(plan)):
-                worker = self.owner(i)
-                message = receive(ready[worker], processes[worker])
-                if isinstance(message, str):
-                    raise RuntimeError(f"TensorLoader worker {worker} failed:\n{message}")
-                slot, rows = message
-                batch = {name: t[worker, slot, :rows] for name, t in ring.items()}
+                worker = pool.owner(i)
+                slot, rows = pool.receive(worker)
+                received += 1
+                batch = {name: t[worker, slot, :rows] for name, t in pool.ring.items()}
                 if self.device.type == "cuda":
                     # Copied on a stream of its own, so handing the slot back waits for this copy alone,
                     # not for the model's work queued before it; the model's stream waits for the copy.
                     with torch.cuda.stream(copies):
-                        batch = {name: t.to(self.device, non_blocking=pinned) for name, t in batch.items()}
+                        batch = {name: t.to(self.device, non_blocking=pool.pinned) for name, t in batch.items()}
                         event = torch.cuda.Event()
                         event.record(copies)
                     torch.cuda.current_stream(self.device).wait_event(event)
@@ -239,48 +227,131 @@ class TensorLoader:
                 else:
                     batch, event = {name: t.clone() for name, t in batch.items()}, None
                 if in_flight is not None:
-                    release(*in_flight, free)
+                    pool.release(*in_flight)
                 in_flight = (event, worker, slot)
                 yield batch
         finally:
             if in_flight is not None:
-                release(*in_flight, free)
-            for queue_ in free:
-                queue_.put(None)
-            for process in processes:
-                process.join(timeout=10)
-                if process.is_alive():
-                    process.terminate()
-            for t in registered:
-                torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
+                pool.release(*in_flight)
+            pool.busy = False
+            if received < len(plan):  # workers are mid-epoch (or lost): start afresh next time
+                self.close()
 
-    def _ring(self, reader: ShardReader, plan: list[list[Piece]]) -> dict[str, torch.Tensor]:
-        """[workers, slots, batch rows, ...] shared tensors, one per output, shaped after the first row group."""
+    def close(self) -> None:
+        """End the worker processes and unpin the ring; the next epoch starts new ones."""
+        if self._pool is not None:
+            self._pool = None
+            self._closing()
+
+    def __enter__(self) -> TensorLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _start(self, reader: ShardReader, plan: list[list[Piece]]) -> WorkerPool:
+        """The ring ([workers, slots, batch rows, ...] shared tensors, one per output, shaped after the first
+        row group and the largest batch any epoch has), then the workers forked over it."""
         arrays, _ = BatchGatherer(reader, self.dataset.stack).group(plan[0][0][0])
         text = [name for name, values in arrays.items() if not isinstance(values, np.ndarray)]
         if text:
             raise ValueError(f"TensorLoader carries numbers only; leave out {text} with columns=[...]")
-        rows = max(sum(hi - lo for _, lo, hi in pieces) for pieces in plan)
-        return {
+        rows = min(reader.batch_size, reader.samples_per_rank())
+        ring = {
             name: torch.empty(
                 (self.workers, self.slots, rows, *values.shape[1:]), dtype=torch_dtype(values.dtype)
             ).share_memory_()
             for name, values in arrays.items()
         }
+        self._pool = WorkerPool(self.dataset, ring, self.device, self.chunk)
+        # Also when the loader is dropped, or the interpreter exits (before the modules it needs are gone).
+        self._closing = weakref.finalize(self, self._pool.close)
+        return self._pool
 
-    def _work(self, worker: int, plan: list[list[Piece]], ring: dict[str, torch.Tensor], free: Any, ready: Any) -> None:
-        """A worker process: its batches, in order, each into a free slot of its own."""
+
+class WorkerPool:
+    """TensorLoader's worker processes, the ring they fill and the queues between them and the trainer.
+    Worker w makes batches chunk*w .. chunk*w + chunk-1, then those `workers` chunks further, and so on."""
+
+    def __init__(self, dataset: ShardIterableDataset, ring: dict[str, torch.Tensor], device: torch.device, chunk: int):
+        self.ring, self.chunk, self.busy = ring, chunk, False
+        self.registered = [t for t in ring.values() if device.type == "cuda" and pin_shared(t)]
+        self.pinned = bool(self.registered) and len(self.registered) == len(ring)  # else copies wait for the host
+        self.workers, slots = next(iter(ring.values())).shape[:2]
+        context = torch.multiprocessing.get_context("fork")
+        self.epochs = [context.SimpleQueue() for _ in range(self.workers)]
+        self.free = [context.SimpleQueue() for _ in range(self.workers)]
+        self.ready = [context.Queue() for _ in range(self.workers)]
+        for queue_ in self.free:
+            for slot in range(slots):
+                queue_.put(slot)
+        self.processes = [
+            context.Process(
+                target=self.work,
+                args=(w, dataset, self.epochs[w], self.free[w], self.ready[w]),
+                name=f"TensorLoader-{w}",
+                daemon=True,
+            )
+            for w in range(self.workers)
+        ]
+        for process in self.processes:
+            process.start()
+
+    def owner(self, batch: int) -> int:
+        return (batch // self.chunk) % self.workers
+
+    def work(self, worker: int, dataset: ShardIterableDataset, epochs: Any, free: Any, ready: Any) -> None:
+        """A worker process: told to start an epoch, it makes its batches in order, each into a free slot
+        of its own. The epoch (and a resume point) comes from the dataset's shared state."""
         try:
-            gather = BatchGatherer(self.dataset.reader(0, 1), self.dataset.stack)
-            for i, pieces in enumerate(plan):
-                if self.owner(i) != worker:
-                    continue
-                slot = free.get()
-                if slot is None:
-                    return
-                ready.put((slot, gather.fill(pieces, {name: t[worker, slot].numpy() for name, t in ring.items()})))
+            while epochs.get() is not None:
+                gather = BatchGatherer(dataset.reader(0, 1), dataset.stack)
+                for i, pieces in enumerate(gather.reader.plan()):
+                    if self.owner(i) != worker:
+                        continue
+                    slot = free.get()
+                    if slot is None:
+                        return
+                    targets = {name: t[worker, slot].numpy() for name, t in self.ring.items()}
+                    ready.put((slot, gather.fill(pieces, targets)))
         except BaseException:
             ready.put(traceback.format_exc())
+
+    def begin_epoch(self) -> None:
+        self.busy = True
+        for queue_ in self.epochs:
+            queue_.put(True)
+
+    def receive(self, worker: int) -> tuple[int, int]:
+        """The worker's next (slot, rows); an error, not a hang, if it failed or died without a word."""
+        process = self.processes[worker]
+        while True:
+            try:
+                message = self.ready[worker].get(timeout=1.0)
+                break
+            except queue.Empty:
+                if not process.is_alive():
+                    raise RuntimeError(f"TensorLoader worker {process.name} exited ({process.exitcode})") from None
+        if isinstance(message, str):
+            raise RuntimeError(f"TensorLoader worker {worker} failed:\n{message}")
+        return message
+
+    def release(self, event: Any, worker: int, slot: int) -> None:
+        """Give a slot back to its worker once the copy out of it is done."""
+        if event is not None:
+            event.synchronize()
+        self.free[worker].put(slot)
+
+    def close(self) -> None:
+        for epochs, free in zip(self.epochs, self.free, strict=True):
+            epochs.put(None)
+            free.put(None)  # a worker waiting for a slot mid-epoch stops too
+        for process in self.processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.terminate()
+        for t in self.registered:
+            torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
 
 
 def pin_shared(tensor: torch.Tensor) -> bool:
@@ -288,20 +359,3 @@ def pin_shared(tensor: torch.Tensor) -> bool:
     cudart = torch.cuda.cudart()
     nbytes = tensor.numel() * tensor.element_size()
     return cudart.cudaHostRegister(tensor.data_ptr(), nbytes, 0) == cudart.cudaError.success
-
-
-def receive(ready: Any, process: Any) -> Any:
-    """The worker's next message; an error, not a hang, if the worker died without sending one."""
-    while True:
-        try:
-            return ready.get(timeout=1.0)
-        except queue.Empty:
-            if not process.is_alive():
-                raise RuntimeError(f"TensorLoader worker {process.name} exited ({process.exitcode})") from None
-
-
-def release(event: Any, worker: int, slot: int, free: list[Any]) -> None:
-    """Give a slot back to its worker once the copy out of it is done."""
-    if event is not None:
-        event.synchronize()
-    free[worker].put(slot)

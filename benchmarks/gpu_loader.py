@@ -10,7 +10,8 @@ then measures, on the same files:
   `--workers`, and `TensorLoader(..., workers=P)` for each P in `--processes`, two epochs each, every batch
   on the device;
 - with `--transport`, the DataLoader moving empty batches of the same shapes (its own ceiling);
-- with `--mlp`, a small MLP (16-512-512-10) consuming the fastest path's batches.
+- with `--mlp`, a small MLP (16-512-512-10) alone on a batch resident on the device (its own ceiling), then
+  consuming the fastest path's batches.
 
     python -m benchmarks.gpu_loader --rows 16000000 --shards 32 --workers 4 --processes 4 8 12 --mlp --transport
 
@@ -177,6 +178,18 @@ def epochs(make, device: torch.device, model: torch.nn.Module | None, count: int
     return results
 
 
+def model_alone(model: torch.nn.Module, device: torch.device, args: argparse.Namespace) -> tuple[float, int, int]:
+    """The model's own ceiling: an epoch's worth of steps on one batch already on the device, nothing loaded."""
+    x = torch.randn(args.batch, len(FEATURES), device=device)
+    steps = args.rows // args.batch
+    start = time.perf_counter()
+    for _ in range(steps):
+        model(x).sum().backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, steps * args.batch, steps * x.element_size() * x.nelement()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=16_000_000)
@@ -231,6 +244,7 @@ def main() -> None:
             torch.nn.Linear(512, 10),
         ).to(device)
         model(torch.zeros(args.batch, len(FEATURES), device=device)).sum().backward()  # kernels chosen, untimed
+        results.append(("MLP alone, one batch resident on the device", *model_alone(model, device, args)))
         for epoch, measured in enumerate(epochs(best[1], device, model)):
             results.append((f"{best[0]} + MLP, epoch {epoch}", *measured))
 

@@ -256,9 +256,27 @@ def test_tensor_loader_gives_the_dataloaders_batches_in_its_order(manifest_url: 
             assert tensors["x"].shape == (batch.num_rows, 2)
             assert tensors["x"][:, 1].tolist() == batch.column("wind").to_pylist()
             assert tensors["temp_max"].tolist() == batch.column("temp_max").to_pylist()
-    stream = iter(TensorLoader(manifest_url, "train", device="cpu", workers=2, slots=1, **options))
-    next(stream)
-    stream.close()  # stopping early ends the worker processes instead of leaving them blocked
+
+    def workers() -> set[int]:
+        return {p.pid for p in multiprocessing.active_children() if p.name.startswith("TensorLoader")}
+
+    with TensorLoader(manifest_url, "train", device="cpu", workers=2, **options) as loader:
+        for epoch in (3, 4):  # the workers of the first epoch make the next one's batches too
+            loader.set_epoch(epoch)
+            got = [t["temp_max"].tolist() for t in loader]
+            if epoch == 3:
+                first = workers()
+            expected = rank_batches(manifest_url, 0, 3, workers=1, epoch=epoch, columns=columns)
+            assert got == [batch.column("temp_max").to_pylist() for batch in expected]
+            assert len(first) == 2 and workers() == first
+        stream = iter(loader)
+        next(stream)
+        with pytest.raises(RuntimeError, match="still being read"):
+            next(iter(loader))
+        stream.close()  # stopping early ends the worker processes instead of leaving them blocked
+        assert not workers()
+        assert len(list(loader)) == len(expected)  # and the next epoch starts new ones
+    assert not workers()
     stream = iter(TensorLoader(manifest_url, "train", device="cpu", workers=2, **options))
     next(stream)
     for process in multiprocessing.active_children():
