@@ -11,9 +11,9 @@ then measures, on the same files:
   on the device;
 - with `--transport`, the DataLoader moving empty batches of the same shapes (its own ceiling);
 - with `--mlp`, a small MLP (16-512-512-10) alone on a batch resident on the device (its own ceiling), then
-  consuming the fastest path's batches.
+  each path again, feeding it.
 
-    python -m benchmarks.gpu_loader --rows 16000000 --shards 32 --workers 4 --processes 4 8 12 --mlp --transport
+    python -m benchmarks.gpu_loader --rows 16000000 --shards 32 --workers 4 --processes 1 8 12 16 --mlp --transport
 
 Falls back to the CPU when no CUDA device is present (the numbers then say so).
 """
@@ -178,6 +178,19 @@ def epochs(make, device: torch.device, model: torch.nn.Module | None, count: int
     return results
 
 
+def mlp(device: torch.device, batch: int) -> torch.nn.Module:
+    """The small model of the issue's bar: 16-512-512-10, fp32, its kernels chosen before any timing."""
+    model = torch.nn.Sequential(
+        torch.nn.Linear(16, 512),
+        torch.nn.ReLU(),
+        torch.nn.Linear(512, 512),
+        torch.nn.ReLU(),
+        torch.nn.Linear(512, 10),
+    ).to(device)
+    model(torch.zeros(batch, len(FEATURES), device=device)).sum().backward()
+    return model
+
+
 def model_alone(model: torch.nn.Module, device: torch.device, args: argparse.Namespace) -> tuple[float, int, int]:
     """The model's own ceiling: an epoch's worth of steps on one batch already on the device, nothing loaded."""
     x = torch.randn(args.batch, len(FEATURES), device=device)
@@ -225,28 +238,19 @@ def main() -> None:
             paths.append(
                 (f"TensorLoader, {n} workers{how}", partial(tensor_loader, manifest, device, n, args.batch, **options))
             )
-    best, best_rate = paths[0], 0.0
+    model = mlp(device, args.batch) if args.mlp else None
+    if model is not None:
+        results.append(("MLP alone, one batch resident on the device", *model_alone(model, device, args)))
     for label, make in paths:
-        for epoch, (seconds, rows, nbytes) in enumerate(epochs(make, device, None)):
-            results.append((f"{label}, epoch {epoch}", seconds, rows, nbytes))
-        if rows / seconds > best_rate:
-            best, best_rate = (label, make), rows / seconds
+        for epoch, measured in enumerate(epochs(make, device, None)):
+            results.append((f"{label}, epoch {epoch}", *measured))
+        if model is not None:
+            for epoch, measured in enumerate(epochs(make, device, model)):
+                results.append((f"{label} + MLP, epoch {epoch}", *measured))
     for n in args.workers if args.transport else []:
         make = partial(transport, device, n, args.batch, args.rows)
         for epoch, measured in enumerate(epochs(make, device, None)):
             results.append((f"DataLoader moving empty batches, {n} workers, epoch {epoch}", *measured))
-    if args.mlp:
-        model = torch.nn.Sequential(
-            torch.nn.Linear(16, 512),
-            torch.nn.ReLU(),
-            torch.nn.Linear(512, 512),
-            torch.nn.ReLU(),
-            torch.nn.Linear(512, 10),
-        ).to(device)
-        model(torch.zeros(args.batch, len(FEATURES), device=device)).sum().backward()  # kernels chosen, untimed
-        results.append(("MLP alone, one batch resident on the device", *model_alone(model, device, args)))
-        for epoch, measured in enumerate(epochs(best[1], device, model)):
-            results.append((f"{best[0]} + MLP, epoch {epoch}", *measured))
 
     groups = pq.ParquetFile(next(manifest.parent.glob("train-*.parquet"))).metadata.row_group(0).num_rows
     print(
