@@ -171,8 +171,9 @@ class TensorLoader:
     DataLoader with any number of workers), so it resumes the same way. Each worker makes `chunk`
     consecutive batches in turn, so row groups that straddle two batches are mostly decoded once.
     The workers and the ring are made on the first epoch and kept for the next ones (forking a process
-    that holds a CUDA context and pinning the ring cost a large part of a short epoch); an epoch left
-    unfinished ends them, and `close()` (or leaving a `with` block) ends them for good.
+    that holds a CUDA context and pinning the ring cost almost half of a one-second epoch). An epoch left
+    unfinished ends them (closing its iterator, or starting the next epoch, which then starts afresh);
+    `close()`, leaving a `with` block or dropping the loader ends them for good.
     Numeric columns only (select them with `columns=`); workers are forked (Linux)."""
 
     def __init__(
@@ -201,9 +202,9 @@ class TensorLoader:
         plan = list(reader.plan())
         if not plan:
             return
+        if self._pool is not None and self._pool.busy:
+            self.close()  # an earlier epoch left unfinished: this one replaces it, as a DataLoader's iterator
         pool = self._pool or self._start(reader, plan)
-        if pool.busy:
-            raise RuntimeError("TensorLoader: an epoch is still being read; finish or close it before the next")
         pool.begin_epoch()
         copies = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         in_flight: tuple[Any, int, int] | None = None  # the last batch's copy, its worker and slot
@@ -234,7 +235,7 @@ class TensorLoader:
             if in_flight is not None:
                 pool.release(*in_flight)
             pool.busy = False
-            if received < len(plan):  # workers are mid-epoch (or lost): start afresh next time
+            if received < len(plan) and self._pool is pool:  # workers mid-epoch (or lost): afresh next time
                 self.close()
 
     def close(self) -> None:
@@ -274,7 +275,7 @@ class WorkerPool:
     Worker w makes batches chunk*w .. chunk*w + chunk-1, then those `workers` chunks further, and so on."""
 
     def __init__(self, dataset: ShardIterableDataset, ring: dict[str, torch.Tensor], device: torch.device, chunk: int):
-        self.ring, self.chunk, self.busy = ring, chunk, False
+        self.ring, self.chunk, self.busy, self.closed = ring, chunk, False, False
         self.registered = [t for t in ring.values() if device.type == "cuda" and pin_shared(t)]
         self.pinned = bool(self.registered) and len(self.registered) == len(ring)  # else copies wait for the host
         self.workers, slots = next(iter(ring.values())).shape[:2]
@@ -324,6 +325,8 @@ class WorkerPool:
 
     def receive(self, worker: int) -> tuple[int, int]:
         """The worker's next (slot, rows); an error, not a hang, if it failed or died without a word."""
+        if self.closed:
+            raise RuntimeError("TensorLoader: this epoch was ended (closed, or a later epoch started)")
         process = self.processes[worker]
         while True:
             try:
@@ -343,6 +346,7 @@ class WorkerPool:
         self.free[worker].put(slot)
 
     def close(self) -> None:
+        self.closed = True
         for epochs, free in zip(self.epochs, self.free, strict=True):
             epochs.put(None)
             free.put(None)  # a worker waiting for a slot mid-epoch stops too
