@@ -287,5 +287,12 @@ def _read_parquet(data: bytes, dataset: Dataset) -> LandedRows:
     except (pa.ArrowInvalid, OSError) as exc:
         raise UnreadableFile(f"not a readable Parquet file ({len(data)} bytes): {exc}") from None
     extra = check_columns(table.column_names, dataset)
-    values = table.select(dataset.table.names).to_pandas(integer_object_nulls=True)  # exact, nulls or not
+    table = table.select(dataset.table.names)
+    values = table.to_pandas(integer_object_nulls=True)  # exact, nulls or not
+    for name, column in zip(table.column_names, table.columns, strict=True):
+        if pa.types.is_floating(column.type):
+            # pandas would make a NaN a null; it is a value, judged as the CSV text "NaN" is.
+            nan = pc.fill_null(pc.is_nan(column), False).to_numpy(zero_copy_only=False)
+            if nan.any():
+                values[name] = pd.Series(np.where(nan, "NaN", values[name].to_numpy(dtype=object)), dtype=object)
     return LandedRows(values, np.arange(1, table.num_rows + 1, dtype=np.int64), [], extra)

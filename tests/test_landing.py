@@ -3,7 +3,10 @@ and steps aside whenever the robust path would judge a value differently."""
 
 from __future__ import annotations
 
+import io
+
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from aifactory_assets.catalog import Catalog, Dataset
@@ -122,3 +125,22 @@ def test_json_numbers_stay_exact_and_nan_is_judged_as_in_csv() -> None:
     assert typed.column("name").to_pylist()[0] == "1234"
     assert reasons.iloc[0] is None and "'NaN' is not a valid float64" in reasons.iloc[1]
     assert "id: null in a non-nullable column" in reasons.iloc[2]
+
+
+def test_a_parquet_nan_is_judged_as_in_csv_and_a_null_stays_null() -> None:
+    parquet = CORPUS.model_copy(update={"source": CORPUS.source.model_copy(update={"format": "parquet"})})
+    table = pa.table(
+        {
+            "id": pa.array([1, 2, 3], pa.int64()),
+            "name": ["a", "b", "c"],
+            "amount": pa.array([1.5, float("nan"), None], pa.float64()),
+            "day": pa.array([None, None, None], pa.string()),
+            "flag": pa.array([None, None, None], pa.bool_()),
+        }
+    )
+    data = io.BytesIO()
+    pq.write_table(table, data)
+    typed, reasons = coerce_frame(read_landed(data.getvalue(), parquet).values, parquet)
+    assert reasons.iloc[0] is None and reasons.iloc[2] is None  # the null is a null (the column allows it)
+    assert "amount: 'NaN' is not a valid float64" in reasons.iloc[1]
+    assert typed.column("amount").to_pylist() == [1.5, None, None]
