@@ -113,7 +113,11 @@ def expectations_table(results: list[dict[str, Any]]) -> str:
                 "✅" if r["success"] else "❌",
                 r.get("unexpected_count", "-"),
                 r.get("element_count", "-"),
-                (", ".join(r.get("sample", [])) or str(r.get("observed", "")))[:80]
+                (
+                    f"error: {r['error']}"
+                    if r.get("error")
+                    else ", ".join(r.get("sample", [])) or str(r.get("observed", ""))
+                )[:80]
                 + (" (approx.)" if r.get("approximate") else ""),
             ]
             for r in results
@@ -130,7 +134,11 @@ def expectation_group_check(results: list[dict[str, Any]], severity: str) -> dg.
         passed=not failed,
         severity=dg.AssetCheckSeverity.ERROR if severity == "critical" else dg.AssetCheckSeverity.WARN,
         description=(
-            "failed: " + ", ".join(f"{r['label']} ({r.get('unexpected_count', r.get('observed'))})" for r in failed)
+            "failed: "
+            + ", ".join(
+                f"{r['label']} ({r['error'] if r.get('error') else r.get('unexpected_count', r.get('observed'))})"
+                for r in failed
+            )
             if failed
             else f"{len(mine)} {severity} expectation(s) hold"
         ),

@@ -77,15 +77,28 @@ def shorten(text: str) -> str:
     return text if len(text) <= SAMPLE_CHARS else f"{text[:SAMPLE_CHARS]}… ({len(text):,} characters)"
 
 
+def gx_error(outcome: Any) -> str | None:
+    """Why GX could not judge an expectation (a bad regex, a bound of the wrong type), or None. GX 1.x puts
+    a metric's failure under its metric id rather than at the top, and then returns no counts at all: such
+    an outcome must fail, not pass with nothing unexpected."""
+    info = outcome.exception_info or {}
+    nested = [info] if "raised_exception" in info else [v for v in info.values() if isinstance(v, dict)]
+    for entry in nested:
+        if entry.get("raised_exception"):
+            return str(entry.get("exception_message") or "raised an error")
+    if not outcome.success and "element_count" not in outcome.result:
+        return "failed without counts"
+    return None
+
+
 def _row_counts(outcome: Any, rows: int) -> dict[str, Any]:
     found = outcome.result
-    raised = outcome.exception_info.get("raised_exception")
     return {
         "element_count": int(found.get("element_count", rows)),
         "missing_count": int(found.get("missing_count", 0)),
         "unexpected_count": int(found.get("unexpected_count", 0)),
         "sample": [shorten(str(v)) for v in (found.get("partial_unexpected_list") or [])[:SAMPLE_SIZE]],
-        "error": outcome.exception_info.get("exception_message") if raised else None,
+        "error": gx_error(outcome),
     }
 
 

@@ -110,6 +110,23 @@ def test_mostly_is_judged_on_the_totals(tmp_path, dask: DaskCluster, mostly: flo
     assert [e["quarantined_at_validation"] for e in record["ledger"]] == [0, 20, 0]
 
 
+def test_an_expectation_gx_cannot_judge_fails_with_its_error(tmp_path, dask: DaskCluster) -> None:
+    """GX reports a metric that raised (here a broken regex) under the metric's id, with no counts: that is
+    a failure with GX's reason, never a pass with nothing unexpected."""
+    store = ObjectStore(site="kajaani", root=str(tmp_path))
+    frames = partitions()
+    publish_raw(store, frames)
+    expectation = {"type": "expect_column_values_to_match_regex", "kwargs": {"column": "sensor", "regex": "([a-z"}}
+    record = validate_dataset(
+        store, dask.get_client(), DATASET, {"name": "readings", "expectations": [expectation]}, "r1"
+    )
+    (result,) = record["results"]
+    (reference,) = gx_whole_table(pd.concat(frames, ignore_index=True), [expectation])
+    assert result["success"] is False is reference.success
+    assert "regular expression" in result["error"]
+    assert record["rows_quarantined"] == 0  # no row is blamed for a broken expectation
+
+
 GLOBAL_CASES = [
     {"type": "expect_column_values_to_be_unique", "kwargs": {"column": "id"}},
     {"type": "expect_column_values_to_be_unique", "kwargs": {"column": "sensor"}},
