@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import dagster as dg
@@ -20,36 +21,62 @@ from resources.object_store import ObjectStore
 SCHEMA_CHECK, CONSERVATION_CHECK = "schema_matches_catalog", "conservation"
 CRITICAL_CHECK, WARNING_CHECK = "critical_expectations", "warning_expectations"
 LEDGER_CHECK, VERIFIED_CHECK = "ledger_per_source", "shards_match_manifest"
+FILES_CHECK = "landed_files_read"
 EXPECTATION_CHECKS = {"critical": CRITICAL_CHECK, "warning": WARNING_CHECK}
 
 
-def parquet_schema(store: ObjectStore, key: str) -> pa.Schema:
-    with store.fs.open(store.path(key), "rb") as f:
-        return pq.read_schema(f)
+def footers(store: ObjectStore, keys: list[str]) -> dict[str, pq.FileMetaData]:
+    """Each written Parquet file's footer (its schema and row count), read in parallel: the store may be
+    remote, and a check that reads one file out of many misses the one that went wrong."""
+
+    def footer(key: str) -> pq.FileMetaData:
+        with store.fs.open(store.path(key), "rb") as f:
+            return pq.read_metadata(f)
+
+    with ThreadPoolExecutor(8) as pool:
+        return dict(zip(keys, pool.map(footer, keys), strict=True))
 
 
-def schema_check(dataset: Dataset, store: ObjectStore, key: str | None, expected: pa.Schema) -> dg.AssetCheckResult:
-    """Does the Parquet written at `key` carry exactly the catalogue's columns and types?"""
-    if key is None:
-        return dg.AssetCheckResult(
-            check_name=SCHEMA_CHECK, passed=True, metadata={"note": "no part written (every file refused)"}
-        )
-    found = parquet_schema(store, key)
-    mismatches = [
-        f"{f.name}: expected {f.type}, found {found.field(f.name).type if f.name in found.names else 'missing'}"
-        for f in expected
-        if f.name not in found.names or found.field(f.name).type != f.type
-    ]
-    mismatches += [f"{name}: not in the catalogue" for name in found.names if name not in expected.names]
+def schema_check(
+    dataset: Dataset, store: ObjectStore, written: dict[str, pq.FileMetaData], expected: pa.Schema
+) -> dg.AssetCheckResult:
+    """Does every Parquet file a step wrote carry exactly the catalogue's columns and types?"""
+    problems: dict[str, list[str]] = {}
+    for key, meta in written.items():
+        found = meta.schema.to_arrow_schema()
+        mismatches = [
+            f"{f.name}: expected {f.type}, found {found.field(f.name).type if f.name in found.names else 'missing'}"
+            for f in expected
+            if f.name not in found.names or found.field(f.name).type != f.type
+        ]
+        mismatches += [f"{name}: not in the catalogue" for name in found.names if name not in expected.names]
+        for mismatch in mismatches:
+            problems.setdefault(mismatch, []).append(key)
     expected_types = {c.name: str(ARROW_TYPES[c.type]) for c in dataset.table.columns}
     return dg.AssetCheckResult(
         check_name=SCHEMA_CHECK,
-        passed=not mismatches,
+        passed=not problems,
+        description="; ".join(f"{m} (in {len(keys)} of {len(written)} files)" for m, keys in problems.items())
+        or (f"{len(written)} file(s) match the catalogue" if written else "nothing written to check"),
         metadata={
-            "checked_object": location(store, key),
-            "mismatches": "\n".join(mismatches) or "none",
+            "files_checked": len(written),
+            "first_mismatching": location(store, next(iter(problems.values()))[0]) if problems else "none",
             "expected": dg.MetadataValue.json(expected_types),
         },
+    )
+
+
+def files_check(ledger: list[dict[str, Any]]) -> dg.AssetCheckResult:
+    """Every landed file read: a refused one (unreadable, schema drift) stops no other file, but its rows
+    are missing from everything downstream until a person looks, so it warns."""
+    refused = [e for e in ledger if "file_error" in e]
+    return dg.AssetCheckResult(
+        check_name=FILES_CHECK,
+        passed=not refused,
+        severity=dg.AssetCheckSeverity.WARN,
+        description="\n".join(f"{e['source']}: {e['file_error']}" for e in refused)
+        or f"{len(ledger)} landed file(s) read",
+        metadata={"files": len(ledger), "refused": len(refused)},
     )
 
 

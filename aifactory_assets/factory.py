@@ -13,6 +13,7 @@ from aifactory_assets.catalog import Catalog, Dataset
 from aifactory_assets.checks import (
     CONSERVATION_CHECK,
     CRITICAL_CHECK,
+    FILES_CHECK,
     LEDGER_CHECK,
     SCHEMA_CHECK,
     VERIFIED_CHECK,
@@ -20,6 +21,8 @@ from aifactory_assets.checks import (
     conservation_check,
     expectation_group_check,
     expectations_table,
+    files_check,
+    footers,
     ledger_check,
     schema_check,
     verify_shards,
@@ -39,7 +42,7 @@ from aifactory_assets.publish import require_current
 from aifactory_assets.schema import arrow_schema
 from aifactory_assets.sharding import shard_dataset
 from aifactory_assets.staging import staging_prefix
-from aifactory_assets.validation import validate_dataset
+from aifactory_assets.validation import suite_fingerprint, validate_dataset
 from resources.dask_cluster import DaskCluster
 from resources.object_store import ObjectStore
 
@@ -64,8 +67,11 @@ def _common(dataset: Dataset, stage: str, description: str) -> dict[str, Any]:
     }
 
 
-def shards_pool(dataset: Dataset) -> str:
-    return f"aifactory/{dataset.name}/shards"
+def dataset_pool(dataset: Dataset) -> str:
+    """Every step of a dataset is in this pool, limited to one (the instance's `concurrency.pools`): a step
+    publishing a generation deletes the one before, which another run's step may be reading, and two runs
+    writing one version would rewrite shards the other has just committed."""
+    return f"aifactory/{dataset.name}"
 
 
 def _resources(context: dg.AssetExecutionContext, dataset: Dataset) -> tuple[ObjectStore, DaskCluster]:
@@ -83,14 +89,26 @@ def run_finished(instance: dg.DagsterInstance, run_id: str) -> bool:
     return run is not None and run.is_finished
 
 
-def require_shardable(dataset: Dataset, raw_record: dict[str, Any], valid_record: dict[str, Any]) -> None:
+def require_shardable(
+    dataset: Dataset, suite: dict[str, Any], raw_record: dict[str, Any], valid_record: dict[str, Any]
+) -> None:
     """A run may materialise the shards alone, so they check what the validated step decided: a failed
-    validation still publishes (its report and quarantine are what a person needs), and validated may lag
-    behind a newer raw generation."""
+    validation still publishes (its report and quarantine are what a person needs), validated may lag
+    behind a newer raw generation or an edited suite, and a version of no rows would replace the latest."""
     if valid_record["raw_generation"] != raw_record["generation"]:
         raise dg.Failure(
             f"{dataset.name}: validated was made from {valid_record['raw_generation']}, not from the current raw "
             f"generation {raw_record['generation']}: materialise validated first"
+        )
+    if valid_record.get("suite_fingerprint") != suite_fingerprint(suite):
+        raise dg.Failure(
+            f"{dataset.name}: validated was judged by another version of suite {suite['name']!r}: "
+            "materialise validated first"
+        )
+    if raw_record["rows_read"] == 0:
+        raise dg.Failure(
+            f"{dataset.name}: no rows read ({raw_record['files_refused']} of {len(raw_record['ledger'])} landed "
+            "file(s) refused, see the raw step's landed_files_read check); nothing to shard"
         )
     failed = [r["label"] for r in valid_record["results"] if r["severity"] == "critical" and not r["success"]]
     if failed:
@@ -148,7 +166,11 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
         deps=[landing.key],
         kinds={"dask", "parquet"},
         required_resource_keys=resource_keys,
-        check_specs=_checks(dataset, "raw", SCHEMA_CHECK, CONSERVATION_CHECK),
+        check_specs=[
+            *_checks(dataset, "raw", SCHEMA_CHECK, CONSERVATION_CHECK),
+            *_checks(dataset, "raw", FILES_CHECK, blocking=False),
+        ],
+        pool=dataset_pool(dataset),
     )
     def raw(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         store, dask = _resources(context, dataset)
@@ -161,6 +183,7 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
         for entry in record["ledger"]:
             if entry.get("extra_columns"):
                 context.log.warning(f"{entry['source']}: undeclared column(s) {entry['extra_columns']} ignored")
+        written = footers(store, record["parts"])
         return dg.MaterializeResult(
             metadata={
                 **stage_metadata(
@@ -176,12 +199,13 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
                 "files_refused": record["files_refused"],
             },
             check_results=[
-                schema_check(dataset, store, record["parts"][0] if record["parts"] else None, schema),
+                schema_check(dataset, store, written, schema),
                 conservation_check(
-                    "rows read = valid + quarantined",
+                    "rows read = written + quarantined",
                     record["rows_read"],
-                    {"valid": record["rows_valid"], "quarantined": record["rows_quarantined"]},
+                    {"written": sum(m.num_rows for m in written.values()), "quarantined": record["rows_quarantined"]},
                 ),
+                files_check(record["ledger"]),
             ],
         )
 
@@ -199,12 +223,15 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
             *_checks(dataset, "validated", SCHEMA_CHECK, CONSERVATION_CHECK, CRITICAL_CHECK, LEDGER_CHECK),
             *_checks(dataset, "validated", WARNING_CHECK, blocking=False),
         ],
+        pool=dataset_pool(dataset),
     )
     def validated(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         store, dask = _resources(context, dataset)
         run_id = context.run.run_id
         record = validate_dataset(store, dask.get_client(), dataset, suite, run_id)
         raw_record = require_current(store, f"raw/{dataset.name}", "raw")
+        if raw_record["generation"] != record["raw_generation"]:  # the pool keeps other runs out; another instance?
+            raise dg.Failure(f"{dataset.name}: raw was published again while validating; materialise validated again")
         results = record["results"]
         report = write_report(store, dask.get_client(), dataset, suite, results, run_id)
         try:
@@ -222,6 +249,7 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
                 + ", ".join(f"{r['label']} ({r.get('unexpected_count', 0)} rows)" for r in worst),
                 metadata={"expectations": dg.MetadataValue.md(expectations_table(results)), "data_docs": report},
             )
+        written = footers(store, record["parts"])
         return dg.MaterializeResult(
             metadata={
                 **stage_metadata(
@@ -237,11 +265,11 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
                 "data_docs": report,
             },
             check_results=[
-                schema_check(dataset, store, record["parts"][0] if record["parts"] else None, schema),
+                schema_check(dataset, store, written, schema),
                 conservation_check(
-                    "raw rows = valid + quarantined",
+                    "raw rows = written + quarantined",
                     raw_record["rows_valid"],
-                    {"valid": record["rows_valid"], "quarantined": record["rows_quarantined"]},
+                    {"written": sum(m.num_rows for m in written.values()), "quarantined": record["rows_quarantined"]},
                 ),
                 expectation_group_check(results, "critical"),
                 expectation_group_check(results, "warning"),
@@ -260,15 +288,13 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
         kinds={"dask", "parquet"},
         required_resource_keys=resource_keys,
         check_specs=_checks(dataset, "shards", SCHEMA_CHECK, CONSERVATION_CHECK, VERIFIED_CHECK),
-        # Two runs writing one version would rewrite shards the other has just committed; the instance's
-        # `concurrency.pools.default_limit: 1` (dagster_home/dagster.yaml) lets one at a time per dataset.
-        pool=shards_pool(dataset),
+        pool=dataset_pool(dataset),
     )
     def shards(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         store, dask = _resources(context, dataset)
         raw_record = require_current(store, f"raw/{dataset.name}", "raw")
         valid_record = require_current(store, f"validated/{dataset.name}", "validated")
-        require_shardable(dataset, raw_record, valid_record)
+        require_shardable(dataset, suite, raw_record, valid_record)
         version = version_for(dataset, suite, raw_record)
         prefix = version_prefix(dataset, version)
         staging = None
@@ -306,9 +332,7 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
         summary = f"Version `{version}` committed: `{store.url(prefix)}/{MANIFEST}`\n\n" + markdown_table(
             ["split", "rows", "shards", "bytes"], split_rows
         )
-        first_shard = next(
-            (f"{prefix}/{s['shards'][0]['path']}" for s in manifest["splits"].values() if s["shards"]), None
-        )
+        written = footers(store, [f"{prefix}/{s['path']}" for v in manifest["splits"].values() for s in v["shards"]])
         return dg.MaterializeResult(
             metadata={
                 **stage_metadata(
@@ -325,7 +349,7 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
                 "duplicates_dropped": balance["duplicates_dropped"],
             },
             check_results=[
-                schema_check(dataset, store, first_shard, schema),
+                schema_check(dataset, store, written, schema),
                 conservation_check(
                     "rows read = sharded + quarantined + duplicates dropped",
                     balance["rows_read"],

@@ -10,6 +10,8 @@ expectations it failed.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
@@ -255,6 +257,11 @@ def source_ledger(raw: dict[str, Any], partials: list[dict[str, Any]]) -> list[d
     return ledger
 
 
+def suite_fingerprint(suite: dict[str, Any]) -> str:
+    """Which suite judged a validated generation: shards made later must be judged by the same one."""
+    return hashlib.sha256(json.dumps(suite, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def validate_dataset(
     store: ObjectStore, client: Client, dataset: Dataset, suite: dict[str, Any], run_id: str
 ) -> dict[str, Any]:
@@ -303,6 +310,7 @@ def validate_dataset(
             "success": all(r["success"] for r in results),
             "ledger": source_ledger(raw, partials),
             "raw_generation": raw["generation"],
+            "suite_fingerprint": suite_fingerprint(suite),
             "quarantine": quarantine["generation"],
         },
     )

@@ -41,11 +41,12 @@ def test_every_dataset_has_its_assets_grouped_by_sector(catalog: Catalog) -> Non
     assert graph.get(shards).parent_keys == {asset_key(catalog.datasets["stock_prices"], "validated")}
 
 
-def test_one_run_at_a_time_writes_a_datasets_versions(catalog: Catalog) -> None:
-    """Each dataset's shards step has a pool of its own, limited to one by the instance `make dev` uses."""
+def test_one_step_at_a_time_writes_a_datasets_data(catalog: Catalog) -> None:
+    """Each dataset's steps share a pool of their own, limited to one by the instance `make dev` uses."""
     defs = build_definitions(catalog)
-    pools = {defs.resolve_assets_def(asset_key(d, "shards")).op.pool for d in catalog.datasets.values()}
-    assert pools == {f"aifactory/{d.name}/shards" for d in catalog.datasets.values()}
+    for dataset in catalog.datasets.values():
+        pools = {defs.resolve_assets_def(asset_key(dataset, s)).op.pool for s in ("raw", "validated", "shards")}
+        assert pools == {f"aifactory/{dataset.name}"}
     instance = dg.DagsterInstance.from_config(str(Path(__file__).parents[1] / "dagster_home"))
     assert instance.get_concurrency_config().pool_config.default_pool_limit == 1
 

@@ -50,7 +50,7 @@ def test_whole_graph_materialises_into_checked_shards(
     result = materialize_all(catalog, stores, dask)
     assert result.success
     assert failed_checks(result) == []
-    assert len(result.get_asset_check_evaluations()) == 10 * len(catalog.datasets)
+    assert len(result.get_asset_check_evaluations()) == 11 * len(catalog.datasets)
 
     for dataset in catalog.datasets.values():
         store = stores[dataset.site]
@@ -112,7 +112,11 @@ def test_bad_rows_are_quarantined_with_reasons_and_counted(catalog: Catalog, tmp
     result = materialize_all(catalog, stores, dask, selection=stages(dataset))
     assert result.success
     # Both failing expectations are warnings: rows quarantined, the check warns, shards are still built.
-    assert failed_checks(result) == ["life_sciences/palmer_penguins/validated:warning_expectations"]
+    # The drifted file is refused: it stops no other file, and its check warns.
+    assert failed_checks(result) == [
+        "life_sciences/palmer_penguins/raw:landed_files_read",
+        "life_sciences/palmer_penguins/validated:warning_expectations",
+    ]
     suite_check = next(e for e in result.get_asset_check_evaluations() if e.check_name == "warning_expectations")
     assert suite_check.severity == dg.AssetCheckSeverity.WARN
 

@@ -149,6 +149,38 @@ def test_shards_refuse_validated_rows_of_an_older_raw_generation(setup) -> None:
     assert latest_manifest(store, dataset)["version"] == first["version"]
 
 
+def test_shards_refuse_a_validation_judged_by_another_suite(setup) -> None:
+    catalog, dataset, store, stores, dask = setup
+    assert run(catalog, stores, dask).success
+    first = latest_manifest(store, dataset)
+    suite = catalog.suites[DATASET]
+    edited = {**suite, "expectations": suite["expectations"][:-1]}
+    tightened = catalog.model_copy(update={"suites": {DATASET: edited}})
+    stale = run(tightened, stores, dask, stages=("shards",))  # the old verdict must not publish the new suite
+    assert not stale.success
+    assert "judged by another version of suite" in failure_message(stale)
+    assert latest_manifest(store, dataset)["version"] == first["version"]
+
+
+def test_a_landing_of_refused_files_warns_and_never_becomes_the_latest_version(setup) -> None:
+    catalog, dataset, store, stores, dask = setup
+    suite = catalog.suites[DATASET]  # without its row-count expectation, which would stop an empty table first
+    lenient = {**suite, "expectations": [e for e in suite["expectations"] if "row_count" not in e["type"]]}
+    catalog = catalog.model_copy(update={"suites": {DATASET: lenient}})
+    assert run(catalog, stores, dask).success
+    first = latest_manifest(store, dataset)
+    for key in store.fs.ls(store.path(f"landing/{DATASET}"), detail=False):
+        store.delete(store.key_of(key))
+    store.write_bytes(f"landing/{DATASET}/broken.parquet", b"date,wind\n2012-01-01,3\n")  # CSV named .parquet
+    result = run(catalog, stores, dask)
+    assert not result.success
+    files = next(e for e in result.get_asset_check_evaluations() if e.check_name == "landed_files_read")
+    assert not files.passed and files.severity == dg.AssetCheckSeverity.WARN
+    assert "broken.parquet" in files.description and "not a readable Parquet file" in files.description
+    assert "no rows read (1 of 1 landed file(s) refused" in failure_message(result)
+    assert latest_manifest(store, dataset)["version"] == first["version"]  # training keeps the last good one
+
+
 def test_the_split_order_is_part_of_the_version(setup) -> None:
     catalog, dataset, *_ = setup
     turned = dataset.model_copy(
