@@ -10,7 +10,10 @@ Rank and world size come from `torch.distributed` when it is initialised.
 
 from __future__ import annotations
 
+import ctypes
+import os
 import queue
+import signal
 import traceback
 import weakref
 from collections import OrderedDict
@@ -27,6 +30,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     raise ImportError("ShardIterableDataset needs torch: pip install -e '.[torch]' in the checkout") from exc
 
 from aifactory_assets.loader import Piece, RowGroup, ShardReader
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class BatchGatherer:
@@ -80,6 +85,7 @@ class BatchGatherer:
             self._groups.move_to_end(group)
             return self._groups[group]
         table = self.reader.read_group(group)
+        require_no_nulls(table, group)
         arrays: dict[str, Any] = {
             name: np.column_stack([table.column(c).to_numpy() for c in columns]) for name, columns in self.stack.items()
         }
@@ -91,6 +97,17 @@ class BatchGatherer:
         while len(self._groups) > 2:
             self._groups.popitem(last=False)
         return self._groups[group]
+
+
+def require_no_nulls(table: pa.Table, group: RowGroup) -> None:
+    """A tensor has no null: an int or bool null would become a float, a wrong number or False, silently
+    (and the batch's dtype would change from one row group to the next). Float nulls are NaN, faithfully."""
+    for name, column in zip(table.schema.names, table.columns, strict=True):
+        if column.null_count and is_numeric(column.type) and not pa.types.is_floating(column.type):
+            raise ValueError(
+                f"{group.shard} row group {group.index}: column {name!r} ({column.type}) has {column.null_count} "
+                "null(s), which a tensor cannot hold; leave it out with columns=[...] or fill it upstream"
+            )
 
 
 def torch_dtype(dtype: np.dtype) -> torch.dtype:
@@ -122,6 +139,12 @@ class ShardIterableDataset(IterableDataset):
         super().__init__()
         self.manifest, self.split, self.stack, self.options = manifest, split, stack, options
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if not distributed and (rank is None or world_size is None) and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            # Made before init_process_group, every rank would read rank 0 of 1: the same batches everywhere.
+            raise RuntimeError(
+                f"WORLD_SIZE is {os.environ['WORLD_SIZE']} but torch.distributed is not initialised: make the "
+                "loader after init_process_group, or pass rank= and world_size="
+            )
         self.rank = rank if rank is not None else (torch.distributed.get_rank() if distributed else 0)
         self.world_size = (
             world_size if world_size is not None else (torch.distributed.get_world_size() if distributed else 1)
@@ -189,6 +212,8 @@ class TensorLoader:
     ):
         # Workers are the parallelism: each decodes one row group at a time, read rather than mapped
         # (faster on the lent H100 host than PyArrow's own threads or memory maps).
+        if slots < 2:  # a worker fills its next slot while the trainer still holds the last one
+            raise ValueError(f"TensorLoader needs slots >= 2, got {slots}")
         dataset_options = {"use_threads": False, "memory_map": False} | dataset_options
         self._pool: WorkerPool | None = None
         self.dataset = ShardIterableDataset(manifest, split, **dataset_options)
@@ -276,6 +301,7 @@ class WorkerPool:
 
     def __init__(self, dataset: ShardIterableDataset, ring: dict[str, torch.Tensor], device: torch.device, chunk: int):
         self.ring, self.chunk, self.busy, self.closed = ring, chunk, False, False
+        self.trainer = os.getpid()
         self.registered = [t for t in ring.values() if device.type == "cuda" and pin_shared(t)]
         self.pinned = bool(self.registered) and len(self.registered) == len(ring)  # else copies wait for the host
         self.workers, slots = next(iter(ring.values())).shape[:2]
@@ -304,6 +330,7 @@ class WorkerPool:
     def work(self, worker: int, dataset: ShardIterableDataset, epochs: Any, free: Any, ready: Any) -> None:
         """A worker process: told to start an epoch, it makes its batches in order, each into a free slot
         of its own. The epoch (and a resume point) comes from the dataset's shared state."""
+        end_with_parent(self.trainer)
         try:
             while epochs.get() is not None:
                 gather = BatchGatherer(dataset.reader(0, 1), dataset.stack)
@@ -356,6 +383,15 @@ class WorkerPool:
                 process.terminate()
         for t in self.registered:
             torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
+
+
+def end_with_parent(trainer: int) -> None:
+    """A worker must not outlive its trainer: killed (scancel, OOM, a rank stopped by torchrun), the trainer
+    runs no exit handler, and a worker blocked on its queues would hold the ring and the dead trainer's GPU
+    memory. Linux kills this process when its parent dies (PR_SET_PDEATHSIG)."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != trainer:  # the trainer died before the request took effect
+        os._exit(1)
 
 
 def pin_shared(tensor: torch.Tensor) -> bool:

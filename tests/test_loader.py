@@ -5,16 +5,23 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import multiprocessing
 import os
 import posixpath
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import dagster as dg
 import fsspec
 import pandas as pd
+import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import pytest
 
 from aifactory_assets.catalog import Catalog
@@ -290,6 +297,56 @@ def test_tensor_loader_gives_the_dataloaders_batches_in_its_order(manifest_url: 
         list(stream)
     with pytest.raises(ValueError, match="numbers only"):
         next(iter(TensorLoader(manifest_url, "train", device="cpu", workers=1, columns=["date", "wind"])))
+
+
+def alive(pid: int) -> bool:
+    """Running, not a zombie (a container's init may never reap an orphan)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_tensor_loader_workers_end_with_a_killed_trainer(manifest_url: str) -> None:
+    """A trainer killed outright (scancel, the OOM killer) runs no exit handler: its workers must not stay
+    behind holding the ring (and, on a GPU machine, the dead trainer's device memory)."""
+    pytest.importorskip("torch", reason="torch is an optional extra; `make test` installs the pinned CPU build")
+    script = (
+        "import multiprocessing, os, signal\n"
+        "from aifactory_assets.loader import TensorLoader\n"
+        f"stream = iter(TensorLoader({manifest_url!r}, 'train', device='cpu', workers=2, columns=['wind']))\n"
+        "next(stream)\n"
+        "print(' '.join(str(p.pid) for p in multiprocessing.active_children()), flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1]
+    )
+    workers = [int(pid) for pid in done.stdout.split()]
+    assert done.returncode == -signal.SIGKILL and len(workers) == 2, done.stderr
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(pid) for pid in workers)
+
+
+def test_tensors_refuse_int_nulls_instead_of_inventing_numbers(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch", reason="torch is an optional extra; `make test` installs the pinned CPU build")
+    from aifactory_assets.loader import TensorLoader
+
+    table = pa.table({"x": pa.array([1.0, None, 3.0, 4.0]), "label": pa.array([1, None, 3, 4], pa.int64())})
+    shard = tmp_path / "train-00000-of-00001.parquet"
+    pq.write_table(table, shard)
+    entry = {"path": shard.name, "rows": 4, "sha256": hashlib.sha256(shard.read_bytes()).hexdigest(), "row_groups": [4]}
+    manifest = {"splits": {"train": {"rows": 4, "shards": [entry]}}, "sampler": {"seed": 0, "remainder": "drop"}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    url = str(tmp_path / "manifest.json")
+    with pytest.raises(ValueError, match="'label' \\(int64\\) has 1 null"):
+        next(iter(TensorLoader(url, "train", device="cpu", workers=1)))
+    (batch,) = list(TensorLoader(url, "train", device="cpu", workers=1, columns=["x"]))
+    assert int(torch.isnan(batch["x"]).sum()) == 1  # a float null is NaN, faithfully
+    with pytest.raises(ValueError, match="slots >= 2"):
+        TensorLoader(url, "train", device="cpu", slots=1)
 
 
 def test_shards_open_as_they_are_in_other_readers(manifest_url: str, tmp_path: Path, monkeypatch) -> None:
