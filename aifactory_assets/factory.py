@@ -324,6 +324,13 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
             manifest = build_manifest(
                 dataset, version, schema, sharded, lineage, validation, quarantine, context.run.run_id
             )
+        verified = verify_shards(store, dask.get_client(), prefix, manifest)  # before training can see it
+        if not verified.passed:
+            raise dg.Failure(
+                f"{dataset.name}: version {version} does not match its manifest, so it is not committed: "
+                f"{verified.description}",
+                metadata=verified.metadata,
+            )
         commit(store, dataset, manifest)
         if staging:
             store.delete(staging)  # kept if anything above failed: it marks the version left unfinished
@@ -359,7 +366,7 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
                         "duplicates dropped": balance["duplicates_dropped"],
                     },
                 ),
-                verify_shards(store, dask.get_client(), prefix, manifest),
+                verified,
             ],
         )
 

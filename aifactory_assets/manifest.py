@@ -23,7 +23,33 @@ from aifactory_assets.staging import staging_prefix
 from resources.object_store import ObjectStore
 
 MANIFEST, LATEST = "manifest.json", "_latest"
-FORMAT_VERSION = 2  # bump whenever the same inputs and configuration give other bytes
+FORMAT_VERSION = 2  # bump whenever the layout of a version changes
+# The modules that decide what a version holds (how files are read and typed, what is quarantined, the
+# verdicts, the shuffle and the bytes): their source is part of the version id, so new code never
+# re-publishes shards that older code made from the same inputs.
+OUTPUT_MODULES = (
+    "landing",
+    "ingest",
+    "schema",
+    "quarantine",
+    "validation",
+    "dataset_statistics",
+    "sharding",
+    "shard_layout",
+    "staging",
+    "parquet_io",
+    "manifest",
+)
+
+
+def code_fingerprint() -> str:
+    digest = hashlib.sha256()
+    for name in OUTPUT_MODULES:
+        digest.update((Path(__file__).parent / f"{name}.py").read_bytes())
+    return digest.hexdigest()[:16]
+
+
+CODE_FINGERPRINT = code_fingerprint()
 
 
 def package_version() -> str:
@@ -52,9 +78,11 @@ def schema_fields(schema: pa.Schema) -> list[dict[str, Any]]:
 
 
 def version_id(dataset: Dataset, suite: dict[str, Any], inputs: list[str]) -> str:
-    """A hash of the input fingerprints and everything that shapes the output (not of the time or run)."""
+    """A hash of the input fingerprints and everything that shapes the output: configuration, suite and the
+    code that reads, judges and shards (not the time or the run)."""
     config = {
         "format": FORMAT_VERSION,
+        "code": CODE_FINGERPRINT,
         "dataset": dataset.model_dump(mode="json", exclude={"description", "owner", "origin", "residency"}),
         "split_order": list(dataset.shards.splits),  # the cut follows it; the dump's keys get sorted
         "suite": suite,
@@ -98,6 +126,7 @@ def build_manifest(
             "package": "aifactory",
             "version": package_version(),
             "git_sha": git_sha(),
+            "code_fingerprint": CODE_FINGERPRINT,
             "dagster_run_id": run_id,
         },
         "schema": {

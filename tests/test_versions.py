@@ -191,6 +191,35 @@ def test_the_split_order_is_part_of_the_version(setup) -> None:
     assert version_id(turned, suite, inputs) != version_id(dataset, suite, inputs)  # other keys in each split
 
 
+def test_a_version_that_fails_its_checksums_never_becomes_the_latest(setup) -> None:
+    catalog, dataset, store, stores, dask = setup
+    assert run(catalog, stores, dask).success
+    old = latest_manifest(store, dataset)
+    land_more(store, 2016)
+    assert run(catalog, stores, dask).success
+    new = latest_manifest(store, dataset)
+    shard = f"shards/{DATASET}/v={old['version']}/{old['splits']['train']['shards'][0]['path']}"
+    data = bytearray(store.read_bytes(shard))
+    data[len(data) // 2] ^= 0xFF
+    store.write_bytes(shard, bytes(data))
+    store.delete(f"landing/{DATASET}/extra.parquet")  # back to the old inputs: the old version again
+    result = run(catalog, stores, dask)
+    assert not result.success
+    assert "does not match its manifest, so it is not committed" in failure_message(result)
+    assert latest_manifest(store, dataset)["version"] == new["version"]  # training keeps a sound version
+
+
+def test_new_code_makes_a_new_version(setup, monkeypatch) -> None:
+    """Code that reads, judges or shards differently must not re-publish what older code made."""
+    from aifactory_assets import manifest
+
+    catalog, dataset, *_ = setup
+    inputs, suite = ["landing/x.csv|10|etag|1.0"], catalog.suites[DATASET]
+    before = version_id(dataset, suite, inputs)
+    monkeypatch.setattr(manifest, "CODE_FINGERPRINT", "another-release")
+    assert version_id(dataset, suite, inputs) != before
+
+
 def test_what_runs_that_are_over_left_unfinished_is_removed(setup) -> None:
     catalog, dataset, store, stores, dask = setup
     instance = dg.DagsterInstance.ephemeral()
