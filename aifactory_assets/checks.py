@@ -144,8 +144,7 @@ def expectations_table(results: list[dict[str, Any]]) -> str:
                     f"error: {r['error']}"
                     if r.get("error")
                     else ", ".join(r.get("sample", [])) or str(r.get("observed", ""))
-                )[:80]
-                + (" (approx.)" if r.get("approximate") else ""),
+                )[:80],
             ]
             for r in results
         ],

@@ -2,30 +2,48 @@
 
 Uniqueness, distinct counts, median and quantiles, order and z-scores need every row at once; running GX
 per partition would give wrong answers. Each expectation becomes one lazy statistic; all are computed in
-one `dask.compute` so the data is read once. Median and quantiles use Dask's approximate quantiles
-(exact on a single partition); the result says so.
+one `dask.compute` so the data is read once. Median and quantiles are exact: a first pass brackets each
+wanted rank from per-partition quantile grids, a second counts the values below the bracket and collects
+the few inside it (see `exact_quantiles`).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 import dask
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 Statistic = Any  # a lazy Dask value, or a tuple of them
 
 
-def _between(value: float | None, kwargs: dict[str, Any]) -> bool:
-    if value is None or (isinstance(value, float) and np.isnan(value)):
+def _between(value: Any, kwargs: dict[str, Any]) -> bool:
+    if value is None or value is pd.NaT or (isinstance(value, float) and np.isnan(value)):
         return False
     low, high = kwargs.get("min_value"), kwargs.get("max_value")
+    if isinstance(value, (dt.date, np.datetime64)):  # a date or timestamp: bounds are written as text, as GX reads them
+        value, low, high = (None if v is None else _instant(v) for v in (value, low, high))
     strict_low, strict_high = kwargs.get("strict_min", False), kwargs.get("strict_max", False)
     above = low is None or (value > low if strict_low else value >= low)
     below = high is None or (value < high if strict_high else value <= high)
     return bool(above and below)
+
+
+def _instant(value: Any) -> pd.Timestamp:
+    """Timestamps are stored in UTC without a zone; a bound with a zone is converted to UTC."""
+    stamp = pd.Timestamp(value)
+    return stamp.tz_convert("UTC").tz_localize(None) if stamp.tzinfo else stamp
+
+
+def _temporal(series: dd.Series) -> bool:
+    kind = series.dtype.pyarrow_dtype if isinstance(series.dtype, pd.ArrowDtype) else None
+    return pd.api.types.is_datetime64_any_dtype(series.dtype) or (
+        kind is not None and (pa.types.is_date(kind) or pa.types.is_timestamp(kind))
+    )
 
 
 def _out_of_order(earlier: Any, later: Any, decreasing: bool, strictly: bool) -> Any:
@@ -40,7 +58,9 @@ def _order_violations(part: pd.Series, decreasing: bool, strictly: bool) -> pd.D
     values = part.dropna().to_numpy()
     bad = int(np.count_nonzero(_out_of_order(values[:-1], values[1:], decreasing, strictly)))
     first, last = (values[0], values[-1]) if len(values) else (None, None)
-    return pd.DataFrame({"first": [first], "last": [last], "bad": [bad]}, dtype=object)
+    return pd.DataFrame(
+        {"first": [first], "last": [last], "bad": [bad], "count": [len(values)], "rows": [len(part)]}, dtype=object
+    )
 
 
 def _statistic(frame: dd.DataFrame, kind: str, kwargs: dict[str, Any]) -> Statistic:
@@ -50,28 +70,94 @@ def _statistic(frame: dd.DataFrame, kind: str, kwargs: dict[str, Any]) -> Statis
         counts = series.dropna().value_counts(split_out=True)
         return series.count(), series.isna().sum(), counts[counts > 1].sum()
     if kind == "expect_compound_columns_to_be_unique":
-        sizes = frame.groupby(kwargs["column_list"], dropna=False).size(split_out=True)
-        return frame.shape[0], 0, sizes[sizes > 1].sum()
+        # As GX: rows whose listed values are all (or, if asked, any) missing are not judged.
+        columns = kwargs["column_list"]
+        ignore = {"all_values_are_missing": "all", "any_value_is_missing": "any"}.get(
+            kwargs.get("ignore_row_if", "all_values_are_missing")
+        )
+        judged = frame[columns].dropna(how=ignore) if ignore else frame[columns]
+        sizes = judged.groupby(columns, dropna=False).size(split_out=True)
+        return judged.shape[0], frame.shape[0] - judged.shape[0], sizes[sizes > 1].sum()
     if kind == "expect_column_unique_value_count_to_be_between":
         return series.nunique()
     if kind == "expect_column_proportion_of_unique_values_to_be_between":
         return series.nunique(), series.count()
-    if kind == "expect_column_median_to_be_between":
-        return series.dropna().quantile(0.5)
-    if kind == "expect_column_quantile_values_to_be_between":
-        return series.dropna().quantile(kwargs["quantile_ranges"]["quantiles"])
+    if kind in QUANTILE_KINDS:
+        return series.map_partitions(_grid, meta=pd.DataFrame({"n": [], "grid": []}, dtype=object))
     if kind in ("expect_column_values_to_be_increasing", "expect_column_values_to_be_decreasing"):
         decreasing = kind.endswith("decreasing")
-        meta = pd.DataFrame({"first": [], "last": [], "bad": []}, dtype=object)
+        meta = pd.DataFrame({"first": [], "last": [], "bad": [], "count": [], "rows": []}, dtype=object)
         return series.map_partitions(_order_violations, decreasing, kwargs.get("strictly", False), meta=meta)
     if kind == "expect_column_value_z_scores_to_be_less_than":
         return series.mean(), series.std(), series.count()
     reducer = {"mean": "mean", "stdev": "std", "min": "min", "max": "max", "sum": "sum"}
-    return getattr(series, reducer[kind.removeprefix("expect_column_").removesuffix("_to_be_between")])()
+    name = reducer[kind.removeprefix("expect_column_").removesuffix("_to_be_between")]
+    if _temporal(series):  # dates and timestamps: as datetime64 (Dask cannot reduce Arrow dates)
+        series = series.astype("datetime64[ns]")
+        if name == "mean":  # in ns as floats: an int64 sum of ns since 1970 overflows past ~5 values
+            return series.dropna().astype("int64").astype("float64").mean()
+    return getattr(series, name)()
+
+
+QUANTILE_KINDS = ("expect_column_median_to_be_between", "expect_column_quantile_values_to_be_between")
+GRID = np.linspace(0.0, 1.0, 1_025)  # per partition: its values' quantiles at these levels
+
+
+def _grid(part: pd.Series) -> pd.DataFrame:
+    values = np.sort(part.dropna().to_numpy())
+    grid = values[np.round(GRID * (len(values) - 1)).astype(np.int64)] if len(values) else values
+    return pd.DataFrame({"n": [len(values)], "grid": [grid]}, dtype=object)
+
+
+def _bracket(grids: pd.DataFrame, low_rank: int, high_rank: int) -> tuple[float, float]:
+    """Values below and above which the ranks [low_rank, high_rank] (0-based, of all non-null values) must
+    lie, estimated from the grids: each grid value stands for about n/1,024 values of its partition, so the
+    estimate of a value's rank is off by at most the sum of those, which the bracket adds on each side."""
+    parts = [(int(n), g) for n, g in zip(grids["n"], grids["grid"], strict=True) if n]
+    candidates = np.unique(np.concatenate([g for _, g in parts]))
+    below = sum(n * np.searchsorted(g, candidates, side="left") / len(g) for n, g in parts)
+    margin = sum(n / (len(GRID) - 1) + 1 for n, _ in parts)
+    under = candidates[below <= low_rank - margin]
+    over = candidates[below >= high_rank + margin]
+    return (under[-1] if len(under) else -np.inf), (over[0] if len(over) else np.inf)
+
+
+def exact_quantiles(series: dd.Series, grids: pd.DataFrame, quantiles: list[float], method: str) -> list[float]:
+    """The quantiles pandas would give on the whole column (`method` as pandas' `interpolation`), from the
+    values inside a bracket around the wanted ranks: only those reach this process, not the column."""
+    total = int(grids["n"].sum())
+    if total == 0:
+        return [float("nan")] * len(quantiles)
+    positions = [q * (total - 1) for q in quantiles]
+    low_rank, high_rank = int(np.floor(min(positions))), int(np.ceil(max(positions)))
+    low, high = _bracket(grids, low_rank, high_rank)
+    values = series.dropna()
+    for lo, hi in ((low, high), (-np.inf, np.inf)):  # the estimate's bracket; if it missed, the whole column
+        inside, before = dask.compute(values[(values >= lo) & (values <= hi)], (values < lo).sum())
+        before = int(before)
+        if before <= low_rank and before + len(inside) > high_rank:
+            break
+    ordered = np.sort(inside.to_numpy())
+    return [_interpolate(ordered, before, p, method) for p in positions]
+
+
+def _interpolate(ordered: np.ndarray, before: int, position: float, method: str) -> Any:
+    """numpy's (and so pandas') interpolation between the values at the ranks around `position`."""
+    below, above = int(np.floor(position)), int(np.ceil(position))
+    low, high = ordered[below - before].item(), ordered[above - before].item()
+    if method == "nearest":
+        return ordered[int(np.around(position)) - before].item()
+    if method == "lower":
+        return low
+    if method == "higher":
+        return high
+    if method == "midpoint":
+        return (low + high) / 2
+    return low + (position - below) * (high - low)
 
 
 def _ordered(partials: pd.DataFrame, kwargs: dict[str, Any], decreasing: bool) -> tuple[int, int]:
-    """Combine per-partition order checks in partition order: (violations, rows judged)."""
+    """Combine per-partition order checks in partition order: (violations, non-null values judged)."""
     bad, previous = int(partials["bad"].sum()), None
     for first, last in zip(partials["first"], partials["last"], strict=True):
         if first is None:
@@ -79,15 +165,15 @@ def _ordered(partials: pd.DataFrame, kwargs: dict[str, Any], decreasing: bool) -
         if previous is not None:
             bad += int(_out_of_order(previous, first, decreasing, bool(kwargs.get("strictly"))))
         previous = last
-    return bad, len(partials)
+    return bad, int(partials["count"].sum())
 
 
-def _verdict(kind: str, kwargs: dict[str, Any], value: Any) -> dict[str, Any]:
+def _verdict(kind: str, kwargs: dict[str, Any], value: Any, temporal: bool) -> dict[str, Any]:
     """Turn a computed statistic into a GX-shaped result: success, observed value, row counts if any."""
     mostly = kwargs.get("mostly")
     if kind in ("expect_column_values_to_be_unique", "expect_compound_columns_to_be_unique"):
         judged, missing, unexpected = (int(v) for v in value)
-        element = judged + missing if kind == "expect_column_values_to_be_unique" else judged
+        element = judged + missing
         share_ok = 1.0 if judged == 0 else (judged - unexpected) / judged
         success = unexpected == 0 if mostly is None else share_ok >= mostly
         return {
@@ -103,25 +189,27 @@ def _verdict(kind: str, kwargs: dict[str, Any], value: Any) -> dict[str, Any]:
         return {"success": _between(observed, kwargs), "observed": observed}
     if kind == "expect_column_quantile_values_to_be_between":
         ranges = kwargs["quantile_ranges"]["value_ranges"]
-        observed = [float(v) for v in np.atleast_1d(value)]
         success = all(
-            _between(v, {"min_value": lo, "max_value": hi}) for v, (lo, hi) in zip(observed, ranges, strict=True)
+            _between(v, {"min_value": lo, "max_value": hi}) for v, (lo, hi) in zip(value, ranges, strict=True)
         )
-        return {"success": success, "observed": observed, "approximate": True}
+        return {"success": success, "observed": value}
     if kind in ("expect_column_values_to_be_increasing", "expect_column_values_to_be_decreasing"):
-        unexpected, _ = _ordered(value, kwargs, kind.endswith("decreasing"))
+        unexpected, judged = _ordered(value, kwargs, kind.endswith("decreasing"))
+        share_ok = 1.0 if judged == 0 else (judged - unexpected) / judged
+        rows = int(value["rows"].sum())
         return {
-            "success": unexpected == 0,
+            "success": unexpected == 0 if mostly is None else share_ok >= mostly,
+            "element_count": rows,
+            "missing_count": rows - judged,
             "unexpected_count": unexpected,
             "observed": f"{unexpected} steps out of order",
         }
     if kind == "expect_column_value_z_scores_to_be_less_than":
         return {}  # needs a second pass: see judge_global
     observed = value.item() if hasattr(value, "item") else value
-    result = {"success": _between(observed, kwargs), "observed": observed}
-    if kind in ("expect_column_median_to_be_between",):
-        result["approximate"] = True
-    return result
+    if kind == "expect_column_mean_to_be_between" and temporal:  # computed in ns since the epoch
+        observed = pd.Timestamp(int(observed)) if observed == observed else None
+    return {"success": _between(observed, kwargs), "observed": observed}
 
 
 def _z_scores(frame: dd.DataFrame, kwargs: dict[str, Any], moments: tuple[float, float, int]) -> dict[str, Any]:
@@ -151,6 +239,13 @@ def judge_global(frame: dd.DataFrame, expectations: list[dict[str, Any]]) -> lis
         kind, kwargs = expectation["type"], expectation.get("kwargs", {})
         if kind == "expect_column_value_z_scores_to_be_less_than":
             results.append(_z_scores(frame, kwargs, value))
+        elif kind in QUANTILE_KINDS:  # as GX asks pandas: the median interpolates, quantiles the nearest by default
+            median = kind == "expect_column_median_to_be_between"
+            levels = [0.5] if median else kwargs["quantile_ranges"]["quantiles"]
+            method = "linear" if median else kwargs.get("allow_relative_error") or "nearest"
+            observed = exact_quantiles(frame[kwargs["column"]], value, levels, method)
+            results.append(_verdict(kind, kwargs, observed[0] if median else observed, False))
         else:
-            results.append(_verdict(kind, kwargs, value))
+            column = kwargs.get("column")
+            results.append(_verdict(kind, kwargs, value, bool(column) and _temporal(frame[column])))
     return results

@@ -20,6 +20,7 @@ import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 from distributed import Client
 
 from aifactory_assets.catalog import GLOBAL_EXPECTATIONS, ROW_EXPECTATIONS, Dataset
@@ -59,11 +60,24 @@ def _batch_definition() -> Any:
 
 def pandas_for_gx(table: pa.Table) -> pd.DataFrame:
     """Temporal columns as datetime64[ns]: GX 1.x vectorises its range checks only at that unit (pandas 3
-    gives us/ms and GX then checks one value at a time). Values outside 1677-2262 keep their unit."""
+    gives us/ms and GX then checks one value at a time). Values outside 1677-2262 keep their unit.
+    Integer columns that hold a null or a value past 2**53 as pandas' nullable integers: with a null,
+    plain pandas makes them float64, and GX compares plain int64 against a bound through floats too;
+    either way digits past 2**53 would be lost (other columns stay plain: GX is faster on them)."""
     try:
-        return table.to_pandas(date_as_object=False, coerce_temporal_nanoseconds=True)
+        frame = table.to_pandas(date_as_object=False, coerce_temporal_nanoseconds=True)
     except pa.ArrowInvalid:
-        return table.to_pandas(date_as_object=False)
+        frame = table.to_pandas(date_as_object=False)
+    for name, column in zip(table.column_names, table.columns, strict=True):
+        if pa.types.is_integer(column.type) and (column.null_count or past_float_precision(column)):
+            frame[name] = column.to_pandas(types_mapper=pd.ArrowDtype).astype(f"Int{column.type.bit_width}")
+    return frame
+
+
+def past_float_precision(column: pa.ChunkedArray) -> bool:
+    bounds = pc.min_max(column)
+    low, high = bounds["min"].as_py(), bounds["max"].as_py()
+    return low is not None and (low < -(2**53) or high > 2**53)
 
 
 def referenced_columns(expectations: list[dict[str, Any]]) -> list[str]:

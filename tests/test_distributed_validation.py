@@ -179,3 +179,55 @@ def test_non_decomposable_expectations_agree_with_gx_on_the_whole_table(dask: Da
     assert {v[2] for v in verdicts} == {True, False}  # the cases exercise both outcomes
     unique_id = ours[0]
     assert unique_id["unexpected_count"] == reference[0].result["unexpected_count"] == 2
+
+
+PARQUET_CASES = [
+    {"type": "expect_column_median_to_be_between", "kwargs": {"column": "x", "min_value": 2374, "max_value": 2624}},
+    {
+        "type": "expect_column_quantile_values_to_be_between",
+        "kwargs": {
+            "column": "x",
+            "quantile_ranges": {"quantiles": [0.1, 0.9], "value_ranges": [[450, 550], [4450, 4550]]},
+        },
+    },
+    {"type": "expect_column_max_to_be_between", "kwargs": {"column": "day", "max_value": "2030-01-01T00:00:00"}},
+    {"type": "expect_column_min_to_be_between", "kwargs": {"column": "day", "min_value": "2026-06-01T00:00:00"}},
+    {"type": "expect_column_mean_to_be_between", "kwargs": {"column": "at", "min_value": "2026-01-01T00:00:00"}},
+    {"type": "expect_column_values_to_be_increasing", "kwargs": {"column": "x", "mostly": 0.99}},
+    {"type": "expect_column_values_to_be_increasing", "kwargs": {"column": "x"}},
+    {"type": "expect_compound_columns_to_be_unique", "kwargs": {"column_list": ["g", "h"]}},
+    {
+        "type": "expect_compound_columns_to_be_unique",
+        "kwargs": {"column_list": ["g", "h"], "ignore_row_if": "any_value_is_missing"},
+    },
+]
+
+
+def test_dataset_expectations_read_from_parquet_agree_with_gx(tmp_path, dask: DaskCluster) -> None:
+    """As the validated step reads them: files of unequal size (a trend split by month, say), dates as
+    Arrow dates, bounds on dates written as text, partly-null compound keys, a few steps out of order."""
+    import pyarrow.parquet as pq
+
+    dask.get_client()
+    files = []
+    for i, (start, stop) in enumerate([(0, 1000), (1000, 1500), (1500, 5000)]):
+        x = np.arange(start, stop, dtype=np.float64)
+        x[[10, 20]] = x[[20, 10]]  # two rows swapped: one step out of order
+        g = np.where(np.arange(len(x)) % 3 == 0, None, "a")  # null or "a"; h: null or a small number
+        h = np.where(np.arange(len(x)) % 5 == 0, np.nan, np.arange(len(x)) % 7)
+        frame = pd.DataFrame({"x": x, "g": g, "h": h})
+        frame["day"] = pd.Timestamp("2026-01-01") + pd.to_timedelta(np.arange(len(x)) % 300, unit="D")
+        frame["at"] = frame["day"] + pd.to_timedelta(start, unit="h")
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        table = table.set_column(3, "day", table.column("day").cast(pa.date32()))
+        files.append(str(tmp_path / f"part-{i}.parquet"))
+        pq.write_table(table, files[-1])
+    ours = judge_global(dd.read_parquet(files), PARQUET_CASES)
+    whole = pa.concat_tables(pq.read_table(f) for f in files).to_pandas(date_as_object=False)
+    reference = gx_whole_table(whole, PARQUET_CASES)
+    for expectation, mine, theirs in zip(PARQUET_CASES, ours, reference, strict=True):
+        assert mine["success"] is bool(theirs.success), (expectation, mine, theirs.result)
+        if "unexpected_count" in theirs.result:
+            assert mine["unexpected_count"] == theirs.result["unexpected_count"], (expectation, mine)
+    assert ours[0]["observed"] == whole["x"].median() == 2499.5  # exact, though no file holds the middle
+    assert {r["success"] for r in ours} == {True, False}
