@@ -72,6 +72,35 @@ GLOBAL_EXPECTATIONS = frozenset(
 )
 SUPPORTED_EXPECTATIONS = ROW_EXPECTATIONS | TABLE_EXPECTATIONS | GLOBAL_EXPECTATIONS
 SEVERITIES = ("critical", "warning")
+BOUNDS = frozenset({"min_value", "max_value", "strict_min", "strict_max"})
+# The arguments (required, optional) our own judgement of table and dataset expectations honours: GX never
+# sees these, so a misspelled or unsupported one would otherwise be ignored without a word. GX checks
+# the row expectations' arguments itself.
+OWN_ARGUMENTS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    "expect_column_values_to_be_unique": (frozenset({"column"}), frozenset({"mostly"})),
+    "expect_compound_columns_to_be_unique": (frozenset({"column_list"}), frozenset({"ignore_row_if", "mostly"})),
+    "expect_column_quantile_values_to_be_between": (
+        frozenset({"column", "quantile_ranges"}),
+        frozenset({"allow_relative_error"}),
+    ),
+    "expect_column_values_to_be_increasing": (frozenset({"column"}), frozenset({"strictly", "mostly"})),
+    "expect_column_values_to_be_decreasing": (frozenset({"column"}), frozenset({"strictly", "mostly"})),
+    "expect_column_value_z_scores_to_be_less_than": (
+        frozenset({"column", "threshold"}),
+        frozenset({"double_sided", "mostly"}),
+    ),
+    **{
+        f"expect_column_{statistic}_to_be_between": (frozenset({"column"}), BOUNDS)
+        for statistic in ("unique_value_count", "proportion_of_unique_values", "median", "mean", "stdev")
+        + ("min", "max", "sum")
+    },
+    "expect_table_row_count_to_be_between": (frozenset(), BOUNDS),
+    "expect_table_row_count_to_equal": (frozenset({"value"}), frozenset()),
+    "expect_table_columns_to_match_set": (frozenset({"column_set"}), frozenset({"exact_match"})),
+    "expect_table_columns_to_match_ordered_list": (frozenset({"column_list"}), frozenset()),
+    "expect_column_to_exist": (frozenset({"column"}), frozenset({"column_index"})),
+    "expect_table_column_count_to_equal": (frozenset({"value"}), frozenset()),
+}
 
 
 class CatalogError(ValueError):
@@ -233,7 +262,7 @@ class Dataset(_Model):
     @field_validator("owner")
     @classmethod
     def _owner(cls, value: str) -> str:
-        if not (value.startswith("team:") or re.match(r"^[^@\s]+@[^@\s]+\.[^@\s]+$", value)):
+        if not (re.match(r"^team:\S+$", value) or re.match(r"^[^@\s]+@[^@\s]+\.[^@\s]+$", value)):
             raise ValueError("owner must be an email address or 'team:<name>'")
         return value
 
@@ -255,6 +284,10 @@ def default_catalog_root() -> Path:
 def _read_yaml(path: Path) -> Any:
     try:
         return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CatalogError(path, "<file>", "does not exist") from None
+    except UnicodeDecodeError as exc:
+        raise CatalogError(path, "<file>", f"not UTF-8 text: {exc.reason} at byte {exc.start}") from None
     except yaml.YAMLError as exc:
         raise CatalogError(path, "<file>", f"not valid YAML: {exc}") from exc
 
@@ -303,16 +336,54 @@ def load_suite(path: Path, dataset: Dataset, dataset_file: Path) -> dict[str, An
         kwargs = exp.get("kwargs", {})
         if not isinstance(kwargs, dict):
             raise CatalogError(path, f"{where}.kwargs", "must be a mapping")
+        check_arguments(path, where, exp["type"], kwargs)
         referenced = [kwargs[k] for k in ("column", "column_A", "column_B") if k in kwargs]
         referenced += kwargs.get("column_list", [])
         unknown = [c for c in referenced if c not in columns]
         if unknown:
             raise CatalogError(path, f"{where}.kwargs", f"column(s) {unknown} are not in the dataset's schema")
-        severity = (exp.get("meta") or {}).get("severity", "critical")
-        if severity not in SEVERITIES:
+        meta = exp.get("meta") or {}
+        if not isinstance(meta, dict):
+            raise CatalogError(path, f"{where}.meta", "must be a mapping")
+        if meta.get("severity", "critical") not in SEVERITIES:
             raise CatalogError(path, f"{where}.meta.severity", f"must be one of {SEVERITIES}")
     suite.setdefault("name", dataset.name)
     return suite
+
+
+def check_arguments(path: Path, where: str, kind: str, kwargs: dict[str, Any]) -> None:
+    """What can be checked without importing GX: argument names of the expectations we judge ourselves,
+    column names as text, `mostly` as a share, regexes that compile, and no row conditions."""
+    field = f"{where}.kwargs"
+    conditions = [k for k in ("row_condition", "condition_parser") if k in kwargs]
+    if conditions:
+        raise CatalogError(path, f"{field}.{conditions[0]}", "row conditions are not supported in distributed runs")
+    if kind in OWN_ARGUMENTS:
+        required, optional = OWN_ARGUMENTS[kind]
+        missing, extra = sorted(required - kwargs.keys()), sorted(kwargs.keys() - required - optional)
+        if missing or extra:
+            raise CatalogError(
+                path,
+                f"{field}.{(missing or extra)[0]}",
+                f"{'missing' if missing else 'not an argument of ' + kind}; it takes {sorted(required | optional)}",
+            )
+    for name in ("column", "column_A", "column_B"):
+        if name in kwargs and not isinstance(kwargs[name], str):
+            raise CatalogError(path, f"{field}.{name}", "must be a column name")
+    if "column_list" in kwargs and not (
+        isinstance(kwargs["column_list"], list) and all(isinstance(c, str) for c in kwargs["column_list"])
+    ):
+        raise CatalogError(path, f"{field}.column_list", "must be a list of column names")
+    mostly = kwargs.get("mostly")
+    if mostly is not None and (isinstance(mostly, bool) or not isinstance(mostly, int | float) or not 0 <= mostly <= 1):
+        raise CatalogError(path, f"{field}.mostly", f"must be a share between 0 and 1, got {mostly!r}")
+    patterns = [("regex", kwargs["regex"])] if "regex" in kwargs else []
+    patterns += [("regex_list", regex) for regex in kwargs.get("regex_list") or []]
+    for name, regex in patterns:
+        try:
+            re.compile(regex)
+        except (re.error, TypeError) as exc:
+            raise CatalogError(path, f"{field}.{name}", f"{regex!r} is not a regular expression: {exc}") from None
 
 
 def load_catalog(root: Path | str | None = None) -> Catalog:
@@ -337,6 +408,8 @@ def load_catalog(root: Path | str | None = None) -> Catalog:
         for i, other in enumerate(dataset.residency):
             if other not in sites:
                 raise CatalogError(path, f"residency.{i}", f"unknown site {other!r}")
+        if dataset.residency and dataset.site not in dataset.residency:
+            raise CatalogError(path, "residency", f"must include the dataset's home site {dataset.site!r}")
         suites[dataset.name] = load_suite(root / dataset.suite, dataset, path)
         datasets[dataset.name], files[dataset.name] = dataset, path
     return Catalog(root=root, sites=sites, datasets=datasets, suites=suites)

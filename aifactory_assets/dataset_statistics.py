@@ -21,7 +21,7 @@ import pyarrow as pa
 Statistic = Any  # a lazy Dask value, or a tuple of them
 
 
-def _between(value: Any, kwargs: dict[str, Any]) -> bool:
+def between(value: Any, kwargs: dict[str, Any]) -> bool:
     if value is None or value is pd.NaT or (isinstance(value, float) and np.isnan(value)):
         return False
     low, high = kwargs.get("min_value"), kwargs.get("max_value")
@@ -186,12 +186,10 @@ def _verdict(kind: str, kwargs: dict[str, Any], value: Any, temporal: bool) -> d
     if kind == "expect_column_proportion_of_unique_values_to_be_between":
         distinct, count = value
         observed = float(distinct) / count if count else 0.0
-        return {"success": _between(observed, kwargs), "observed": observed}
+        return {"success": between(observed, kwargs), "observed": observed}
     if kind == "expect_column_quantile_values_to_be_between":
         ranges = kwargs["quantile_ranges"]["value_ranges"]
-        success = all(
-            _between(v, {"min_value": lo, "max_value": hi}) for v, (lo, hi) in zip(value, ranges, strict=True)
-        )
+        success = all(between(v, {"min_value": lo, "max_value": hi}) for v, (lo, hi) in zip(value, ranges, strict=True))
         return {"success": success, "observed": value}
     if kind in ("expect_column_values_to_be_increasing", "expect_column_values_to_be_decreasing"):
         unexpected, judged = _ordered(value, kwargs, kind.endswith("decreasing"))
@@ -209,7 +207,7 @@ def _verdict(kind: str, kwargs: dict[str, Any], value: Any, temporal: bool) -> d
     observed = value.item() if hasattr(value, "item") else value
     if kind == "expect_column_mean_to_be_between" and temporal:  # computed in ns since the epoch
         observed = pd.Timestamp(int(observed)) if observed == observed else None
-    return {"success": _between(observed, kwargs), "observed": observed}
+    return {"success": between(observed, kwargs), "observed": observed}
 
 
 def _z_scores(frame: dd.DataFrame, kwargs: dict[str, Any], moments: tuple[float, float, int]) -> dict[str, Any]:

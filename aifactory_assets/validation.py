@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 from distributed import Client
 
 from aifactory_assets.catalog import GLOBAL_EXPECTATIONS, ROW_EXPECTATIONS, Dataset
-from aifactory_assets.dataset_statistics import judge_global
+from aifactory_assets.dataset_statistics import between, judge_global
 from aifactory_assets.parquet_io import read_parquet, write_parquet
 from aifactory_assets.publish import generation_prefix, publish, require_current
 from aifactory_assets.quarantine import quarantine_rows
@@ -200,8 +200,7 @@ def _judge_row(expectation: dict[str, Any], partials: list[dict[str, Any]], posi
 def _judge_table(expectation: dict[str, Any], rows: int, columns: list[str]) -> dict[str, Any]:
     kwargs, kind = expectation.get("kwargs", {}), expectation["type"]
     if kind == "expect_table_row_count_to_be_between":
-        low, high = kwargs.get("min_value"), kwargs.get("max_value")
-        success, observed = (low is None or rows >= low) and (high is None or rows <= high), rows
+        success, observed = between(rows, kwargs), rows
     elif kind == "expect_table_row_count_to_equal":
         success, observed = rows == kwargs["value"], rows
     elif kind == "expect_table_columns_to_match_set":
@@ -211,7 +210,9 @@ def _judge_table(expectation: dict[str, Any], rows: int, columns: list[str]) -> 
     elif kind == "expect_table_columns_to_match_ordered_list":
         success, observed = columns == list(kwargs["column_list"]), columns
     elif kind == "expect_column_to_exist":
-        success, observed = kwargs["column"] in columns, columns
+        index = kwargs.get("column_index")
+        success = kwargs["column"] in columns and (index is None or columns.index(kwargs["column"]) == index)
+        observed = columns
     else:  # expect_table_column_count_to_equal
         success, observed = len(columns) == kwargs["value"], len(columns)
     return {"success": bool(success), "observed": observed}

@@ -75,6 +75,8 @@ DATASET_ERRORS = {
         "key column 'record_id' cannot be nullable",
     ),
     "missing suite file": (lambda d: d.update(suite="suites/missing.json"), "suite", "does not exist"),
+    "residency without home": (lambda d: d.update(residency=["bologna"]), "residency", "must include"),
+    "empty team owner": (lambda d: d.update(owner="team:"), "owner", "team:<name>"),
 }
 
 
@@ -131,6 +133,41 @@ def test_suite_that_does_not_parse(tmp_catalog: Path) -> None:
             "expectations.0.meta.severity",
             "critical",
         ),
+        (
+            {"type": "expect_column_values_to_not_be_null", "kwargs": {"column": "species"}, "meta": ["warning"]},
+            "expectations.0.meta",
+            "mapping",
+        ),
+        (
+            {"type": "expect_column_values_to_be_in_set", "kwargs": {"column": "sex", "row_condition": "year>2008"}},
+            "expectations.0.kwargs.row_condition",
+            "not supported",
+        ),
+        (
+            {"type": "expect_column_mean_to_be_between", "kwargs": {"column": "body_mass_g", "minimum": 5}},
+            "expectations.0.kwargs.minimum",
+            "not an argument",
+        ),
+        (
+            {"type": "expect_column_value_z_scores_to_be_less_than", "kwargs": {"column": "body_mass_g"}},
+            "expectations.0.kwargs.threshold",
+            "missing",
+        ),
+        (
+            {"type": "expect_column_values_to_match_regex", "kwargs": {"column": "species", "regex": "([A-Z"}},
+            "expectations.0.kwargs.regex",
+            "not a regular expression",
+        ),
+        (
+            {"type": "expect_column_values_to_not_be_null", "kwargs": {"column": "species", "mostly": 5}},
+            "expectations.0.kwargs.mostly",
+            "between 0 and 1",
+        ),
+        (
+            {"type": "expect_compound_columns_to_be_unique", "kwargs": {"column_list": "species"}},
+            "expectations.0.kwargs.column_list",
+            "list of column names",
+        ),
     ],
 )
 def test_suite_errors_name_the_expectation(tmp_catalog: Path, expectation: dict, field: str, message: str) -> None:
@@ -140,6 +177,18 @@ def test_suite_errors_name_the_expectation(tmp_catalog: Path, expectation: dict,
         load_catalog(tmp_catalog)
     assert (err.value.file, err.value.field) == (str(suite), field)
     assert message in str(err.value)
+
+
+def test_unreadable_catalogue_files_name_the_file(tmp_catalog: Path) -> None:
+    dataset = tmp_catalog / "datasets" / "palmer_penguins.yaml"
+    dataset.write_bytes(dataset.read_bytes().replace(b"description:", b"description: caf\xe9", 1))
+    with pytest.raises(CatalogError, match="not UTF-8 text") as err:
+        load_catalog(tmp_catalog)
+    assert err.value.file == str(dataset)
+    (tmp_catalog / "sites.yaml").unlink()
+    with pytest.raises(CatalogError, match="does not exist") as err:
+        load_catalog(tmp_catalog)
+    assert err.value.file == str(tmp_catalog / "sites.yaml")
 
 
 def test_site_errors(tmp_catalog: Path) -> None:
