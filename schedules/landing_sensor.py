@@ -2,7 +2,8 @@
 starts one run of that dataset's assets once the listing has stayed the same for one tick, so a file still
 being copied in, or a drop of many files, is ingested once, whole. The cursor holds, per dataset, the
 listing last seen, the one last requested and a count of requests (part of the run key, so returning to an
-earlier file set is a new run, not one Dagster drops as a repeat)."""
+earlier file set is a new run, not one Dagster drops as a repeat). Listings are kept as digests: Dagster
+stores the cursor with every tick, and a landing zone can hold many thousands of files."""
 
 import hashlib
 import json
@@ -33,9 +34,10 @@ def landing_sensor(catalog: Catalog, site: str) -> dg.SensorDefinition:
         before: dict[str, Any] = json.loads(context.cursor) if context.cursor else {}
         requests, cursor = [], {}
         for dataset in datasets:
-            listing = {o.key: o.fingerprint() for o in landed_objects(store, dataset)}
+            fingerprints = [o.fingerprint() for o in landed_objects(store, dataset)]
+            listing = listing_digest(fingerprints) if fingerprints else None
             state = before.get(dataset.name, {})
-            now = {"seen": listing, "requested": state.get("requested", {}), "requests": state.get("requests", 0)}
+            now = {"seen": listing, "requested": state.get("requested"), "requests": state.get("requests", 0)}
             if listing and listing == state.get("seen") and listing != now["requested"]:
                 now["requests"] += 1
                 now["requested"] = listing
@@ -46,12 +48,14 @@ def landing_sensor(catalog: Catalog, site: str) -> dg.SensorDefinition:
     return sensor
 
 
-def _run_request(dataset: Dataset, listing: dict[str, str], count: int) -> dg.RunRequest:
-    digest = hashlib.sha256("\n".join(sorted(listing.values())).encode()).hexdigest()[
-        :16
-    ]  # fingerprints name their key
+def listing_digest(fingerprints: list[str]) -> str:
+    """A landing zone's listing in 16 hex digits (each fingerprint names its key, size and version)."""
+    return hashlib.sha256("\n".join(sorted(fingerprints)).encode()).hexdigest()[:16]
+
+
+def _run_request(dataset: Dataset, listing: str, count: int) -> dg.RunRequest:
     return dg.RunRequest(
-        run_key=f"{dataset.name}-{count}-{digest}",
+        run_key=f"{dataset.name}-{count}-{listing}",
         asset_selection=materialisable_keys(dataset),
         tags={"site": dataset.site, "dataset": dataset.name, "trigger": "landing"},
     )
