@@ -350,6 +350,7 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
                     sum(v["bytes"] for v in manifest["splits"].values()),
                     manifest["quarantine"]["rows"],
                     summary,
+                    deduplicated=True,
                 ),
                 "version": version,
                 "manifest": dg.MetadataValue.path(store.url(f"{prefix}/{MANIFEST}")),

@@ -25,9 +25,9 @@ def main() -> int:
     quiet = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
     result = job.execute_in_process(instance=instance, raise_on_error=False, run_config=quiet)
     stores = stores_from_env(catalog)
-    failed_checks = [
-        f"{e.asset_key.to_user_string()}:{e.check_name}" for e in result.get_asset_check_evaluations() if not e.passed
-    ]
+    failed = [e for e in result.get_asset_check_evaluations() if not e.passed]
+    failed_checks = [f"{e.asset_key.to_user_string()}:{e.check_name}" for e in failed]
+    errors = [e for e in failed if e.severity == dg.AssetCheckSeverity.ERROR]  # warnings only warn
     print(f"\nrun {result.run_id}: {'succeeded' if result.success else 'FAILED'}")
     print(f"{'dataset':26} {'site':10} {'version':17} {'rows':>7}  manifest")
     for dataset in catalog.datasets.values():
@@ -38,10 +38,12 @@ def main() -> int:
             continue
         rows = manifest["conservation"]["rows_sharded"]
         where = store.url(f"shards/{dataset.name}/v={manifest['version']}/manifest.json")
+        if manifest["producer"]["dagster_run_id"] != result.run_id:
+            where += "  (made by an earlier run)"
         print(f"{dataset.name:26} {dataset.site:10} {manifest['version']:17} {rows:>7}  {where}")
     if failed_checks:
         print("failed checks: " + ", ".join(failed_checks))
-    return 0 if result.success and not failed_checks else 1
+    return 0 if result.success and not errors else 1
 
 
 if __name__ == "__main__":

@@ -11,13 +11,15 @@ from aifactory_assets.schema import ROW, SOURCE
 from resources.object_store import ObjectStore
 
 
-def column_schema(dataset: Dataset) -> dg.TableSchema:
+def column_schema(dataset: Dataset, deduplicated: bool) -> dg.TableSchema:
+    """The key is unique only once the shards stage has dropped duplicates; before, a key may repeat."""
+    key = dataset.table.key
     columns = [
         dg.TableColumn(
             name=c.name,
             type=c.type,
             description=(c.description + (" [PII]" if c.pii else "")).strip() or None,
-            constraints=dg.TableColumnConstraints(nullable=c.nullable, unique=dataset.table.key == [c.name]),
+            constraints=dg.TableColumnConstraints(nullable=c.nullable, unique=deduplicated and key == [c.name]),
             tags={"pii": "true"} if c.pii else {},
         )
         for c in dataset.table.columns
@@ -26,7 +28,12 @@ def column_schema(dataset: Dataset) -> dg.TableSchema:
         dg.TableColumn(SOURCE, "string", description="landed object the row came from"),
         dg.TableColumn(ROW, "int64", description="row number in that object (CSV header = row 1)"),
     ]
-    return dg.TableSchema(columns=columns)
+    rule = (
+        "unique: duplicates dropped, the latest landed record kept"
+        if deduplicated
+        else "may repeat: duplicates are dropped at the shards stage"
+    )
+    return dg.TableSchema(columns=columns, constraints=dg.TableConstraints(other=[f"key ({', '.join(key)}) {rule}"]))
 
 
 def location(store: ObjectStore, key: str) -> dg.MetadataValue:
@@ -35,11 +42,18 @@ def location(store: ObjectStore, key: str) -> dg.MetadataValue:
 
 
 def stage_metadata(
-    dataset: Dataset, store: ObjectStore, key: str, rows: int, size: int, quarantined: int, summary: str
+    dataset: Dataset,
+    store: ObjectStore,
+    key: str,
+    rows: int,
+    size: int,
+    quarantined: int,
+    summary: str,
+    deduplicated: bool = False,
 ) -> dict[str, Any]:
     return {
         "dagster/row_count": dg.MetadataValue.int(rows),
-        "dagster/column_schema": column_schema(dataset),
+        "dagster/column_schema": column_schema(dataset, deduplicated),
         "bytes": dg.MetadataValue.int(size),
         "quarantined_rows": dg.MetadataValue.int(quarantined),
         "location": location(store, key),

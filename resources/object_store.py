@@ -75,9 +75,14 @@ class ObjectStore(dg.ConfigurableResource):
     def fs(self) -> fsspec.AbstractFileSystem:
         return _filesystem(self.protocol, _freeze(self.storage_options))
 
+    @property
+    def base(self) -> str:
+        """The root as listings name it: a local root absolute, so that a listing's paths map back to keys."""
+        return os.path.abspath(self.root) if self.protocol == "file" else self.root.rstrip("/")
+
     def path(self, key: str = "") -> str:
         """The fsspec path of `key` (relative to the site's root)."""
-        return f"{self.root.rstrip('/')}/{key.lstrip('/')}".rstrip("/")
+        return f"{self.base}/{key.lstrip('/')}".rstrip("/")
 
     def url(self, key: str = "") -> str:
         """Where `key` lives, as a URL Dask, pyarrow and people can use."""
@@ -85,7 +90,7 @@ class ObjectStore(dg.ConfigurableResource):
 
     def key_of(self, path: str) -> str:
         """The inverse of `path`: a key relative to the site's root."""
-        root = self.root.rstrip("/") + "/"
+        root = self.base + "/"
         path = path.removeprefix("s3://")
         return path[len(root) :] if path.startswith(root) else path
 

@@ -33,6 +33,13 @@ def test_write_read_list_delete(store: ObjectStore) -> None:
     assert store.exists("landing/demo/a.csv")
 
 
+def test_a_relative_local_root_lists_keys(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    store = ObjectStore(site="kajaani", root="stores/kajaani")  # as a hand-written config might say
+    store.write_bytes("landing/demo/a.csv", b"x\n1\n")
+    assert [o.key for o in store.list_objects("landing/demo", "*.csv")] == ["landing/demo/a.csv"]
+
+
 def test_fingerprint_changes_when_object_changes(store: ObjectStore) -> None:
     store.write_bytes("landing/demo/a.csv", b"x\n1\n")
     before = store.info("landing/demo/a.csv").fingerprint()

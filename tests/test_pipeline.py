@@ -78,7 +78,12 @@ def test_whole_graph_materialises_into_checked_shards(
         )
         metadata = result.asset_materializations_for_node("__".join(asset_key(dataset, "shards").path))[0].metadata
         assert metadata["dagster/row_count"].value == rows
-        assert [c.name for c in metadata["dagster/column_schema"].schema.columns][:2] == dataset.table.names[:2]
+        schema = metadata["dagster/column_schema"].schema
+        assert [c.name for c in schema.columns][:2] == dataset.table.names[:2]
+        assert "unique: duplicates dropped" in schema.constraints.other[0]  # the key is unique from here on
+        raw_node = "__".join(asset_key(dataset, "raw").path)
+        raw_schema = result.asset_materializations_for_node(raw_node)[0].metadata["dagster/column_schema"].schema
+        assert not any(c.constraints.unique for c in raw_schema.columns)  # duplicates are dropped later
 
     if next(iter(stores.values())).protocol == "s3":
         logged = "\n".join(str(e) for e in result.all_events)
