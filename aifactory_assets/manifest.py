@@ -157,13 +157,22 @@ def build_manifest(
 
 def commit(store: ObjectStore, dataset: Dataset, manifest: dict[str, Any]) -> None:
     """The commit point: the manifest, then the `_latest` pointer, then retention."""
-    prefix = version_prefix(dataset, manifest["version"])
-    store.write_json(f"{prefix}/{MANIFEST}", manifest)
+    version = manifest["version"]
+    store.write_json(f"{version_prefix(dataset, version)}/{MANIFEST}", manifest)
+    committed = {v for _, v in committed_versions(store, dataset)}
+    history = [v for v in latest_history(store, dataset) if v in committed and v != version] + [version]
     store.write_json(
         f"{dataset_prefix(dataset)}/{LATEST}",
-        {"version": manifest["version"], "manifest": f"v={manifest['version']}/{MANIFEST}"},
+        {"version": version, "manifest": f"v={version}/{MANIFEST}", "history": history},
     )
-    apply_retention(store, dataset, keep=manifest["version"])
+    apply_retention(store, dataset, keep=version)
+
+
+def latest_history(store: ObjectStore, dataset: Dataset) -> list[str]:
+    """Versions in the order they were last made the latest, the latest last: a version re-pointed at
+    (a landing reverted to earlier files) is as recent as a new one, whatever its manifest's created_at."""
+    pointer = f"{dataset_prefix(dataset)}/{LATEST}"
+    return store.read_json(pointer).get("history", []) if store.exists(pointer) else []
 
 
 def committed_versions(store: ObjectStore, dataset: Dataset) -> list[tuple[str, str]]:
@@ -177,9 +186,12 @@ def committed_versions(store: ObjectStore, dataset: Dataset) -> list[tuple[str, 
 
 
 def apply_retention(store: ObjectStore, dataset: Dataset, keep: str) -> list[str]:
-    """Remove committed versions beyond the catalogue's retention, never `keep` (the latest). The manifest
-    goes first: a removal cut short leaves an uncommitted folder, never a committed version with holes."""
-    versions = [v for _, v in committed_versions(store, dataset) if v != keep]
+    """Remove committed versions beyond the catalogue's retention, least recently the latest first, never
+    `keep` (the latest). The manifest goes first: a removal cut short leaves an uncommitted folder, never
+    a committed version with holes."""
+    recency = {v: i for i, v in enumerate(latest_history(store, dataset))}
+    by_age = sorted(committed_versions(store, dataset), key=lambda cv: (recency.get(cv[1], -1), cv[0]))
+    versions = [v for _, v in by_age if v != keep]
     doomed = versions[: max(0, len(versions) - (dataset.shards.retention - 1))]
     for old in doomed:
         store.delete(f"{version_prefix(dataset, old)}/{MANIFEST}")

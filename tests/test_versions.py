@@ -120,6 +120,19 @@ def test_retention_keeps_the_latest_and_never_an_unfinished_version(setup) -> No
         assert not store.exists(f"shards/{DATASET}/v={old}")
 
 
+def test_retention_counts_a_version_made_latest_again_as_recent(setup) -> None:
+    """A landing reverted to earlier files re-points _latest at an old version: the next commit must not
+    remove it as the oldest, while jobs pinned to it still read it."""
+    from aifactory_assets.manifest import commit
+
+    _, dataset, store, *_ = setup  # retention 2
+    for i in range(2):
+        commit(store, dataset, {"version": f"ver{i}", "created_at": f"2026-01-0{i + 1}"})
+    commit(store, dataset, store.read_json(f"shards/{DATASET}/v=ver0/manifest.json"))  # reverted: ver0 again
+    commit(store, dataset, {"version": "ver2", "created_at": "2026-01-03"})
+    assert sorted(v for _, v in committed_versions(store, dataset)) == ["ver0", "ver2"]
+
+
 def test_records_keep_their_split_when_new_data_arrives(setup) -> None:
     catalog, dataset, store, stores, dask = setup
     assert run(catalog, stores, dask).success
