@@ -12,6 +12,7 @@ import dagster as dg
 import dask
 import pyarrow as pa
 from distributed import Client, LocalCluster, Worker, WorkerPlugin
+from distributed.security import Security
 from pydantic import Field, PrivateAttr
 
 # P2P shuffles (dataset statistics) log every start and stop at WARNING; they are routine here.
@@ -78,6 +79,9 @@ class DaskCluster(dg.ConfigurableResource):
                     processes=True,
                     host="127.0.0.1",
                     dashboard_address="127.0.0.1:0",  # a free port, this host only: runs side by side never clash
+                    # TLS with certificates made for this run alone: on a shared login node, another user could
+                    # otherwise connect to 127.0.0.1 and run code in workers that hold the store's credentials.
+                    security=Security.temporary(),
                 )
                 self._client = Client(self._cluster)
                 self._client.register_plugin(TrimAfterTask(), name="trim-after-task")

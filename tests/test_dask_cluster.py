@@ -6,7 +6,9 @@ import os
 import time
 
 import psutil
+import pytest
 from distributed import Client, Worker
+from distributed.security import Security
 
 from resources import DaskCluster
 
@@ -22,6 +24,10 @@ def test_refresh_restarts_the_runs_own_workers_only(dask_address: str) -> None:
         own.refresh_workers()
         after = worker_pids(own.get_client())
         assert before and after and before.isdisjoint(after)
+        address = own.get_client().scheduler.address
+        assert address.startswith("tls://127.0.0.1:")  # another local user cannot just connect and run code
+        with pytest.raises((OSError, TimeoutError)):  # certificates of its own are not the run's
+            Client(address, timeout=3, security=Security.temporary())
     finally:
         own.close()
 
