@@ -277,6 +277,30 @@ def suite_fingerprint(suite: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(suite, sort_keys=True).encode()).hexdigest()[:16]
 
 
+VALUE_STATISTICS = frozenset(
+    f"expect_column_{statistic}_to_be_between" for statistic in ("min", "max", "mean", "median", "sum", "stdev")
+) | {"expect_column_quantile_values_to_be_between"}
+
+
+def hide_personal_values(results: list[dict[str, Any]], dataset: Dataset) -> list[dict[str, Any]]:
+    """Failing values and statistics of PII columns stay in the quarantine at the home site: results go
+    into the UI's metadata, the data docs and the manifest, which replicas copy to other sites."""
+    personal = {c.name for c in dataset.table.columns if c.pii}
+    hidden = []
+    for result in results:
+        kwargs = result["kwargs"]
+        columns = {kwargs.get(k) for k in ("column", "column_A", "column_B")} | set(kwargs.get("column_list") or [])
+        if columns & personal:
+            result = {
+                **result,
+                "sample": [f"{len(result['sample'])} value(s) hidden: PII"] if result.get("sample") else [],
+            }
+            if result["type"] in VALUE_STATISTICS:
+                result["observed"] = "hidden: PII"
+        hidden.append(result)
+    return hidden
+
+
 def validate_dataset(
     store: ObjectStore, client: Client, dataset: Dataset, suite: dict[str, Any], run_id: str
 ) -> dict[str, Any]:
@@ -305,7 +329,7 @@ def validate_dataset(
         # every file refused: judge the suite on an empty table of the right schema
         return dd.from_pandas(arrow_schema(dataset).empty_table().to_pandas(), npartitions=1)
 
-    results = judge_suite(suite, partials, whole_dataset, dataset.table.names)
+    results = hide_personal_values(judge_suite(suite, partials, whole_dataset, dataset.table.names), dataset)
     rows_in = sum(p["rows_in"] for p in partials)
     rows_quarantined = sum(p["rows_quarantined"] for p in partials)
     quarantine = publish(

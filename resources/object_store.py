@@ -8,6 +8,7 @@ resource itself.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -43,6 +44,16 @@ def _freeze(options: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
 
 def _unfreeze(options: tuple[tuple[str, Any], ...]) -> dict[str, Any]:
     return {k: _unfreeze(v) if isinstance(v, tuple) else v for k, v in options}
+
+
+def strict_json(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json(v) for v in value]
+    return value
 
 
 class ObjectStore(dg.ConfigurableResource):
@@ -153,7 +164,10 @@ class ObjectStore(dg.ConfigurableResource):
         return json.loads(self.read_bytes(key))
 
     def write_json(self, key: str, value: Any) -> None:
-        self.write_bytes(key, json.dumps(value, indent=2, sort_keys=True, default=str).encode())
+        """Strict JSON: NaN and infinities (the mean of an all-null column, say) become null, which every
+        reader parses (Python would write bare `NaN`, which JavaScript, Go or jq refuse)."""
+        text = json.dumps(strict_json(value), indent=2, sort_keys=True, default=str, allow_nan=False)
+        self.write_bytes(key, text.encode())
 
     def delete(self, key: str) -> None:
         """Remove an object or everything under a prefix; missing is fine."""

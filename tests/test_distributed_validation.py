@@ -127,6 +127,23 @@ def test_an_expectation_gx_cannot_judge_fails_with_its_error(tmp_path, dask: Das
     assert record["rows_quarantined"] == 0  # no row is blamed for a broken expectation
 
 
+def test_values_of_pii_columns_never_leave_the_quarantine(tmp_path, dask: DaskCluster) -> None:
+    """Results go to the UI, the data docs and the manifest (copied to other sites): no PII value in them."""
+    store = ObjectStore(site="kajaani", root=str(tmp_path))
+    publish_raw(store, partitions())
+    columns = [c.model_copy(update={"pii": c.name == "sensor"}) for c in DATASET.table.columns]
+    personal = DATASET.model_copy(update={"table": DATASET.table.model_copy(update={"columns": columns})})
+    expectations = [
+        {"type": "expect_column_values_to_be_in_set", "kwargs": {"column": "sensor", "value_set": ["a"]}},
+        {"type": "expect_column_max_to_be_between", "kwargs": {"column": "value", "max_value": 100}},
+    ]
+    record = validate_dataset(store, dask.get_client(), personal, {"name": "r", "expectations": expectations}, "r1")
+    sensor, value = record["results"]
+    assert sensor["unexpected_count"] == 150 and sensor["sample"] == ["5 value(s) hidden: PII"]
+    assert value["observed"] == 500.0  # not PII: shown
+    assert record["rows_quarantined"] == 150  # the rows themselves stay in the quarantine, at the home site
+
+
 GLOBAL_CASES = [
     {"type": "expect_column_values_to_be_unique", "kwargs": {"column": "id"}},
     {"type": "expect_column_values_to_be_unique", "kwargs": {"column": "sensor"}},

@@ -33,6 +33,12 @@ def test_write_read_list_delete(store: ObjectStore) -> None:
     assert store.exists("landing/demo/a.csv")
 
 
+def test_json_is_strict_for_every_reader(store: ObjectStore) -> None:
+    store.write_json("reports/x.json", {"mean": float("nan"), "values": [1.5, float("inf")]})
+    assert b"NaN" not in store.read_bytes("reports/x.json") and b"Infinity" not in store.read_bytes("reports/x.json")
+    assert store.read_json("reports/x.json") == {"mean": None, "values": [1.5, None]}
+
+
 def test_a_relative_local_root_lists_keys(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     store = ObjectStore(site="kajaani", root="stores/kajaani")  # as a hand-written config might say
