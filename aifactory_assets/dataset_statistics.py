@@ -3,8 +3,8 @@
 Uniqueness, distinct counts, median and quantiles, order and z-scores need every row at once; running GX
 per partition would give wrong answers. Each expectation becomes one lazy statistic; all are computed in
 one `dask.compute` so the data is read once. Median and quantiles are exact: a first pass brackets each
-wanted rank from per-partition quantile grids, a second counts the values below the bracket and collects
-the few inside it (see `exact_quantiles`).
+wanted rank from per-partition quantile grids, a second pass per rank counts the values below and at the
+bracket's ends and collects the few inside it (see `exact_quantiles`).
 """
 
 from __future__ import annotations
@@ -109,44 +109,54 @@ def _grid(part: pd.Series) -> pd.DataFrame:
     return pd.DataFrame({"n": [len(values)], "grid": [grid]}, dtype=object)
 
 
-def _bracket(grids: pd.DataFrame, low_rank: int, high_rank: int) -> tuple[float, float]:
-    """Values below and above which the ranks [low_rank, high_rank] (0-based, of all non-null values) must
-    lie, estimated from the grids: each grid value stands for about n/1,024 values of its partition, so the
+def _bracket(grids: pd.DataFrame, rank: int) -> tuple[float, float]:
+    """Values below and above which the value of `rank` (0-based, among all non-null values) must lie,
+    estimated from the grids: each grid value stands for about n/1,024 values of its partition, so the
     estimate of a value's rank is off by at most the sum of those, which the bracket adds on each side."""
     parts = [(int(n), g) for n, g in zip(grids["n"], grids["grid"], strict=True) if n]
     candidates = np.unique(np.concatenate([g for _, g in parts]))
     below = sum(n * np.searchsorted(g, candidates, side="left") / len(g) for n, g in parts)
     margin = sum(n / (len(GRID) - 1) + 1 for n, _ in parts)
-    under = candidates[below <= low_rank - margin]
-    over = candidates[below >= high_rank + margin]
+    under, over = candidates[below <= rank - margin], candidates[below >= rank + 1 + margin]
     return (under[-1] if len(under) else -np.inf), (over[0] if len(over) else np.inf)
 
 
 def exact_quantiles(series: dd.Series, grids: pd.DataFrame, quantiles: list[float], method: str) -> list[float]:
-    """The quantiles pandas would give on the whole column (`method` as pandas' `interpolation`), from the
-    values inside a bracket around the wanted ranks: only those reach this process, not the column."""
+    """The quantiles pandas would give on the whole column (`method` as pandas' `interpolation`). Each rank
+    needed is found inside its own bracket: the values below it and equal to either end are counted, and
+    only those strictly inside (about 1/500 of the column) reach this process."""
     total = int(grids["n"].sum())
     if total == 0:
         return [float("nan")] * len(quantiles)
     positions = [q * (total - 1) for q in quantiles]
-    low_rank, high_rank = int(np.floor(min(positions))), int(np.ceil(max(positions)))
-    low, high = _bracket(grids, low_rank, high_rank)
+    ranks = sorted({int(f(p)) for p in positions for f in (np.floor, np.ceil)})
     values = series.dropna()
-    for lo, hi in ((low, high), (-np.inf, np.inf)):  # the estimate's bracket; if it missed, the whole column
-        inside, before = dask.compute(values[(values >= lo) & (values <= hi)], (values < lo).sum())
-        before = int(before)
-        if before <= low_rank and before + len(inside) > high_rank:
-            break
-    ordered = np.sort(inside.to_numpy())
-    return [_interpolate(ordered, before, p, method) for p in positions]
+    found = {}
+    for rank in ranks:
+        for low, high in (_bracket(grids, rank), (-np.inf, np.inf)):  # the estimate; if it missed, everything
+            inner = values[(values > low) & (values < high)]
+            below, at_low, at_high, inside = dask.compute(
+                (values < low).sum(), (values == low).sum(), (values == high).sum(), inner
+            )
+            below, at_low, at_high = int(below), int(at_low), int(at_high) if high != low else 0
+            if below <= rank < below + at_low + len(inside) + at_high:
+                break
+        offset = rank - below
+        if offset < at_low:
+            found[rank] = low
+        elif offset < at_low + len(inside):
+            found[rank] = np.sort(inside.to_numpy())[offset - at_low]
+        else:
+            found[rank] = high
+    return [_interpolate(found, p, method) for p in positions]
 
 
-def _interpolate(ordered: np.ndarray, before: int, position: float, method: str) -> Any:
+def _interpolate(at: dict[int, Any], position: float, method: str) -> Any:
     """numpy's (and so pandas') interpolation between the values at the ranks around `position`."""
     below, above = int(np.floor(position)), int(np.ceil(position))
-    low, high = ordered[below - before].item(), ordered[above - before].item()
+    low, high = (np.asarray(at[below]).item(), np.asarray(at[above]).item())
     if method == "nearest":
-        return ordered[int(np.around(position)) - before].item()
+        return np.asarray(at[int(np.around(position))]).item()
     if method == "lower":
         return low
     if method == "higher":
