@@ -43,7 +43,7 @@ from aifactory_assets.manifest import latest_manifest
 from aifactory_assets.parquet_io import read_parquet, write_parquet
 from aifactory_assets.staging import read_sorted_rows, write_sorted
 from benchmarks.validation import Watch
-from resources import DaskCluster, ObjectStore
+from resources import DaskCluster, ObjectStore, prepare_workers
 
 NAME = "bench_pipeline"
 FILE_BYTES = 32 * 2**20  # one landed file: what a partner's export tool typically cuts
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
                 host="127.0.0.1",
                 dashboard_address=None,
             ) as cluster,
-            Client(cluster) as client,
+            prepare_workers(Client(cluster)) as client,
         ):
             rows.append(timed("plain Dask (read_csv, to_parquet)", lambda: dask_pass(client, files, out / "dask")))
     runs: list[dg.ExecuteInProcessResult] = []

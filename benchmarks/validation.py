@@ -28,6 +28,7 @@ from aifactory_assets.catalog import ROW_EXPECTATIONS
 from aifactory_assets.parquet_io import read_parquet
 from aifactory_assets.validation import expectation_label, validate_dataset
 from benchmarks.synthetic import Synthetic
+from resources import prepare_workers
 
 
 class OutOfMemory(RuntimeError):
@@ -151,7 +152,7 @@ def run_dask(bench: Synthetic, n_workers: int, memory_limit: int) -> PathResult:
             scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},  # no dashboard, no clash on port 8787
             silence_logs=logging.ERROR,
         ) as cluster,
-        Client(cluster) as client,
+        prepare_workers(Client(cluster)) as client,
     ):
         started = time.perf_counter()
         running = pool.submit(

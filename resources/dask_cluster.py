@@ -55,6 +55,13 @@ class TrimAfterTask(WorkerPlugin):
                 self.malloc_trim(0)
 
 
+def prepare_workers(client: Client) -> Client:
+    """What a cluster this process started needs (the benchmarks' too): mimalloc keeps what a task freed
+    until TrimAfterTask hands it back, and a worker without it grows until Dask pauses it."""
+    client.register_plugin(TrimAfterTask(), name="trim-after-task")
+    return client
+
+
 class DaskCluster(dg.ConfigurableResource):
     """Connects to `scheduler_address` when given (e.g. dask-jobqueue on the site's SLURM); else starts one
     LocalCluster on first use in a run, shared by the run's steps, and closes it when the run ends."""
@@ -83,8 +90,7 @@ class DaskCluster(dg.ConfigurableResource):
                     # otherwise connect to 127.0.0.1 and run code in workers that hold the store's credentials.
                     security=Security.temporary(),
                 )
-                self._client = Client(self._cluster)
-                self._client.register_plugin(TrimAfterTask(), name="trim-after-task")
+                self._client = prepare_workers(Client(self._cluster))
         return self._client
 
     def refresh_workers(self) -> None:
