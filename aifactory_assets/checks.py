@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import dagster as dg
@@ -14,6 +13,7 @@ from distributed import Client
 
 from aifactory_assets.catalog import Dataset
 from aifactory_assets.metadata import location, markdown_table
+from aifactory_assets.parquet_io import read_footers
 from aifactory_assets.schema import ARROW_TYPES
 from aifactory_assets.tasks import run_tasks
 from resources.object_store import ObjectStore
@@ -26,15 +26,9 @@ EXPECTATION_CHECKS = {"critical": CRITICAL_CHECK, "warning": WARNING_CHECK}
 
 
 def footers(store: ObjectStore, keys: list[str]) -> dict[str, pq.FileMetaData]:
-    """Each written Parquet file's footer (its schema and row count), read in parallel: the store may be
-    remote, and a check that reads one file out of many misses the one that went wrong."""
-
-    def footer(key: str) -> pq.FileMetaData:
-        with store.fs.open(store.path(key), "rb") as f:
-            return pq.read_metadata(f)
-
-    with ThreadPoolExecutor(8) as pool:
-        return dict(zip(keys, pool.map(footer, keys), strict=True))
+    """Every written Parquet file's footer, by key: a check that reads one file out of many misses the one
+    that went wrong."""
+    return dict(zip(keys, read_footers([store.url(k) for k in keys], store.storage_options), strict=True))
 
 
 def schema_check(
