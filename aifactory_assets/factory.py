@@ -38,7 +38,7 @@ from aifactory_assets.manifest import (
     version_prefix,
 )
 from aifactory_assets.metadata import location, markdown_table, stage_metadata
-from aifactory_assets.publish import require_current
+from aifactory_assets.publish import POINTER, require_current
 from aifactory_assets.schema import arrow_schema
 from aifactory_assets.sharding import shard_dataset
 from aifactory_assets.staging import staging_prefix
@@ -213,8 +213,8 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
         **_common(
             dataset,
             "validated",
-            "Rows that pass the dataset's Great Expectations suite; "
-            "failing rows quarantined naming the expectations they failed.",
+            "Rows that pass the dataset's Great Expectations suite: raw's parts less the failing rows, which "
+            "are quarantined naming the expectations they failed (no second copy of the passing rows).",
         ),
         deps=[raw.key],
         kinds={"dask", "parquet", "great_expectations"},
@@ -249,27 +249,32 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
                 + ", ".join(f"{r['label']} ({r.get('unexpected_count', 0)} rows)" for r in worst),
                 metadata={"expectations": dg.MetadataValue.md(expectations_table(results)), "data_docs": report},
             )
-        written = footers(store, record["parts"])
+        passed_on, excluded = footers(store, record["parts"]), footers(store, record["excluded"])
+        quarantined = sum(m.num_rows for m in excluded.values())
         return dg.MaterializeResult(
             metadata={
                 **stage_metadata(
                     dataset,
                     store,
-                    record["generation"],
+                    f"validated/{dataset.name}/{POINTER}",
                     record["rows_valid"],
-                    record["bytes"],
+                    record["quarantine_bytes"],
                     record["rows_quarantined"],
                     expectations_table(results),
                 ),
+                "rows_from": location(store, raw_record["generation"]),
                 "quarantined_fraction": dg.MetadataValue.float(round(fraction, 6)),
                 "data_docs": report,
             },
             check_results=[
-                schema_check(dataset, store, written, schema),
+                schema_check(dataset, store, passed_on, schema),
                 conservation_check(
-                    "raw rows = written + quarantined",
+                    "raw rows = passed on + quarantined",
                     raw_record["rows_valid"],
-                    {"written": sum(m.num_rows for m in written.values()), "quarantined": record["rows_quarantined"]},
+                    {
+                        "passed on": record["rows_valid"],
+                        "quarantined": quarantined,
+                    },
                 ),
                 expectation_group_check(results, "critical"),
                 expectation_group_check(results, "warning"),
@@ -307,7 +312,16 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
             staging = f"{staging_prefix(dataset)}/{version}/{context.run.run_id}"
             rank = {e["source"]: i for i, e in enumerate(raw_record["ledger"])}
             seqs = [rank[source] for source in raw_record["part_sources"]]
-            sharded = shard_dataset(store, dask.get_client(), dataset, valid_record["parts"], seqs, prefix, staging)
+            sharded = shard_dataset(
+                store,
+                dask.get_client(),
+                dataset,
+                valid_record["parts"],
+                valid_record["excluded"],
+                seqs,
+                prefix,
+                staging,
+            )
             lineage = [
                 {**e["object"], "rows_read": e["rows_read"], "rows_valid": e["rows_valid"]}
                 for e in raw_record["ledger"]

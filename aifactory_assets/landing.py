@@ -88,7 +88,7 @@ def _decode(raw: bytes, encoding: str) -> str:
 
 def _read_csv(data: bytes, dataset: Dataset, fast: bool) -> LandedRows:
     options = dataset.source.options
-    if not data.strip():
+    if not data or data.isspace():  # isspace stops at the first other byte; strip copied the file
         raise UnreadableFile(f"empty file ({len(data)} bytes): no header")
     try:
         first_line = data.split(b"\n", 1)[0].decode(options.encoding).lstrip("\ufeff").rstrip("\r")

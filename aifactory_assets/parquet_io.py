@@ -70,7 +70,12 @@ class HashingFile:
         """The owner of `inner` closes it (its `with` block), not the Parquet writer."""
 
 
-def read_parquet(url: str, storage_options: dict[str, Any], read_dictionary: list[str] | None = None) -> pa.Table:
+def read_parquet(
+    url: str,
+    storage_options: dict[str, Any],
+    read_dictionary: list[str] | None = None,
+    columns: list[str] | None = None,
+) -> pa.Table:
     fs, path = fsspec.core.url_to_fs(url, **storage_options)
     with fs.open(path, "rb") as f:
-        return pq.read_table(f, read_dictionary=read_dictionary)
+        return pq.read_table(f, read_dictionary=read_dictionary, columns=columns)

@@ -32,6 +32,7 @@ from aifactory_assets.schema import ROW, arrow_schema
 from aifactory_assets.shard_layout import dictionary_columns, row_group_rows, shard_name
 from aifactory_assets.staging import read_batches, read_sorted_rows, write_batches, write_sorted
 from aifactory_assets.tasks import run_tasks
+from aifactory_assets.validated_rows import read_validated_part
 from resources.object_store import ObjectStore
 
 SEQ, ORDER = "_seq", "_order"
@@ -67,6 +68,7 @@ def shuffle_order(hashes: np.ndarray, seed: int) -> np.ndarray:
 
 def scatter_part(
     part_url: str,
+    excluded_url: str,
     seq: int,
     out_url: str,
     key_columns: list[str],
@@ -78,7 +80,7 @@ def scatter_part(
 ) -> dict[int, tuple[int, int]]:
     """Runs on a worker: one validated part -> one staging file holding a record batch per bucket it
     touches; returns {bucket: (batch index in that file, rows)}."""
-    table = read_parquet(part_url, storage_options, read_dictionary=dictionary_columns)
+    table = read_validated_part(part_url, excluded_url, storage_options, read_dictionary=dictionary_columns)
     hashes = key_hash(table.select(key_columns).to_pandas(), key_columns)
     split = assign_splits(hashes, ratios).astype(np.int64)
     order = shuffle_order(hashes, seed)
@@ -214,6 +216,7 @@ def shard_dataset(
     client: Client,
     dataset: Dataset,
     parts: list[str],
+    excluded: list[str],
     part_seqs: list[int],
     version_prefix: str,
     staging_prefix: str,
@@ -229,6 +232,7 @@ def shard_dataset(
         client,
         scatter_part,
         [store.url(p) for p in parts],
+        [store.url(p) for p in excluded],
         part_seqs,  # each part's landed file, in landing order: later files win on duplicate keys
         scattered_urls,
         key_columns=key,

@@ -1,9 +1,11 @@
-"""The shuffle's intermediate files: Arrow IPC with lz4, read back one record batch at a time.
+"""The shuffle's intermediate files: Arrow IPC, read back one record batch at a time.
 
 A scatter task writes one file with a record batch per bucket, rather than a file per (part, bucket): the
 number of files grows with the data, not with its square, and a gather reads only its own batch of each
 file (the IPC footer holds every batch's offset). Sorted buckets are written in batches of BATCH_ROWS, so
-a row range maps to its batches by arithmetic alone.
+a row range maps to its batches by arithmetic alone. Written once and read once: on a local disk they
+go uncompressed (lz4 took 0.072 s to write a 560k-row part and 0.032 s to read it, plain 0.026 and 0.024,
+at twice the bytes); to an object store, lz4 halves what crosses the network.
 """
 
 from __future__ import annotations
@@ -18,13 +20,17 @@ from aifactory_assets.catalog import Dataset
 from aifactory_assets.parquet_io import open_for_write
 
 BATCH_ROWS = 65_536
-_OPTIONS = pa.ipc.IpcWriteOptions(compression="lz4")  # written once, read once: fast beats small
+
+
+def _options(url: str) -> pa.ipc.IpcWriteOptions:
+    local = fsspec.utils.get_protocol(url) in ("file", "local")
+    return pa.ipc.IpcWriteOptions(compression=None if local else "lz4")
 
 
 def write_batches(url: str, schema: pa.Schema, tables: Iterable[pa.Table], storage_options: dict[str, Any]) -> None:
     """Each table as one record batch, in order."""
     fs, path = open_for_write(url, storage_options)
-    with fs.open(path, "wb") as f, pa.ipc.new_file(f, schema, options=_OPTIONS) as writer:
+    with fs.open(path, "wb") as f, pa.ipc.new_file(f, schema, options=_options(url)) as writer:
         for table in tables:
             writer.write_batch(table.combine_chunks().to_batches(max_chunksize=None)[0])
 
@@ -32,7 +38,7 @@ def write_batches(url: str, schema: pa.Schema, tables: Iterable[pa.Table], stora
 def write_sorted(url: str, table: pa.Table, storage_options: dict[str, Any]) -> None:
     """`table` in batches of exactly BATCH_ROWS rows (the last one fewer)."""
     fs, path = open_for_write(url, storage_options)
-    with fs.open(path, "wb") as f, pa.ipc.new_file(f, table.schema, options=_OPTIONS) as writer:
+    with fs.open(path, "wb") as f, pa.ipc.new_file(f, table.schema, options=_options(url)) as writer:
         writer.write_table(table.combine_chunks(), max_chunksize=BATCH_ROWS)
 
 

@@ -17,7 +17,6 @@ from functools import lru_cache
 from typing import Any
 
 import dask.dataframe as dd
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -121,13 +120,13 @@ def _row_counts(outcome: Any, rows: int) -> dict[str, Any]:
 def validate_part(
     part_url: str,
     source: str,
-    valid_url: str,
     quarantine_url: str,
     suite: dict[str, Any],
     storage_options: dict[str, Any],
     run_id: str,
 ) -> dict[str, Any]:
-    """Runs on a worker: validate one raw part (one landed file), write its valid and quarantined rows."""
+    """Runs on a worker: validate one raw part (one landed file) and write its failing rows to quarantine;
+    the rows that pass stay where they are (validated_rows.py)."""
     import great_expectations as gx
 
     table = read_parquet(part_url, storage_options)
@@ -150,11 +149,8 @@ def validate_part(
                 failures.setdefault(int(index), []).append(expectation_label(expectation))
             counts.append(_row_counts(outcome, table.num_rows))
     bad = sorted(failures)
-    keep = np.ones(table.num_rows, dtype=bool)
-    keep[bad] = False
-    valid_bytes = write_parquet(table.filter(pa.array(keep)), valid_url, storage_options)
     rejected = table.take(pa.array(bad, pa.int64()))
-    write_parquet(
+    quarantine_bytes = write_parquet(
         quarantine_rows(
             rejected.column(SOURCE).to_pylist(),
             rejected.column(ROW).to_pylist(),
@@ -172,7 +168,7 @@ def validate_part(
         "rows_in": table.num_rows,
         "rows_valid": table.num_rows - len(bad),
         "rows_quarantined": len(bad),
-        "bytes": valid_bytes,
+        "quarantine_bytes": quarantine_bytes,
         "counts": counts,
     }
 
@@ -304,19 +300,17 @@ def hide_personal_values(results: list[dict[str, Any]], dataset: Dataset) -> lis
 def validate_dataset(
     store: ObjectStore, client: Client, dataset: Dataset, suite: dict[str, Any], run_id: str
 ) -> dict[str, Any]:
-    """Validate the published raw generation in parallel and publish valid rows and the quarantine."""
+    """Validate the published raw generation in parallel and publish the verdicts and the quarantine; the
+    validated rows are raw's parts less the quarantined rows (validated_rows.py)."""
     raw = require_current(store, f"raw/{dataset.name}", "raw")
-    valid_gen = generation_prefix(f"validated/{dataset.name}", run_id)
     q_gen = generation_prefix(f"quarantine/{dataset.name}/validated", run_id)
     parts = raw["parts"]
-    valid_parts = [f"{valid_gen}/part-{i:05d}.parquet" for i in range(len(parts))]
     q_parts = [f"{q_gen}/part-{i:05d}.parquet" for i in range(len(parts))]
     partials = run_tasks(
         client,
         validate_part,
         [store.url(p) for p in parts],
         raw["part_sources"],
-        [store.url(p) for p in valid_parts],
         [store.url(p) for p in q_parts],
         suite=suite,
         storage_options=store.storage_options,
@@ -340,11 +334,12 @@ def validate_dataset(
         f"validated/{dataset.name}",
         run_id,
         {
-            "parts": valid_parts,
+            "parts": parts,
+            "excluded": q_parts,  # per part, the rows it does not pass on
             "rows_in": rows_in,
             "rows_valid": rows_in - rows_quarantined,
             "rows_quarantined": rows_quarantined,
-            "bytes": sum(p["bytes"] for p in partials),
+            "quarantine_bytes": sum(p["quarantine_bytes"] for p in partials),
             "results": results,
             "success": all(r["success"] for r in results),
             "ledger": source_ledger(raw, partials),

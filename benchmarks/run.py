@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{plain.notes['load_s']:.1f} s, not counted; its time is the `validate` call alone (SUMMARY)."
     )
     print(
-        f"Dask: end to end (read raw parts, GX per part, reductions, write validated + quarantine, publish); "
+        f"Dask: end to end (read raw parts, GX per part, reductions, write the quarantine, publish); "
         f"largest worker RSS {size(dask.watch.peak_child)} of {size(limit)}, "
         f"workers lost 0, memory pauses {dask.notes['pauses']}, rows quarantined {dask.notes['rows_quarantined']:,}."
     )

@@ -1,7 +1,7 @@
 """The two validation paths the benchmark compares, each timed and memory-watched in this one process run.
 
-- aifactory on Dask: `validate_dataset` end to end (read raw parts, GX per partition, write validated and
-  quarantine parts, publish) on a LocalCluster whose workers together get less memory than the dataset
+- aifactory on Dask: `validate_dataset` end to end (read raw parts, GX per partition, write the quarantine
+  parts, publish) on a LocalCluster whose workers together get less memory than the dataset
   takes in memory, so it can only finish by streaming partitions.
 - plain GX: the same data as one pandas DataFrame, the same suite, one `validate` call (SUMMARY).
 

@@ -163,6 +163,11 @@ def test_bad_rows_are_quarantined_with_reasons_and_counted(catalog: Catalog, tmp
     record_1 = shards.loc[shards["record_id"] == 1].iloc[0]
     assert (record_1["island"], record_1["_source"]) == ("Torgersen", "landing/palmer_penguins/drop-2.csv")
     assert shards["record_id"].is_unique
+    # Validation wrote no copy of the rows that passed: its quarantine is what the shards leave out.
+    validated = current(store, "validated/palmer_penguins")
+    assert validated["parts"] == raw["parts"] and not store.exists(validated["generation"])
+    dropped = quarantine.loc[quarantine["stage"] == "validated", ["_source", "_row"]]
+    assert len(dropped) == 2 and shards.merge(dropped, on=["_source", "_row"]).empty
 
 
 def test_critical_expectation_failure_blocks_the_shards(catalog: Catalog, tmp_path, dask: DaskCluster) -> None:
