@@ -95,6 +95,11 @@ def require_shardable(
     """A run may materialise the shards alone, so they check what the validated step decided: a failed
     validation still publishes (its report and quarantine are what a person needs), validated may lag
     behind a newer raw generation or an edited suite, and a version of no rows would replace the latest."""
+    if "excluded" not in valid_record:
+        raise dg.Failure(
+            f"{dataset.name}: validated was published by an earlier release (a copy of the rows, no delete files): "
+            "materialise validated first"
+        )
     if valid_record["raw_generation"] != raw_record["generation"]:
         raise dg.Failure(
             f"{dataset.name}: validated was made from {valid_record['raw_generation']}, not from the current raw "

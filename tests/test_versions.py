@@ -162,6 +162,19 @@ def test_shards_refuse_validated_rows_of_an_older_raw_generation(setup) -> None:
     assert latest_manifest(store, dataset)["version"] == first["version"]
 
 
+def test_shards_refuse_a_validated_record_of_an_earlier_release(setup) -> None:
+    """Before 1607f94 validated wrote a copy of the rows and no delete files: after an upgrade, a run of the
+    shards alone must ask for validated again, not fail on a missing field."""
+    catalog, dataset, store, stores, dask = setup
+    assert run(catalog, stores, dask, stages=("raw", "validated")).success
+    record = current(store, f"validated/{DATASET}")
+    store.write_json(f"validated/{DATASET}/_current.json", {k: v for k, v in record.items() if k != "excluded"})
+    stale = run(catalog, stores, dask, stages=("shards",))
+    assert not stale.success
+    assert "earlier release" in failure_message(stale) and "materialise validated first" in failure_message(stale)
+    assert latest_manifest(store, dataset) is None
+
+
 def test_shards_refuse_a_validation_judged_by_another_suite(setup) -> None:
     catalog, dataset, store, stores, dask = setup
     assert run(catalog, stores, dask).success
