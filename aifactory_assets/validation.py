@@ -326,10 +326,9 @@ def validate_dataset(
     results = hide_personal_values(judge_suite(suite, partials, whole_dataset, dataset.table.names), dataset)
     rows_in = sum(p["rows_in"] for p in partials)
     rows_quarantined = sum(p["rows_quarantined"] for p in partials)
-    quarantine = publish(
-        store, f"quarantine/{dataset.name}/validated", run_id, {"parts": q_parts, "rows": rows_quarantined}
-    )
-    return publish(
+    # The record first, then the quarantine pointer, whose publish deletes the older quarantine: a step that
+    # dies between the two leaves a record whose delete files still exist.
+    record = publish(
         store,
         f"validated/{dataset.name}",
         run_id,
@@ -345,6 +344,8 @@ def validate_dataset(
             "ledger": source_ledger(raw, partials),
             "raw_generation": raw["generation"],
             "suite_fingerprint": suite_fingerprint(suite),
-            "quarantine": quarantine["generation"],
+            "quarantine": q_gen,
         },
     )
+    publish(store, f"quarantine/{dataset.name}/validated", run_id, {"parts": q_parts, "rows": rows_quarantined})
+    return record

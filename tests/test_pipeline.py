@@ -16,7 +16,7 @@ from aifactory_assets.catalog import Catalog
 from aifactory_assets.demo import land_demo_data
 from aifactory_assets.factory import asset_key, build_catalog_assets
 from aifactory_assets.manifest import latest_manifest
-from aifactory_assets.publish import current
+from aifactory_assets.publish import current, publish
 from resources import DaskCluster, ObjectStore
 from tests.conftest import S3_SECRET, pipeline_resources
 
@@ -102,6 +102,13 @@ PENGUIN_DROP = PENGUIN_HEADER + (
 )
 
 
+def land_penguin_drop(store: ObjectStore) -> None:
+    """PENGUIN_DROP, landed after the demo file (so its record 1 wins)."""
+    store.write_bytes("landing/palmer_penguins/drop-2.csv", PENGUIN_DROP.encode())
+    later = os.path.getmtime(store.path("landing/palmer_penguins/palmer_penguins.csv")) + 60
+    os.utime(store.path("landing/palmer_penguins/drop-2.csv"), (later, later))
+
+
 def test_bad_rows_are_quarantined_with_reasons_and_counted(catalog: Catalog, tmp_path, dask: DaskCluster) -> None:
     from tests.conftest import local_stores
 
@@ -109,10 +116,8 @@ def test_bad_rows_are_quarantined_with_reasons_and_counted(catalog: Catalog, tmp
     land_demo_data(catalog, stores)
     dataset = catalog.datasets["palmer_penguins"]
     store = stores[dataset.site]
-    store.write_bytes("landing/palmer_penguins/drop-2.csv", PENGUIN_DROP.encode())
+    land_penguin_drop(store)
     store.write_bytes("landing/palmer_penguins/drift.csv", b"record_id,species\n7,Adelie\n")
-    later = os.path.getmtime(store.path("landing/palmer_penguins/palmer_penguins.csv")) + 60
-    os.utime(store.path("landing/palmer_penguins/drop-2.csv"), (later, later))
 
     result = materialize_all(catalog, stores, dask, selection=stages(dataset))
     assert result.success
@@ -168,6 +173,46 @@ def test_bad_rows_are_quarantined_with_reasons_and_counted(catalog: Catalog, tmp
     assert validated["parts"] == raw["parts"] and not store.exists(validated["generation"])
     dropped = quarantine.loc[quarantine["stage"] == "validated", ["_source", "_row"]]
     assert len(dropped) == 2 and shards.merge(dropped, on=["_source", "_row"]).empty
+
+
+def test_a_validated_step_killed_between_its_two_pointers_leaves_its_delete_files(
+    catalog: Catalog, tmp_path, dask: DaskCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The validated record points at its quarantine parts as delete files, and publishing the quarantine
+    removes the older ones: whichever pointer a death leaves behind, the shards still leave those rows out."""
+    from aifactory_assets import validation
+    from tests.conftest import local_stores
+
+    stores = local_stores(catalog, tmp_path)
+    land_demo_data(catalog, stores)
+    dataset = catalog.datasets["palmer_penguins"]
+    store = stores[dataset.site]
+    land_penguin_drop(store)
+    raw, validated, shards = stages(dataset)
+    assert materialize_all(catalog, stores, dask, selection=[raw, validated]).success
+
+    published: list[str] = []
+
+    def killed_at_the_second_pointer(store: ObjectStore, prefix: str, run_id: str, record: dict) -> dict:
+        published.append(prefix)
+        if len(published) == 2:
+            raise RuntimeError("killed")
+        return publish(store, prefix, run_id, record)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(validation, "publish", killed_at_the_second_pointer)
+        assert not materialize_all(catalog, stores, dask, selection=[validated]).success
+    assert len(published) == 2
+    record = current(store, "validated/palmer_penguins")
+
+    assert materialize_all(catalog, stores, dask, selection=[shards]).success
+    manifest = latest_manifest(store, dataset)
+    assert manifest["conservation"]["rows_quarantined"] == record["rows_quarantined"] + 3  # 3 at ingest
+    prefix = f"shards/palmer_penguins/v={manifest['version']}"
+    rows = pd.concat(
+        pd.read_parquet(store.url(f"{prefix}/{s['path']}")) for v in manifest["splits"].values() for s in v["shards"]
+    )
+    assert not ((rows["_source"] == "landing/palmer_penguins/drop-2.csv") & rows["_row"].isin([6, 7])).any()
 
 
 def test_critical_expectation_failure_blocks_the_shards(catalog: Catalog, tmp_path, dask: DaskCluster) -> None:
