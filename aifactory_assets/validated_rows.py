@@ -9,11 +9,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import dask.dataframe as dd
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from aifactory_assets.catalog import Dataset
 from aifactory_assets.parquet_io import read_parquet
-from aifactory_assets.schema import ROW
+from aifactory_assets.publish import require_current
+from aifactory_assets.schema import ROW, arrow_schema
+from resources.object_store import ObjectStore
 
 
 def read_validated_part(
@@ -24,3 +29,24 @@ def read_validated_part(
     if len(excluded) == 0:
         return table
     return table.filter(pc.invert(pc.is_in(table.column(ROW), value_set=excluded.combine_chunks())))
+
+
+def _validated_frame(part_url: str, quarantine_url: str, storage_options: dict[str, Any]) -> pd.DataFrame:
+    return read_validated_part(part_url, quarantine_url, storage_options).to_pandas()
+
+
+def read_validated(store: ObjectStore, dataset: Dataset) -> dd.DataFrame:
+    """The current validated rows as one Dask DataFrame, a partition per landed file: for a person or a
+    notebook, where `dd.read_parquet` would have read a copy."""
+    record = require_current(store, f"validated/{dataset.name}", "validated")
+    meta = arrow_schema(dataset).empty_table().to_pandas()
+    if not record["parts"]:
+        return dd.from_pandas(meta, npartitions=1)
+    return dd.from_map(
+        _validated_frame,
+        [store.url(p) for p in record["parts"]],
+        [store.url(p) for p in record["excluded"]],
+        storage_options=store.storage_options,
+        meta=meta,
+        enforce_metadata=True,
+    )

@@ -17,6 +17,7 @@ from aifactory_assets.demo import land_demo_data
 from aifactory_assets.factory import asset_key, build_catalog_assets
 from aifactory_assets.manifest import latest_manifest
 from aifactory_assets.publish import current, publish
+from aifactory_assets.validated_rows import read_validated
 from resources import DaskCluster, ObjectStore
 from tests.conftest import S3_SECRET, pipeline_resources
 
@@ -173,6 +174,9 @@ def test_bad_rows_are_quarantined_with_reasons_and_counted(catalog: Catalog, tmp
     assert validated["parts"] == raw["parts"] and not store.exists(validated["generation"])
     dropped = quarantine.loc[quarantine["stage"] == "validated", ["_source", "_row"]]
     assert len(dropped) == 2 and shards.merge(dropped, on=["_source", "_row"]).empty
+    passed = read_validated(store, dataset).compute()  # what a notebook reads instead of a copy
+    assert len(passed) == validated["rows_valid"] == 351 - 3 - 2
+    assert passed.merge(dropped, on=["_source", "_row"]).empty
 
 
 def test_a_validated_step_killed_between_its_two_pointers_leaves_its_delete_files(
