@@ -254,7 +254,7 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
                 + ", ".join(f"{r['label']} ({r.get('unexpected_count', 0)} rows)" for r in worst),
                 metadata={"expectations": dg.MetadataValue.md(expectations_table(results)), "data_docs": report},
             )
-        passed_on, excluded = footers(store, record["parts"]), footers(store, record["excluded"])
+        passed_on, excluded = footers(store, record["raw_parts"]), footers(store, record["excluded"])
         quarantined = sum(m.num_rows for m in excluded.values())
         return dg.MaterializeResult(
             metadata={
@@ -263,11 +263,12 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
                     store,
                     f"validated/{dataset.name}/{POINTER}",
                     record["rows_valid"],
-                    record["quarantine_bytes"],
+                    sum(e.get("raw_bytes", 0) for e in raw_record["ledger"]),  # where its rows are read from
                     record["rows_quarantined"],
                     expectations_table(results),
                 ),
                 "rows_from": location(store, raw_record["generation"]),
+                "written_bytes": dg.MetadataValue.int(record["quarantine_bytes"]),  # the quarantine: no copy
                 "quarantined_fraction": dg.MetadataValue.float(round(fraction, 6)),
                 "data_docs": report,
             },
@@ -321,12 +322,17 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
                 store,
                 dask.get_client(),
                 dataset,
-                valid_record["parts"],
+                valid_record["raw_parts"],
                 valid_record["excluded"],
                 seqs,
                 prefix,
                 staging,
             )
+            if sharded["rows_in"] != valid_record["rows_valid"]:
+                raise dg.Failure(
+                    f"{dataset.name}: the shuffle read {sharded['rows_in']} validated rows where validated passed "
+                    f"on {valid_record['rows_valid']}; version {version} is not committed"
+                )
             lineage = [
                 {**e["object"], "rows_read": e["rows_read"], "rows_valid": e["rows_valid"]}
                 for e in raw_record["ledger"]

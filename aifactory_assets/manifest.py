@@ -33,6 +33,7 @@ OUTPUT_MODULES = (
     "schema",
     "quarantine",
     "validation",
+    "validated_rows",
     "dataset_statistics",
     "sharding",
     "shard_layout",

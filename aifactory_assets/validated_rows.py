@@ -21,14 +21,19 @@ from aifactory_assets.schema import ROW, arrow_schema
 from resources.object_store import ObjectStore
 
 
+def excluded(table: pa.Table, rows: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray:
+    """Which of `table`'s rows a delete file naming `rows` removes: the one rule, which validation also uses
+    to count the rows it passes on, so its conservation check sees what the shards will read."""
+    value_set = rows.combine_chunks() if isinstance(rows, pa.ChunkedArray) else rows
+    return pc.is_in(table.column(ROW), value_set=value_set)
+
+
 def read_validated_part(
     part_url: str, quarantine_url: str, storage_options: dict[str, Any], read_dictionary: list[str] | None = None
 ) -> pa.Table:
     table = read_parquet(part_url, storage_options, read_dictionary=read_dictionary)
-    excluded = read_parquet(quarantine_url, storage_options, columns=[ROW]).column(ROW)
-    if len(excluded) == 0:
-        return table
-    return table.filter(pc.invert(pc.is_in(table.column(ROW), value_set=excluded.combine_chunks())))
+    rows = read_parquet(quarantine_url, storage_options, columns=[ROW]).column(ROW)
+    return table.filter(pc.invert(excluded(table, rows))) if len(rows) else table
 
 
 def _validated_frame(part_url: str, quarantine_url: str, storage_options: dict[str, Any]) -> pd.DataFrame:
@@ -40,11 +45,11 @@ def read_validated(store: ObjectStore, dataset: Dataset) -> dd.DataFrame:
     notebook, where `dd.read_parquet` would have read a copy."""
     record = require_current(store, f"validated/{dataset.name}", "validated")
     meta = arrow_schema(dataset).empty_table().to_pandas()
-    if not record["parts"]:
+    if not record["raw_parts"]:
         return dd.from_pandas(meta, npartitions=1)
     return dd.from_map(
         _validated_frame,
-        [store.url(p) for p in record["parts"]],
+        [store.url(p) for p in record["raw_parts"]],
         [store.url(p) for p in record["excluded"]],
         storage_options=store.storage_options,
         meta=meta,

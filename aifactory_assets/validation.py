@@ -29,6 +29,7 @@ from aifactory_assets.publish import generation_prefix, publish, require_current
 from aifactory_assets.quarantine import quarantine_rows
 from aifactory_assets.schema import PROVENANCE, ROW, SOURCE, arrow_schema
 from aifactory_assets.tasks import run_tasks
+from aifactory_assets.validated_rows import excluded
 from resources.object_store import ObjectStore
 
 SAMPLE_SIZE = 5
@@ -166,7 +167,7 @@ def validate_part(
     return {
         "source": source,
         "rows_in": table.num_rows,
-        "rows_valid": table.num_rows - len(bad),
+        "rows_valid": table.num_rows - (pc.sum(excluded(table, rejected.column(ROW))).as_py() or 0),
         "rows_quarantined": len(bad),
         "quarantine_bytes": quarantine_bytes,
         "counts": counts,
@@ -333,10 +334,12 @@ def validate_dataset(
         f"validated/{dataset.name}",
         run_id,
         {
-            "parts": parts,
+            # Not "parts", which held copies before 1607f94: an older release rolled back to fails on the key
+            # rather than shard raw's parts whole.
+            "raw_parts": parts,
             "excluded": q_parts,  # per part, the rows it does not pass on
             "rows_in": rows_in,
-            "rows_valid": rows_in - rows_quarantined,
+            "rows_valid": sum(p["rows_valid"] for p in partials),  # as the delete files leave them
             "rows_quarantined": rows_quarantined,
             "quarantine_bytes": sum(p["quarantine_bytes"] for p in partials),
             "results": results,

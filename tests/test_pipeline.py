@@ -9,6 +9,7 @@ import re
 import dagster as dg
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -171,7 +172,7 @@ def test_bad_rows_are_quarantined_with_reasons_and_counted(catalog: Catalog, tmp
     assert shards["record_id"].is_unique
     # Validation wrote no copy of the rows that passed: its quarantine is what the shards leave out.
     validated = current(store, "validated/palmer_penguins")
-    assert validated["parts"] == raw["parts"] and not store.exists(validated["generation"])
+    assert validated["raw_parts"] == raw["parts"] and not store.exists(validated["generation"])
     dropped = quarantine.loc[quarantine["stage"] == "validated", ["_source", "_row"]]
     assert len(dropped) == 2 and shards.merge(dropped, on=["_source", "_row"]).empty
     passed = read_validated(store, dataset).compute()  # what a notebook reads instead of a copy
@@ -217,6 +218,32 @@ def test_a_validated_step_killed_between_its_two_pointers_leaves_its_delete_file
         pd.read_parquet(store.url(f"{prefix}/{s['path']}")) for v in manifest["splits"].values() for s in v["shards"]
     )
     assert not ((rows["_source"] == "landing/palmer_penguins/drop-2.csv") & rows["_row"].isin([6, 7])).any()
+
+
+def test_a_delete_file_changed_after_validation_stops_the_commit(catalog: Catalog, tmp_path, dask: DaskCluster) -> None:
+    """The shards count what they read through the delete files against what validated passed on, before
+    anything is committed: a quarantine part edited by hand (or by a purge) must not silently drop rows."""
+    from tests.conftest import local_stores
+
+    stores = local_stores(catalog, tmp_path)
+    land_demo_data(catalog, stores)
+    dataset = catalog.datasets["palmer_penguins"]
+    store = stores[dataset.site]
+    land_penguin_drop(store)
+    raw, validated, shards = stages(dataset)
+    assert materialize_all(catalog, stores, dask, selection=[raw, validated]).success
+    record = current(store, "validated/palmer_penguins")
+    edited = next(key for key in record["excluded"] if pq.read_metadata(store.url(key)).num_rows)
+    table = pq.read_table(store.url(edited))
+    pq.write_table(
+        pa.concat_tables([table, table.slice(0, 1).set_column(1, "_row", pa.array([2], pa.int64()))]), store.url(edited)
+    )
+
+    result = materialize_all(catalog, stores, dask, selection=[shards])
+    assert not result.success
+    failure = "\n".join(e.event_specific_data.error.message for e in result.all_events if e.is_step_failure)
+    assert f"read {record['rows_valid'] - 1} validated rows where validated passed on {record['rows_valid']}" in failure
+    assert latest_manifest(store, dataset) is None
 
 
 def test_critical_expectation_failure_blocks_the_shards(catalog: Catalog, tmp_path, dask: DaskCluster) -> None:

@@ -3,6 +3,7 @@ latest or an unfinished version; a record keeps its split when new data arrives.
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 from pathlib import Path
@@ -16,6 +17,7 @@ from aifactory_assets.demo import land_demo_data
 from aifactory_assets.factory import asset_key, build_catalog_assets, run_finished
 from aifactory_assets.loader import ShardReader
 from aifactory_assets.manifest import (
+    OUTPUT_MODULES,
     committed_versions,
     latest_manifest,
     remove_abandoned_writes,
@@ -160,6 +162,26 @@ def test_shards_refuse_validated_rows_of_an_older_raw_generation(setup) -> None:
     assert not stale.success
     assert "materialise validated first" in failure_message(stale)
     assert latest_manifest(store, dataset)["version"] == first["version"]
+
+
+def test_every_module_the_output_modules_import_is_in_the_version() -> None:
+    """A module that reads, judges or shards but is missing from OUTPUT_MODULES would let new code re-point
+    `_latest` at shards that old code made. Only plumbing and the catalogue (hashed as configuration) stay out."""
+    plumbing = {"catalog", "publish", "tasks"}
+    package = Path(__file__).parent.parent / "aifactory_assets"
+    seen, todo = set(), list(OUTPUT_MODULES)
+    while todo:
+        name = todo.pop()
+        if name in seen or name in plumbing:
+            continue
+        seen.add(name)
+        tree = ast.parse((package / f"{name}.py").read_text())
+        todo += [
+            node.module.split(".")[1]
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("aifactory_assets.")
+        ]
+    assert seen <= set(OUTPUT_MODULES), f"imported but not in OUTPUT_MODULES: {sorted(seen - set(OUTPUT_MODULES))}"
 
 
 def test_shards_refuse_a_validated_record_of_an_earlier_release(setup) -> None:
