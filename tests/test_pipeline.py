@@ -104,21 +104,22 @@ PENGUIN_DROP = PENGUIN_HEADER + (
 )
 
 
-def land_penguin_drop(store: ObjectStore) -> None:
-    """PENGUIN_DROP, landed after the demo file (so its record 1 wins)."""
-    store.write_bytes("landing/palmer_penguins/drop-2.csv", PENGUIN_DROP.encode())
-    later = os.path.getmtime(store.path("landing/palmer_penguins/palmer_penguins.csv")) + 60
-    os.utime(store.path("landing/palmer_penguins/drop-2.csv"), (later, later))
-
-
-def test_bad_rows_are_quarantined_with_reasons_and_counted(catalog: Catalog, tmp_path, dask: DaskCluster) -> None:
+def penguins_with_drop(catalog: Catalog, tmp_path) -> tuple[dict[str, ObjectStore], ObjectStore]:
+    """Local stores with the demo data, and PENGUIN_DROP landed after the demo file (so its record 1 wins)."""
     from tests.conftest import local_stores
 
     stores = local_stores(catalog, tmp_path)
     land_demo_data(catalog, stores)
+    store = stores[catalog.datasets["palmer_penguins"].site]
+    store.write_bytes("landing/palmer_penguins/drop-2.csv", PENGUIN_DROP.encode())
+    later = os.path.getmtime(store.path("landing/palmer_penguins/palmer_penguins.csv")) + 60
+    os.utime(store.path("landing/palmer_penguins/drop-2.csv"), (later, later))
+    return stores, store
+
+
+def test_bad_rows_are_quarantined_with_reasons_and_counted(catalog: Catalog, tmp_path, dask: DaskCluster) -> None:
+    stores, store = penguins_with_drop(catalog, tmp_path)
     dataset = catalog.datasets["palmer_penguins"]
-    store = stores[dataset.site]
-    land_penguin_drop(store)
     store.write_bytes("landing/palmer_penguins/drift.csv", b"record_id,species\n7,Adelie\n")
 
     result = materialize_all(catalog, stores, dask, selection=stages(dataset))
@@ -186,13 +187,9 @@ def test_a_validated_step_killed_between_its_two_pointers_leaves_its_delete_file
     """The validated record points at its quarantine parts as delete files, and publishing the quarantine
     removes the older ones: whichever pointer a death leaves behind, the shards still leave those rows out."""
     from aifactory_assets import validation
-    from tests.conftest import local_stores
 
-    stores = local_stores(catalog, tmp_path)
-    land_demo_data(catalog, stores)
+    stores, store = penguins_with_drop(catalog, tmp_path)
     dataset = catalog.datasets["palmer_penguins"]
-    store = stores[dataset.site]
-    land_penguin_drop(store)
     raw, validated, shards = stages(dataset)
     assert materialize_all(catalog, stores, dask, selection=[raw, validated]).success
 
@@ -223,13 +220,8 @@ def test_a_validated_step_killed_between_its_two_pointers_leaves_its_delete_file
 def test_a_delete_file_changed_after_validation_stops_the_commit(catalog: Catalog, tmp_path, dask: DaskCluster) -> None:
     """The shards count what they read through the delete files against what validated passed on, before
     anything is committed: a quarantine part edited by hand (or by a purge) must not silently drop rows."""
-    from tests.conftest import local_stores
-
-    stores = local_stores(catalog, tmp_path)
-    land_demo_data(catalog, stores)
+    stores, store = penguins_with_drop(catalog, tmp_path)
     dataset = catalog.datasets["palmer_penguins"]
-    store = stores[dataset.site]
-    land_penguin_drop(store)
     raw, validated, shards = stages(dataset)
     assert materialize_all(catalog, stores, dask, selection=[raw, validated]).success
     record = current(store, "validated/palmer_penguins")
