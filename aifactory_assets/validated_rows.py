@@ -21,11 +21,10 @@ from aifactory_assets.schema import ROW, arrow_schema
 from resources.object_store import ObjectStore
 
 
-def excluded(table: pa.Table, rows: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray:
+def excluded(table: pa.Table, rows: pa.ChunkedArray) -> pa.ChunkedArray:
     """Which of `table`'s rows a delete file naming `rows` removes: the one rule, which validation also uses
     to count the rows it passes on, so its conservation check sees what the shards will read."""
-    value_set = rows.combine_chunks() if isinstance(rows, pa.ChunkedArray) else rows
-    return pc.is_in(table.column(ROW), value_set=value_set)
+    return pc.is_in(table.column(ROW), value_set=rows.combine_chunks())
 
 
 def read_validated_part(
