@@ -19,6 +19,8 @@ resumes a rank exactly where it stopped.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -40,6 +42,7 @@ import pyarrow.parquet as pq
 DEFAULT_CACHE_BYTES = 20 * 2**30
 COPY_CHUNK = 8 * 2**20  # a download is streamed to disk, never held whole
 ABANDONED_S = 3_600
+MAX_OPEN_FILES = 8  # shards a reader keeps open; a split of thousands would otherwise exhaust descriptors
 
 
 @dataclass(frozen=True)
@@ -58,13 +61,54 @@ def epoch_seed(seed: int, epoch: int, *more: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, *more])
 
 
+def lock(fd: int, operation: int) -> bool:
+    """flock(2); False only when another process holds a conflicting lock (non-blocking). Where the
+    filesystem has no flock (Lustre mounted without `-o flock`), True: nothing is protected, as before."""
+    try:
+        fcntl.flock(fd, operation)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError as exc:
+        if exc.errno in (errno.ENOSYS, errno.ENOLCK, errno.EINVAL, errno.EOPNOTSUPP):
+            return True
+        raise
+
+
+class CachedShard:
+    """A shard's local copy held in use: a shared lock on it keeps every process's eviction off it until
+    `close()` (unlinking a file in use frees no disk, so the bound would be a fiction)."""
+
+    fd = -1
+
+    def __init__(self, path: Path):
+        self.fd = os.open(path, os.O_RDONLY)
+        try:
+            lock(self.fd, fcntl.LOCK_SH)
+            if os.fstat(self.fd).st_ino != path.stat().st_ino:  # evicted (and fetched again) meanwhile
+                raise FileNotFoundError(path)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    __del__ = close  # a reader dropped without close() releases its copies with it
+
+
 class ShardCache:
     """Local copies of remote shards, named by their checksum, evicted least recently used past `max_bytes`.
 
     Shared by every rank and data-loader worker on a node: a copy enters only whole (written to a temporary
     file, synced, renamed) and only once its bytes hash to its name, so a file in the cache is trusted as
     far as a crash can make it; a reader that verifies hashes it once more (per process) and fetches it
-    again if the local copy was damaged. Files that another process evicts meanwhile are fetched again.
+    again if the local copy was damaged. One process downloads a shard while the others wait for it; a copy
+    in use (`CachedShard`) is never evicted, so the cache exceeds `max_bytes` only by the copies readers
+    hold open (at most MAX_OPEN_FILES per reader). Files that another process evicts meanwhile are fetched
+    again.
     """
 
     def __init__(self, directory: str | Path, max_bytes: int = DEFAULT_CACHE_BYTES):
@@ -76,15 +120,32 @@ class ShardCache:
 
     def fetch(self, fs: fsspec.AbstractFileSystem, remote: str, checksum: str, verify: bool) -> Path:
         target = self.path(checksum)
+        if self._present(target, checksum, verify):
+            return target
+        fd = os.open(self.directory / f"{checksum}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            lock(fd, fcntl.LOCK_EX)  # waits for another process downloading the same shard
+            if self._present(target, checksum, verify):
+                return target
+            self._download(fs, remote, checksum, target)
+        finally:
+            os.close(fd)
+        self.evict(keep=target)
+        return target
+
+    def _present(self, target: Path, checksum: str, verify: bool) -> bool:
         try:
             os.utime(target, ns=(time.time_ns(), target.stat().st_mtime_ns))  # used now; mtime kept (verify_file)
             if verify:
                 verify_file(target, checksum)
-            return target
+            return True
         except FileNotFoundError:
-            pass
+            return False
         except ChecksumMismatch:
             target.unlink(missing_ok=True)  # a damaged local copy: the remote one may be fine
+            return False
+
+    def _download(self, fs: fsspec.AbstractFileSystem, remote: str, checksum: str, target: Path) -> None:
         tmp = target.with_suffix(f".tmp-{os.getpid()}-{threading.get_ident()}")
         try:
             digest = hashlib.sha256()
@@ -95,17 +156,18 @@ class ShardCache:
                 copy.flush()
                 os.fsync(copy.fileno())
             verify_digest(digest.hexdigest(), checksum, remote)  # always: the name promises these bytes
+            os.utime(tmp, ns=(time.time_ns(), tmp.stat().st_mtime_ns))  # the newest, for the LRU
+            stamp = file_stamp(tmp, checksum)  # before the rename: another process may evict it right after
             tmp.replace(target)
         finally:
             tmp.unlink(missing_ok=True)
-        _VERIFIED.add(file_stamp(target, checksum))  # hashed on the way in
-        self.evict(keep=target)
-        return target
+        _VERIFIED.add((str(target), *stamp[1:]))  # hashed on the way in
 
-    def evict(self, keep: Path) -> None:
-        """Oldest used first, down to `max_bytes`; also the temporary files of copies that died (a copy
-        takes seconds, so one an hour old is abandoned). Other processes may evict at the same time."""
-        now, files = time.time(), []
+    def evict(self, keep: Path | None) -> None:
+        """Oldest used first, down to `max_bytes`, skipping copies in use; also the temporary files of
+        copies that died (a copy takes seconds, so one an hour old is abandoned), while live ones count
+        against the bound. Other processes may evict at the same time."""
+        now, files, total = time.time(), [], 0
         for path in self.directory.iterdir():
             try:
                 stat = path.stat()
@@ -115,13 +177,28 @@ class ShardCache:
                 files.append((stat.st_atime, stat.st_size, path))
             elif ".tmp-" in path.name and now - stat.st_mtime > ABANDONED_S:
                 path.unlink(missing_ok=True)
-        total = sum(size for _, size, _ in files)
+                continue
+            total += stat.st_size
         for _, size, path in sorted(files):
             if total <= self.max_bytes:
                 break
-            if path != keep:
+            if path != keep and self._evict_unused(path):
                 total -= size
-                path.unlink(missing_ok=True)
+
+    @staticmethod
+    def _evict_unused(path: Path) -> bool:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            if not lock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB):
+                return False  # a reader holds it
+            path.unlink(missing_ok=True)
+            path.with_suffix(".lock").unlink(missing_ok=True)
+            return True
+        finally:
+            os.close(fd)
 
 
 class ChecksumMismatch(OSError):
@@ -178,6 +255,7 @@ class ShardReader:
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         memory_map: bool = True,
         use_threads: bool = True,
+        max_open_files: int = MAX_OPEN_FILES,
     ):
         if not 0 <= rank < world_size or not 0 <= worker_id < num_workers:
             raise ValueError(f"rank {rank} of {world_size}, worker {worker_id} of {num_workers}: out of range")
@@ -206,7 +284,8 @@ class ShardReader:
                 "the remainder would leave every rank with nothing; use remainder='pad'"
             )
         self.cache = None if is_local else ShardCache(cache_dir or default_cache_dir(), cache_bytes)
-        self._files: dict[str, pq.ParquetFile] = {}
+        self.max_open_files = max_open_files
+        self._files: OrderedDict[str, tuple[pq.ParquetFile, CachedShard | None]] = OrderedDict()
         self._tables: OrderedDict[RowGroup, pa.Table] = OrderedDict()
 
     # The sampling plan: pure functions of (seed, epoch, rank, world_size).
@@ -250,8 +329,11 @@ class ShardReader:
         order = self._order()
         ends = np.cumsum([g.rows for g in order])
         offset = self.rank * self.samples_per_rank()
-        for lo, hi in self._batches():
-            yield self._pieces(order, ends, offset + lo, offset + hi)
+        try:
+            for lo, hi in self._batches():
+                yield self._pieces(order, ends, offset + lo, offset + hi)
+        finally:  # the epoch is read (or abandoned): its shards need not stay open, nor their copies held
+            self.close()
 
     def iter_rows(self) -> Iterator[dict[str, Any]]:
         for batch in self:
@@ -292,29 +374,56 @@ class ShardReader:
         return self._tables[group]
 
     def _file(self, shard: str) -> pq.ParquetFile:
-        if shard not in self._files:
-            remote, checksum = f"{self.root}/{shard}", self.checksums[shard]
-            if self.cache is None:
-                if self.verify:
-                    verify_file(Path(remote), checksum)
-                self._files[shard] = pq.ParquetFile(remote, memory_map=self.memory_map)
-            else:
-                self._files[shard] = self._open_cached(self.cache, remote, checksum)
-        return self._files[shard]
+        """An open shard; the least recently used is closed past `max_open_files`."""
+        if shard in self._files:
+            self._files.move_to_end(shard)
+            return self._files[shard][0]
+        remote, checksum = f"{self.root}/{shard}", self.checksums[shard]
+        if self.cache is None:
+            if self.verify:
+                verify_file(Path(remote), checksum)
+            self._files[shard] = (pq.ParquetFile(remote, memory_map=self.memory_map), None)
+        else:
+            self._files[shard] = self._open_cached(self.cache, remote, checksum)
+        while len(self._files) > max(1, self.max_open_files):
+            self._close(*self._files.popitem(last=False)[1])
+        return self._files[shard][0]
 
-    def _open_cached(self, cache: ShardCache, remote: str, checksum: str, attempts: int = 3) -> pq.ParquetFile:
-        """Once open, a copy stays readable to this reader even if another process evicts it; between the
-        fetch and the open it may vanish, and is fetched again."""
+    def _open_cached(
+        self, cache: ShardCache, remote: str, checksum: str, attempts: int = 3
+    ) -> tuple[pq.ParquetFile, CachedShard]:
+        """Held in use once open; between the fetch and the hold another process may evict it, and it is
+        fetched again."""
         for _ in range(attempts):
             local = cache.fetch(self.fs, remote, checksum, self.verify)
             try:
-                return pq.ParquetFile(local, memory_map=self.memory_map)
+                held = CachedShard(local)
             except FileNotFoundError:
                 continue
+            try:
+                return pq.ParquetFile(local, memory_map=self.memory_map), held
+            except BaseException:
+                held.close()
+                raise
         raise OSError(
             f"{remote}: evicted from {cache.directory} {attempts} times before it could be opened; "
             f"cache_bytes ({cache.max_bytes}) is too small for the readers sharing it"
         )
+
+    @staticmethod
+    def _close(file: pq.ParquetFile, held: CachedShard | None) -> None:
+        file.close()
+        if held is not None:
+            held.close()
+
+    def close(self) -> None:
+        """Closes the open shards, releasing the cached copies they held, and brings the cache back within
+        its bound (an epoch's end does this; a reader merely dropped releases its copies without evicting)."""
+        held = bool(self._files)
+        while self._files:
+            self._close(*self._files.popitem()[1])
+        if held and self.cache is not None:
+            self.cache.evict(keep=None)
 
     def verify_local_shards(self, threads: int | None = None) -> bool:
         """Hash every shard of the split now, in parallel, when they are local; True if it did. Data-loader

@@ -147,26 +147,95 @@ def s3_version(catalog: Catalog, s3_endpoint: str, dask: DaskCluster) -> tuple[s
     return commit_version(catalog, stores, dask), stores["kajaani"].storage_options
 
 
-def test_remote_shards_are_cached_within_a_size_bound(
-    catalog: Catalog, s3_endpoint: str, dask: DaskCluster, tmp_path: Path
-) -> None:
-    url, options = s3_version(catalog, s3_endpoint, dask)
+@pytest.fixture(scope="module")
+def s3_manifest(catalog: Catalog, s3_endpoint: str, dask_address: str) -> tuple[str, dict]:
+    """One S3 version for the tests that only read it."""
+    dask = DaskCluster(scheduler_address=dask_address)
+    try:
+        return s3_version(catalog, s3_endpoint, dask)
+    finally:
+        dask.close()
+
+
+def open_shards(under: Path) -> set[str]:
+    """The files under `under` this process holds open, deleted ones included (their disk is not free)."""
+    targets = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            targets.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except FileNotFoundError:  # the descriptor listdir itself used
+            continue
+    return {t for t in targets if t.startswith(str(under)) and ".parquet" in t}
+
+
+def test_remote_shards_are_cached_within_a_size_bound(s3_manifest: tuple[str, dict], tmp_path: Path) -> None:
+    url, options = s3_manifest
     local = dates(ShardReader(url, "train", storage_options=options, cache_dir=tmp_path / "big", shuffle=False))
     cached = list((tmp_path / "big").glob("*.parquet"))
     assert len(cached) == len(ShardReader(url, "train", storage_options=options).checksums)
     shard_size = max(p.stat().st_size for p in cached)
-    bounded = dates(
-        ShardReader(
-            url,
-            "train",
-            storage_options=options,
-            cache_dir=tmp_path / "small",
-            cache_bytes=2 * shard_size,
-            shuffle=False,
-        )
+    small = tmp_path / "small"
+    reader = ShardReader(
+        url, "train", storage_options=options, cache_dir=small, cache_bytes=2 * shard_size, max_open_files=1
     )
-    assert bounded == local
-    assert sum(p.stat().st_size for p in (tmp_path / "small").glob("*.parquet")) <= 2 * shard_size
+    shuffled = []
+    for batch in reader:  # row groups from every shard in turn: the cache churns
+        shuffled += batch.column("date").to_pylist()
+        held = open_shards(small)
+        assert len(held) <= 1 and not [h for h in held if h.endswith("(deleted)")]  # none evicted while in use
+        assert sum(p.stat().st_size for p in small.glob("*.parquet")) <= 3 * shard_size  # bound + the one held
+    assert sorted(shuffled) == sorted(local)
+    assert not open_shards(small)  # the epoch's end released them
+    assert sum(p.stat().st_size for p in small.glob("*.parquet")) <= 2 * shard_size
+
+
+def test_a_reader_keeps_only_a_few_shards_open(manifest_url: str) -> None:
+    """A split of thousands of shards would otherwise run a process out of file descriptors."""
+    root = Path(manifest_url).parent
+    reader = ShardReader(manifest_url, "train", max_open_files=2, batch_size=7)
+    most = 0
+    for _ in reader:
+        most = max(most, len(open_shards(root)))
+    assert most == 2  # reached (the epoch reads row groups of every shard in turn), never passed
+    assert not open_shards(root)
+
+
+def test_a_copy_in_use_is_not_evicted_by_another_reader(s3_manifest: tuple[str, dict], tmp_path: Path) -> None:
+    url, options = s3_manifest
+    expected = dates(ShardReader(url, "train", storage_options=options, cache_dir=tmp_path / "all", shuffle=False))
+    cache = tmp_path / "cache"
+    holder = iter(
+        ShardReader(url, "train", storage_options=options, cache_dir=cache, cache_bytes=1, shuffle=False, batch_size=7)
+    )
+    first = next(holder).column("date").to_pylist()  # holds the first shard's copy open
+    held = list(cache.glob("*.parquet"))
+    assert len(held) == 1
+    churn = ShardReader(url, "train", storage_options=options, cache_dir=cache, cache_bytes=1, epoch=1)
+    assert sorted(dates(churn)) == sorted(expected)  # every shard fetched and evicted but the one held
+    assert held[0].exists()
+    assert first + [d for batch in holder for d in batch.column("date").to_pylist()] == expected
+
+
+def read_through_shared_cache(url: str, options: dict, cache: str, cache_bytes: int, rank: int) -> list:
+    return dates(
+        ShardReader(url, "train", storage_options=options, cache_dir=cache, cache_bytes=cache_bytes, epoch=rank)
+    )
+
+
+def test_processes_share_a_small_cache(s3_manifest: tuple[str, dict], tmp_path: Path) -> None:
+    """Four processes, as a node's ranks, fetch, verify, hold and evict in one cache smaller than the split."""
+    url, options = s3_manifest
+    expected = sorted(dates(ShardReader(url, "train", storage_options=options, cache_dir=tmp_path / "all")))
+    shard_size = max(p.stat().st_size for p in (tmp_path / "all").glob("*.parquet"))
+    cache = tmp_path / "shared"
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        streams = pool.starmap(
+            read_through_shared_cache, [(url, options, str(cache), 3 * shard_size, rank) for rank in range(4)]
+        )
+    assert all(sorted(stream) == expected for stream in streams)
+    assert len({tuple(stream) for stream in streams}) == 4  # each its own epoch's order
+    assert sum(p.stat().st_size for p in cache.glob("*.parquet")) <= 3 * shard_size
+    assert not list(cache.glob("*.tmp-*"))
 
 
 def test_the_cache_keeps_only_whole_copies_that_match_the_manifest(
