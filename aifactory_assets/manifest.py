@@ -51,6 +51,16 @@ def code_fingerprint() -> str:
 
 
 CODE_FINGERPRINT = code_fingerprint()
+# The libraries whose release changes the bytes or the rows of a version: pyarrow writes the files (its
+# version is in every footer), pandas hashes the keys into splits, numpy sorts and samples, GX judges rows.
+OUTPUT_LIBRARIES = ("pyarrow", "pandas", "numpy", "great_expectations")
+
+
+def library_versions() -> dict[str, str]:
+    return {name: version(name) for name in OUTPUT_LIBRARIES}
+
+
+LIBRARY_VERSIONS = library_versions()
 
 
 def package_version() -> str:
@@ -78,13 +88,19 @@ def schema_fields(schema: pa.Schema) -> list[dict[str, Any]]:
     return [{"name": f.name, "type": str(f.type), "nullable": f.nullable} for f in schema]
 
 
+# Catalogue fields that shape no byte of a version: what it is called and who owns it, and housekeeping
+# (how many versions to keep, when to refuse a run). Changing them must not reshard into a new version.
+NOT_OUTPUT = {"description": True, "owner": True, "origin": True, "residency": True, "max_quarantined_fraction": True}
+
+
 def version_id(dataset: Dataset, suite: dict[str, Any], inputs: list[str]) -> str:
-    """A hash of the input fingerprints and everything that shapes the output: configuration, suite and the
-    code that reads, judges and shards (not the time or the run)."""
+    """A hash of the input fingerprints and everything that shapes the output: configuration, suite, the
+    code that reads, judges and shards and the libraries it calls (not the time or the run)."""
     config = {
         "format": FORMAT_VERSION,
         "code": CODE_FINGERPRINT,
-        "dataset": dataset.model_dump(mode="json", exclude={"description", "owner", "origin", "residency"}),
+        "libraries": LIBRARY_VERSIONS,
+        "dataset": dataset.model_dump(mode="json", exclude={**NOT_OUTPUT, "shards": {"retention"}}),
         "split_order": list(dataset.shards.splits),  # the cut follows it; the dump's keys get sorted
         "suite": suite,
         "inputs": sorted(inputs),

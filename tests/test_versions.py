@@ -257,8 +257,9 @@ def test_a_version_that_fails_its_checksums_never_becomes_the_latest(setup) -> N
     assert latest_manifest(store, dataset)["version"] == new["version"]  # training keeps a sound version
 
 
-def test_new_code_makes_a_new_version(setup, monkeypatch) -> None:
-    """Code that reads, judges or shards differently must not re-publish what older code made."""
+def test_new_code_or_libraries_make_a_new_version(setup, monkeypatch) -> None:
+    """Code that reads, judges or shards differently, or a pyarrow that writes other bytes, must not
+    re-publish what the older ones made under the same version."""
     from aifactory_assets import manifest
 
     catalog, dataset, *_ = setup
@@ -266,6 +267,21 @@ def test_new_code_makes_a_new_version(setup, monkeypatch) -> None:
     before = version_id(dataset, suite, inputs)
     monkeypatch.setattr(manifest, "CODE_FINGERPRINT", "another-release")
     assert version_id(dataset, suite, inputs) != before
+    monkeypatch.undo()
+    monkeypatch.setattr(manifest, "LIBRARY_VERSIONS", {**manifest.LIBRARY_VERSIONS, "pyarrow": "0.0.1"})
+    assert version_id(dataset, suite, inputs) != before
+
+
+def test_housekeeping_settings_keep_the_version(setup) -> None:
+    """How many versions to keep, or when to refuse a run, shapes no byte: no reshard into a new version."""
+    catalog, dataset, *_ = setup
+    inputs, suite = ["landing/x.csv|10|etag|1.0"], catalog.suites[DATASET]
+    housekept = dataset.model_copy(
+        update={"shards": dataset.shards.model_copy(update={"retention": 7}), "max_quarantined_fraction": 0.5}
+    )
+    reseeded = dataset.model_copy(update={"shards": dataset.shards.model_copy(update={"seed": 7})})
+    assert version_id(housekept, suite, inputs) == version_id(dataset, suite, inputs)
+    assert version_id(reseeded, suite, inputs) != version_id(dataset, suite, inputs)
 
 
 def test_what_runs_that_are_over_left_unfinished_is_removed(setup) -> None:
