@@ -100,11 +100,42 @@ def scatter_part(
     return {b: (i, n) for i, (b, n) in enumerate(zip(ids.tolist(), sizes.tolist(), strict=True))}
 
 
+SAMPLE_ROWS = 65_536  # a gathered bucket's rows encoded as a shard is, to size the shards by bytes
+
+
+def shard_writer(sink: Any, schema: pa.Schema) -> pq.ParquetWriter:
+    return pq.ParquetWriter(
+        sink, schema, compression="zstd", write_statistics=True, use_dictionary=dictionary_columns(schema)
+    )
+
+
+def encoded_bytes(table: pa.Table, schema: pa.Schema, group_rows: int) -> int:
+    """What `table` takes written as a shard is, in row groups of `group_rows`: shuffled rows compress
+    worse than the landed order (1.5x for the benchmark's sequential ids), and small row groups worse
+    than large ones, so the validated parts' size misjudged the shards."""
+    sink = pa.BufferOutputStream()
+    with shard_writer(sink, schema) as writer:
+        writer.write_table(table.select(schema.names).cast(schema), group_rows)
+    return sink.tell()
+
+
+@dataclass(frozen=True)
+class Gathered:
+    rows: int  # kept, after deduplication
+    sample_rows: int
+    sample_bytes: int  # `sample_rows` of them encoded as a shard
+
+
 def gather_bucket(
-    fragments: list[tuple[str, int]], out_url: str, key_columns: list[str], storage_options: dict[str, Any]
-) -> int:
+    fragments: list[tuple[str, int]],
+    out_url: str,
+    group_rows: int,
+    key_columns: list[str],
+    storage_options: dict[str, Any],
+    schema: pa.Schema,
+) -> Gathered:
     """Runs on a worker: one bucket's batches of the staging files -> deduplicated, sorted by the seeded
-    order. Returns the rows kept."""
+    order; measures what its first SAMPLE_ROWS take as a shard (in row groups of `group_rows`)."""
     table = pa.concat_tables([read_batches(url, [index], storage_options) for url, index in fragments])
     order, seq, row = (table.column(c).to_numpy() for c in (ORDER, SEQ, ROW))
     # Latest wins: sort so that, per key, the latest (file, row) comes last; keep the last of each key.
@@ -116,7 +147,8 @@ def gather_bucket(
         table = table.filter(pa.array(~frame.duplicated(keep="last").to_numpy()))
     kept = table.drop_columns([SEQ])
     write_sorted(out_url, kept, storage_options)
-    return kept.num_rows
+    sample = kept.slice(0, SAMPLE_ROWS)
+    return Gathered(kept.num_rows, sample.num_rows, encoded_bytes(sample, schema, group_rows) if sample.num_rows else 0)
 
 
 def write_shard(
@@ -128,9 +160,7 @@ def write_shard(
     fs, path = open_for_write(url, storage_options)
     with fs.open(path, "wb") as f:
         out = HashingFile(f)
-        with pq.ParquetWriter(
-            out, schema, compression="zstd", write_statistics=True, use_dictionary=dictionary_columns(schema)
-        ) as writer:
+        with shard_writer(out, schema) as writer:
             for part, lo, hi in slices:
                 writer.write_table(
                     read_sorted_rows(part, lo, hi, storage_options).select(schema.names).cast(schema), group_rows
@@ -151,7 +181,6 @@ class PartsMeasure:
     """What the shuffle plans with, learnt from the validated parts before it starts."""
 
     in_memory: int  # bytes the parts' rows take as Arrow tables
-    bytes_per_row: float  # on disk, as zstd Parquet
     dictionary_columns: list[str]  # text the shuffle carries as dictionaries
 
 
@@ -179,11 +208,10 @@ def measure_parts(store: ObjectStore, parts: list[str], key_columns: list[str]) 
     total = sum(rows.values())
     sample = max(rows, key=rows.get, default=None)
     if sample is None or total == 0:
-        return PartsMeasure(0, 0.0, [])
+        return PartsMeasure(0, [])
     table = read_parquet(store.url(sample), store.storage_options)
-    on_disk = sum(store.fs.size(store.path(p)) for p in parts)
     in_memory = int(table.nbytes / table.num_rows * total)
-    return PartsMeasure(in_memory, on_disk / total, text_for_dictionaries(table, len(parts), key_columns))
+    return PartsMeasure(in_memory, text_for_dictionaries(table, len(parts), key_columns))
 
 
 def plan_shards(part_rows: list[tuple[str, int]], shards: int) -> list[list[tuple[str, int, int]]]:
@@ -203,8 +231,8 @@ def plan_shards(part_rows: list[tuple[str, int]], shards: int) -> list[list[tupl
 
 
 def shard_count(rows: int, bytes_per_row: float, dataset: Dataset) -> int:
-    """Shards of `target_rows`, or of about `target_bytes` on disk, estimated from the validated parts
-    (the same rows in the same format, in another order)."""
+    """Shards of `target_rows`, or of about `target_bytes` on disk, estimated from samples of the split's
+    gathered buckets written as shards."""
     settings = dataset.shards
     if settings.target_rows:
         return max(1, math.ceil(rows / settings.target_rows))
@@ -244,27 +272,35 @@ def shard_dataset(
     )
     rows_in = sum(n for batches in scattered for _, n in batches.values())
     by_bucket: dict[int, list[tuple[str, int]]] = {}
+    split_rows = [0] * len(ratios)  # before deduplication: what the row groups are sized from, nearly
+    split_of = np.searchsorted(first_bucket, np.arange(first_bucket[-1]), side="right") - 1
     for url, batches in zip(scattered_urls, scattered, strict=True):
-        for b, (index, _) in batches.items():
+        for b, (index, n) in batches.items():
             by_bucket.setdefault(b, []).append((url, index))
+            split_rows[split_of[b]] += n
     ordered = sorted(by_bucket)
     sorted_urls = {b: store.url(f"{staging_prefix}/sorted/bucket-{b:05d}.arrow") for b in ordered}
+    schema = arrow_schema(dataset)
     gathered = run_tasks(
         client,
         gather_bucket,
         [by_bucket[b] for b in ordered],
         [sorted_urls[b] for b in ordered],
+        [row_group_rows(split_rows[split_of[b]]) for b in ordered],
         key_columns=key,
         storage_options=options,
+        schema=schema,
     )
-    sorted_rows = dict(zip(ordered, gathered, strict=True))
+    by_sorted = dict(zip(ordered, gathered, strict=True))
     # Every split's shards in one wave, so no worker idles while a small split finishes.
     shards: dict[str, list[tuple[str, list[tuple[str, int, int]], int]]] = {}
     for index, split in enumerate(ratios):
         mine = [b for b in ordered if first_bucket[index] <= b < first_bucket[index + 1]]
-        part_rows = [(sorted_urls[b], sorted_rows[b]) for b in mine]
+        part_rows = [(sorted_urls[b], by_sorted[b].rows) for b in mine]
         rows = sum(n for _, n in part_rows)
-        count = shard_count(rows, measured.bytes_per_row, dataset)
+        sampled = sum(by_sorted[b].sample_rows for b in mine)
+        bytes_per_row = sum(by_sorted[b].sample_bytes for b in mine) / max(sampled, 1)
+        count = shard_count(rows, bytes_per_row, dataset)
         plans = plan_shards(part_rows, count)
         shards[split] = [(shard_name(split, i, count), plan, row_group_rows(rows)) for i, plan in enumerate(plans)]
     jobs = [job for split_jobs in shards.values() for job in split_jobs]
@@ -276,7 +312,7 @@ def shard_dataset(
             [store.url(f"{version_prefix}/{name}") for name, _, _ in jobs],
             [group_rows for _, _, group_rows in jobs],
             storage_options=options,
-            schema=arrow_schema(dataset),
+            schema=schema,
         )
     )
     splits: dict[str, Any] = {}
@@ -287,5 +323,5 @@ def shard_dataset(
             "bytes": sum(e["bytes"] for e in entries),
             "shards": entries,
         }
-    rows_kept = sum(gathered)
+    rows_kept = sum(g.rows for g in gathered)
     return {"rows_in": rows_in, "duplicates_dropped": rows_in - rows_kept, "splits": splits}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import subprocess
+from importlib.metadata import version
 
 import dagster as dg
 import numpy as np
@@ -13,12 +15,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from aifactory_assets.catalog import Catalog
+from aifactory_assets.catalog import Catalog, Dataset
 from aifactory_assets.demo import land_demo_data
 from aifactory_assets.factory import asset_key, build_catalog_assets
-from aifactory_assets.manifest import latest_manifest
+from aifactory_assets.manifest import CODE_FINGERPRINT, latest_manifest, schema_fingerprint
 from aifactory_assets.publish import current, publish
+from aifactory_assets.shard_layout import shard_name
 from aifactory_assets.validated_rows import read_validated
+from aifactory_assets.validation import expectation_label
 from resources import DaskCluster, ObjectStore
 from tests.conftest import S3_SECRET, pipeline_resources
 
@@ -61,11 +65,19 @@ def test_whole_graph_materialises_into_checked_shards(
         prefix = f"shards/{dataset.name}/v={manifest['version']}"
         assert set(manifest["splits"]) == set(dataset.shards.splits)
         rows = 0
-        for split in manifest["splits"].values():
-            for shard in split["shards"]:
+        for split, entry in manifest["splits"].items():
+            count = len(entry["shards"])
+            assert [s["path"] for s in entry["shards"]] == [shard_name(split, i, count) for i in range(count)]
+            for shard in entry["shards"]:
                 assert SHARD_NAME.match(shard["path"])
                 data = store.read_bytes(f"{prefix}/{shard['path']}")
                 assert hashlib.sha256(data).hexdigest() == shard["sha256"]
+                assert len(data) == shard["bytes"]
+                footer = pq.ParquetFile(pa.BufferReader(data)).metadata
+                groups = [footer.row_group(g) for g in range(footer.num_row_groups)]
+                assert shard["row_groups"] == [g.num_rows for g in groups]
+                assert {g.column(c).compression for g in groups for c in range(g.num_columns)} == {"ZSTD"}
+                assert schema_fingerprint(footer.schema.to_arrow_schema()) == manifest["schema"]["fingerprint"]
                 url = store.url(f"{prefix}/{shard['path']}")
                 with store.fs.open(store.path(f"{prefix}/{shard['path']}"), "rb") as f:
                     table = pq.read_table(f)
@@ -78,6 +90,7 @@ def test_whole_graph_materialises_into_checked_shards(
         assert balance["rows_read"] == (
             balance["rows_sharded"] + balance["rows_quarantined"] + balance["duplicates_dropped"]
         )
+        assert_manifest_describes_its_making(manifest, dataset, catalog, store, result.run_id)
         metadata = result.asset_materializations_for_node("__".join(asset_key(dataset, "shards").path))[0].metadata
         assert metadata["dagster/row_count"].value == rows
         schema = metadata["dagster/column_schema"].schema
@@ -90,6 +103,79 @@ def test_whole_graph_materialises_into_checked_shards(
     if next(iter(stores.values())).protocol == "s3":
         logged = "\n".join(str(e) for e in result.all_events)
         assert S3_SECRET not in logged
+
+
+def assert_manifest_describes_its_making(
+    manifest: dict, dataset, catalog: Catalog, store: ObjectStore, run_id: str
+) -> None:
+    """Lineage, producer, sampler and the validation and quarantine summaries, against the things they name."""
+    inputs = manifest["lineage"]["inputs"]
+    assert inputs and sum(i["rows_read"] for i in inputs) == manifest["conservation"]["rows_read"]
+    for landed in inputs:
+        info = store.info(landed["key"])
+        assert (landed["size"], landed["etag"], landed["mtime"]) == (info.size, info.etag, info.mtime)
+        assert landed["size"] > 0 and landed["mtime"] and (landed["etag"] or store.protocol == "file")
+    producer = manifest["producer"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    assert (producer["version"], producer["git_sha"]) == (version("aifactory"), head)
+    assert (producer["code_fingerprint"], producer["dagster_run_id"]) == (CODE_FINGERPRINT, run_id)
+    sampler = manifest["sampler"]
+    assert (sampler["seed"], sampler["remainder"]) == (dataset.shards.seed, dataset.shards.remainder)
+    assert sampler["ratios"] == [[split, ratio] for split, ratio in dataset.shards.splits.items()]
+    assert {"split", "shuffle", "dedup"} <= set(sampler)
+    suite = catalog.suites[dataset.name]["expectations"]
+    assert sorted(r["label"] for r in manifest["validation"]["results"]) == sorted(map(expectation_label, suite))
+    quarantine = manifest["quarantine"]
+    assert quarantine["rows"] == quarantine["at_ingest"] + quarantine["at_validation"]
+    assert quarantine["rows"] == manifest["conservation"]["rows_quarantined"]
+    assert quarantine["rows_read"] == manifest["conservation"]["rows_read"]
+
+
+def test_shards_aim_at_the_target_bytes(catalog: Catalog, tmp_path, dask: DaskCluster) -> None:
+    """By default a shard is cut by bytes on disk. Landed in order, the ids, days and stations here
+    compress to almost nothing; shuffled they do not, so sizing shards from the validated parts made them
+    ~1.5x the target."""
+    from tests.conftest import local_stores
+
+    target, rows = 256 * 2**10, 60_000
+    rng = np.random.default_rng(0)
+    landed = pd.DataFrame(
+        {
+            "id": np.arange(rows),
+            "day": pd.date_range("2020-01-01", periods=1_000).repeat(rows // 1_000).strftime("%Y-%m-%d"),
+            "station": np.sort(rng.integers(0, 500, rows)).astype(str),
+            "value": rng.normal(size=rows).round(4),
+        }
+    )
+    columns = [{"name": "id", "type": "int64", "nullable": False}, {"name": "day", "type": "string"}]
+    columns += [{"name": "station", "type": "string"}, {"name": "value", "type": "float64"}]
+    dataset = Dataset.model_validate(
+        {
+            "name": "ordered_readings",
+            "sector": "climate",
+            "site": "kajaani",
+            "description": "Readings landed in time order.",
+            "owner": "team:tests",
+            "source": {"format": "csv", "landing": "*.csv"},
+            "schema": {"key": ["id"], "columns": columns},
+            "suite": "suites/ordered_readings.json",
+            "shards": {"target_bytes": target},
+        }
+    )
+    suite = {
+        "name": dataset.name,
+        "expectations": [{"type": "expect_table_row_count_to_be_between", "kwargs": {"min_value": 1}}],
+    }
+    ordered = catalog.model_copy(update={"datasets": {dataset.name: dataset}, "suites": {dataset.name: suite}})
+    stores = local_stores(ordered, tmp_path)
+    store = stores[dataset.site]
+    store.ensure_root()
+    store.write_bytes(f"landing/{dataset.name}/readings.csv", landed.to_csv(index=False).encode())
+    assert materialize_all(ordered, stores, dask, selection=stages(dataset)).success
+    train = latest_manifest(store, dataset)["splits"]["train"]
+    assert len(train["shards"]) >= 3
+    assert 0.5 * target < train["bytes"] / len(train["shards"]) <= 1.1 * target
+    assert max(s["rows"] for s in train["shards"]) - min(s["rows"] for s in train["shards"]) <= 1
 
 
 PENGUIN_HEADER = "record_id,species,island,bill_length_mm,bill_depth_mm,flipper_length_mm,body_mass_g,sex,year\n"
