@@ -8,7 +8,13 @@ and render it with the same renderer and view as `context.build_data_docs()`.
 from __future__ import annotations
 
 import datetime as dt
+import sys
 from typing import Any
+
+
+def gx_imported() -> bool:
+    """Run on a worker: has validation imported GX here already (rendering elsewhere imports it, 2.4 s)?"""
+    return "great_expectations" in sys.modules
 
 
 def render_data_docs(suite_name: str, results: list[dict[str, Any]], run_id: str) -> str:

@@ -96,9 +96,11 @@ class DaskCluster(dg.ConfigurableResource):
     def refresh_workers(self) -> None:
         """Fresh worker processes for the next stage, on this run's own LocalCluster only (a shared
         scheduler's workers are not ours to restart). Validation imports GX into every worker, ~330 MiB
-        that no task gives back, which would otherwise come out of the next stage's memory limit."""
+        that no task gives back, which would otherwise come out of the next stage's memory limit. Returns
+        once the old workers are gone: the new ones start while the run goes on (the next wave's tasks
+        wait for them), rather than holding up the step for the second or two that takes."""
         if self._cluster is not None and self._client is not None:
-            self._client.restart()
+            self._client.restart(wait_for_workers=False)
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
         self.close()

@@ -21,7 +21,8 @@ def test_refresh_restarts_the_runs_own_workers_only(dask_address: str) -> None:
     own = DaskCluster(n_workers=1, memory_limit="1GiB")
     try:
         before = worker_pids(own.get_client())
-        own.refresh_workers()
+        own.refresh_workers()  # returns once the old workers are gone; the new ones join meanwhile
+        own.get_client().wait_for_workers(1, timeout=60)
         after = worker_pids(own.get_client())
         assert before and after and before.isdisjoint(after)
         address = own.get_client().scheduler.address
@@ -57,6 +58,7 @@ def test_workers_allocate_as_measured() -> None:
         listening = [c.laddr.ip for c in psutil.net_connections("tcp") if c.laddr.port == port and c.status == "LISTEN"]
         assert listening and set(listening) <= {"127.0.0.1"}  # the dashboard, unauthenticated: this host only
         own.refresh_workers()
+        own.get_client().wait_for_workers(1, timeout=60)
         assert set(own.get_client().run(worker_allocators).values()) == {(None, "mimalloc", True)}
     finally:
         own.close()
