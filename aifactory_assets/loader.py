@@ -15,6 +15,10 @@ sampler says): uneven ranks hang collective ops. Within a rank, the i-th batch (
 starts) goes to data-loader worker i % num_workers, the order in which PyTorch's DataLoader interleaves
 workers, so the rank's order does not depend on the worker count. `start_sample`
 resumes a rank exactly where it stopped.
+
+`verify=True` hashes each shard whole against the manifest on first read (once per process), and checks
+every page's CRC32 as it is read; `verify="pages"` only the latter and each shard's size: where every rank
+hashing the whole split would cost more than training reads (thousands of ranks on one shared filesystem).
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ import pyarrow.parquet as pq
 DEFAULT_CACHE_BYTES = 20 * 2**30
 COPY_CHUNK = 8 * 2**20  # a download is streamed to disk, never held whole
 ABANDONED_S = 3_600
+PAGE_CHECKSUMS = 3  # the manifest format from which every shard's pages carry a CRC32
 MAX_OPEN_FILES = 64  # shards a reader keeps open: a split of thousands would exhaust descriptors; reopening
 # costs a footer parse (0.4 ms for 32 row groups of 18 columns), so a split of up to 64 shards never reopens
 
@@ -250,7 +255,7 @@ class ShardReader:
         shuffle_block: int = 1,
         remainder: Literal["drop", "pad"] | None = None,
         start_sample: int = 0,
-        verify: bool = True,
+        verify: bool | Literal["pages"] = True,
         storage_options: dict[str, Any] | None = None,
         cache_dir: str | Path | None = None,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
@@ -273,8 +278,11 @@ class ShardReader:
         self.remainder = remainder or self.manifest["sampler"].get("remainder", "drop")
         self.start_sample, self.verify = start_sample, verify
         self.memory_map, self.use_threads = memory_map, use_threads  # PyArrow's, for opening and decoding
+        if verify == "pages" and self.manifest.get("format_version", 0) < PAGE_CHECKSUMS:
+            raise ValueError(f"{manifest}: written before shards carried page checksums; use verify=True")
         shards = self.manifest["splits"][split]["shards"]
         self.checksums = {s["path"]: s["sha256"] for s in shards}
+        self.sizes = {s["path"]: s["bytes"] for s in shards}
         self.shard_numbers = {s["path"]: i for i, s in enumerate(shards)}
         self.groups = [RowGroup(s["path"], i, n) for s in shards for i, n in enumerate(s["row_groups"]) if n]
         self.total = sum(g.rows for g in self.groups)
@@ -381,9 +389,11 @@ class ShardReader:
             return self._files[shard][0]
         remote, checksum = f"{self.root}/{shard}", self.checksums[shard]
         if self.cache is None:
-            if self.verify:
+            if self.verify is True:
                 verify_file(Path(remote), checksum)
-            self._files[shard] = (pq.ParquetFile(remote, memory_map=self.memory_map), None)
+            elif self.verify == "pages" and (size := Path(remote).stat().st_size) != self.sizes[shard]:
+                raise ChecksumMismatch(f"{remote}: {size} bytes where the manifest has {self.sizes[shard]}")
+            self._files[shard] = (self._open(remote), None)
         else:
             self._files[shard] = self._open_cached(self.cache, remote, checksum)
         while len(self._files) > max(1, self.max_open_files):
@@ -396,13 +406,13 @@ class ShardReader:
         """Held in use once open; between the fetch and the hold another process may evict it, and it is
         fetched again."""
         for _ in range(attempts):
-            local = cache.fetch(self.fs, remote, checksum, self.verify)
+            local = cache.fetch(self.fs, remote, checksum, self.verify is True)
             try:
                 held = CachedShard(local)
             except FileNotFoundError:
                 continue
             try:
-                return pq.ParquetFile(local, memory_map=self.memory_map), held
+                return self._open(local), held
             except BaseException:
                 held.close()
                 raise
@@ -410,6 +420,9 @@ class ShardReader:
             f"{remote}: evicted from {cache.directory} {attempts} times before it could be opened; "
             f"cache_bytes ({cache.max_bytes}) is too small for the readers sharing it"
         )
+
+    def _open(self, path: str | Path) -> pq.ParquetFile:
+        return pq.ParquetFile(path, memory_map=self.memory_map, page_checksum_verification=bool(self.verify))
 
     @staticmethod
     def _close(file: pq.ParquetFile, held: CachedShard | None) -> None:
@@ -430,7 +443,7 @@ class ShardReader:
         """Hash every shard of the split now, in parallel, when they are local; True if it did. Data-loader
         workers share shards, so hashing once here spares each worker hashing them all again. Remote
         shards are verified as they are downloaded into the cache instead."""
-        if self.cache is not None or not self.verify:
+        if self.cache is not None or self.verify is not True:
             return False
         paths = [Path(f"{self.root}/{shard}") for shard in self.checksums]
         with ThreadPoolExecutor(threads or os.cpu_count()) as pool:

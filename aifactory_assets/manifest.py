@@ -23,7 +23,7 @@ from aifactory_assets.staging import staging_prefix
 from resources.object_store import ObjectStore
 
 MANIFEST, LATEST = "manifest.json", "_latest"
-FORMAT_VERSION = 2  # bump whenever the layout of a version changes
+FORMAT_VERSION = 3  # bump whenever the layout of a version changes (3: every page carries a CRC32)
 # The modules that decide what a version holds (how files are read and typed, what is quarantined, the
 # verdicts, the shuffle and the bytes): their source is part of the version id, so new code never
 # re-publishes shards that older code made from the same inputs.

@@ -104,8 +104,14 @@ SAMPLE_ROWS = 65_536  # a gathered bucket's rows encoded as a shard is, to size 
 
 
 def shard_writer(sink: Any, schema: pa.Schema) -> pq.ParquetWriter:
+    """Every page with a CRC32, which readers check as they read (the loader's verify="pages")."""
     return pq.ParquetWriter(
-        sink, schema, compression="zstd", write_statistics=True, use_dictionary=dictionary_columns(schema)
+        sink,
+        schema,
+        compression="zstd",
+        write_statistics=True,
+        use_dictionary=dictionary_columns(schema),
+        write_page_checksum=True,
     )
 
 

@@ -66,6 +66,7 @@ def generate(root: Path, rows: int, shards: int, group_rows: int | None, seed: i
             compression="zstd",
             row_group_size=group_rows or row_group_rows(rows),
             use_dictionary=dictionary_columns(table.schema),
+            write_page_checksum=True,
         )
         data = (root / name).read_bytes()
         groups = pq.ParquetFile(root / name).metadata
@@ -79,6 +80,7 @@ def generate(root: Path, rows: int, shards: int, group_rows: int | None, seed: i
             }
         )
     manifest = {
+        "format_version": 3,
         "dataset": "synthetic_gpu",
         "version": f"rows{rows}-shards{shards}-seed{seed}",
         "splits": {"train": {"rows": rows, "shards": entries}},

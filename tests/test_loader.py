@@ -141,6 +141,39 @@ def test_a_corrupted_shard_is_refused(manifest_url: str, tmp_path: Path) -> None
         dates(ShardReader(str(copy / "manifest.json"), "train", shuffle=False))
 
 
+def flip_a_page_byte(shard: Path) -> None:
+    """The last byte of the first column chunk: inside a page's data, past any header or footer."""
+    chunk = pq.ParquetFile(shard).metadata.row_group(0).column(0)
+    start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
+    data = bytearray(shard.read_bytes())
+    data[start + chunk.total_compressed_size - 1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+
+
+def test_pages_mode_checks_every_page_read_and_each_size(manifest_url: str, tmp_path: Path) -> None:
+    """verify="pages" hashes no shard whole (every rank would read the whole split), yet refuses a byte
+    changed in a page it reads, or a shard of another size than the manifest's."""
+    copy = tmp_path / "copy"
+    shutil.copytree(Path(manifest_url).parent, copy)
+
+    def read() -> list:
+        return dates(ShardReader(str(copy / "manifest.json"), "train", shuffle=False, verify="pages"))
+
+    assert read() == dates(ShardReader(manifest_url, "train", shuffle=False))
+    shard = next(copy.glob("train-*.parquet"))
+    pristine = shard.read_bytes()
+    flip_a_page_byte(shard)
+    with pytest.raises(OSError, match="CRC checksum verification failed"):
+        read()
+    shard.write_bytes(pristine + b"\0")
+    with pytest.raises(ChecksumMismatch, match="bytes where the manifest has"):
+        read()
+    manifest = json.loads((copy / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "format_version": 2}))
+    with pytest.raises(ValueError, match="before shards carried page checksums"):
+        read()
+
+
 def s3_version(catalog: Catalog, s3_endpoint: str, dask: DaskCluster) -> tuple[str, dict]:
     """A version committed to a fresh bucket: its manifest URL and the storage options to read it."""
     stores = s3_stores(catalog, s3_endpoint)
@@ -406,7 +439,9 @@ def test_tensors_refuse_int_nulls_instead_of_inventing_numbers(tmp_path: Path) -
     table = pa.table({"x": pa.array([1.0, None, 3.0, 4.0]), "label": pa.array([1, None, 3, 4], pa.int64())})
     shard = tmp_path / "train-00000-of-00001.parquet"
     pq.write_table(table, shard)
-    entry = {"path": shard.name, "rows": 4, "sha256": hashlib.sha256(shard.read_bytes()).hexdigest(), "row_groups": [4]}
+    data = shard.read_bytes()
+    entry = {"path": shard.name, "rows": 4, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    entry["row_groups"] = [4]
     manifest = {"splits": {"train": {"rows": 4, "shards": [entry]}}, "sampler": {"seed": 0, "remainder": "drop"}}
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     url = str(tmp_path / "manifest.json")
