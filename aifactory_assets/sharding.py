@@ -92,7 +92,9 @@ def scatter_part(
     table = table.append_column(SEQ, pa.array(np.full(table.num_rows, seq, np.int64)))
     # One reorder by bucket, then each bucket is a zero-copy slice (not one filter pass per bucket). The take
     # also leaves each dictionary column one dictionary, which an IPC file needs for all its batches.
-    by_bucket = np.argsort(bucket, kind="stable")
+    # The narrowest integer type that holds every bucket: at 16 bits or fewer numpy's stable sort is a
+    # radix sort (1.4 vs 22 ms on 560k rows).
+    by_bucket = np.argsort(bucket.astype(np.min_scalar_type(sum(ranges) - 1)), kind="stable")
     table, bucket = table.take(pa.array(by_bucket)), bucket[by_bucket]
     ids, starts, sizes = np.unique(bucket, return_index=True, return_counts=True)
     slices = [table.slice(start, size) for start, size in zip(starts.tolist(), sizes.tolist(), strict=True)]
@@ -143,12 +145,16 @@ def gather_bucket(
     """Runs on a worker: one bucket's batches of the staging files -> deduplicated, sorted by the seeded
     order; measures what its first SAMPLE_ROWS take as a shard (in row groups of `group_rows`)."""
     table = pa.concat_tables([read_batches(url, [index], storage_options) for url, index in fragments])
-    order, seq, row = (table.column(c).to_numpy() for c in (ORDER, SEQ, ROW))
-    # Latest wins: sort so that, per key, the latest (file, row) comes last; keep the last of each key.
-    # The one full copy; it also unifies the files' dictionaries into one, as write_sorted needs.
-    table = table.take(pa.array(np.lexsort((row, seq, order))))
     order = table.column(ORDER).to_numpy()
-    if table.num_rows > 1 and (order[1:] == order[:-1]).any():  # equal keys have equal order hashes
+    sorting = np.argsort(order)  # distinct orders have one sorted order, whatever the sort (33 vs 59 ms)
+    ranked = order[sorting]
+    ties = bool((ranked[1:] == ranked[:-1]).any())  # equal keys have equal order hashes
+    if ties:  # latest wins: per key, the latest (file, row) last
+        seq, row = (table.column(c).to_numpy() for c in (SEQ, ROW))
+        sorting = np.lexsort((row, seq, order))
+    # The one full copy; it also unifies the files' dictionaries into one, as write_sorted needs.
+    table = table.take(pa.array(sorting))
+    if ties:  # keep the last of each key
         frame = table.select(key_columns).to_pandas()
         table = table.filter(pa.array(~frame.duplicated(keep="last").to_numpy()))
     kept = table.drop_columns([SEQ])
