@@ -114,21 +114,26 @@ def test_more_ranks_than_rows_is_an_error_unless_padding(manifest_url: str) -> N
     assert len(ShardReader(manifest_url, "test", world_size=rows + 1, remainder="pad")) == 1
 
 
-def test_order_is_a_function_of_seed_and_epoch(manifest_url: str) -> None:
-    first = rank_stream(manifest_url, 1, 3, epoch=4)
-    assert rank_stream(manifest_url, 1, 3, epoch=4) == first
-    assert rank_stream(manifest_url, 1, 3, workers=1, epoch=4) == first  # worker count does not change it
-    assert rank_stream(manifest_url, 1, 3, epoch=5) != first
-    assert rank_stream(manifest_url, 1, 3, epoch=4, seed=99) != first
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+def test_order_is_a_function_of_seed_and_epoch(manifest_url: str, world: int) -> None:
+    rank = world - 1
+    first = rank_stream(manifest_url, rank, world, epoch=4)
+    assert rank_stream(manifest_url, rank, world, epoch=4) == first
+    assert rank_stream(manifest_url, rank, world, workers=1, epoch=4) == first  # nor does the worker count
+    assert rank_stream(manifest_url, rank, world, epoch=5) != first
+    assert rank_stream(manifest_url, rank, world, epoch=4, seed=99) != first
     assert sorted(rank_stream(manifest_url, 0, 1, epoch=4)) == sorted(rank_stream(manifest_url, 0, 1, epoch=5))
 
 
-@pytest.mark.parametrize("consumed", [0, 5, 7, 50, 301])
-def test_resume_continues_exactly_where_it_stopped(manifest_url: str, consumed: int) -> None:
-    whole = rank_stream(manifest_url, 2, 3, epoch=2)
-    reader = ShardReader(manifest_url, "train", rank=2, world_size=3, epoch=2)
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+@pytest.mark.parametrize("consumed", [0, 5, 7, 50, 131])
+def test_resume_continues_exactly_where_it_stopped(manifest_url: str, world: int, consumed: int) -> None:
+    rank = world - 1
+    whole = rank_stream(manifest_url, rank, world, epoch=2)
+    assert len(whole) > consumed  # resumes within the epoch, at every world size
+    reader = ShardReader(manifest_url, "train", rank=rank, world_size=world, epoch=2)
     state = reader.state_dict(samples_consumed=consumed)
-    assert rank_stream(manifest_url, 2, 3, **state) == whole[consumed:]
+    assert rank_stream(manifest_url, rank, world, **state) == whole[consumed:]
 
 
 def test_a_corrupted_shard_is_refused(manifest_url: str, tmp_path: Path) -> None:
