@@ -114,6 +114,18 @@ def test_more_ranks_than_rows_is_an_error_unless_padding(manifest_url: str) -> N
     assert len(ShardReader(manifest_url, "test", world_size=rows + 1, remainder="pad")) == 1
 
 
+def test_the_manifests_remainder_policy_is_the_default(manifest_url: str, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(Path(manifest_url).parent, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    assert manifest["sampler"]["remainder"] == "drop"
+    rows = ShardReader(manifest_url, "train").total
+    assert rows % 5 and len(ShardReader(manifest_url, "train", world_size=5)) == rows // 5
+    manifest["sampler"]["remainder"] = "pad"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert len(ShardReader(str(copy / "manifest.json"), "train", world_size=5)) == -(-rows // 5)
+
+
 @pytest.mark.parametrize("world", [1, 2, 3, 8])
 def test_order_is_a_function_of_seed_and_epoch(manifest_url: str, world: int) -> None:
     rank = world - 1
