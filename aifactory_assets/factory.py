@@ -30,12 +30,14 @@ from aifactory_assets.checks import (
 from aifactory_assets.data_docs import gx_imported, render_data_docs
 from aifactory_assets.ingest import ingest_dataset
 from aifactory_assets.manifest import (
+    LIBRARY_VERSIONS,
     MANIFEST,
     build_manifest,
     commit,
     remove_abandoned_writes,
     version_for,
     version_prefix,
+    workers_on_other_libraries,
 )
 from aifactory_assets.metadata import location, markdown_table, stage_metadata
 from aifactory_assets.publish import POINTER, require_current
@@ -141,7 +143,7 @@ def write_report(
     """GX Data Docs for this run under the site's `reports/`, plus `latest.html`; returns a link to it.
     Rendered on a worker that has imported GX already (it costs 2.4 s in any other process; a dataset of
     one landed file validates on one worker only)."""
-    warm = [worker for worker, imported in client.run(gx_imported).items() if imported]
+    warm = [worker for worker, imported in client.run(gx_imported, on_error="return").items() if imported is True]
     rendering = client.submit(
         render_data_docs, suite["name"], results, run_id, pure=False, workers=warm or None, allow_other_workers=True
     )
@@ -333,6 +335,11 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
                 prefix,
                 staging,
             )
+            if elsewhere := workers_on_other_libraries(dask.get_client()):
+                raise dg.Failure(
+                    f"{dataset.name}: Dask workers run other releases than this process ({LIBRARY_VERSIONS}), which "
+                    f"version {version} names: {elsewhere}; install the same lock on both"
+                )
             if sharded["rows_in"] != valid_record["rows_valid"]:
                 raise dg.Failure(
                     f"{dataset.name}: the shuffle read {sharded['rows_in']} validated rows where validated passed "

@@ -19,6 +19,7 @@ resumes a rank exactly where it stopped.
 `verify=True` hashes each shard whole against the manifest on first read (once per process), and checks
 every page's CRC32 as it is read; `verify="pages"` only the latter and each shard's size: where every rank
 hashing the whole split would cost more than training reads (thousands of ranks on one shared filesystem).
+Page checksums catch torn copies and bit rot in the pages read, not a file replaced on purpose.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import os
 import posixpath
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ ABANDONED_S = 3_600
 PAGE_CHECKSUMS = 3  # the manifest format from which every shard's pages carry a CRC32
 MAX_OPEN_FILES = 64  # shards a reader keeps open: a split of thousands would exhaust descriptors; reopening
 # costs a footer parse (0.4 ms for 32 row groups of 18 columns), so a split of up to 64 shards never reopens
+MAX_HELD_COPIES = 8  # of cached shards: each one held is disk the cache cannot give back (1-2 GiB at 8)
 
 
 @dataclass(frozen=True)
@@ -68,17 +70,22 @@ def epoch_seed(seed: int, epoch: int, *more: int) -> np.random.Generator:
 
 
 def lock(fd: int, operation: int) -> bool:
-    """flock(2); False only when another process holds a conflicting lock (non-blocking). Where the
-    filesystem has no flock (Lustre mounted without `-o flock`), True: nothing is protected, as before."""
+    """flock(2); False only when a conflicting lock is held through another open file (non-blocking).
+    Where the filesystem has no flock (Lustre mounted without `-o flock`), True: nothing is protected."""
     try:
         fcntl.flock(fd, operation)
         return True
     except BlockingIOError:
         return False
     except OSError as exc:
-        if exc.errno in (errno.ENOSYS, errno.ENOLCK, errno.EINVAL, errno.EOPNOTSUPP):
+        if exc.errno in (errno.ENOSYS, errno.ENOLCK, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF):
             return True
         raise
+
+
+# Copies this process holds. NFS emulates flock with byte-range locks, which belong to a process: there
+# an eviction by the same process would take them over, and closing its descriptor would drop the hold.
+_HELD: Counter[str] = Counter()
 
 
 class CachedShard:
@@ -88,7 +95,9 @@ class CachedShard:
     fd = -1
 
     def __init__(self, path: Path):
+        self.path = str(path)
         self.fd = os.open(path, os.O_RDONLY)
+        _HELD[self.path] += 1
         try:
             lock(self.fd, fcntl.LOCK_SH)
             if os.fstat(self.fd).st_ino != path.stat().st_ino:  # evicted (and fetched again) meanwhile
@@ -101,6 +110,9 @@ class CachedShard:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+            _HELD[self.path] -= 1
+            if not _HELD[self.path]:
+                del _HELD[self.path]
 
     __del__ = close  # a reader dropped without close() releases its copies with it
 
@@ -113,8 +125,9 @@ class ShardCache:
     far as a crash can make it; a reader that verifies hashes it once more (per process) and fetches it
     again if the local copy was damaged. One process downloads a shard while the others wait for it; a copy
     in use (`CachedShard`) is never evicted, so the cache exceeds `max_bytes` only by the copies readers
-    hold open (at most MAX_OPEN_FILES per reader). Files that another process evicts meanwhile are fetched
-    again.
+    hold open (at most MAX_HELD_COPIES per reader by default); readers holding more than `max_bytes`
+    between them leave room for nothing else, and every other copy is fetched again. Files that another
+    process evicts meanwhile are fetched again.
     """
 
     def __init__(self, directory: str | Path, max_bytes: int = DEFAULT_CACHE_BYTES):
@@ -128,9 +141,8 @@ class ShardCache:
         target = self.path(checksum)
         if self._present(target, checksum, verify):
             return target
-        fd = os.open(self.directory / f"{checksum}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._lock_download(target.with_suffix(".lock"))
         try:
-            lock(fd, fcntl.LOCK_EX)  # waits for another process downloading the same shard
             if self._present(target, checksum, verify):
                 return target
             self._download(fs, remote, checksum, target)
@@ -138,6 +150,20 @@ class ShardCache:
             os.close(fd)
         self.evict(keep=target)
         return target
+
+    @staticmethod
+    def _lock_download(path: Path) -> int:
+        """The shard's lock file, locked: waits for another process downloading the same shard. Locked, it
+        must still be the file at `path` (an eviction may have removed it while we waited)."""
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            lock(fd, fcntl.LOCK_EX)
+            try:
+                if os.fstat(fd).st_ino == path.stat().st_ino:
+                    return fd
+            except FileNotFoundError:
+                pass
+            os.close(fd)
 
     def _present(self, target: Path, checksum: str, verify: bool) -> bool:
         try:
@@ -193,18 +219,23 @@ class ShardCache:
 
     @staticmethod
     def _evict_unused(path: Path) -> bool:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
+        """Removes a copy no reader holds, and its lock file unless a download holds that."""
+        if str(path) in _HELD:
             return False
-        try:
-            if not lock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB):
-                return False  # a reader holds it
-            path.unlink(missing_ok=True)
-            path.with_suffix(".lock").unlink(missing_ok=True)
-            return True
-        finally:
-            os.close(fd)
+        removed = False
+        for target in (path, path.with_suffix(".lock")):
+            try:
+                fd = os.open(target, os.O_RDWR)  # NFS grants an exclusive lock to a writer only
+            except FileNotFoundError:
+                continue
+            try:
+                if not lock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB):
+                    return removed  # a reader holds the copy, or a download its lock
+                target.unlink(missing_ok=True)
+                removed = removed or target == path
+            finally:
+                os.close(fd)
+        return removed
 
 
 class ChecksumMismatch(OSError):
@@ -261,7 +292,7 @@ class ShardReader:
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         memory_map: bool = True,
         use_threads: bool = True,
-        max_open_files: int = MAX_OPEN_FILES,
+        max_open_files: int | None = None,
     ):
         if not 0 <= rank < world_size or not 0 <= worker_id < num_workers:
             raise ValueError(f"rank {rank} of {world_size}, worker {worker_id} of {num_workers}: out of range")
@@ -282,7 +313,7 @@ class ShardReader:
             raise ValueError(f"{manifest}: written before shards carried page checksums; use verify=True")
         shards = self.manifest["splits"][split]["shards"]
         self.checksums = {s["path"]: s["sha256"] for s in shards}
-        self.sizes = {s["path"]: s["bytes"] for s in shards}
+        self.sizes = {s["path"]: s.get("bytes") for s in shards}  # in every manifest of format 3
         self.shard_numbers = {s["path"]: i for i, s in enumerate(shards)}
         self.groups = [RowGroup(s["path"], i, n) for s in shards for i, n in enumerate(s["row_groups"]) if n]
         self.total = sum(g.rows for g in self.groups)
@@ -293,7 +324,7 @@ class ShardReader:
                 "the remainder would leave every rank with nothing; use remainder='pad'"
             )
         self.cache = None if is_local else ShardCache(cache_dir or default_cache_dir(), cache_bytes)
-        self.max_open_files = max_open_files
+        self.max_open_files = max_open_files or (MAX_OPEN_FILES if self.cache is None else MAX_HELD_COPIES)
         self._files: OrderedDict[str, tuple[pq.ParquetFile, CachedShard | None]] = OrderedDict()
         self._tables: OrderedDict[RowGroup, pa.Table] = OrderedDict()
 

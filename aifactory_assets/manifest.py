@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import importlib
 import json
 import subprocess
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+from distributed import Client
 
 from aifactory_assets.catalog import Dataset
 from aifactory_assets.sharding import SAMPLER
@@ -57,7 +59,14 @@ OUTPUT_LIBRARIES = ("pyarrow", "pandas", "numpy", "great_expectations")
 
 
 def library_versions() -> dict[str, str]:
-    return {name: version(name) for name in OUTPUT_LIBRARIES}
+    """Also run on the Dask workers, which write the bytes: a shared cluster may run other releases."""
+    found = {}
+    for name in OUTPUT_LIBRARIES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:  # installed without metadata
+            found[name] = importlib.import_module(name).__version__
+    return found
 
 
 LIBRARY_VERSIONS = library_versions()
@@ -108,6 +117,12 @@ def version_id(dataset: Dataset, suite: dict[str, Any], inputs: list[str]) -> st
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def workers_on_other_libraries(client: Client) -> dict[str, dict[str, str]]:
+    """The workers whose releases differ from the ones the version id names (this process's)."""
+    found = client.run(library_versions, on_error="return")
+    return {worker: v for worker, v in found.items() if isinstance(v, dict) and v != LIBRARY_VERSIONS}
+
+
 def version_for(dataset: Dataset, suite: dict[str, Any], raw_record: dict[str, Any]) -> str:
     """The version the published raw generation (its landed objects' fingerprints) will shard into."""
     inputs = [e["object"] for e in raw_record["ledger"]]
@@ -144,6 +159,7 @@ def build_manifest(
             "version": package_version(),
             "git_sha": git_sha(),
             "code_fingerprint": CODE_FINGERPRINT,
+            "libraries": LIBRARY_VERSIONS,
             "dagster_run_id": run_id,
         },
         "schema": {

@@ -105,6 +105,11 @@ def scatter_part(
 SAMPLE_ROWS = 65_536  # a gathered bucket's rows encoded as a shard is, to size the shards by bytes
 
 
+def as_shard(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """A staged table's rows as a shard holds them: the catalogue's columns (no shuffle columns), types."""
+    return table.select(schema.names).cast(schema)
+
+
 def shard_writer(sink: Any, schema: pa.Schema) -> pq.ParquetWriter:
     """Every page with a CRC32, which readers check as they read (the loader's verify="pages")."""
     return pq.ParquetWriter(
@@ -123,12 +128,14 @@ def encoded_bytes(table: pa.Table, schema: pa.Schema, group_rows: int) -> int:
     than large ones, so the validated parts' size misjudged the shards."""
     sink = pa.BufferOutputStream()
     with shard_writer(sink, schema) as writer:
-        writer.write_table(table.select(schema.names).cast(schema), group_rows)
+        writer.write_table(as_shard(table, schema), group_rows)
     return sink.tell()
 
 
 @dataclass(frozen=True)
 class Gathered:
+    """A gathered bucket: its rows, and a sample's bytes as a shard, which sizes a split's shards."""
+
     rows: int  # kept, after deduplication
     sample_rows: int
     sample_bytes: int  # `sample_rows` of them encoded as a shard
@@ -141,9 +148,10 @@ def gather_bucket(
     key_columns: list[str],
     storage_options: dict[str, Any],
     schema: pa.Schema,
+    sample_rows: int,
 ) -> Gathered:
     """Runs on a worker: one bucket's batches of the staging files -> deduplicated, sorted by the seeded
-    order; measures what its first SAMPLE_ROWS take as a shard (in row groups of `group_rows`)."""
+    order; measures what its first `sample_rows` take as a shard (in row groups of `group_rows`)."""
     table = pa.concat_tables([read_batches(url, [index], storage_options) for url, index in fragments])
     order = table.column(ORDER).to_numpy()
     sorting = np.argsort(order)  # distinct orders have one sorted order, whatever the sort (33 vs 59 ms)
@@ -159,7 +167,7 @@ def gather_bucket(
         table = table.filter(pa.array(~frame.duplicated(keep="last").to_numpy()))
     kept = table.drop_columns([SEQ])
     write_sorted(out_url, kept, storage_options)
-    sample = kept.slice(0, SAMPLE_ROWS)
+    sample = kept.slice(0, sample_rows)
     return Gathered(kept.num_rows, sample.num_rows, encoded_bytes(sample, schema, group_rows) if sample.num_rows else 0)
 
 
@@ -174,9 +182,7 @@ def write_shard(
         out = HashingFile(f)
         with shard_writer(out, schema) as writer:
             for part, lo, hi in slices:
-                writer.write_table(
-                    read_sorted_rows(part, lo, hi, storage_options).select(schema.names).cast(schema), group_rows
-                )
+                writer.write_table(as_shard(read_sorted_rows(part, lo, hi, storage_options), schema), group_rows)
             if not slices:
                 writer.write_table(schema.empty_table())
     meta = writer.writer.metadata  # the footer it wrote (how pyarrow's own metadata_collector gets it)
@@ -302,6 +308,7 @@ def shard_dataset(
         key_columns=key,
         storage_options=options,
         schema=schema,
+        sample_rows=0 if dataset.shards.target_rows else SAMPLE_ROWS,  # shards cut by rows need no sample
     )
     by_sorted = dict(zip(ordered, gathered, strict=True))
     # Every split's shards in one wave, so no worker idles while a small split finishes.

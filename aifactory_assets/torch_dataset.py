@@ -289,6 +289,7 @@ class TensorLoader:
             ).share_memory_()
             for name, values in arrays.items()
         }
+        reader.close()  # the workers fork from here: a cached copy held now would be held by all of them
         self._pool = WorkerPool(self.dataset, ring, self.device, self.chunk)
         # Also when the loader is dropped, or the interpreter exits (before the modules it needs are gone).
         self._closing = weakref.finalize(self, self._pool.close)

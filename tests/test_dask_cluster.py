@@ -10,6 +10,7 @@ import pytest
 from distributed import Client, Worker
 from distributed.security import Security
 
+from aifactory_assets.tasks import run_tasks
 from resources import DaskCluster
 
 
@@ -22,7 +23,7 @@ def test_refresh_restarts_the_runs_own_workers_only(dask_address: str) -> None:
     try:
         before = worker_pids(own.get_client())
         own.refresh_workers()  # returns once the old workers are gone; the new ones join meanwhile
-        own.get_client().wait_for_workers(1, timeout=60)
+        assert run_tasks(own.get_client(), pow, [3], exp=2) == [9]  # the next wave waits for them
         after = worker_pids(own.get_client())
         assert before and after and before.isdisjoint(after)
         address = own.get_client().scheduler.address
@@ -66,8 +67,6 @@ def test_workers_allocate_as_measured() -> None:
 
 def test_a_wave_leaves_no_results_on_the_workers(dask_address: str) -> None:
     """Results a wave's futures still held would be recomputed if a worker died during the next wave."""
-    from aifactory_assets.tasks import run_tasks
-
     with Client(dask_address) as client:
         assert run_tasks(client, pow, [1, 2, 3], exp=2) == [1, 4, 9]
         deadline = time.monotonic() + 10

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import fsspec
@@ -250,20 +251,33 @@ def test_a_reader_keeps_only_a_few_shards_open(manifest_url: str) -> None:
     assert not open_shards(root)
 
 
-def test_a_copy_in_use_is_not_evicted_by_another_reader(s3_manifest: tuple[str, dict], tmp_path: Path) -> None:
+def hold_first_shard(url: str, options: dict, cache: str, held: Any, done: Any) -> list:
+    """In another process: read one batch (its shard's copy held), wait, then read the rest."""
+    reader = iter(
+        ShardReader(url, "train", storage_options=options, cache_dir=cache, cache_bytes=1, shuffle=False, batch_size=7)
+    )
+    first = next(reader).column("date").to_pylist()
+    held.set()
+    done.wait(120)
+    return first + [d for batch in reader for d in batch.column("date").to_pylist()]
+
+
+def test_a_copy_in_use_is_not_evicted_by_another_process(s3_manifest: tuple[str, dict], tmp_path: Path) -> None:
     url, options = s3_manifest
     expected = dates(ShardReader(url, "train", storage_options=options, cache_dir=tmp_path / "all", shuffle=False))
     cache = tmp_path / "cache"
-    holder = iter(
-        ShardReader(url, "train", storage_options=options, cache_dir=cache, cache_bytes=1, shuffle=False, batch_size=7)
-    )
-    first = next(holder).column("date").to_pylist()  # holds the first shard's copy open
-    held = list(cache.glob("*.parquet"))
-    assert len(held) == 1
-    churn = ShardReader(url, "train", storage_options=options, cache_dir=cache, cache_bytes=1, epoch=1)
-    assert sorted(dates(churn)) == sorted(expected)  # every shard fetched and evicted but the one held
-    assert held[0].exists()
-    assert first + [d for batch in holder for d in batch.column("date").to_pylist()] == expected
+    context = multiprocessing.get_context("spawn")
+    held, done = context.Manager().Event(), context.Manager().Event()
+    with context.Pool(1) as pool:
+        holder = pool.apply_async(hold_first_shard, (url, options, str(cache), held, done))
+        assert held.wait(120)
+        copies = list(cache.glob("*.parquet"))
+        assert len(copies) == 1
+        churn = ShardReader(url, "train", storage_options=options, cache_dir=cache, cache_bytes=1, epoch=1)
+        assert sorted(dates(churn)) == sorted(expected)  # every shard fetched and evicted but the one held
+        assert copies[0].exists()
+        done.set()
+        assert holder.get(120) == expected
 
 
 def read_through_shared_cache(url: str, options: dict, cache: str, cache_bytes: int, rank: int) -> list:

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 from importlib.metadata import version
+from pathlib import Path
 
 import dagster as dg
 import numpy as np
@@ -116,7 +117,9 @@ def assert_manifest_describes_its_making(
         assert (landed["size"], landed["etag"], landed["mtime"]) == (info.size, info.etag, info.mtime)
         assert landed["size"] > 0 and landed["mtime"] and (landed["etag"] or store.protocol == "file")
     producer = manifest["producer"]
-    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    checkout = Path(__file__).parent
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=checkout, capture_output=True, text=True, check=True)
+    head = head.stdout.strip()
     assert (producer["version"], producer["git_sha"]) == (version("aifactory"), head)
     assert (producer["code_fingerprint"], producer["dagster_run_id"]) == (CODE_FINGERPRINT, run_id)
     sampler = manifest["sampler"]

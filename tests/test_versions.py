@@ -272,6 +272,22 @@ def test_new_code_or_libraries_make_a_new_version(setup, monkeypatch) -> None:
     assert version_id(dataset, suite, inputs) != before
 
 
+def test_workers_on_other_releases_commit_nothing(setup, monkeypatch) -> None:
+    """The version id names this process's pyarrow; workers of a shared cluster that write with another
+    would make bytes the id does not describe."""
+    from aifactory_assets import manifest
+
+    catalog, dataset, store, stores, dask = setup
+    monkeypatch.setattr(manifest, "LIBRARY_VERSIONS", {**manifest.LIBRARY_VERSIONS, "pyarrow": "0.0.1"})
+    result = run(catalog, stores, dask)
+    assert not result.success
+    assert "Dask workers run other releases than this process" in failure_message(result)
+    assert latest_manifest(store, dataset) is None
+    monkeypatch.undo()
+    assert run(catalog, stores, dask).success
+    assert latest_manifest(store, dataset)["producer"]["libraries"] == manifest.LIBRARY_VERSIONS
+
+
 def test_housekeeping_settings_keep_the_version(setup) -> None:
     """How many versions to keep, or when to refuse a run, shapes no byte: no reshard into a new version."""
     catalog, dataset, *_ = setup
