@@ -224,9 +224,8 @@ class ShardCache:
             return False
         removed = False
         for target in (path, path.with_suffix(".lock")):
-            try:
-                fd = os.open(target, os.O_RDWR)  # NFS grants an exclusive lock to a writer only
-            except FileNotFoundError:
+            fd = open_to_lock(target)
+            if fd is None:
                 continue
             try:
                 if not lock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB):
@@ -236,6 +235,19 @@ class ShardCache:
             finally:
                 os.close(fd)
         return removed
+
+
+def open_to_lock(path: Path) -> int | None:
+    """For an exclusive lock: NFS grants one to a writer only; another user's copy in a shared cache opens
+    read-only (a local flock needs no write access). None when it is gone."""
+    for flags in (os.O_RDWR, os.O_RDONLY):
+        try:
+            return os.open(path, flags)
+        except PermissionError:
+            continue
+        except FileNotFoundError:
+            return None
+    return None
 
 
 class ChecksumMismatch(OSError):
