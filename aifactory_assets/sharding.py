@@ -43,6 +43,12 @@ SAMPLER = {
     "numbers), mapped to [0, 1) and cut by the cumulative split ratios",
     "shuffle": "rows sorted by splitmix64(key hash XOR the first 8 bytes of sha256(seed))",
     "dedup": "by key, the record from the latest landed file (mtime, then name) and its last row wins",
+    # What aifactory_assets.loader does with it per epoch (NumPy's Generator streams, the release in the
+    # producer's libraries): how another reader can reproduce, or resume, a training run's order.
+    "epoch": "the split's non-empty row groups in numpy.random.default_rng([seed, epoch]).permutation order, "
+    "the rows of each in default_rng([seed, epoch, shard index, row group index]).permutation order (the "
+    "default shuffle_block of 1); that stream cut into world_size equal contiguous slices, one per rank; a "
+    "rank's i-th batch to data-loader worker i % workers",
 }
 
 

@@ -127,6 +127,23 @@ def test_the_manifests_remainder_policy_is_the_default(manifest_url: str, tmp_pa
     assert len(ShardReader(str(copy / "manifest.json"), "train", world_size=5)) == -(-rows // 5)
 
 
+def test_the_manifests_sampler_reproduces_the_loaders_order(manifest_url: str) -> None:
+    """The manifest's `sampler.epoch`, followed without the loader, gives the loader's order."""
+    import numpy as np
+
+    manifest = json.loads(Path(manifest_url).read_text())
+    seed, epoch = manifest["sampler"]["seed"], 3
+    assert "default_rng([seed, epoch]).permutation" in manifest["sampler"]["epoch"]
+    shards = manifest["splits"]["train"]["shards"]
+    groups = [(i, g) for i, s in enumerate(shards) for g, n in enumerate(s["row_groups"]) if n]
+    stream = []
+    for k in np.random.default_rng([seed, epoch]).permutation(len(groups)):
+        i, g = groups[k]
+        rows = pq.ParquetFile(Path(manifest_url).parent / shards[i]["path"]).read_row_group(g).column("date")
+        stream += rows.take(np.random.default_rng([seed, epoch, i, g]).permutation(len(rows))).to_pylist()
+    assert dates(ShardReader(manifest_url, "train", epoch=epoch)) == stream
+
+
 @pytest.mark.parametrize("world", [1, 2, 3, 8])
 def test_order_is_a_function_of_seed_and_epoch(manifest_url: str, world: int) -> None:
     rank = world - 1

@@ -125,7 +125,7 @@ def assert_manifest_describes_its_making(
     sampler = manifest["sampler"]
     assert (sampler["seed"], sampler["remainder"]) == (dataset.shards.seed, dataset.shards.remainder)
     assert sampler["ratios"] == [[split, ratio] for split, ratio in dataset.shards.splits.items()]
-    assert {"split", "shuffle", "dedup"} <= set(sampler)
+    assert {"split", "shuffle", "dedup", "epoch"} <= set(sampler)
     suite = catalog.suites[dataset.name]["expectations"]
     assert sorted(r["label"] for r in manifest["validation"]["results"]) == sorted(map(expectation_label, suite))
     quarantine = manifest["quarantine"]
