@@ -320,7 +320,7 @@ def shard_dataset(
     # Every split's shards in one wave, so no worker idles while a small split finishes.
     shards: dict[str, list[tuple[str, list[tuple[str, int, int]], int]]] = {}
     for index, split in enumerate(ratios):
-        mine = [b for b in ordered if first_bucket[index] <= b < first_bucket[index + 1]]
+        mine = [b for b in ordered if split_of[b] == index]
         part_rows = [(sorted_urls[b], by_sorted[b].rows) for b in mine]
         rows = sum(n for _, n in part_rows)
         sampled = sum(by_sorted[b].sample_rows for b in mine)
