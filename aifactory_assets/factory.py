@@ -368,7 +368,7 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
                 f"{verified.description}",
                 metadata=verified.metadata,
             )
-        commit(store, dataset, manifest)
+        commit(store, dataset, manifest, context.run.run_id)
         if staging:
             store.delete(staging)  # kept if anything above failed: it marks the version left unfinished
         balance = manifest["conservation"]

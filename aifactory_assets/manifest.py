@@ -25,6 +25,7 @@ from aifactory_assets.staging import staging_prefix
 from resources.object_store import ObjectStore
 
 MANIFEST, LATEST = "manifest.json", "_latest"
+RETENTION_MARK = "removing"  # under a run's staging of an old version: retention is removing it
 FORMAT_VERSION = 3  # bump whenever the layout of a version changes (3: every page carries a CRC32)
 # The modules that decide what a version holds (how files are read and typed, what is quarantined, the
 # verdicts, the shuffle and the bytes): their source is part of the version id, so new code never
@@ -188,8 +189,8 @@ def build_manifest(
     }
 
 
-def commit(store: ObjectStore, dataset: Dataset, manifest: dict[str, Any]) -> None:
-    """The commit point: the manifest, then the `_latest` pointer, then retention."""
+def commit(store: ObjectStore, dataset: Dataset, manifest: dict[str, Any], run_id: str) -> None:
+    """The commit point: the manifest, then the `_latest` pointer, then retention (by run `run_id`)."""
     version = manifest["version"]
     store.write_json(f"{version_prefix(dataset, version)}/{MANIFEST}", manifest)
     committed = {v for _, v in committed_versions(store, dataset)}
@@ -198,7 +199,7 @@ def commit(store: ObjectStore, dataset: Dataset, manifest: dict[str, Any]) -> No
         f"{dataset_prefix(dataset)}/{LATEST}",
         {"version": version, "manifest": f"v={version}/{MANIFEST}", "history": history},
     )
-    apply_retention(store, dataset, keep=version)
+    apply_retention(store, dataset, keep=version, run_id=run_id)
 
 
 def latest_history(store: ObjectStore, dataset: Dataset) -> list[str]:
@@ -218,17 +219,22 @@ def committed_versions(store: ObjectStore, dataset: Dataset) -> list[tuple[str, 
     return sorted(versions)
 
 
-def apply_retention(store: ObjectStore, dataset: Dataset, keep: str) -> list[str]:
+def apply_retention(store: ObjectStore, dataset: Dataset, keep: str, run_id: str) -> list[str]:
     """Remove committed versions beyond the catalogue's retention, least recently the latest first, never
-    `keep` (the latest). The manifest goes first: a removal cut short leaves an uncommitted folder, never
-    a committed version with holes."""
+    `keep` (the latest). The manifest goes first, so a removal cut short leaves an uncommitted folder, never
+    a committed version with holes; and a staging mark in run `run_id`'s name goes before it, so that
+    folder is an abandoned write, which the next run's `remove_abandoned_writes` removes once this run is
+    over (cut short before the manifest went, the version stays committed and only the mark goes)."""
     recency = {v: i for i, v in enumerate(latest_history(store, dataset))}
     by_age = sorted(committed_versions(store, dataset), key=lambda cv: (recency.get(cv[1], -1), cv[0]))
     versions = [v for _, v in by_age if v != keep]
     doomed = versions[: max(0, len(versions) - (dataset.shards.retention - 1))]
     for old in doomed:
+        mark = f"{staging_prefix(dataset)}/{old}/{run_id}/{RETENTION_MARK}"
+        store.write_bytes(mark, b"")
         store.delete(f"{version_prefix(dataset, old)}/{MANIFEST}")
         store.delete(version_prefix(dataset, old))
+        store.delete(mark)
     return doomed
 
 

@@ -129,10 +129,48 @@ def test_retention_counts_a_version_made_latest_again_as_recent(setup) -> None:
 
     _, dataset, store, *_ = setup  # retention 2
     for i in range(2):
-        commit(store, dataset, {"version": f"ver{i}", "created_at": f"2026-01-0{i + 1}"})
-    commit(store, dataset, store.read_json(f"shards/{DATASET}/v=ver0/manifest.json"))  # reverted: ver0 again
-    commit(store, dataset, {"version": "ver2", "created_at": "2026-01-03"})
+        commit(store, dataset, {"version": f"ver{i}", "created_at": f"2026-01-0{i + 1}"}, f"run{i}")
+    reverted = store.read_json(f"shards/{DATASET}/v=ver0/manifest.json")
+    commit(store, dataset, reverted, "run-reverted")  # ver0 again
+    commit(store, dataset, {"version": "ver2", "created_at": "2026-01-03"}, "run2")
     assert sorted(v for _, v in committed_versions(store, dataset)) == ["ver0", "ver2"]
+
+
+class DiesDeleting(ObjectStore):
+    """A store whose process is killed as it deletes `dies_at` (fault injection: deleting is all it changes)."""
+
+    dies_at: str
+
+    def delete(self, key: str) -> None:
+        if key == self.dies_at:
+            raise KeyboardInterrupt(f"killed while deleting {key}")
+        super().delete(key)
+
+
+@pytest.mark.parametrize("dies_at", ["manifest.json", ""], ids=["deleting-the-manifest", "deleting-the-folder"])
+def test_a_retention_cut_short_is_finished_by_the_next_run(setup, dies_at: str) -> None:
+    """Killed after the manifest went, the folder is an abandoned write that the next run removes; killed
+    before, the version stays committed, whole, for the next commit's retention."""
+    from aifactory_assets.manifest import commit
+
+    _, dataset, store, *_ = setup  # retention 2
+    for i in range(2):
+        store.write_bytes(f"shards/{DATASET}/v=ver{i}/train-00000-of-00001.parquet", b"a shard")
+        commit(store, dataset, {"version": f"ver{i}", "created_at": f"2026-01-0{i + 1}"}, f"run{i}")
+    dying = DiesDeleting(site=store.site, root=store.root, dies_at=f"shards/{DATASET}/v=ver0/{dies_at}".rstrip("/"))
+    with pytest.raises(KeyboardInterrupt):
+        commit(dying, dataset, {"version": "ver2", "created_at": "2026-01-03"}, "run2")
+    folder_removed = dies_at == ""
+    assert store.exists(f"shards/{DATASET}/v=ver0/train-00000-of-00001.parquet")
+    assert [v for _, v in committed_versions(store, dataset)] == (
+        ["ver1", "ver2"] if folder_removed else ["ver0", "ver1", "ver2"]
+    )
+    assert store.is_object(f"{staging_prefix(dataset)}/ver0/run2/removing")  # marked before anything went
+
+    removed = remove_abandoned_writes(store, dataset, lambda run_id: run_id == "run2")
+    assert removed == (["ver0"] if folder_removed else [])
+    assert store.exists(f"shards/{DATASET}/v=ver0") is not folder_removed
+    assert not store.list_objects(staging_prefix(dataset))
 
 
 def test_records_keep_their_split_when_new_data_arrives(setup) -> None:
