@@ -133,6 +133,7 @@ class ShardCache:
     def __init__(self, directory: str | Path, max_bytes: int = DEFAULT_CACHE_BYTES):
         self.directory, self.max_bytes = Path(directory), max_bytes
         self.directory.mkdir(parents=True, exist_ok=True)
+        self.downloads = self.downloaded_bytes = 0  # this process's own: how well the cache serves it
 
     def path(self, checksum: str) -> Path:
         return self.directory / f"{checksum}.parquet"
@@ -187,6 +188,7 @@ class ShardCache:
                     copy.write(chunk)
                 copy.flush()
                 os.fsync(copy.fileno())
+                self.downloads, self.downloaded_bytes = self.downloads + 1, self.downloaded_bytes + copy.tell()
             verify_digest(digest.hexdigest(), checksum, remote)  # always: the name promises these bytes
             os.utime(tmp, ns=(time.time_ns(), tmp.stat().st_mtime_ns))  # the newest, for the LRU
             stamp = file_stamp(tmp, checksum)  # before the rename: another process may evict it right after

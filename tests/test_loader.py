@@ -319,6 +319,27 @@ def test_processes_share_a_small_cache(s3_manifest: tuple[str, dict], tmp_path: 
     assert not list(cache.glob("*.tmp-*"))
 
 
+def read_when_all_start(url: str, options: dict, cache: str, start: Any) -> tuple[list, int, int]:
+    reader = ShardReader(url, "train", storage_options=options, cache_dir=cache, shuffle=False)
+    start.wait()  # every process asks for the same shards at the same moment
+    return dates(reader), reader.cache.downloads, reader.cache.downloaded_bytes
+
+
+def test_processes_sharing_a_cache_download_each_shard_once(s3_manifest: tuple[str, dict], tmp_path: Path) -> None:
+    """A node's ranks reading the same shards at once: one downloads each while the others wait for it."""
+    url, options = s3_manifest
+    expected = dates(ShardReader(url, "train", storage_options=options, cache_dir=tmp_path / "all", shuffle=False))
+    split = ShardReader(url, "train", storage_options=options).manifest["splits"]["train"]
+    context = multiprocessing.get_context("spawn")
+    ranks = 4
+    start = context.Manager().Barrier(ranks)
+    with context.Pool(ranks) as pool:
+        done = pool.starmap(read_when_all_start, [(url, options, str(tmp_path / "shared"), start)] * ranks)
+    assert all(stream == expected for stream, _, _ in done)
+    assert sum(downloads for _, downloads, _ in done) == len(split["shards"])
+    assert sum(size for _, _, size in done) == split["bytes"]
+
+
 def test_the_cache_keeps_only_whole_copies_that_match_the_manifest(
     catalog: Catalog, s3_endpoint: str, dask: DaskCluster, tmp_path: Path
 ) -> None:
