@@ -10,6 +10,7 @@ import sys
 
 import dagster as dg
 import dask
+import psutil
 import pyarrow as pa
 from distributed import Client, LocalCluster, Worker, WorkerPlugin
 from distributed.security import Security
@@ -19,15 +20,15 @@ from pydantic import Field, PrivateAttr
 logging.getLogger("distributed.shuffle._scheduler_plugin").setLevel(logging.ERROR)
 # The workers' allocators, set before their processes start (for every LocalCluster in this process, the
 # benchmarks' baselines included, so comparisons stay fair):
-# - Arrow on mimalloc, its own pages handed back when a task ends (TrimAfterTask). jemalloc gives pages
-#   back on its own within a second, but faults them in again all through a task: per validation task,
-#   measured on the 2-core machine, 0.42 s and 42 k page faults on jemalloc, 0.36 s and 11 k on mimalloc
-#   with the release, and 530 vs 410 MiB of RSS after the task.
+# - Arrow on mimalloc, its pages handed back after a task that leaves the worker above half its memory
+#   limit (TrimAfterTask). jemalloc gives pages back on its own within a second, but faults them in again
+#   all through a task: per validation task, measured on the 2-core machine, 0.42 s and 42 k page faults
+#   on jemalloc, 0.36 s and 11 k on mimalloc with the release, and 530 vs 410 MiB of RSS after the task.
 # - glibc's malloc left adaptive. Dask sets MALLOC_TRIM_THRESHOLD_=65536, and any explicit threshold also
 #   freezes glibc's mmap threshold at 128 KiB: every larger numpy or pandas buffer is then a fresh mmap,
 #   faulted in and zeroed page by page. Measured on the 2-core machine: 3.5x the page faults and 0.43 vs
-#   0.35 s per ingest task, the 2 GB benchmark 89 -> 76 s. What a task frees goes back to the OS when it
-#   ends instead (TrimAfterTask).
+#   0.35 s per ingest task, the 2 GB benchmark 89 -> 76 s. What a task frees goes back to the OS through
+#   TrimAfterTask instead.
 dask.config.set(
     {
         "distributed.nanny.pre-spawn-environ.ARROW_DEFAULT_MEMORY_POOL": "mimalloc",
@@ -36,19 +37,26 @@ dask.config.set(
 )
 
 
+TRIM_ABOVE = 0.5  # of a worker's memory limit: below Dask's target (0.6), where it starts spilling
+
+
 class TrimAfterTask(WorkerPlugin):
-    """glibc and mimalloc keep what a task freed for the task's own reuse (no page faults); once the task is
-    done it goes back to the OS, so the next task's headroom under the memory limit is not spent on this
-    one's free lists."""
+    """glibc and mimalloc keep what a task freed for reuse (no page faults); once a task is done and the
+    worker holds more than TRIM_ABOVE of its memory limit, that goes back to the OS, so the next task's
+    headroom is not spent on this one's free lists. Below it the next task reuses those pages: trimming
+    after every task made each fault in its memory afresh (a gather task 0.20 vs 0.15 s, 15 k vs 1 k page
+    faults, 60 of them on the 2-core machine; the workers held 260 vs 340 MiB after them)."""
 
     idempotent = True
 
     def setup(self, worker: Worker) -> None:
         libc = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform == "linux" else None
         self.malloc_trim = getattr(libc, "malloc_trim", None)  # glibc only (not musl, not macOS)
+        limit = worker.memory_manager.memory_limit or psutil.virtual_memory().total
+        self.trim_above, self.process = TRIM_ABOVE * limit, psutil.Process()
 
     def transition(self, key: object, start: str, finish: str, **kwargs: object) -> None:
-        if start == "executing":
+        if start == "executing" and self.process.memory_info().rss > self.trim_above:
             # mimalloc 3's arenas are shared: this (event-loop) thread frees what the task's thread held
             pa.default_memory_pool().release_unused()
             if self.malloc_trim is not None:

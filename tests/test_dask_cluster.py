@@ -50,8 +50,9 @@ def worker_allocators(dask_worker: Worker) -> tuple[str | None, str, bool]:
 
 
 def test_workers_allocate_as_measured() -> None:
-    """Arrow on mimalloc, glibc adaptive, trimmed after each task: measured speed and memory choices
-    (resources/dask_cluster.py) that every worker the resource starts must have, also after a restart."""
+    """Arrow on mimalloc, glibc adaptive, trimmed after a task that leaves them above half their limit:
+    measured speed and memory choices (resources/dask_cluster.py) that every worker the resource starts
+    must have, also after a restart."""
     own = DaskCluster(n_workers=1, memory_limit="1GiB")
     try:
         assert set(own.get_client().run(worker_allocators).values()) == {(None, "mimalloc", True)}
@@ -61,6 +62,32 @@ def test_workers_allocate_as_measured() -> None:
         own.refresh_workers()
         own.get_client().wait_for_workers(1, timeout=60)
         assert set(own.get_client().run(worker_allocators).values()) == {(None, "mimalloc", True)}
+    finally:
+        own.close()
+
+
+def touch_and_free(mib: int) -> int:
+    """A task's working memory, written to (so resident) and freed; returns the worker's RSS meanwhile."""
+    import numpy as np
+    import pyarrow as pa
+
+    buffer = pa.allocate_buffer(mib * 2**20)  # from Arrow's pool (mimalloc), as the stages' tables are
+    np.frombuffer(buffer, dtype=np.uint8)[:] = 1
+    return psutil.Process().memory_info().rss
+
+
+def test_a_worker_above_half_its_limit_hands_memory_back_after_a_task() -> None:
+    """Below half its limit a worker keeps what a task freed for the next (no page faults); above, the
+    next task's headroom matters more."""
+    own = DaskCluster(n_workers=1, memory_limit="1GiB")
+    try:
+        client = own.get_client()
+        peak = client.submit(touch_and_free, 600, pure=False).result()
+        after = next(iter(client.run(lambda: psutil.Process().memory_info().rss).values()))
+        assert peak > 600 * 2**20 > 512 * 2**20
+        assert after < peak - 400 * 2**20, (
+            f"{after / 2**20:.0f} MiB held after a task that peaked at {peak / 2**20:.0f}"
+        )
     finally:
         own.close()
 
