@@ -247,7 +247,8 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
         results = record["results"]
         report = write_report(store, dask.get_client(), dataset, suite, results, run_id)
         try:
-            dask.refresh_workers()
+            if dask.refresh_workers():
+                context.log.info("Dask workers restarted after validation: GX held too much of their memory")
         except Exception as exc:  # validation is done and published; only the next stage's headroom is lost
             context.log.warning(f"Dask workers not restarted after validation: {exc}")
         fraction = quarantined_fraction(raw_record, record)

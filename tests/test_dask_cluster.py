@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import psutil
@@ -18,11 +19,21 @@ def worker_pids(client: Client) -> set[int]:
     return set(client.run(os.getpid).values())
 
 
-def test_refresh_restarts_the_runs_own_workers_only(dask_address: str) -> None:
+def hold_like_gx(mib: int) -> None:
+    """What importing GX does to a worker: memory that stays held after the task (a module's state)."""
+    import numpy as np
+
+    sys.modules[__name__].held = np.ones(mib * 2**20, dtype=np.uint8)
+
+
+def test_refresh_restarts_the_runs_own_workers_only_when_they_hold_much(dask_address: str) -> None:
     own = DaskCluster(n_workers=1, memory_limit="1GiB")
     try:
         before = worker_pids(own.get_client())
-        own.refresh_workers()  # returns once the old workers are gone; the new ones join meanwhile
+        assert not own.refresh_workers()  # a fresh worker: a restart would only cost a new process
+        assert worker_pids(own.get_client()) == before
+        own.get_client().submit(hold_like_gx, 300, pure=False).result()
+        assert own.refresh_workers()  # returns once the old workers are gone; the new ones join meanwhile
         assert run_tasks(own.get_client(), pow, [3], exp=2) == [9]  # the next wave waits for them
         after = worker_pids(own.get_client())
         assert before and after and before.isdisjoint(after)
@@ -36,7 +47,7 @@ def test_refresh_restarts_the_runs_own_workers_only(dask_address: str) -> None:
     shared = DaskCluster(scheduler_address=dask_address)
     try:
         before = worker_pids(shared.get_client())
-        shared.refresh_workers()
+        assert not shared.refresh_workers()
         assert worker_pids(shared.get_client()) == before
     finally:
         shared.close()
@@ -59,7 +70,8 @@ def test_workers_allocate_as_measured() -> None:
         port = own._cluster.scheduler.http_server.port
         listening = [c.laddr.ip for c in psutil.net_connections("tcp") if c.laddr.port == port and c.status == "LISTEN"]
         assert listening and set(listening) <= {"127.0.0.1"}  # the dashboard, unauthenticated: this host only
-        own.refresh_workers()
+        own.get_client().submit(hold_like_gx, 300, pure=False).result()
+        assert own.refresh_workers()
         own.get_client().wait_for_workers(1, timeout=60)
         assert set(own.get_client().run(worker_allocators).values()) == {(None, "mimalloc", True)}
     finally:
