@@ -247,10 +247,10 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
         results = record["results"]
         report = write_report(store, dask.get_client(), dataset, suite, results, run_id)
         try:
-            if dask.refresh_workers():
-                context.log.info("Dask workers restarted after validation: GX held too much of their memory")
+            if held := dask.refresh_workers():
+                context.log.info(f"new Dask workers after validation: one held {held:.0%} of its memory limit")
         except Exception as exc:  # validation is done and published; only the next stage's headroom is lost
-            context.log.warning(f"Dask workers not restarted after validation: {exc}")
+            context.log.warning(f"Dask workers not replaced after validation: {exc}")
         fraction = quarantined_fraction(raw_record, record)
         if fraction > dataset.max_quarantined_fraction:
             worst = sorted(results, key=lambda r: -r.get("unexpected_count", 0))[:3]

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 import sys
+from collections.abc import Callable
 
 import dagster as dg
 import dask
@@ -14,6 +16,7 @@ import psutil
 import pyarrow as pa
 from distributed import Client, LocalCluster, Worker, WorkerPlugin
 from distributed.security import Security
+from distributed.system import MEMORY_LIMIT
 from pydantic import Field, PrivateAttr
 
 # P2P shuffles (dataset statistics) log every start and stop at WARNING; they are routine here.
@@ -37,11 +40,31 @@ dask.config.set(
 )
 
 
-TRIM_ABOVE = 0.5  # of a worker's memory limit: below Dask's target (0.6), where it starts spilling
+TRIM_ABOVE = 0.5  # of a worker's memory limit: below where Dask spills on process memory (0.7)
 # Of a worker's memory limit held between stages: above it, fresh workers. Of a 1 GiB limit a fresh worker
 # holds 0.12, one that imported GX 0.30 (more once it validated), and the shuffle's gather peaks near 0.25
-# more (4 x BUCKET_BYTES): on a GX worker that comes near Dask's target (0.6), where it spills.
+# more (4 x BUCKET_BYTES): on a GX worker that comes near where Dask spills (0.7) and pauses (0.8).
 REFRESH_ABOVE = 0.25
+
+
+@functools.cache
+def glibc_malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim; None on musl or macOS. Looked up once (find_library runs ldconfig)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform == "linux" else None
+    return getattr(libc, "malloc_trim", None)
+
+
+def hand_back_free_memory() -> None:
+    """What Arrow's mimalloc and glibc keep of freed memory goes back to the OS. mimalloc 3's arenas are
+    shared, so any thread (the worker's event loop) may free what a task's thread held."""
+    pa.default_memory_pool().release_unused()
+    if (malloc_trim := glibc_malloc_trim()) is not None:
+        malloc_trim(0)
+
+
+def memory_limit(worker: Worker) -> int:
+    """The worker's memory limit, or what this host (its cgroup included) gives the process without one."""
+    return worker.memory_manager.memory_limit or MEMORY_LIMIT
 
 
 class TrimAfterTask(WorkerPlugin):
@@ -54,23 +77,17 @@ class TrimAfterTask(WorkerPlugin):
     idempotent = True
 
     def setup(self, worker: Worker) -> None:
-        libc = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform == "linux" else None
-        self.malloc_trim = getattr(libc, "malloc_trim", None)  # glibc only (not musl, not macOS)
-        limit = worker.memory_manager.memory_limit or psutil.virtual_memory().total
-        self.trim_above, self.process = TRIM_ABOVE * limit, psutil.Process()
+        self.trim_above, self.process = TRIM_ABOVE * memory_limit(worker), psutil.Process()
 
     def transition(self, key: object, start: str, finish: str, **kwargs: object) -> None:
         if start == "executing" and self.process.memory_info().rss > self.trim_above:
-            # mimalloc 3's arenas are shared: this (event-loop) thread frees what the task's thread held
-            pa.default_memory_pool().release_unused()
-            if self.malloc_trim is not None:
-                self.malloc_trim(0)
+            hand_back_free_memory()
 
 
 def memory_share(dask_worker: Worker) -> float:
-    """What the worker process holds, as a share of its memory limit (0 without one)."""
-    limit = dask_worker.memory_manager.memory_limit
-    return psutil.Process().memory_info().rss / limit if limit else 0.0
+    """What the worker process holds once its free memory is handed back, as a share of its limit."""
+    hand_back_free_memory()
+    return psutil.Process().memory_info().rss / memory_limit(dask_worker)
 
 
 def prepare_workers(client: Client) -> Client:
@@ -111,19 +128,23 @@ class DaskCluster(dg.ConfigurableResource):
                 self._client = prepare_workers(Client(self._cluster))
         return self._client
 
-    def refresh_workers(self) -> bool:
-        """Fresh worker processes for the next stage, on this run's own LocalCluster only (a shared
-        scheduler's workers are not ours to restart), when a worker holds more than REFRESH_ABOVE of its
-        memory limit: validation imports GX into every worker, ~330 MiB that no task gives back, a third of
-        a 1 GiB worker's limit but nothing to a 12 GiB one, where a restart only costs new processes (2.8 s
-        in the 2 GB benchmark) and GX's import again. Returns whether it restarted, once the old workers are
-        gone: the new ones start while the run goes on (the next wave's tasks wait for them)."""
+    def refresh_workers(self) -> float | None:
+        """A fresh LocalCluster for the next stage when this run started its own (a shared scheduler's
+        workers are not ours to replace) and a worker holds more than REFRESH_ABOVE of its memory limit:
+        validation imports GX into every worker, ~330 MiB that no task gives back, a third of a 1 GiB
+        worker's limit but nothing to a 12 GiB one, where new processes only cost time (2.8 s in the 2 GB
+        benchmark) and GX's import again. Returns the largest share held when it replaced the workers.
+        Replaced, not restarted: LocalCluster closes a nanny whose worker has not come back 15 s after it
+        left (`lost-worker-timeout`), which a restart within 15 s of the one before can trip, and the run
+        then waited for workers forever (`make materialize` at a 1 GiB limit, reproduced in a loop)."""
         if self._cluster is None or self._client is None:
-            return False
-        if max(self._client.run(memory_share).values(), default=0.0) <= REFRESH_ABOVE:
-            return False
-        self._client.restart(wait_for_workers=False)
-        return True
+            return None
+        shares = [v for v in self._client.run(memory_share, on_error="return").values() if isinstance(v, float)]
+        held = max(shares, default=0.0)
+        if held <= REFRESH_ABOVE:
+            return None
+        self.close()  # the next get_client() starts the new one
+        return held
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
         self.close()
