@@ -317,12 +317,12 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
         version = version_for(dataset, suite, raw_record)
         prefix = version_prefix(dataset, version)
         staging = None
+        for abandoned in remove_abandoned_writes(store, dataset, lambda run: run_finished(context.instance, run)):
+            context.log.info(f"removed v={abandoned}/, left unfinished by runs that are over")
         if store.is_object(f"{prefix}/{MANIFEST}"):
             manifest = store.read_json(f"{prefix}/{MANIFEST}")
             context.log.info(f"version {version} is already committed; re-pointing _latest at it")
         else:
-            for abandoned in remove_abandoned_writes(store, dataset, lambda run: run_finished(context.instance, run)):
-                context.log.info(f"removed v={abandoned}/, left unfinished by runs that are over")
             staging = f"{staging_prefix(dataset)}/{version}/{context.run.run_id}"
             rank = {e["source"]: i for i, e in enumerate(raw_record["ledger"])}
             seqs = [rank[source] for source in raw_record["part_sources"]]

@@ -188,7 +188,8 @@ class ShardCache:
                     copy.write(chunk)
                 copy.flush()
                 os.fsync(copy.fileno())
-                self.downloads, self.downloaded_bytes = self.downloads + 1, self.downloaded_bytes + copy.tell()
+                self.downloads += 1
+                self.downloaded_bytes += copy.tell()
             verify_digest(digest.hexdigest(), checksum, remote)  # always: the name promises these bytes
             os.utime(tmp, ns=(time.time_ns(), tmp.stat().st_mtime_ns))  # the newest, for the LRU
             stamp = file_stamp(tmp, checksum)  # before the rename: another process may evict it right after

@@ -240,9 +240,10 @@ def apply_retention(store: ObjectStore, dataset: Dataset, keep: str, run_id: str
 
 def remove_abandoned_writes(store: ObjectStore, dataset: Dataset, is_finished: Callable[[str], bool]) -> list[str]:
     """A run removes its staging once it has committed; one that failed or was killed leaves it, and the
-    staging names the version it was writing. Once every run writing a version is over, their staging goes,
-    and so does the version's folder unless a manifest committed it. Returns the folders removed. A folder
-    that no staging names (another deployment's, or older) is left alone."""
+    staging names the version it was writing (or, with a RETENTION_MARK, removing). Once every run writing
+    a version is over, their staging goes, and so does the version's folder unless a manifest committed it.
+    Returns the folders removed. A folder that no staging names (another deployment's, or older) is left
+    alone."""
     prefix = staging_prefix(dataset)
     writers: dict[str, set[str]] = {}
     for obj in store.list_objects(prefix, "*/*/**"):
@@ -253,8 +254,9 @@ def remove_abandoned_writes(store: ObjectStore, dataset: Dataset, is_finished: C
         over = {run_id for run_id in runs if is_finished(run_id)}
         for run_id in sorted(over):
             store.delete(f"{prefix}/{version}/{run_id}")
-        if over == runs and not store.is_object(f"{version_prefix(dataset, version)}/{MANIFEST}"):
-            store.delete(version_prefix(dataset, version))
+        folder = version_prefix(dataset, version)
+        if over == runs and not store.is_object(f"{folder}/{MANIFEST}") and store.exists(folder):
+            store.delete(folder)
             removed.append(version)
     return removed
 

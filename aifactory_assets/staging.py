@@ -57,5 +57,5 @@ def read_sorted_rows(url: str, lo: int, hi: int, storage_options: dict[str, Any]
 
 def staging_prefix(dataset: Dataset) -> str:
     """Under it, `<version>/<run id>/`: a run's own files, so runs never delete each other's, and a mark of
-    which run was writing which version until it commits."""
+    which run was writing which version until it commits (or removing it, for retention)."""
     return f"shards/{dataset.name}/_staging"

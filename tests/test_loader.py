@@ -330,10 +330,9 @@ def test_processes_sharing_a_cache_download_each_shard_once(s3_manifest: tuple[s
     url, options = s3_manifest
     expected = dates(ShardReader(url, "train", storage_options=options, cache_dir=tmp_path / "all", shuffle=False))
     split = ShardReader(url, "train", storage_options=options).manifest["splits"]["train"]
-    context = multiprocessing.get_context("spawn")
-    ranks = 4
-    start = context.Manager().Barrier(ranks)
-    with context.Pool(ranks) as pool:
+    context, ranks = multiprocessing.get_context("spawn"), 4
+    with context.Manager() as manager, context.Pool(ranks) as pool:
+        start = manager.Barrier(ranks)
         done = pool.starmap(read_when_all_start, [(url, options, str(tmp_path / "shared"), start)] * ranks)
     assert all(stream == expected for stream, _, _ in done)
     assert sum(downloads for _, downloads, _ in done) == len(split["shards"])

@@ -118,6 +118,7 @@ def test_retention_keeps_the_latest_and_never_an_unfinished_version(setup) -> No
     assert kept == made[-2:]  # retention 2: the newest two, the latest among them
     assert json.loads(store.read_bytes(f"shards/{DATASET}/_latest"))["version"] == made[-1]
     assert unfinished.exists()
+    assert not store.list_objects(staging_prefix(dataset))  # the runs' own, and retention's marks
     for old in made[:2]:
         assert not store.exists(f"shards/{DATASET}/v={old}")
 
@@ -147,7 +148,7 @@ class DiesDeleting(ObjectStore):
         super().delete(key)
 
 
-@pytest.mark.parametrize("dies_at", ["manifest.json", ""], ids=["deleting-the-manifest", "deleting-the-folder"])
+@pytest.mark.parametrize("dies_at", ["v=ver0/manifest.json", "v=ver0"])
 def test_a_retention_cut_short_is_finished_by_the_next_run(setup, dies_at: str) -> None:
     """Killed after the manifest went, the folder is an abandoned write that the next run removes; killed
     before, the version stays committed, whole, for the next commit's retention."""
@@ -157,19 +158,19 @@ def test_a_retention_cut_short_is_finished_by_the_next_run(setup, dies_at: str) 
     for i in range(2):
         store.write_bytes(f"shards/{DATASET}/v=ver{i}/train-00000-of-00001.parquet", b"a shard")
         commit(store, dataset, {"version": f"ver{i}", "created_at": f"2026-01-0{i + 1}"}, f"run{i}")
-    dying = DiesDeleting(site=store.site, root=store.root, dies_at=f"shards/{DATASET}/v=ver0/{dies_at}".rstrip("/"))
+    dying = DiesDeleting(site=store.site, root=store.root, dies_at=f"shards/{DATASET}/{dies_at}")
     with pytest.raises(KeyboardInterrupt):
         commit(dying, dataset, {"version": "ver2", "created_at": "2026-01-03"}, "run2")
-    folder_removed = dies_at == ""
+    manifest_gone = dies_at == "v=ver0"
     assert store.exists(f"shards/{DATASET}/v=ver0/train-00000-of-00001.parquet")
     assert [v for _, v in committed_versions(store, dataset)] == (
-        ["ver1", "ver2"] if folder_removed else ["ver0", "ver1", "ver2"]
+        ["ver1", "ver2"] if manifest_gone else ["ver0", "ver1", "ver2"]
     )
     assert store.is_object(f"{staging_prefix(dataset)}/ver0/run2/removing")  # marked before anything went
 
     removed = remove_abandoned_writes(store, dataset, lambda run_id: run_id == "run2")
-    assert removed == (["ver0"] if folder_removed else [])
-    assert store.exists(f"shards/{DATASET}/v=ver0") is not folder_removed
+    assert removed == (["ver0"] if manifest_gone else [])
+    assert store.exists(f"shards/{DATASET}/v=ver0") is not manifest_gone
     assert not store.list_objects(staging_prefix(dataset))
 
 
