@@ -18,8 +18,9 @@ import yaml
 
 from aifactory_assets.catalog import Catalog, load_catalog
 from aifactory_assets.definitions import build_definitions
-from aifactory_assets.factory import asset_key
+from aifactory_assets.factory import asset_key, dataset_pool
 from aifactory_assets.manifest import latest_manifest
+from aifactory_assets.materialize_all import held_pools
 from tests.conftest import free_port, local_stores, pipeline_resources
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,6 +50,21 @@ def test_one_step_at_a_time_writes_a_datasets_data(catalog: Catalog) -> None:
         assert pools == {f"aifactory/{dataset.name}"}
     instance = dg.DagsterInstance.from_config(str(Path(__file__).parents[1] / "dagster_home"))
     assert instance.get_concurrency_config().pool_config.default_pool_limit == 1
+
+
+def test_a_headless_run_names_the_pool_slots_others_hold(catalog: Catalog, tmp_path: Path) -> None:
+    """A run killed outright keeps its slot: `make materialize` says so instead of waiting in silence."""
+    shutil.copy(Path(__file__).parents[1] / "dagster_home" / "dagster.yaml", tmp_path)
+    instance = dg.DagsterInstance.from_config(str(tmp_path))
+    assert held_pools(instance, catalog) == []
+    dataset = catalog.datasets["stock_prices"]
+    storage = instance.event_log_storage
+    storage.initialize_concurrency_limit_to_default(dataset_pool(dataset))
+    assert storage.claim_concurrency_slot(dataset_pool(dataset), "killed-run", "stock_prices__raw").is_claimed
+    [message] = held_pools(instance, catalog)
+    assert "aifactory/stock_prices" in message and "killed-run" in message and "terminate it" in message
+    storage.free_concurrency_slots_for_run("killed-run")
+    assert held_pools(instance, catalog) == []
 
 
 BARLEY_YAML = {
