@@ -134,9 +134,10 @@ class DaskCluster(dg.ConfigurableResource):
         validation imports GX into every worker, ~330 MiB that no task gives back, a third of a 1 GiB
         worker's limit but nothing to a 12 GiB one, where new processes only cost time (2.8 s in the 2 GB
         benchmark) and GX's import again. Returns the largest share held when it replaced the workers.
-        Replaced, not restarted: LocalCluster closes a nanny whose worker has not come back 15 s after it
-        left (`lost-worker-timeout`), which a restart within 15 s of the one before can trip, and the run
-        then waited for workers forever (`make materialize` at a 1 GiB limit, reproduced in a loop)."""
+        Replaced, not restarted: LocalCluster closes a nanny whose worker is away 15 s after it left
+        (`lost-worker-timeout`); with restarts a few seconds apart that check could fall while a later
+        restart had the worker away, and the run then waited for workers forever (`make materialize` at a
+        1 GiB limit; a loop of restarts under load hung at its 11th)."""
         if self._cluster is None or self._client is None:
             return None
         shares = [v for v in self._client.run(memory_share, on_error="return").values() if isinstance(v, float)]
