@@ -91,7 +91,8 @@ def _read_csv(data: bytes, dataset: Dataset, fast: bool) -> LandedRows:
     if not data or data.isspace():  # isspace stops at the first other byte; strip copied the file
         raise UnreadableFile(f"empty file ({len(data)} bytes): no header")
     try:
-        first_line = data.split(b"\n", 1)[0].decode(options.encoding).lstrip("\ufeff").rstrip("\r")
+        end = data.find(b"\n")  # not split: it copied the rest of the file (17 ms of a 32 MiB file)
+        first_line = data[: end if end >= 0 else len(data)].decode(options.encoding).lstrip("\ufeff").rstrip("\r")
     except UnicodeDecodeError as exc:
         raise UnreadableFile(f"header is not {options.encoding} text ({exc.reason}): not a CSV file?") from None
     try:
