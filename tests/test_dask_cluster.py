@@ -79,7 +79,7 @@ def test_new_workers_serve_the_next_wave_however_soon_lost_ones_are_given_up() -
 def test_workers_allocate_as_measured() -> None:
     """Arrow on mimalloc, glibc adaptive, trimmed after a task that leaves them above half their limit:
     measured speed and memory choices (resources/dask_cluster.py) that every worker the resource starts
-    must have, also after a restart."""
+    must have, also in a cluster that replaced one."""
     own = DaskCluster(n_workers=1, memory_limit="1GiB")
     try:
         assert set(own.get_client().run(worker_allocators).values()) == {(None, "mimalloc", True)}

@@ -18,6 +18,7 @@ from aifactory_assets.factory import asset_key, build_catalog_assets, run_finish
 from aifactory_assets.loader import ShardReader
 from aifactory_assets.manifest import (
     OUTPUT_MODULES,
+    commit,
     committed_versions,
     latest_manifest,
     remove_abandoned_writes,
@@ -126,8 +127,6 @@ def test_retention_keeps_the_latest_and_never_an_unfinished_version(setup) -> No
 def test_retention_counts_a_version_made_latest_again_as_recent(setup) -> None:
     """A landing reverted to earlier files re-points _latest at an old version: the next commit must not
     remove it as the oldest, while jobs pinned to it still read it."""
-    from aifactory_assets.manifest import commit
-
     _, dataset, store, *_ = setup  # retention 2
     for i in range(2):
         commit(store, dataset, {"version": f"ver{i}", "created_at": f"2026-01-0{i + 1}"}, f"run{i}")
@@ -152,8 +151,6 @@ class DiesDeleting(ObjectStore):
 def test_a_retention_cut_short_is_finished_by_the_next_run(setup, dies_at: str) -> None:
     """Killed after the manifest went, the folder is an abandoned write that the next run removes; killed
     before, the version stays committed, whole, for the next commit's retention."""
-    from aifactory_assets.manifest import commit
-
     _, dataset, store, *_ = setup  # retention 2
     for i in range(2):
         store.write_bytes(f"shards/{DATASET}/v=ver{i}/train-00000-of-00001.parquet", b"a shard")
