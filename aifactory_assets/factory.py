@@ -126,6 +126,11 @@ def require_shardable(
             f"{dataset.name}: {fraction:.1%} of rows quarantined, above the catalogue's max_quarantined_fraction "
             f"{dataset.max_quarantined_fraction:.1%}; nothing to shard"
         )
+    if valid_record["rows_valid"] == 0:
+        raise dg.Failure(
+            f"{dataset.name}: all {raw_record['rows_read']} rows read were quarantined (see the quarantine at raw "
+            "and validated); a version of no rows would replace the latest, so nothing to shard"
+        )
 
 
 def _checks(dataset: Dataset, stage: str, *names: str, blocking: bool = True) -> list[dg.AssetCheckSpec]:

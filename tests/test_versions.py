@@ -265,6 +265,27 @@ def test_a_landing_of_refused_files_warns_and_never_becomes_the_latest_version(s
     assert latest_manifest(store, dataset)["version"] == first["version"]  # training keeps the last good one
 
 
+def test_a_landing_whose_every_row_is_quarantined_never_becomes_the_latest_version(setup) -> None:
+    catalog, dataset, store, stores, dask = setup
+    suite = catalog.suites[DATASET]  # no row-count expectation, and no limit on the quarantined fraction
+    lenient = {**suite, "expectations": [e for e in suite["expectations"] if "row_count" not in e["type"]]}
+    tolerant = dataset.model_copy(update={"max_quarantined_fraction": 1.0})
+    catalog = catalog.model_copy(update={"suites": {DATASET: lenient}, "datasets": {DATASET: tolerant}})
+    assert run(catalog, stores, dask).success
+    first = latest_manifest(store, dataset)
+    for key in store.fs.ls(store.path(f"landing/{DATASET}"), detail=False):
+        store.delete(store.key_of(key))
+    days = pd.date_range("2012-01-01", periods=30, freq="D")
+    frame = pd.DataFrame({"date": days, "precipitation": "n/a", "temp_max": 10.0, "temp_min": 2.0, "wind": 3.0})
+    buffer = io.BytesIO()
+    frame.assign(weather="rain").to_parquet(buffer, index=False)
+    store.write_bytes(f"landing/{DATASET}/all-bad.parquet", buffer.getvalue())
+    result = run(catalog, stores, dask)
+    assert not result.success
+    assert "all 30 rows read were quarantined" in failure_message(result)
+    assert latest_manifest(store, dataset)["version"] == first["version"]
+
+
 def test_the_split_order_is_part_of_the_version(setup) -> None:
     catalog, dataset, *_ = setup
     turned = dataset.model_copy(
