@@ -16,14 +16,17 @@ starts) goes to data-loader worker i % num_workers, the order in which PyTorch's
 workers, so the rank's order does not depend on the worker count. `start_sample`
 resumes a rank exactly where it stopped.
 
-`verify=True` hashes each shard whole against the manifest on first read (once per process), and checks
-every page's CRC32 as it is read; `verify="pages"` only the latter and each shard's size: where every rank
-hashing the whole split would cost more than training reads (thousands of ranks on one shared filesystem).
-Page checksums catch torn copies and bit rot in the pages read, not a file replaced on purpose.
+`verify=True` hashes each shard whole against the manifest on first read (a local shard once per process,
+a remote one once per node: as its copy enters the cache, and again only if the copy was written since),
+and checks every page's CRC32 as it is read; `verify="pages"` only the latter and each shard's size:
+where every rank hashing the whole split would cost more than training reads (thousands of ranks on one
+shared filesystem). Page checksums catch torn copies and bit rot in the pages read, not a file replaced
+on purpose.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -47,6 +50,7 @@ import pyarrow.parquet as pq
 DEFAULT_CACHE_BYTES = 20 * 2**30
 COPY_CHUNK = 8 * 2**20  # a download is streamed to disk, never held whole
 ABANDONED_S = 3_600
+REMAINDERS = ("drop", "pad")
 PAGE_CHECKSUMS = 3  # the manifest format from which every shard's pages carry a CRC32
 MAX_OPEN_FILES = 64  # shards a reader keeps open: a split of thousands would exhaust descriptors; reopening
 # costs a footer parse (0.4 ms for 32 row groups of 18 columns), so a split of up to 64 shards never reopens
@@ -122,18 +126,21 @@ class ShardCache:
 
     Shared by every rank and data-loader worker on a node: a copy enters only whole (written to a temporary
     file, synced, renamed) and only once its bytes hash to its name, so a file in the cache is trusted as
-    far as a crash can make it; a reader that verifies hashes it once more (per process) and fetches it
-    again if the local copy was damaged. One process downloads a shard while the others wait for it; a copy
-    in use (`CachedShard`) is never evicted, so the cache exceeds `max_bytes` only by the copies readers
-    hold open (at most MAX_HELD_COPIES per reader by default); readers holding more than `max_bytes`
-    between them leave room for nothing else, and every other copy is fetched again. Files that another
-    process evicts meanwhile are fetched again.
+    far as a crash can make it. The hash is recorded next to the copy (`<checksum>.verified`: its size,
+    mtime and inode); a reader that verifies trusts a copy that still matches that record and hashes one
+    written since (fetching it again if damaged), so a node's ranks and data-loader workers, however often
+    restarted, hash each copy once between them. One process downloads a shard while the others wait for
+    it; a copy in use (`CachedShard`) is never evicted, so the cache exceeds `max_bytes` only by the copies
+    readers hold open (at most MAX_HELD_COPIES per reader by default); readers holding more than
+    `max_bytes` between them leave room for nothing else, and every other copy is fetched again. Files
+    that another process evicts meanwhile are fetched again.
     """
 
     def __init__(self, directory: str | Path, max_bytes: int = DEFAULT_CACHE_BYTES):
         self.directory, self.max_bytes = Path(directory), max_bytes
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.downloads = self.downloaded_bytes = 0  # this process's own: how well the cache serves it
+        # This process's own: how well the cache serves it, and copies it hashed again (written since hashed).
+        self.downloads = self.downloaded_bytes = self.rehashed = 0
 
     def path(self, checksum: str) -> Path:
         return self.directory / f"{checksum}.parquet"
@@ -168,15 +175,35 @@ class ShardCache:
 
     def _present(self, target: Path, checksum: str, verify: bool) -> bool:
         try:
-            os.utime(target, ns=(time.time_ns(), target.stat().st_mtime_ns))  # used now; mtime kept (verify_file)
-            if verify:
-                verify_file(target, checksum)
+            os.utime(target, ns=(time.time_ns(), target.stat().st_mtime_ns))  # used now; mtime kept (the record)
+            if verify and not self._hashed_as_is(target):
+                stamp = self._stamp(target)
+                verify_digest(sha256_of(target), checksum, str(target))
+                self.rehashed += 1
+                self._record_hash(target, stamp)
             return True
         except FileNotFoundError:
             return False
         except ChecksumMismatch:
             target.unlink(missing_ok=True)  # a damaged local copy: the remote one may be fine
             return False
+
+    @staticmethod
+    def _stamp(path: Path) -> str:
+        stat = path.stat()
+        return f"{stat.st_size} {stat.st_mtime_ns} {stat.st_ino}"
+
+    def _hashed_as_is(self, target: Path) -> bool:
+        try:
+            return target.with_suffix(".verified").read_text() == self._stamp(target)
+        except (FileNotFoundError, UnicodeDecodeError):
+            return False
+
+    @staticmethod
+    def _record_hash(target: Path, stamp: str) -> None:
+        """Best effort: a record that cannot be written (another user's copy) only costs a hash later."""
+        with contextlib.suppress(OSError):
+            target.with_suffix(".verified").write_text(stamp)
 
     def _download(self, fs: fsspec.AbstractFileSystem, remote: str, checksum: str, target: Path) -> None:
         tmp = target.with_suffix(f".tmp-{os.getpid()}-{threading.get_ident()}")
@@ -192,11 +219,11 @@ class ShardCache:
                 self.downloaded_bytes += copy.tell()
             verify_digest(digest.hexdigest(), checksum, remote)  # always: the name promises these bytes
             os.utime(tmp, ns=(time.time_ns(), tmp.stat().st_mtime_ns))  # the newest, for the LRU
-            stamp = file_stamp(tmp, checksum)  # before the rename: another process may evict it right after
+            stamp = self._stamp(tmp)  # before the rename: another process may evict it right after
             tmp.replace(target)
         finally:
             tmp.unlink(missing_ok=True)
-        _VERIFIED.add((str(target), *stamp[1:]))  # hashed on the way in
+        self._record_hash(target, stamp)  # hashed on the way in
 
     def evict(self, keep: Path | None) -> None:
         """Oldest used first, down to `max_bytes`, skipping copies in use; also the temporary files of
@@ -213,6 +240,9 @@ class ShardCache:
             elif ".tmp-" in path.name and now - stat.st_mtime > ABANDONED_S:
                 path.unlink(missing_ok=True)
                 continue
+            elif path.suffix == ".verified" and not path.with_suffix(".parquet").exists():
+                path.unlink(missing_ok=True)  # its copy was evicted (at worst a fresh record: one hash more)
+                continue
             total += stat.st_size
         for _, size, path in sorted(files):
             if total <= self.max_bytes:
@@ -222,7 +252,8 @@ class ShardCache:
 
     @staticmethod
     def _evict_unused(path: Path) -> bool:
-        """Removes a copy no reader holds, and its lock file unless a download holds that."""
+        """Removes a copy no reader holds, and its lock file unless a download holds that (its hash record
+        goes with the next eviction)."""
         if str(path) in _HELD:
             return False
         removed = False
@@ -276,9 +307,13 @@ def verify_file(path: Path, checksum: str) -> None:
     stamp = file_stamp(path, checksum)
     if stamp in _VERIFIED:
         return
-    with path.open("rb") as f:
-        verify_digest(hashlib.file_digest(f, "sha256").hexdigest(), checksum, str(path))  # streamed, GIL released
+    verify_digest(sha256_of(path), checksum, str(path))
     _VERIFIED.add(stamp)
+
+
+def sha256_of(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()  # streamed, GIL released
 
 
 class ShardReader:
@@ -311,6 +346,13 @@ class ShardReader:
     ):
         if not 0 <= rank < world_size or not 0 <= worker_id < num_workers:
             raise ValueError(f"rank {rank} of {world_size}, worker {worker_id} of {num_workers}: out of range")
+        if batch_size < 1 or shuffle_block < 1 or start_sample < 0:
+            raise ValueError(
+                f"batch_size {batch_size} and shuffle_block {shuffle_block} must be at least 1, start_sample "
+                f"{start_sample} at least 0"
+            )
+        if remainder not in (None, *REMAINDERS):
+            raise ValueError(f"remainder {remainder!r}: one of {REMAINDERS}, or None for the manifest's")
         self.fs, manifest_path = fsspec.core.url_to_fs(manifest, **(storage_options or {}))
         self.manifest: dict[str, Any] = json.loads(self.fs.cat_file(manifest_path))
         if split not in self.manifest["splits"]:
@@ -371,10 +413,11 @@ class ShardReader:
         return [(lo, hi) for lo, hi in mine if lo < hi]
 
     def __iter__(self) -> Iterator[pa.RecordBatch]:
+        """A record batch per batch, except where a text or binary column of it passes 2 GiB: Arrow's 32-bit
+        offsets then keep it in several chunks, and the batch comes as that many record batches."""
         for pieces in self.plan():
             parts = [self._group(group).slice(lo, hi - lo) for group, lo, hi in pieces]
-            batches = pa.concat_tables(parts).combine_chunks().to_batches()
-            yield batches[0] if batches else pa.RecordBatch.from_pylist([], parts[0].schema)
+            yield from pa.concat_tables(parts).combine_chunks().to_batches()
 
     def plan(self) -> Iterator[list[Piece]]:
         """Per batch, where its rows come from: rows [lo, hi) of row groups in their permuted order (see
@@ -423,7 +466,7 @@ class ShardReader:
             self._tables.move_to_end(group)
             return self._tables[group]
         table, order = self.read_group(group), self.permutation(group)
-        self._tables[group] = table if order is None else table.take(order)
+        self._tables[group] = table if order is None else take_rows(table, order)
         while len(self._tables) > 2:
             self._tables.popitem(last=False)
         return self._tables[group]
@@ -499,6 +542,23 @@ class ShardReader:
     def state_dict(self, samples_consumed: int) -> dict[str, int]:
         """What to save with a checkpoint: resume with `ShardReader(..., epoch=e, start_sample=s)`."""
         return {"epoch": self.epoch, "start_sample": self.start_sample + samples_consumed}
+
+
+def take_rows(table: pa.Table, order: np.ndarray, limit: int = 2**31 - 1) -> pa.Table:
+    """`table.take(order)`, also where a text or binary column passes 2 GiB (`limit`): Arrow's take joins
+    a column's chunks first and its 32-bit offsets overflow. Such a table is taken a piece of `order` at a
+    time, each piece gathered from every chunk apart and put in order, and comes as one chunk per piece."""
+    if table.nbytes <= limit:
+        return table.take(order)
+    batches = table.to_batches()  # one chunk layout for every column
+    starts = np.cumsum([0] + [b.num_rows for b in batches])
+    pieces = []
+    for part in np.array_split(order, -(-table.nbytes // (limit // 2))):
+        source = np.searchsorted(starts, part, side="right") - 1
+        by_source = np.argsort(source, kind="stable")
+        taken = [batches[b].take(part[by_source][source[by_source] == b] - starts[b]) for b in np.unique(source)]
+        pieces.append(pa.Table.from_batches(taken, table.schema).combine_chunks().take(np.argsort(by_source)))
+    return pa.concat_tables(pieces)
 
 
 def shuffle_index(rows: int, rng: np.random.Generator, block: int) -> np.ndarray:

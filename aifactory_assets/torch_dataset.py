@@ -29,7 +29,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("ShardIterableDataset needs torch: pip install -e '.[torch]' in the checkout") from exc
 
-from aifactory_assets.loader import Piece, RowGroup, ShardReader
+from aifactory_assets.loader import PAGE_CHECKSUMS, Piece, RowGroup, ShardReader
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -153,8 +153,9 @@ class ShardIterableDataset(IterableDataset):
         # the dataset they were started with).
         self._epoch = torch.tensor(options.pop("epoch", 0), dtype=torch.int64).share_memory_()
         self.resume = (self.epoch, options.pop("start_sample", 0))  # a resume point belongs to its epoch
-        if ShardReader(manifest, split, **options).verify_local_shards():
-            self.options["verify"] = False
+        probe = ShardReader(manifest, split, **options)
+        if probe.verify_local_shards():  # hashed whole here; the workers still check each page's CRC as they read
+            self.options["verify"] = "pages" if probe.manifest.get("format_version", 0) >= PAGE_CHECKSUMS else False
 
     @property
     def epoch(self) -> int:
@@ -164,9 +165,12 @@ class ShardIterableDataset(IterableDataset):
         """Call before each epoch. `start_sample` applies to the epoch it was given with; others start at 0."""
         self._epoch.fill_(epoch)
 
-    def reader(self, worker_id: int | None = None, num_workers: int | None = None) -> ShardReader:
-        """The reader of one worker; by default the calling DataLoader worker's."""
+    def reader(
+        self, worker_id: int | None = None, num_workers: int | None = None, epoch: int | None = None
+    ) -> ShardReader:
+        """The reader of one worker; by default the calling DataLoader worker's, for the current epoch."""
         info = get_worker_info()
+        epoch = self.epoch if epoch is None else epoch
         return ShardReader(
             self.manifest,
             self.split,
@@ -174,8 +178,8 @@ class ShardIterableDataset(IterableDataset):
             world_size=self.world_size,
             worker_id=worker_id if worker_id is not None else (info.id if info else 0),
             num_workers=num_workers if num_workers is not None else (info.num_workers if info else 1),
-            epoch=self.epoch,
-            start_sample=self.resume[1] if self.epoch == self.resume[0] else 0,
+            epoch=epoch,
+            start_sample=self.resume[1] if epoch == self.resume[0] else 0,
             **self.options,
         )
 
@@ -230,7 +234,7 @@ class TensorLoader:
         if self._pool is not None and self._pool.busy:
             self.close()  # an earlier epoch left unfinished: this one replaces it, as a DataLoader's iterator
         pool = self._pool or self._start(reader, plan)
-        pool.begin_epoch()
+        pool.begin_epoch(reader.epoch)
         copies = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         in_flight: tuple[Any, int, int] | None = None  # the last batch's copy, its worker and slot
         received = 0
@@ -330,11 +334,12 @@ class WorkerPool:
 
     def work(self, worker: int, dataset: ShardIterableDataset, epochs: Any, free: Any, ready: Any) -> None:
         """A worker process: told to start an epoch, it makes its batches in order, each into a free slot
-        of its own. The epoch (and a resume point) comes from the dataset's shared state."""
+        of its own. The epoch comes with the message (read from the dataset's shared state instead, a worker
+        with no batch in an epoch that reads its message late would make the next epoch's batches twice)."""
         end_with_parent(self.trainer)
         try:
-            while epochs.get() is not None:
-                gather = BatchGatherer(dataset.reader(0, 1), dataset.stack)
+            while (epoch := epochs.get()) is not None:
+                gather = BatchGatherer(dataset.reader(0, 1, epoch), dataset.stack)
                 for i, pieces in enumerate(gather.reader.plan()):
                     if self.owner(i) != worker:
                         continue
@@ -346,10 +351,10 @@ class WorkerPool:
         except BaseException:
             ready.put(traceback.format_exc())
 
-    def begin_epoch(self) -> None:
+    def begin_epoch(self, epoch: int) -> None:
         self.busy = True
         for queue_ in self.epochs:
-            queue_.put(True)
+            queue_.put(epoch)
 
     def receive(self, worker: int) -> tuple[int, int]:
         """The worker's next (slot, rows); an error, not a hang, if it failed or died without a word."""

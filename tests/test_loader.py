@@ -19,6 +19,7 @@ from typing import Any
 
 import dagster as dg
 import fsspec
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -176,9 +177,31 @@ def test_a_corrupted_shard_is_refused(manifest_url: str, tmp_path: Path) -> None
         dates(ShardReader(str(copy / "manifest.json"), "train", shuffle=False))
 
 
-def flip_a_page_byte(shard: Path) -> None:
-    """The last byte of the first column chunk: inside a page's data, past any header or footer."""
-    chunk = pq.ParquetFile(shard).metadata.row_group(0).column(0)
+@pytest.mark.parametrize(
+    "option", [{"remainder": "padding"}, {"start_sample": -7}, {"shuffle_block": 0}, {"batch_size": 0}]
+)
+def test_options_out_of_range_are_refused(manifest_url: str, option: dict) -> None:
+    """A typo'd remainder would drop where padding was meant; a negative start sends batches to the wrong
+    data-loader workers."""
+    with pytest.raises(ValueError, match=next(iter(option))):
+        ShardReader(manifest_url, "train", **option)
+
+
+def test_a_text_column_past_2_gib_is_taken_in_pieces() -> None:
+    """`take_rows` with a small `limit` stands in for a row group past Arrow's 32-bit offsets (2 GiB)."""
+    from aifactory_assets.loader import take_rows
+
+    text = pa.chunked_array([[f"row {i} " * (i % 5) for i in range(n, n + 300)] for n in (0, 300, 600)])
+    table = pa.table({"id": pa.chunked_array([range(0, 400), range(400, 900)]), "text": text})
+    order = np.random.default_rng(0).permutation(900)
+    taken = take_rows(table, order, limit=table.nbytes // 5)
+    assert taken.column("text").num_chunks > 1
+    assert taken.to_pydict() == table.combine_chunks().take(order).to_pydict()
+
+
+def flip_a_page_byte(shard: Path, column: str = "date") -> None:
+    """The last byte of the column's first chunk: inside a page's data, past any header or footer."""
+    chunk = pq.ParquetFile(shard).metadata.row_group(0).column(pq.ParquetFile(shard).schema_arrow.names.index(column))
     start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
     data = bytearray(shard.read_bytes())
     data[start + chunk.total_compressed_size - 1] ^= 0xFF
@@ -319,14 +342,16 @@ def test_processes_share_a_small_cache(s3_manifest: tuple[str, dict], tmp_path: 
     assert not list(cache.glob("*.tmp-*"))
 
 
-def read_when_all_start(url: str, options: dict, cache: str, start: Any) -> tuple[list, int, int]:
+def read_when_all_start(url: str, options: dict, cache: str, start: Any) -> tuple[list, int, int, int]:
     reader = ShardReader(url, "train", storage_options=options, cache_dir=cache, shuffle=False)
     start.wait()  # every process asks for the same shards at the same moment
-    return dates(reader), reader.cache.downloads, reader.cache.downloaded_bytes
+    return dates(reader), reader.cache.downloads, reader.cache.downloaded_bytes, reader.cache.rehashed
 
 
 def test_processes_sharing_a_cache_download_each_shard_once(s3_manifest: tuple[str, dict], tmp_path: Path) -> None:
-    """A node's ranks reading the same shards at once: one downloads each while the others wait for it."""
+    """A node's ranks reading the same shards at once: one downloads each while the others wait for it, and
+    none hashes again what another hashed on its way in (nor a later process, a data-loader worker of the
+    next epoch)."""
     url, options = s3_manifest
     expected = dates(ShardReader(url, "train", storage_options=options, cache_dir=tmp_path / "all", shuffle=False))
     split = ShardReader(url, "train", storage_options=options).manifest["splits"]["train"]
@@ -334,9 +359,12 @@ def test_processes_sharing_a_cache_download_each_shard_once(s3_manifest: tuple[s
     with context.Manager() as manager, context.Pool(ranks) as pool:
         start = manager.Barrier(ranks)
         done = pool.starmap(read_when_all_start, [(url, options, str(tmp_path / "shared"), start)] * ranks)
-    assert all(stream == expected for stream, _, _ in done)
-    assert sum(downloads for _, downloads, _ in done) == len(split["shards"])
-    assert sum(size for _, _, size in done) == split["bytes"]
+        again = pool.starmap(read_when_all_start, [(url, options, str(tmp_path / "shared"), manager.Barrier(1))])
+    assert all(stream == expected for stream, *_ in done + again)
+    assert sum(downloads for _, downloads, _, _ in done) == len(split["shards"])
+    assert sum(size for _, _, size, _ in done) == split["bytes"]
+    assert [rehashed for *_, rehashed in done + again] == [0] * (ranks + 1)
+    assert again[0][1] == 0  # no download either
 
 
 def test_the_cache_keeps_only_whole_copies_that_match_the_manifest(
@@ -415,6 +443,20 @@ def test_torch_iterable_dataset_feeds_a_dataloader(manifest_url: str) -> None:
     assert all(isinstance(b["wind"], torch.Tensor) and b["wind"].dtype == torch.float64 for b in tensors)
     expected = [w for b in rank_batches(manifest_url, 1, 2, columns=["wind"]) for w in b.column("wind").to_pylist()]
     assert torch.cat([b["wind"] for b in tensors]).tolist() == expected
+
+
+def test_the_iterable_dataset_hashes_once_and_still_checks_pages(manifest_url: str, tmp_path: Path) -> None:
+    """Its workers need not hash the shards it hashed, but verify=True still means every page read is checked."""
+    pytest.importorskip("torch", reason="torch is an optional extra; `make test` installs the pinned CPU build")
+    from aifactory_assets.loader import ShardIterableDataset
+
+    copy = tmp_path / "copy"
+    shutil.copytree(Path(manifest_url).parent, copy)
+    dataset = ShardIterableDataset(str(copy / "manifest.json"), "train", columns=["wind"])
+    assert len(list(dataset)) > 0
+    flip_a_page_byte(next(copy.glob("train-*.parquet")), "wind")  # after the hash: bit rot, mid-training
+    with pytest.raises(OSError, match="CRC checksum verification failed"):
+        list(dataset)
 
 
 def test_tensor_loader_gives_the_dataloaders_batches_in_its_order(manifest_url: str) -> None:
