@@ -6,6 +6,7 @@ Python. Adding a dataset is adding `datasets/<name>.yaml` and its suite; no code
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import re
@@ -13,11 +14,22 @@ from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import dagster as dg
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ColumnType = Literal["string", "int32", "int64", "float32", "float64", "bool", "date", "timestamp"]
 IDENTIFIER = r"^[a-z][a-z0-9_]*$"
+
+
+def dagster_accepts(**spec: Any) -> None:
+    """What Dagster checks of an asset (owners, tag values), checked by Dagster itself while the catalogue
+    loads: a value it refuses later would stop the whole code location, naming an asset, not the file."""
+    try:
+        dg.AssetSpec(key="catalogue", **spec)
+    except dg.DagsterInvalidDefinitionError as exc:
+        raise ValueError(str(exc).replace(" for asset 'AssetKey(['catalogue'])'", "")) from None
+
 
 # Expectations that hold or fail per row, so per-partition results can be summed (see validation.py).
 ROW_EXPECTATIONS = frozenset(
@@ -123,7 +135,7 @@ class Storage(_Model):
 
 
 class Site(_Model):
-    id: str = Field(pattern=IDENTIFIER)
+    id: str = Field(pattern=IDENTIFIER, max_length=63)  # a Dagster tag value
     name: str
     city: str
     country: str = Field(pattern=r"^[A-Z]{2}$")
@@ -138,7 +150,7 @@ class Site(_Model):
     def _known_zone(cls, value: str) -> str:
         try:
             ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError) as exc:
+        except (ZoneInfoNotFoundError, ValueError, OSError) as exc:  # OSError: a folder of zones, e.g. 'Europe'
             raise ValueError(f"unknown IANA time zone {value!r}") from exc
         return value
 
@@ -146,8 +158,8 @@ class Site(_Model):
     @classmethod
     def _sector_ids(cls, value: dict[str, str]) -> dict[str, str]:
         for sector in value:
-            if not re.match(IDENTIFIER, sector):
-                raise ValueError(f"sector id {sector!r} must be lower_snake_case")
+            if not re.match(IDENTIFIER, sector) or len(sector) > 63:
+                raise ValueError(f"sector id {sector!r} must be lower_snake_case, at most 63 characters (a tag)")
         return value
 
 
@@ -158,6 +170,12 @@ class Column(_Model):
     pii: bool = False
     format: str | None = Field(default=None, description="strptime format for date/timestamp columns")
     description: str = ""
+
+    @model_validator(mode="after")
+    def _format_for_dates(self) -> Column:
+        if self.format is not None and self.type not in ("date", "timestamp"):
+            raise ValueError(f"format is for date and timestamp columns; {self.name!r} is {self.type}")
+        return self
 
 
 class TableSchema(_Model):
@@ -172,9 +190,9 @@ class TableSchema(_Model):
         quarantine, and declaring a key column nullable is an error."""
         if not isinstance(data, dict):
             return data
-        keys, columns = set(data.get("key") or []), []
+        keys, columns = {k for k in data.get("key") or [] if isinstance(k, str)}, []  # the rest: errors below
         for column in data.get("columns") or []:
-            if isinstance(column, dict) and column.get("name") in keys:
+            if isinstance(column, dict) and isinstance(column.get("name"), str) and column["name"] in keys:
                 if column.get("nullable") is True:
                     raise ValueError(f"key column {column['name']!r} cannot be nullable: a record needs its key")
                 column = {**column, "nullable": False}
@@ -207,6 +225,17 @@ class ReaderOptions(_Model):
     encoding: str = "utf-8"
     null_values: list[str] = Field(default_factory=lambda: [""])
 
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, value: str) -> str:
+        try:
+            codecs.lookup(value)
+        except LookupError:
+            raise ValueError(
+                f"unknown text encoding {value!r} (Python's codec names, e.g. 'utf-8', 'cp1252')"
+            ) from None
+        return value
+
 
 class Source(_Model):
     format: Literal["csv", "parquet", "jsonl"]
@@ -215,6 +244,13 @@ class Source(_Model):
     extra_columns: Literal["refuse", "ignore"] = Field(
         default="refuse", description="a landed file with undeclared columns: refuse (quarantine) it, or drop them"
     )
+
+    @field_validator("landing")
+    @classmethod
+    def _within_the_landing_zone(cls, value: str) -> str:
+        if not value.strip() or value.startswith("/") or ".." in value.split("/"):
+            raise ValueError(f"landing {value!r} must be a glob within landing/<dataset>/, e.g. '*.csv'")
+        return value
 
 
 class ShardSettings(_Model):
@@ -228,6 +264,12 @@ class ShardSettings(_Model):
     remainder: Literal["drop", "pad"] = Field(
         default="drop", description="when rows do not divide by ranks: drop the tail, or pad by wrapping around"
     )
+
+    @model_validator(mode="after")
+    def _one_target(self) -> ShardSettings:
+        if self.target_rows is not None and "target_bytes" in self.model_fields_set:
+            raise ValueError("set target_bytes or target_rows, not both")
+        return self
 
     @field_validator("splits")
     @classmethod
@@ -264,6 +306,13 @@ class Dataset(_Model):
     def _owner(cls, value: str) -> str:
         if not (re.match(r"^team:\S+$", value) or re.match(r"^[^@\s]+@[^@\s]+\.[^@\s]+$", value)):
             raise ValueError("owner must be an email address or 'team:<name>'")
+        dagster_accepts(owners=[value])
+        return value
+
+    @field_validator("name", "sector")
+    @classmethod
+    def _tag_value(cls, value: str) -> str:
+        dagster_accepts(tags={"value": value})  # the asset's `dataset` and `sector` tags
         return value
 
 
@@ -322,6 +371,8 @@ def load_suite(path: Path, dataset: Dataset, dataset_file: Path) -> dict[str, An
         suite = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise CatalogError(path, "<file>", f"suite is not valid JSON: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise CatalogError(path, "<file>", f"not UTF-8 text: {exc.reason} at byte {exc.start}") from None
     if not isinstance(suite, dict) or not isinstance(suite.get("expectations"), list):
         raise CatalogError(path, "expectations", "a GX suite needs a list under 'expectations'")
     columns = set(dataset.table.names)

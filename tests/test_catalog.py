@@ -77,6 +77,22 @@ DATASET_ERRORS = {
     "missing suite file": (lambda d: d.update(suite="suites/missing.json"), "suite", "does not exist"),
     "residency without home": (lambda d: d.update(residency=["bologna"]), "residency", "must include"),
     "empty team owner": (lambda d: d.update(owner="team:"), "owner", "team:<name>"),
+    # What Dagster refuses when it builds the assets: here, before it would stop the whole code location.
+    "owner Dagster refuses": (lambda d: d.update(owner="ops@bsc.technology"), "owner", "Invalid owner"),
+    "name longer than a tag": (lambda d: d.update(name="p" * 64), "name", "Must have <= 63 characters"),
+    "unknown encoding": (
+        lambda d: d["source"]["options"].update(encoding="windows1252"),
+        "source.options.encoding",
+        "unknown text encoding 'windows1252'",
+    ),
+    "landing outside its zone": (lambda d: d["source"].update(landing="../../raw/**"), "source.landing", "within"),
+    "key of lists": (lambda d: d["schema"].update(key=[["record_id", "year"]]), "schema.key.0", "valid string"),
+    "format on a number": (
+        lambda d: first_column(d).update(format="%Y"),
+        "schema.columns.0",
+        "format is for date and timestamp columns; 'record_id' is int64",
+    ),
+    "two shard targets": (lambda d: d["shards"].update(target_rows=1000), "shards", "not both"),
 }
 
 
@@ -180,6 +196,11 @@ def test_suite_errors_name_the_expectation(tmp_catalog: Path, expectation: dict,
 
 
 def test_unreadable_catalogue_files_name_the_file(tmp_catalog: Path) -> None:
+    suite = tmp_catalog / "suites" / "palmer_penguins.json"
+    suite.write_bytes(suite.read_bytes().replace(b'"name"', b'"n\xe4me"', 1))
+    with pytest.raises(CatalogError, match="not UTF-8 text") as err:
+        load_catalog(tmp_catalog)
+    assert err.value.file == str(suite)
     dataset = tmp_catalog / "datasets" / "palmer_penguins.yaml"
     dataset.write_bytes(dataset.read_bytes().replace(b"description:", b"description: caf\xe9", 1))
     with pytest.raises(CatalogError, match="not UTF-8 text") as err:
@@ -191,9 +212,10 @@ def test_unreadable_catalogue_files_name_the_file(tmp_catalog: Path) -> None:
     assert err.value.file == str(tmp_catalog / "sites.yaml")
 
 
-def test_site_errors(tmp_catalog: Path) -> None:
+@pytest.mark.parametrize("zone", ["Europe/Atlantis", "Europe"])  # no such zone; a folder of zones
+def test_site_errors(tmp_catalog: Path, zone: str) -> None:
     sites = tmp_catalog / "sites.yaml"
-    edit_yaml(sites, lambda d: d["sites"][2].update(timezone="Europe/Atlantis"))
+    edit_yaml(sites, lambda d: d["sites"][2].update(timezone=zone))
     with pytest.raises(CatalogError, match="unknown IANA time zone") as err:
         load_catalog(tmp_catalog)
     assert (err.value.file, err.value.field) == (str(sites), "sites.2.timezone")
