@@ -63,7 +63,12 @@ def stage_metadata(
     }
 
 
+def markdown_cell(value: Any) -> str:
+    """One line of a table cell: a pipe escaped, a line break (in a quoted CSV field) written as `\\n`."""
+    return str(value).replace("|", "\\|").replace("\r", "\\r").replace("\n", "\\n")
+
+
 def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(markdown_cell(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)

@@ -16,6 +16,7 @@ from aifactory_assets.catalog import Catalog, load_catalog
 from aifactory_assets.definitions import build_definitions
 from aifactory_assets.factory import asset_key
 from aifactory_assets.manifest import latest_manifest
+from aifactory_assets.metadata import markdown_table
 from aifactory_assets.publish import current
 from resources import DaskCluster, ObjectStore
 from tests.bad_inputs import CORPUS, SUITE, Case, dataset_entry
@@ -144,3 +145,10 @@ def test_failing_values_are_shown_cut_short(corpus_run, corpus_catalog: Catalog)
     ]
     assert any(value.endswith(f"({10 * 2**20:,} characters)") for value in samples), samples
     assert max(len(value) for value in samples) < 300
+
+
+def test_a_line_break_in_a_value_stays_in_its_table_cell() -> None:
+    """Failing values are shown in the UI's markdown tables; a quoted CSV field may hold line breaks."""
+    rows = markdown_table(["value", "rows"], [["three\nlines\r\nhere | x", 1]]).splitlines()
+    assert rows[2] == "| three\\nlines\\r\\nhere \\| x | 1 |"
+    assert len(rows) == 3
