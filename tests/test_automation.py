@@ -9,9 +9,11 @@ import dagster as dg
 
 from aifactory_assets.catalog import Catalog
 from aifactory_assets.definitions import build_definitions
-from aifactory_assets.factory import asset_key, store_key
+from aifactory_assets.demo import land_demo_data
+from aifactory_assets.factory import asset_key, build_catalog_assets, store_key
+from resources import DaskCluster
 from schedules import NIGHTLY_CRON, landing_sensor, nightly_schedules
-from tests.conftest import local_stores
+from tests.conftest import local_stores, pipeline_resources
 
 
 def evaluate(sensor: dg.SensorDefinition, store, cursor: str | None):
@@ -64,6 +66,40 @@ def test_each_settled_change_requests_one_run(catalog: Catalog, tmp_path) -> Non
         store.write_bytes(f"landing/palmer_penguins/many-{i:03d}.csv", b"record_id,species\n1,Adelie\n")
     settle()
     assert len(cursor) < 1_000
+
+
+def test_a_run_that_ingested_another_listing_is_followed_by_one_more(
+    catalog: Catalog, tmp_path, dask: DaskCluster
+) -> None:
+    """A run lists the landing zone when it starts: a file dropped and removed while it waited was ingested
+    though the listing is back to the one requested. The sensor sees it in the raw ledger and asks again."""
+    stores = local_stores(catalog, tmp_path)
+    store, dataset = stores["linkoping"], catalog.datasets["palmer_penguins"]
+    land_demo_data(catalog, stores)
+    sensor = landing_sensor(catalog, "linkoping")
+
+    def tick(cursor: str | None) -> tuple[str, list[dg.RunRequest]]:
+        result = evaluate(sensor, store, cursor)
+        return result.cursor, [r for r in result.run_requests if r.tags["dataset"] == dataset.name]
+
+    def ingest() -> None:  # the requested run's first step, as it starts
+        assets = build_catalog_assets(catalog)
+        selection = [asset_key(dataset, "raw")]
+        dg.materialize(assets, resources=pipeline_resources(stores, dask), selection=selection)
+
+    cursor, _ = tick(None)
+    cursor, requested = tick(cursor)
+    assert len(requested) == 1
+    store.write_bytes("landing/palmer_penguins/late.csv", b"record_id,species\n9001,Adelie\n")
+    ingest()  # the run starts now, and ingests the late file too
+    store.delete("landing/palmer_penguins/late.csv")  # the listing is the requested one again
+    cursor, again = tick(cursor)
+    assert len(again) == 1 and again[0].run_key != requested[0].run_key
+    cursor, none = tick(cursor)
+    assert none == []  # asked once, not every tick while the run waits
+    ingest()
+    cursor, none = tick(cursor)
+    assert none == []  # the new raw generation ingested the listing requested
 
 
 def test_sensor_resolves_through_definitions(catalog: Catalog, tmp_path, monkeypatch) -> None:
