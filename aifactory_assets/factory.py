@@ -30,14 +30,14 @@ from aifactory_assets.checks import (
 from aifactory_assets.data_docs import gx_imported, render_data_docs
 from aifactory_assets.ingest import ingest_dataset
 from aifactory_assets.manifest import (
-    LIBRARY_VERSIONS,
     MANIFEST,
     build_manifest,
     commit,
+    output_software,
     remove_abandoned_writes,
     version_for,
     version_prefix,
-    workers_on_other_libraries,
+    workers_on_other_software,
 )
 from aifactory_assets.metadata import location, markdown_table, stage_metadata
 from aifactory_assets.publish import POINTER, require_current
@@ -341,10 +341,11 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
                 prefix,
                 staging,
             )
-            if elsewhere := workers_on_other_libraries(dask.get_client()):
+            if elsewhere := workers_on_other_software(dask.get_client()):
                 raise dg.Failure(
-                    f"{dataset.name}: Dask workers run other releases than this process ({LIBRARY_VERSIONS}), which "
-                    f"version {version} names: {elsewhere}; install the same lock on both"
+                    f"{dataset.name}: Dask workers run other code or releases than this process "
+                    f"({output_software()}), which version {version} names: {elsewhere}; install the same "
+                    "aifactory and lock on both"
                 )
             if sharded["rows_in"] != valid_record["rows_valid"]:
                 raise dg.Failure(

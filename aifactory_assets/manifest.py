@@ -60,7 +60,6 @@ OUTPUT_LIBRARIES = ("pyarrow", "pandas", "numpy", "great_expectations")
 
 
 def library_versions() -> dict[str, str]:
-    """Also run on the Dask workers, which write the bytes: a shared cluster may run other releases."""
     found = {}
     for name in OUTPUT_LIBRARIES:
         try:
@@ -118,10 +117,17 @@ def version_id(dataset: Dataset, suite: dict[str, Any], inputs: list[str]) -> st
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def workers_on_other_libraries(client: Client) -> dict[str, dict[str, str]]:
-    """The workers whose releases differ from the ones the version id names (this process's)."""
-    found = client.run(library_versions, on_error="return")
-    return {worker: v for worker, v in found.items() if isinstance(v, dict) and v != LIBRARY_VERSIONS}
+def output_software() -> dict[str, Any]:
+    """What makes a version's bytes, as the version id names it: aifactory's code and the libraries. Also
+    run on the Dask workers, which write the bytes: a shared cluster (an external scheduler, its workers
+    on their own install) may run another release of either."""
+    return {"code": CODE_FINGERPRINT, "libraries": LIBRARY_VERSIONS}
+
+
+def workers_on_other_software(client: Client) -> dict[str, dict[str, Any]]:
+    """The workers whose code or libraries differ from the ones the version id names (this process's)."""
+    found, mine = client.run(output_software, on_error="return"), output_software()
+    return {worker: v for worker, v in found.items() if isinstance(v, dict) and v != mine}
 
 
 def version_for(dataset: Dataset, suite: dict[str, Any], raw_record: dict[str, Any]) -> str:

@@ -329,16 +329,21 @@ def test_new_code_or_libraries_make_a_new_version(setup, monkeypatch) -> None:
     assert version_id(dataset, suite, inputs) != before
 
 
-def test_workers_on_other_releases_commit_nothing(setup, monkeypatch) -> None:
-    """The version id names this process's pyarrow; workers of a shared cluster that write with another
-    would make bytes the id does not describe."""
+@pytest.mark.parametrize("differs", ["libraries", "code"])
+def test_workers_on_other_releases_commit_nothing(setup, monkeypatch, differs: str) -> None:
+    """The version id names this process's pyarrow and aifactory code; workers of a shared cluster that
+    write with others (their own install) would make bytes the id does not describe. Here this process
+    is the one that differs: its workers are the same install."""
     from aifactory_assets import manifest
 
     catalog, dataset, store, stores, dask = setup
-    monkeypatch.setattr(manifest, "LIBRARY_VERSIONS", {**manifest.LIBRARY_VERSIONS, "pyarrow": "0.0.1"})
+    if differs == "libraries":
+        monkeypatch.setattr(manifest, "LIBRARY_VERSIONS", {**manifest.LIBRARY_VERSIONS, "pyarrow": "0.0.1"})
+    else:
+        monkeypatch.setattr(manifest, "CODE_FINGERPRINT", "another-release")
     result = run(catalog, stores, dask)
     assert not result.success
-    assert "Dask workers run other releases than this process" in failure_message(result)
+    assert "Dask workers run other code or releases than this process" in failure_message(result)
     assert latest_manifest(store, dataset) is None
     monkeypatch.undo()
     assert run(catalog, stores, dask).success
