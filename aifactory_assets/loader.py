@@ -22,6 +22,10 @@ and checks every page's CRC32 as it is read; `verify="pages"` only the latter an
 where every rank hashing the whole split would cost more than training reads (thousands of ranks on one
 shared filesystem). Page checksums catch torn copies and bit rot in the pages read, not a file replaced
 on purpose.
+
+Remote shards go through a node's `ShardCache` whole; `cache=False` (with `verify="pages"`) reads each row
+group in place by byte range instead: for a split larger than the cache, or many nodes, each of which
+would otherwise download nearly the whole split (row groups are shuffled across every shard).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import os
 import posixpath
 import threading
 import time
+import warnings
 from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -271,6 +276,21 @@ class ShardCache:
         return removed
 
 
+class CountingFile:
+    """A remote file read through, counting the bytes it fetched: what a reader with cache=False costs."""
+
+    def __init__(self, inner: Any):
+        self.inner, self.read_bytes = inner, 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.inner.read(size)
+        self.read_bytes += len(data)
+        return data
+
+    def __getattr__(self, name: str) -> Any:  # seek, tell, size, close, closed, ...: the inner file's
+        return getattr(self.inner, name)
+
+
 def open_to_lock(path: Path) -> int | None:
     """For an exclusive lock: NFS grants one to a writer only; another user's copy in a shared cache opens
     read-only (a local flock needs no write access). None when it is gone."""
@@ -340,6 +360,7 @@ class ShardReader:
         storage_options: dict[str, Any] | None = None,
         cache_dir: str | Path | None = None,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
+        cache: bool = True,
         memory_map: bool = True,
         use_threads: bool = True,
         max_open_files: int | None = None,
@@ -374,15 +395,28 @@ class ShardReader:
         self.shard_numbers = {s["path"]: i for i, s in enumerate(shards)}
         self.groups = [RowGroup(s["path"], i, n) for s in shards for i, n in enumerate(s["row_groups"]) if n]
         self.total = sum(g.rows for g in self.groups)
-        is_local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+        self.is_local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
         if 0 < self.total < world_size and self.remainder == "drop":
             raise ValueError(
                 f"split {split!r} of {manifest} has {self.total} rows, fewer than world_size {world_size}: dropping "
                 "the remainder would leave every rank with nothing; use remainder='pad'"
             )
-        self.cache = None if is_local else ShardCache(cache_dir or default_cache_dir(), cache_bytes)
-        self.max_open_files = max_open_files or (MAX_OPEN_FILES if self.cache is None else MAX_HELD_COPIES)
-        self._files: OrderedDict[str, tuple[pq.ParquetFile, CachedShard | None]] = OrderedDict()
+        if not cache and verify is True and not self.is_local:
+            raise ValueError(
+                "verify=True hashes whole shards, which needs the cache; with cache=False row groups are read "
+                "by range: use verify='pages' (every page's CRC and each shard's size)"
+            )
+        self.cache = ShardCache(cache_dir or default_cache_dir(), cache_bytes) if cache and not self.is_local else None
+        if self.cache is not None and (split_bytes := sum(self.sizes.values())) > cache_bytes:
+            warnings.warn(
+                f"split {split!r} of {manifest} is {split_bytes:,} bytes, more than cache_bytes {cache_bytes:,}: "
+                "every epoch downloads its shards again, whole, for a few row groups each; read row groups by "
+                "range instead with cache=False, verify='pages'",
+                stacklevel=2,
+            )
+        self.remote_bytes = 0  # fetched by range (cache=False), from the shards this reader closed
+        self.max_open_files = max_open_files or (MAX_HELD_COPIES if self.cache is not None else MAX_OPEN_FILES)
+        self._files: OrderedDict[str, tuple[pq.ParquetFile, CachedShard | CountingFile | None]] = OrderedDict()
         self._tables: OrderedDict[RowGroup, pa.Table] = OrderedDict()
 
     # The sampling plan: pure functions of (seed, epoch, rank, world_size).
@@ -477,12 +511,14 @@ class ShardReader:
             self._files.move_to_end(shard)
             return self._files[shard][0]
         remote, checksum = f"{self.root}/{shard}", self.checksums[shard]
-        if self.cache is None:
+        if self.is_local:
             if self.verify is True:
                 verify_file(Path(remote), checksum)
-            elif self.verify == "pages" and (size := Path(remote).stat().st_size) != self.sizes[shard]:
-                raise ChecksumMismatch(f"{remote}: {size} bytes where the manifest has {self.sizes[shard]}")
+            elif self.verify == "pages":
+                self._check_size(shard, Path(remote).stat().st_size)
             self._files[shard] = (self._open(remote), None)
+        elif self.cache is None:
+            self._files[shard] = self._open_ranges(shard)
         else:
             self._files[shard] = self._open_cached(self.cache, remote, checksum)
         while len(self._files) > max(1, self.max_open_files):
@@ -510,14 +546,31 @@ class ShardReader:
             f"cache_bytes ({cache.max_bytes}) is too small for the readers sharing it"
         )
 
+    def _open_ranges(self, shard: str) -> tuple[pq.ParquetFile, CountingFile]:
+        """A remote shard read in place: its footer, then each row group's column chunks as they are read,
+        each one ranged request (no read-ahead: s3fs's default block is 50 MiB)."""
+        source = CountingFile(self.fs.open(f"{self.root}/{shard}", "rb", cache_type="none"))
+        try:
+            if self.verify == "pages":
+                self._check_size(shard, source.size)
+            return pq.ParquetFile(source, page_checksum_verification=bool(self.verify)), source
+        except BaseException:
+            source.close()
+            raise
+
+    def _check_size(self, shard: str, size: int) -> None:
+        if size != self.sizes[shard]:
+            raise ChecksumMismatch(f"{self.root}/{shard}: {size} bytes where the manifest has {self.sizes[shard]}")
+
     def _open(self, path: str | Path) -> pq.ParquetFile:
         return pq.ParquetFile(path, memory_map=self.memory_map, page_checksum_verification=bool(self.verify))
 
-    @staticmethod
-    def _close(file: pq.ParquetFile, held: CachedShard | None) -> None:
+    def _close(self, file: pq.ParquetFile, held: CachedShard | CountingFile | None) -> None:
         file.close()
         if held is not None:
             held.close()
+        if isinstance(held, CountingFile):
+            self.remote_bytes += held.read_bytes
 
     def close(self) -> None:
         """Closes the open shards, releasing the cached copies they held, and brings the cache back within

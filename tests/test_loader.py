@@ -4,6 +4,7 @@ epoch); exact resume; checksums; a bounded S3 cache; the torch IterableDataset; 
 from __future__ import annotations
 
 import hashlib
+import io
 import itertools
 import json
 import multiprocessing
@@ -266,9 +267,10 @@ def test_remote_shards_are_cached_within_a_size_bound(s3_manifest: tuple[str, di
     assert len(cached) == len(ShardReader(url, "train", storage_options=options).checksums)
     shard_size = max(p.stat().st_size for p in cached)
     small = tmp_path / "small"
-    reader = ShardReader(
-        url, "train", storage_options=options, cache_dir=small, cache_bytes=2 * shard_size, max_open_files=1
-    )
+    with pytest.warns(UserWarning, match="more than cache_bytes"):  # the churn below: it says so
+        reader = ShardReader(
+            url, "train", storage_options=options, cache_dir=small, cache_bytes=2 * shard_size, max_open_files=1
+        )
     shuffled = []
     for batch in reader:  # row groups from every shard in turn: the cache churns
         shuffled += batch.column("date").to_pylist()
@@ -278,6 +280,50 @@ def test_remote_shards_are_cached_within_a_size_bound(s3_manifest: tuple[str, di
     assert sorted(shuffled) == sorted(local)
     assert not open_shards(small)  # the epoch's end released them
     assert sum(p.stat().st_size for p in small.glob("*.parquet")) <= 2 * shard_size
+
+
+def many_row_groups(catalog: Catalog, s3_endpoint: str, shards: int = 8, groups: int = 10, rows: int = 20_000) -> tuple:
+    """A split laid out as a large one is (many row groups per shard), written to the S3 server as the
+    pipeline writes it: zstd, page checksums, a manifest with each shard's checksum and row groups."""
+    store = s3_stores(catalog, s3_endpoint)["kajaani"]
+    entries = []
+    for i in range(shards):
+        ids = np.arange(i * groups * rows, (i + 1) * groups * rows)
+        table = pa.table({"id": ids, "value": np.random.default_rng(i).random(len(ids))})
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer, row_group_size=rows, compression="zstd", write_page_checksum=True)
+        name, data = f"train-{i:05d}-of-{shards:05d}.parquet", buffer.getvalue()
+        store.write_bytes(f"split/{name}", data)
+        sha256 = hashlib.sha256(data).hexdigest()
+        entries.append(
+            {"path": name, "rows": len(ids), "bytes": len(data), "sha256": sha256, "row_groups": [rows] * groups}
+        )
+    split = {"rows": shards * groups * rows, "bytes": sum(e["bytes"] for e in entries), "shards": entries}
+    manifest = {"format_version": 3, "splits": {"train": split}, "sampler": {"seed": 3, "remainder": "drop"}}
+    store.write_bytes("split/manifest.json", json.dumps(manifest).encode())
+    return store.url("split/manifest.json"), store.storage_options, split["bytes"]
+
+
+def test_row_groups_read_by_range_fetch_only_a_ranks_share(catalog: Catalog, s3_endpoint: str, tmp_path: Path) -> None:
+    """Row groups are shuffled across every shard: a rank reading a quarter of them through the cache
+    downloads nearly the whole split; read by range (cache=False), only about its quarter, in the same order."""
+    url, options, split_bytes = many_row_groups(catalog, s3_endpoint)
+
+    def ids(reader: ShardReader) -> list[int]:
+        return [i for batch in reader for i in batch.column("id").to_pylist()]
+
+    for rank in range(4):
+        cached = ShardReader(
+            url, "train", storage_options=options, rank=rank, world_size=4, cache_dir=tmp_path / str(rank)
+        )
+        ranged = ShardReader(
+            url, "train", storage_options=options, rank=rank, world_size=4, cache=False, verify="pages"
+        )
+        assert ids(ranged) == ids(cached)
+        assert cached.cache.downloaded_bytes > 0.8 * split_bytes
+        assert 0.2 * split_bytes < ranged.remote_bytes < 0.45 * split_bytes
+    with pytest.raises(ValueError, match="verify=True hashes whole shards, which needs the cache"):
+        ShardReader(url, "train", storage_options=options, cache=False)
 
 
 def test_a_reader_keeps_only_a_few_shards_open(manifest_url: str) -> None:
@@ -313,7 +359,8 @@ def test_a_copy_in_use_is_not_evicted_by_another_process(s3_manifest: tuple[str,
         assert held.wait(120)
         copies = list(cache.glob("*.parquet"))
         assert len(copies) == 1
-        churn = ShardReader(url, "train", storage_options=options, cache_dir=cache, cache_bytes=1, epoch=1)
+        with pytest.warns(UserWarning, match="more than cache_bytes"):
+            churn = ShardReader(url, "train", storage_options=options, cache_dir=cache, cache_bytes=1, epoch=1)
         assert sorted(dates(churn)) == sorted(expected)  # every shard fetched and evicted but the one held
         assert copies[0].exists()
         done.set()
