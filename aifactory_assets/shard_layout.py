@@ -8,15 +8,20 @@ import math
 import pyarrow as pa
 
 ROW_GROUP_ROWS = (1_024, 65_536)  # bounds; a split aims at ~1,024 row groups, many more than ranks x workers
+# At most, decoded: a reader holds a row group or two per data-loader worker, and rows of documents or images
+# (100 KB each) would otherwise make row groups of gigabytes (and pass Arrow's 2 GiB per text column).
+ROW_GROUP_BYTES = 64 * 2**20
 
 
 def shard_name(split: str, index: int, count: int) -> str:
     return f"{split}-{index:05d}-of-{count:05d}.parquet"
 
 
-def row_group_rows(split_rows: int) -> int:
+def row_group_rows(split_rows: int, row_bytes: float = 0.0) -> int:
+    """Rows per row group for a split, given its rows' decoded size where known."""
     low, high = ROW_GROUP_ROWS
-    return min(high, max(low, math.ceil(split_rows / 1_024)))
+    rows = min(high, max(low, math.ceil(split_rows / 1_024)))
+    return max(1, min(rows, int(ROW_GROUP_BYTES / row_bytes))) if row_bytes > 0 else rows
 
 
 def dictionary_columns(schema: pa.Schema) -> list[str]:

@@ -296,6 +296,7 @@ def shard_dataset(
         storage_options=options,
     )
     rows_in = sum(n for batches in scattered for _, n in batches.values())
+    row_bytes = measured.in_memory / max(rows_in, 1)  # what caps a row group of wide rows (shard_layout)
     by_bucket: dict[int, list[tuple[str, int]]] = {}
     split_rows = [0] * len(ratios)  # before deduplication: what the row groups are sized from, nearly
     split_of = np.searchsorted(first_bucket, np.arange(first_bucket[-1]), side="right") - 1
@@ -311,7 +312,7 @@ def shard_dataset(
         gather_bucket,
         [by_bucket[b] for b in ordered],
         [sorted_urls[b] for b in ordered],
-        [row_group_rows(split_rows[split_of[b]]) for b in ordered],
+        [row_group_rows(split_rows[split_of[b]], row_bytes) for b in ordered],
         key_columns=key,
         storage_options=options,
         schema=schema,
@@ -328,7 +329,8 @@ def shard_dataset(
         bytes_per_row = sum(by_sorted[b].sample_bytes for b in mine) / max(sampled, 1)
         count = shard_count(rows, bytes_per_row, dataset)
         plans = plan_shards(part_rows, count)
-        shards[split] = [(shard_name(split, i, count), plan, row_group_rows(rows)) for i, plan in enumerate(plans)]
+        group_rows = row_group_rows(rows, row_bytes)
+        shards[split] = [(shard_name(split, i, count), plan, group_rows) for i, plan in enumerate(plans)]
     jobs = [job for split_jobs in shards.values() for job in split_jobs]
     written = iter(
         run_tasks(

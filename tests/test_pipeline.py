@@ -21,7 +21,7 @@ from aifactory_assets.demo import land_demo_data
 from aifactory_assets.factory import asset_key, build_catalog_assets
 from aifactory_assets.manifest import CODE_FINGERPRINT, latest_manifest, schema_fingerprint
 from aifactory_assets.publish import current, publish
-from aifactory_assets.shard_layout import shard_name
+from aifactory_assets.shard_layout import ROW_GROUP_BYTES, row_group_rows, shard_name
 from aifactory_assets.validated_rows import read_validated
 from aifactory_assets.validation import expectation_label
 from resources import DaskCluster, ObjectStore
@@ -132,6 +132,16 @@ def assert_manifest_describes_its_making(
     assert quarantine["rows"] == quarantine["at_ingest"] + quarantine["at_validation"]
     assert quarantine["rows"] == manifest["conservation"]["rows_quarantined"]
     assert quarantine["rows_read"] == manifest["conservation"]["rows_read"]
+
+
+def test_row_groups_hold_many_narrow_rows_and_few_wide_ones() -> None:
+    """About 1,024 row groups a split, of 1,024 to 65,536 rows, but never past ROW_GROUP_BYTES decoded: a
+    split of 100 KB documents in groups of 65,536 rows would give readers 6.5 GB row groups."""
+    assert row_group_rows(10**6) == 1_024
+    assert row_group_rows(10**8) == 65_536
+    assert row_group_rows(10**8, row_bytes=80) == 65_536
+    assert row_group_rows(10**8, row_bytes=100_000) == ROW_GROUP_BYTES // 100_000
+    assert row_group_rows(10**8, row_bytes=2 * ROW_GROUP_BYTES) == 1  # a row larger than the bound: alone
 
 
 def test_shards_aim_at_the_target_bytes(catalog: Catalog, tmp_path, dask: DaskCluster) -> None:
