@@ -229,11 +229,11 @@ class ReaderOptions(_Model):
     @classmethod
     def _known_encoding(cls, value: str) -> str:
         try:
-            codecs.lookup(value)
+            text = getattr(codecs.lookup(value), "_is_text_encoding", True)  # False for base64, zlib, rot13...
         except LookupError:
-            raise ValueError(
-                f"unknown text encoding {value!r} (Python's codec names, e.g. 'utf-8', 'cp1252')"
-            ) from None
+            text = False
+        if not text:
+            raise ValueError(f"unknown text encoding {value!r} (a Python codec name, e.g. 'cp1252')")
         return value
 
 

@@ -45,7 +45,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import fsspec
 import numpy as np
@@ -55,7 +55,7 @@ import pyarrow.parquet as pq
 DEFAULT_CACHE_BYTES = 20 * 2**30
 COPY_CHUNK = 8 * 2**20  # a download is streamed to disk, never held whole
 ABANDONED_S = 3_600
-REMAINDERS = ("drop", "pad")
+Remainder = Literal["drop", "pad"]
 PAGE_CHECKSUMS = 3  # the manifest format from which every shard's pages carry a CRC32
 MAX_OPEN_FILES = 64  # shards a reader keeps open: a split of thousands would exhaust descriptors; reopening
 # costs a footer parse (0.4 ms for 32 row groups of 18 columns), so a split of up to 64 shards never reopens
@@ -182,7 +182,7 @@ class ShardCache:
         try:
             os.utime(target, ns=(time.time_ns(), target.stat().st_mtime_ns))  # used now; mtime kept (the record)
             if verify and not self._hashed_as_is(target):
-                stamp = self._stamp(target)
+                stamp = file_stamp(target)
                 verify_digest(sha256_of(target), checksum, str(target))
                 self.rehashed += 1
                 self._record_hash(target, stamp)
@@ -194,21 +194,17 @@ class ShardCache:
             return False
 
     @staticmethod
-    def _stamp(path: Path) -> str:
-        stat = path.stat()
-        return f"{stat.st_size} {stat.st_mtime_ns} {stat.st_ino}"
-
-    def _hashed_as_is(self, target: Path) -> bool:
+    def _hashed_as_is(target: Path) -> bool:
         try:
-            return target.with_suffix(".verified").read_text() == self._stamp(target)
+            return target.with_suffix(".verified").read_text() == " ".join(map(str, file_stamp(target)))
         except (FileNotFoundError, UnicodeDecodeError):
             return False
 
     @staticmethod
-    def _record_hash(target: Path, stamp: str) -> None:
+    def _record_hash(target: Path, stamp: tuple[int, int, int]) -> None:
         """Best effort: a record that cannot be written (another user's copy) only costs a hash later."""
         with contextlib.suppress(OSError):
-            target.with_suffix(".verified").write_text(stamp)
+            target.with_suffix(".verified").write_text(" ".join(map(str, stamp)))
 
     def _download(self, fs: fsspec.AbstractFileSystem, remote: str, checksum: str, target: Path) -> None:
         tmp = target.with_suffix(f".tmp-{os.getpid()}-{threading.get_ident()}")
@@ -224,11 +220,12 @@ class ShardCache:
                 self.downloaded_bytes += copy.tell()
             verify_digest(digest.hexdigest(), checksum, remote)  # always: the name promises these bytes
             os.utime(tmp, ns=(time.time_ns(), tmp.stat().st_mtime_ns))  # the newest, for the LRU
-            stamp = self._stamp(tmp)  # before the rename: another process may evict it right after
+            # Hashed on the way in; recorded before the rename (which keeps the inode), so a reader that
+            # finds the copy finds its record.
+            self._record_hash(target, file_stamp(tmp))
             tmp.replace(target)
         finally:
             tmp.unlink(missing_ok=True)
-        self._record_hash(target, stamp)  # hashed on the way in
 
     def evict(self, keep: Path | None) -> None:
         """Oldest used first, down to `max_bytes`, skipping copies in use; also the temporary files of
@@ -288,6 +285,8 @@ class CountingFile:
         return data
 
     def __getattr__(self, name: str) -> Any:  # seek, tell, size, close, closed, ...: the inner file's
+        if name == "read_buffer":  # PyArrow reads through it where it exists, around `read`: not counted
+            raise AttributeError(name)
         return getattr(self.inner, name)
 
 
@@ -313,18 +312,19 @@ def verify_digest(found: str, checksum: str, where: str) -> None:
         raise ChecksumMismatch(f"{where}: sha256 {found} differs from the manifest's {checksum}")
 
 
-_VERIFIED: set[tuple[str, str, int, int]] = set()  # (path, sha256, size, mtime_ns) this process has hashed
+_VERIFIED: set[tuple[str, str, int, int, int]] = set()  # (path, sha256, *file_stamp) this process has hashed
 
 
-def file_stamp(path: Path, checksum: str) -> tuple[str, str, int, int]:
+def file_stamp(path: Path) -> tuple[int, int, int]:
+    """What changes when a file is written or replaced: its size, mtime and inode."""
     stat = path.stat()
-    return str(path), checksum, stat.st_size, stat.st_mtime_ns
+    return stat.st_size, stat.st_mtime_ns, stat.st_ino
 
 
 def verify_file(path: Path, checksum: str) -> None:
     """Hash a local shard once per process (a reader is made per epoch; the file is not re-hashed
     unless it changed on disk since)."""
-    stamp = file_stamp(path, checksum)
+    stamp = (str(path), checksum, *file_stamp(path))
     if stamp in _VERIFIED:
         return
     verify_digest(sha256_of(path), checksum, str(path))
@@ -354,7 +354,7 @@ class ShardReader:
         columns: list[str] | None = None,
         shuffle: bool = True,
         shuffle_block: int = 1,
-        remainder: Literal["drop", "pad"] | None = None,
+        remainder: Remainder | None = None,
         start_sample: int = 0,
         verify: bool | Literal["pages"] = True,
         storage_options: dict[str, Any] | None = None,
@@ -367,13 +367,15 @@ class ShardReader:
     ):
         if not 0 <= rank < world_size or not 0 <= worker_id < num_workers:
             raise ValueError(f"rank {rank} of {world_size}, worker {worker_id} of {num_workers}: out of range")
-        if batch_size < 1 or shuffle_block < 1 or start_sample < 0:
-            raise ValueError(
-                f"batch_size {batch_size} and shuffle_block {shuffle_block} must be at least 1, start_sample "
-                f"{start_sample} at least 0"
-            )
-        if remainder not in (None, *REMAINDERS):
-            raise ValueError(f"remainder {remainder!r}: one of {REMAINDERS}, or None for the manifest's")
+        for name, value in (("batch_size", batch_size), ("shuffle_block", shuffle_block)):
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        if start_sample < 0:
+            raise ValueError(f"start_sample must be at least 0, got {start_sample}")
+        if remainder not in (None, *get_args(Remainder)):
+            raise ValueError(f"remainder {remainder!r}: one of {get_args(Remainder)}, or None for the manifest's")
+        if verify not in (True, False, "pages"):  # a string from a config file would turn checks off unseen
+            raise ValueError(f"verify {verify!r}: True, False or 'pages'")
         self.fs, manifest_path = fsspec.core.url_to_fs(manifest, **(storage_options or {}))
         self.manifest: dict[str, Any] = json.loads(self.fs.cat_file(manifest_path))
         if split not in self.manifest["splits"]:

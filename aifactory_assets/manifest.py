@@ -124,10 +124,16 @@ def output_software() -> dict[str, Any]:
     return {"code": CODE_FINGERPRINT, "libraries": LIBRARY_VERSIONS}
 
 
-def workers_on_other_software(client: Client) -> dict[str, dict[str, Any]]:
-    """The workers whose code or libraries differ from the ones the version id names (this process's)."""
+def workers_on_other_software(client: Client) -> dict[str, Any]:
+    """The workers whose code or libraries differ from the ones the version id names (this process's). A
+    worker that cannot run `output_software` (an older release, without it) differs too; one that left
+    meanwhile (a connection error) writes nothing."""
     found, mine = client.run(output_software, on_error="return"), output_software()
-    return {worker: v for worker, v in found.items() if isinstance(v, dict) and v != mine}
+    return {
+        worker: v if isinstance(v, dict) else repr(v)
+        for worker, v in found.items()
+        if (isinstance(v, dict) and v != mine) or (isinstance(v, BaseException) and not isinstance(v, OSError))
+    }
 
 
 def version_for(dataset: Dataset, suite: dict[str, Any], raw_record: dict[str, Any]) -> str:

@@ -206,6 +206,7 @@ class PartsMeasure:
     """What the shuffle plans with, learnt from the validated parts before it starts."""
 
     in_memory: int  # bytes the parts' rows take as Arrow tables
+    rows: int  # the parts' rows (before their delete files)
     dictionary_columns: list[str]  # text the shuffle carries as dictionaries
 
 
@@ -233,10 +234,10 @@ def measure_parts(store: ObjectStore, parts: list[str], key_columns: list[str]) 
     total = sum(rows.values())
     sample = max(rows, key=rows.get, default=None)
     if sample is None or total == 0:
-        return PartsMeasure(0, [])
+        return PartsMeasure(0, 0, [])
     table = read_parquet(store.url(sample), store.storage_options)
     in_memory = int(table.nbytes / table.num_rows * total)
-    return PartsMeasure(in_memory, text_for_dictionaries(table, len(parts), key_columns))
+    return PartsMeasure(in_memory, total, text_for_dictionaries(table, len(parts), key_columns))
 
 
 def plan_shards(part_rows: list[tuple[str, int]], shards: int) -> list[list[tuple[str, int, int]]]:
@@ -296,7 +297,7 @@ def shard_dataset(
         storage_options=options,
     )
     rows_in = sum(n for batches in scattered for _, n in batches.values())
-    row_bytes = measured.in_memory / max(rows_in, 1)  # what caps a row group of wide rows (shard_layout)
+    row_bytes = measured.in_memory / max(measured.rows, 1)  # caps row groups of wide rows (shard_layout)
     by_bucket: dict[int, list[tuple[str, int]]] = {}
     split_rows = [0] * len(ratios)  # before deduplication: what the row groups are sized from, nearly
     split_of = np.searchsorted(first_bucket, np.arange(first_bucket[-1]), side="right") - 1

@@ -1,16 +1,16 @@
 """Landing-zone sensors: one per site; a change under `landing/<dataset>/` (a file new, changed or removed)
 starts one run of that dataset's assets once the listing has stayed the same for one tick, so a file still
 being copied in, or a drop of many files, is ingested once, whole. The cursor holds, per dataset, the
-listing last seen, the one last requested, the raw generation current when it was requested, and a count
-of requests (part of the run key, so returning to an earlier file set is a new run, not one Dagster drops
-as a repeat). Listings are kept as digests: Dagster stores the cursor with every tick, and a landing zone
-can hold many thousands of files.
+listing last seen, the one last requested, the raw pointer last looked at, and a count of requests (part
+of the run key, so returning to an earlier file set is a new run, not one Dagster drops as a repeat).
+Listings are kept as digests: Dagster stores the cursor with every tick, and a landing zone can hold many
+thousands of files.
 
 A run lists the landing zone when it starts, not when it was requested: if the files changed in between
 and changed back (a file dropped and removed while the run waited), the run ingested another listing than
-the one requested. Once a newer raw generation than the request's exists, the sensor compares the listing
-with what that generation ingested and asks again if they differ. An empty landing zone starts nothing:
-the latest version stays until files land again."""
+the one requested. Once raw is published again (its pointer changes: a HEAD request per tick), the sensor
+compares the listing with what that generation ingested and asks again if they differ. An empty landing
+zone starts nothing: the latest version stays until files land again."""
 
 import hashlib
 import json
@@ -21,7 +21,7 @@ import dagster as dg
 from aifactory_assets.catalog import Catalog, Dataset
 from aifactory_assets.factory import dataset_selection, materialisable_keys, store_key
 from aifactory_assets.ingest import landed_objects
-from aifactory_assets.publish import current
+from aifactory_assets.publish import POINTER, current
 from resources.object_store import ObjectInfo, ObjectStore
 
 MINIMUM_INTERVAL_SECONDS = 30
@@ -46,14 +46,22 @@ def landing_sensor(catalog: Catalog, site: str) -> dg.SensorDefinition:
             fingerprints = [o.fingerprint() for o in landed_objects(store, dataset)]
             listing = listing_digest(fingerprints) if fingerprints else None
             state = before.get(dataset.name, {})
-            now = {key: state.get(key) for key in ("requested", "raw_at_request")}
+            now = {key: state.get(key) for key in ("requested", "raw_pointer")}
             now |= {"seen": listing, "requests": state.get("requests", 0)}
-            settled = listing is not None and listing == state.get("seen")
-            if settled and (listing != now["requested"] or ingested_another(store, dataset, listing, now)):
-                now["requests"] += 1
-                now["requested"] = listing
-                now["raw_at_request"] = (current(store, f"raw/{dataset.name}") or {}).get("generation")
-                requests.append(_run_request(dataset, listing, now["requests"]))
+            if listing is not None and listing == state.get("seen"):  # settled
+                try:
+                    pointer = raw_pointer(store, dataset)
+                    ask = listing != now["requested"] or (
+                        pointer != now["raw_pointer"] and ingested_listing(store, dataset) != listing
+                    )
+                except Exception as exc:  # one dataset's unreadable raw record must not stop the site's others
+                    context.log.warning(f"{dataset.name}: raw record unreadable, checked again next tick: {exc}")
+                    pointer, ask = now["raw_pointer"], False
+                if ask:
+                    now["requests"] += 1
+                    now["requested"] = listing
+                    requests.append(_run_request(dataset, listing, now["requests"]))
+                now["raw_pointer"] = pointer
             cursor[dataset.name] = now
         return dg.SensorResult(run_requests=requests, cursor=json.dumps(cursor, sort_keys=True))
 
@@ -65,14 +73,17 @@ def listing_digest(fingerprints: list[str]) -> str:
     return hashlib.sha256("\n".join(sorted(fingerprints)).encode()).hexdigest()[:16]
 
 
-def ingested_another(store: ObjectStore, dataset: Dataset, listing: str, state: dict[str, Any]) -> bool:
-    """Whether raw was published since the request, from another listing than `listing`."""
-    raw = current(store, f"raw/{dataset.name}")
-    return raw is not None and raw["generation"] != state["raw_at_request"] and ingested_listing(raw) != listing
+def raw_pointer(store: ObjectStore, dataset: Dataset) -> str | None:
+    """The raw generation pointer's fingerprint (one HEAD request): it changes when raw is published."""
+    try:
+        return store.info(f"raw/{dataset.name}/{POINTER}").fingerprint()
+    except FileNotFoundError:
+        return None
 
 
-def ingested_listing(raw: dict[str, Any]) -> str | None:
-    """The digest of the listing a raw generation ingested (every landed file is in its ledger)."""
+def ingested_listing(store: ObjectStore, dataset: Dataset) -> str | None:
+    """The digest of the listing the current raw generation ingested (every landed file is in its ledger)."""
+    raw = current(store, f"raw/{dataset.name}") or {}
     objects = [entry.get("object") for entry in raw.get("ledger", [])]
     if not objects or None in objects:
         return None

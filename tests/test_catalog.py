@@ -85,6 +85,11 @@ DATASET_ERRORS = {
         "source.options.encoding",
         "unknown text encoding 'windows1252'",
     ),
+    "codec that is not text": (
+        lambda d: d["source"]["options"].update(encoding="base64"),
+        "source.options.encoding",
+        "unknown text encoding 'base64'",
+    ),
     "landing outside its zone": (lambda d: d["source"].update(landing="../../raw/**"), "source.landing", "within"),
     "key of lists": (lambda d: d["schema"].update(key=[["record_id", "year"]]), "schema.key.0", "valid string"),
     "format on a number": (

@@ -179,11 +179,12 @@ def test_a_corrupted_shard_is_refused(manifest_url: str, tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize(
-    "option", [{"remainder": "padding"}, {"start_sample": -7}, {"shuffle_block": 0}, {"batch_size": 0}]
+    "option",
+    [{"remainder": "padding"}, {"start_sample": -7}, {"shuffle_block": 0}, {"batch_size": 0}, {"verify": "page"}],
 )
 def test_options_out_of_range_are_refused(manifest_url: str, option: dict) -> None:
     """A typo'd remainder would drop where padding was meant; a negative start sends batches to the wrong
-    data-loader workers."""
+    data-loader workers; a typo'd verify would check nothing."""
     with pytest.raises(ValueError, match=next(iter(option))):
         ShardReader(manifest_url, "train", **option)
 
@@ -500,6 +501,7 @@ def test_the_iterable_dataset_hashes_once_and_still_checks_pages(manifest_url: s
     copy = tmp_path / "copy"
     shutil.copytree(Path(manifest_url).parent, copy)
     dataset = ShardIterableDataset(str(copy / "manifest.json"), "train", columns=["wind"])
+    assert dataset.reader().verify == "pages"  # hashed here, so the workers do not hash again
     assert len(list(dataset)) > 0
     flip_a_page_byte(next(copy.glob("train-*.parquet")), "wind")  # after the hash: bit rot, mid-training
     with pytest.raises(OSError, match="CRC checksum verification failed"):
