@@ -234,6 +234,8 @@ class ReaderOptions(_Model):
             text = False
         if not text:
             raise ValueError(f"unknown text encoding {value!r} (a Python codec name, e.g. 'cp1252')")
+        if codecs.lookup(value).name.startswith(("utf-16", "utf-32")):  # NUL bytes in every line: not read
+            raise ValueError(f"{value!r} files are not read; convert them to UTF-8 (e.g. iconv -f {value} -t utf-8)")
         return value
 
 

@@ -45,17 +45,20 @@ def ingest_file(
 ) -> dict[str, Any]:
     """Runs on a worker: one landed file in, one raw part and one quarantine part out."""
     entry: dict[str, Any] = {"source": source_key, "rows_read": 0, "rows_valid": 0, "rows_quarantined": 0}
+    data = read_bytes(source_url, storage_options)  # the store failing fails the run; the data failing, the file
     try:
-        landed = read_landed(read_bytes(source_url, storage_options), dataset)
-    except UnreadableFile as exc:
-        entry["file_error"] = str(exc)
-        table = quarantine_rows([source_key], [None], [f"file refused: {exc}"], [None], "raw", run_id)
+        landed = read_landed(data, dataset)
+        if landed.typed is not None:
+            typed, reasons = landed.typed, pd.Series([None] * landed.typed.num_rows, dtype=object)
+        else:
+            typed, reasons = coerce_frame(landed.values, dataset)
+    except Exception as exc:  # UnreadableFile, or a reader failing on what it does not foresee: this file only
+        entry["file_error"] = (
+            str(exc) if isinstance(exc, UnreadableFile) else f"unreadable: {type(exc).__name__}: {exc}"
+        )
+        table = quarantine_rows([source_key], [None], [f"file refused: {entry['file_error']}"], [None], "raw", run_id)
         write_parquet(table, quarantine_url, storage_options)
         return entry
-    if landed.typed is not None:
-        typed, reasons = landed.typed, pd.Series([None] * landed.typed.num_rows, dtype=object)
-    else:
-        typed, reasons = coerce_frame(landed.values, dataset)
     ok = reasons.isna().to_numpy()
     good = typed.filter(pa.array(ok))
     good = good.append_column(SOURCE, pa.repeat(pa.scalar(source_key, pa.string()), good.num_rows))
@@ -105,15 +108,8 @@ def ingest_dataset(store: ObjectStore, client: Client, dataset: Dataset, run_id:
         entry["object"] = asdict(obj)
     read = [(f"{raw_gen}/part-{i:05d}.parquet", e["source"]) for i, e in enumerate(ledger) if "file_error" not in e]
     totals = {k: sum(e[k] for e in ledger) for k in ("rows_read", "rows_valid", "rows_quarantined")}
-    quarantine = publish(
-        store,
-        f"quarantine/{dataset.name}/raw",
-        run_id,
-        {
-            "parts": [f"{q_gen}/part-{i:05d}.parquet" for i in range(len(objects))],
-            "rows": totals["rows_quarantined"],
-        },
-    )
+    # The record first, then the quarantine pointer, whose publish deletes the older quarantine: a step that
+    # dies between the two leaves a record whose quarantine still exists (as validation does).
     record = publish(
         store,
         f"raw/{dataset.name}",
@@ -124,7 +120,13 @@ def ingest_dataset(store: ObjectStore, client: Client, dataset: Dataset, run_id:
             "ledger": ledger,
             **totals,
             "files_refused": sum("file_error" in e for e in ledger),
-            "quarantine": quarantine["generation"],
+            "quarantine": q_gen,
         },
+    )
+    publish(
+        store,
+        f"quarantine/{dataset.name}/raw",
+        run_id,
+        {"parts": [f"{q_gen}/part-{i:05d}.parquet" for i in range(len(objects))], "rows": totals["rows_quarantined"]},
     )
     return record

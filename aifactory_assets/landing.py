@@ -71,6 +71,9 @@ def refuse_binary(data: bytes, fmt: str) -> None:
 def check_columns(found: list[str], dataset: Dataset) -> list[str]:
     """Schema drift: a declared column missing refuses the file; an undeclared one too, unless the
     catalogue says `extra_columns: ignore`. Returns the undeclared columns that are ignored."""
+    duplicated = sorted({c for c in found if found.count(c) > 1})
+    if duplicated:  # a reader keeps one of them, silently
+        raise UnreadableFile(f"column name(s) {duplicated} appear more than once in the header; found {found}")
     missing = [c for c in dataset.table.names if c not in found]
     if missing:
         raise UnreadableFile(f"schema drift: declared column(s) {missing} missing; found {found}")
@@ -211,6 +214,7 @@ def record_starts(data: bytes, options: ReaderOptions) -> np.ndarray | None:
     """The line each non-empty record starts on, counted by Python's csv reader, which sees blank lines and
     every column (pyarrow skips blank lines uncounted, and counts quoted newlines only in the columns it
     keeps). Slower than pyarrow, so only for files that need it; None if the reader cannot follow the file."""
+    csv.field_size_limit(MAX_BLOCK)  # its default, 128 KiB, gives up on a long field (pyarrow reads it)
     reader = csv.reader(
         io.StringIO(_decode(data, options.encoding).lstrip("\ufeff"), newline=""), delimiter=options.delimiter
     )
@@ -265,10 +269,10 @@ def _read_jsonl(data: bytes, dataset: Dataset) -> LandedRows:
             )
             continue
         except json.JSONDecodeError as exc:
-            bad.append(BadRow(number, f"not JSON: {exc.msg} (column {exc.colno})", line[:10_000]))
+            bad.append(BadRow(number, f"not JSON: {exc.msg} (column {exc.colno})", line))
             continue
         if not isinstance(record, dict):
-            bad.append(BadRow(number, f"a JSON {type(record).__name__}, not an object", line[:10_000]))
+            bad.append(BadRow(number, f"a JSON {type(record).__name__}, not an object", line))
             continue
         records.append(record)
         rows.append(number)

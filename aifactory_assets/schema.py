@@ -1,11 +1,13 @@
 """The catalogue's column types as Arrow types, and the coercion of landed values into them.
 
 Coercion never raises on a bad value: it reports which rows failed and why, so ingest can quarantine
-them and keep the rest.
+them and keep the rest. A column whose values break the vectorised path in a way it does not foresee is
+judged value by value (slow, and only then).
 """
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
@@ -28,6 +30,9 @@ ARROW_TYPES: dict[str, pa.DataType] = {
     "date": pa.date32(),
     "timestamp": pa.timestamp("us"),
 }
+FLOAT_MAX = {"float32": float(np.finfo(np.float32).max), "float64": float(np.finfo(np.float64).max)}
+# A date's own offset is dropped, not converted: "2024-01-05T00:00:00+14:00" is the 5th, as written.
+OFFSET = r"(\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?)\s*(?:Z|[+-]\d{2}(?::?\d{2})?)$"  # after a time of day
 TRUE_WORDS = frozenset({"true", "t", "yes", "y", "1"})
 FALSE_WORDS = frozenset({"false", "f", "no", "n", "0"})
 
@@ -47,6 +52,40 @@ def _is_null(values: pd.Series, null_values: frozenset[str]) -> np.ndarray:
     return missing
 
 
+def _is_bool(values: pd.Series) -> np.ndarray:
+    """JSON's true/false among other values: never a number (pandas would read them as 1 and 0)."""
+    if values.dtype != object:
+        return np.zeros(len(values), dtype=bool)
+    return values.map(lambda v: isinstance(v, bool | np.bool_)).to_numpy(dtype=bool)
+
+
+def _as_text(value: object) -> str | None:
+    """A landed value as text: bytes decoded as UTF-8 (None if they are not), JSON's objects, arrays and
+    booleans as JSON, anything else as Python writes it."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes | bytearray):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    if isinstance(value, dict | list | bool):
+        return json.dumps(value, ensure_ascii=False)
+    return str(value)
+
+
+def _wall_clock(values: pd.Series, column: Column) -> pd.Series:
+    """Date-times as written, without their offsets (naive; unparseable ones NaT)."""
+    if pd.api.types.is_datetime64_any_dtype(values.dtype):
+        return values.dt.tz_localize(None) if values.dt.tz is not None else values
+    if values.map(lambda v: hasattr(v, "year")).all():
+        return pd.Series([pd.Timestamp(v).tz_localize(None) for v in values], index=values.index)
+    text = values.astype("str").str.strip()
+    if column.format is None:
+        text = text.str.replace(OFFSET, r"\1", regex=True)
+    return pd.to_datetime(text, errors="coerce", format=column.format or "ISO8601")
+
+
 def _parse(values: pd.Series, column: Column) -> pd.Series:
     """Parse non-null values; unparseable ones become NaN/NaT (detected by the caller)."""
     kind = column.type
@@ -55,48 +94,64 @@ def _parse(values: pd.Series, column: Column) -> pd.Series:
     if kind.startswith("int"):
         return _parse_int(values, kind)
     if kind.startswith("float"):
-        numbers = pd.to_numeric(values, errors="coerce").astype("float64")
-        # "NaN" and "inf" text is not a number for training: declare such tokens in null_values instead.
-        return numbers.where(np.isfinite(numbers))
+        numbers = pd.to_numeric(values, errors="coerce").astype("float64").where(~_is_bool(values))
+        # "NaN" and "inf" text is not a number for training: declare such tokens in null_values instead; nor
+        # is a value past the type's range (1e40 would be float32's inf).
+        return numbers.where(np.isfinite(numbers) & (numbers.abs() <= FLOAT_MAX[kind]))
     if kind == "bool":
         if pd.api.types.is_bool_dtype(values.dtype):
             return values.astype(object)
         text = values.astype("str").str.strip().str.lower()
         return text.map(lambda t: True if t in TRUE_WORDS else (False if t in FALSE_WORDS else None))
-    if kind in ("date", "timestamp"):
+    if kind == "date":
+        # As written: a date's offset is not converted, and a value with a time of day is not a date.
+        stamps = _wall_clock(values, column)
+        return stamps.where(stamps == stamps.dt.normalize())
+    if kind == "timestamp":
         # In UTC: values with an offset are converted (mixed offsets, e.g. across a DST change, included),
         # values without one are taken as UTC.
         if pd.api.types.is_datetime64_any_dtype(values.dtype) or values.map(lambda v: hasattr(v, "year")).all():
             return pd.to_datetime(values, errors="coerce", utc=True)
         return pd.to_datetime(values.astype("str"), errors="coerce", utc=True, format=column.format or "ISO8601")
-    # string: keep text as is; render other scalars as text (JSON numbers in a string column).
-    return values.map(lambda v: v if isinstance(v, str) else str(v))
+    return values.map(_as_text)  # string
 
 
-INT_TEXT = r"[+-]?\d{1,18}"
+INT_TEXT = r"[+-]?\d{1,19}"
 INT_RANGES = {"int32": (-(2**31), 2**31 - 1), "int64": (-(2**63), 2**63 - 1)}
+INT64_LOW, INT64_HIGH = INT_RANGES["int64"]
 
 
 def _int_or_none(value: object) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float):
-        return int(value) if value.is_integer() else None
-    text = str(value).strip()
-    return int(text) if re.fullmatch(INT_TEXT, text) else None
+    """An exact integer within int64, or None."""
+    if isinstance(value, bool | np.bool_):
+        number = None
+    elif isinstance(value, int | np.integer):
+        number = int(value)
+    elif isinstance(value, float):
+        number = int(value) if value.is_integer() else None
+    else:
+        text = str(value).strip()
+        number = int(text) if re.fullmatch(INT_TEXT, text) else None
+    return number if number is not None and INT64_LOW <= number <= INT64_HIGH else None
 
 
 def _parse_int(values: pd.Series, kind: str) -> pd.Series:
     """Exact integers (never through float64, which loses digits past 2**53); out of range -> NA."""
-    if pd.api.types.is_integer_dtype(values.dtype):
+    if pd.api.types.is_unsigned_integer_dtype(values.dtype):
+        raw = values.to_numpy()
+        fits = raw <= INT64_HIGH
+        ints = pd.Series(pd.arrays.IntegerArray(np.where(fits, raw, 0).astype(np.int64), ~fits))
+    elif pd.api.types.is_integer_dtype(values.dtype):
         ints = values.astype("Int64")
     elif pd.api.types.is_float_dtype(values.dtype):
-        ints = values.where(np.isfinite(values) & (values == np.round(values))).astype("Int64")
+        exact = np.isfinite(values) & (values == np.round(values)) & (values.abs() < 2.0**63)
+        ints = values.where(exact).astype("Int64")
     elif pd.api.types.is_string_dtype(values.dtype) and values.dtype != object:
-        text = values.str.strip()
-        ints = text.where(text.str.fullmatch(INT_TEXT).fillna(False).astype(bool)).astype("Int64")
+        text = values.str.strip().str.removeprefix("+")
+        whole = text.str.fullmatch(INT_TEXT).fillna(False).to_numpy(dtype=bool)
+        long = whole & (text.str.lstrip("-").str.len() == 19).fillna(False).to_numpy(dtype=bool)
+        whole[long] = [_int_or_none(t) is not None for t in text[long]]  # 19 digits: past int64 or not
+        ints = text.where(whole).astype("Int64")
     else:
         ints = pd.Series([_int_or_none(v) if v is not None else None for v in values], dtype="Int64")
     low, high = INT_RANGES[kind]
@@ -114,12 +169,10 @@ def coerce_frame(frame: pd.DataFrame, dataset: Dataset) -> tuple[pa.Table, pd.Se
     for column in dataset.table.columns:
         values = frame[column.name] if column.name in frame else pd.Series([None] * len(frame), dtype=object)
         values = values.reset_index(drop=True)
-        missing = _is_null(values, null_values)
-        if (~missing).any():
-            parsed = _parse(values.where(~missing, None), column)
-        else:
-            parsed = pd.Series([None] * len(values), dtype=object)
-        failed = ~missing & parsed.isna().to_numpy()
+        try:
+            missing, failed, array = _coerce_column(values, column, null_values)
+        except Exception:  # a value the vectorised path does not foresee: each value alone
+            missing, failed, array = _coerce_each(values, column, null_values)
         bad = failed | (missing & (not column.nullable))
         for i in np.flatnonzero(bad):
             why = (
@@ -128,17 +181,44 @@ def coerce_frame(frame: pd.DataFrame, dataset: Dataset) -> tuple[pa.Table, pd.Se
                 else f"{column.name}: null in a non-nullable column"
             )
             reasons.iloc[i] = why if reasons.iloc[i] is None else f"{reasons.iloc[i]}; {why}"
-        clean = parsed.where(~(missing | failed), None)
-        arrays.append(_to_arrow(clean, column))
+        arrays.append(array)
     table = pa.Table.from_arrays(arrays, schema=arrow_schema(dataset, provenance=False).with_metadata(None))
     return table, reasons
+
+
+def _coerce_column(
+    values: pd.Series, column: Column, null_values: frozenset[str]
+) -> tuple[np.ndarray, np.ndarray, pa.Array]:
+    """Which values are missing, which failed to parse, and the column in its type (both as nulls)."""
+    missing = _is_null(values, null_values)
+    if (~missing).any():
+        parsed = _parse(values.where(~missing, None), column)
+    else:
+        parsed = pd.Series([None] * len(values), dtype=object)
+    failed = ~missing & parsed.isna().to_numpy()
+    return missing, failed, _to_arrow(parsed.where(~(missing | failed), None), column)
+
+
+def _coerce_each(
+    values: pd.Series, column: Column, null_values: frozenset[str]
+) -> tuple[np.ndarray, np.ndarray, pa.Array]:
+    missing, failed, arrays = np.zeros(len(values), bool), np.zeros(len(values), bool), []
+    for i, value in enumerate(values):
+        try:
+            one_missing, one_failed, array = _coerce_column(pd.Series([value], dtype=object), column, null_values)
+            missing[i], failed[i] = one_missing[0], one_failed[0]
+        except Exception:
+            failed[i], array = True, pa.nulls(1, ARROW_TYPES[column.type])
+        arrays.append(array)
+    return missing, failed, pa.concat_arrays(arrays) if arrays else pa.array([], ARROW_TYPES[column.type])
 
 
 def _to_arrow(values: pd.Series, column: Column) -> pa.Array:
     target = ARROW_TYPES[column.type]
     if column.type in ("date", "timestamp"):
         stamps = pd.to_datetime(values, errors="coerce", utc=True).dt.tz_localize(None)  # UTC, as _parse made it
-        array = pa.array(stamps, type=pa.timestamp("us"))
+        # The type keeps microseconds: finer digits (.NET's 100 ns ticks, Parquet's nanoseconds) are dropped.
+        array = pa.array(stamps.dt.floor("us"), type=pa.timestamp("us"))
         return array.cast(target) if column.type == "date" else array
     if column.type.startswith("int"):
         return pa.array(values.astype("Int64"), type=pa.int64()).cast(target)

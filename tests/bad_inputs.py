@@ -11,6 +11,8 @@ import io
 from dataclasses import dataclass, field
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 HEADER = "id,name,amount,day,flag\n"
 COLUMNS = [
@@ -182,6 +184,37 @@ def csv_cases() -> list[Case]:
             valid=0,
             refused="Parquet content, not a CSV file",
         ),
+        Case(
+            "int64_edges.csv",
+            (
+                HEADER
+                + "+400,plus,1.0,2024-01-05,true\n"
+                + "1234567890123456789,nineteen-digits,1.0,2024-01-05,true\n"
+                + "9223372036854775808,past-int64,1.0,2024-01-05,true\n"
+            ).encode(),
+            read=3,
+            valid=2,
+            reasons={4: "'9223372036854775808' is not a valid int64"},
+        ),
+        Case(
+            "days_with_times.csv",
+            (
+                HEADER
+                + "410,midnight-far-east,1.0,2024-01-05T00:00:00+14:00,true\n"  # the 5th, as written
+                + "411,evening-new-york,1.0,2024-01-05T23:30:00-05:00,true\n"  # a time of day: not a date
+                + "412,morning,1.0,2024-01-05T10:00,true\n"
+            ).encode(),
+            read=3,
+            valid=1,
+            reasons={3: "'2024-01-05T23:30:00-05:00' is not a valid date", 4: "'2024-01-05T10:00' is not a valid date"},
+        ),
+        Case(
+            "duplicate_header.csv",
+            b"id,name,amount,day,flag,amount\n420,a,1.5,2024-01-05,true,999\n",
+            read=0,
+            valid=0,
+            refused="['amount'] appear more than once",
+        ),
     ]
 
 
@@ -208,6 +241,29 @@ def jsonl_cases() -> list[Case]:
         ),
         Case("zero_bytes.jsonl", b"", read=0, valid=0),
         Case(
+            "odd_values.jsonl",
+            b'{"id": 430, "name": {"first": "A"}, "amount": 1.0, "day": "2024-01-05", "flag": true}\n'
+            b'{"id": 431, "name": "b", "amount": true, "day": "2024-01-05", "flag": true}\n'
+            b'{"id": 1e20, "name": "c", "amount": 1.0, "day": "2024-01-05", "flag": true}\n'
+            b'{"id": 18446744073709551616, "name": "d", "amount": 1.0, "day": "2024-01-05", "flag": true}\n'
+            b'{"id": 432, "name": "\\ud800", "amount": 1.0, "day": "2024-01-05", "flag": true}\n',
+            read=5,
+            valid=1,
+            reasons={
+                2: "amount: 'True' is not a valid float64",
+                3: "id: '1e+20' is not a valid int64",
+                4: "id: '18446744073709551616' is not a valid int64",
+                5: "is not a valid string",  # a lone surrogate (an emoji cut in half): no UTF-8 for it
+            },
+        ),
+        Case(
+            "long_not_json.jsonl",
+            b'{"id": 440, "name": "' + b"x" * 20_000 + b"\n",
+            read=1,
+            valid=0,
+            reasons={1: "not JSON"},
+        ),
+        Case(
             "bad_bytes.jsonl",
             b'{"id": 220, "name": "ok", "amount": 1.0, "day": "2024-01-05", "flag": true}\n'
             b'{"id": 221, "name": "Jos\xe9", "amount": 1.0, "day": "2024-01-05", "flag": true}\n',
@@ -222,8 +278,26 @@ def parquet_cases() -> list[Case]:
     good = parquet_bytes(good_frame(300))
     typed = good_frame(310).astype({"amount": "str"})
     typed.loc[1, "amount"] = "abc"
+    odd_types = pa.table(
+        {
+            "id": pa.array([450, 2**63 + 5], pa.uint64()),
+            "name": pa.array([b"plain", b"\xff"], pa.binary()),  # text without its UTF-8 annotation (Hive)
+            "amount": [1.0, 2.0],
+            "day": pa.array([1704412800 * 10**9, 1704448800 * 10**9 + 123456789], pa.timestamp("ns")),
+            "flag": [True, False],
+        }
+    )
+    buffer = io.BytesIO()
+    pq.write_table(odd_types, buffer)
     return [
         Case("good.parquet", good, read=3, valid=3),
+        Case(
+            "odd_types.parquet",
+            buffer.getvalue(),
+            read=2,
+            valid=1,
+            reasons={2: "id: '9223372036854775813' is not a valid int64"},
+        ),
         Case("truncated.parquet", good[: len(good) // 2], read=0, valid=0, refused="not a readable Parquet file"),
         Case("really_csv.parquet", csv_bytes(good_frame(320)), read=0, valid=0, refused="not a readable Parquet file"),
         Case("zero_bytes.parquet", b"", read=0, valid=0, refused="not a readable Parquet file (0 bytes)"),

@@ -118,6 +118,9 @@ def test_quarantined_rows_keep_their_original_text(corpus_run) -> None:
     numbers = rows[rows["_source"].str.endswith("numbers.csv")]
     assert json.loads(numbers.loc[numbers["_row"] == 2, "record"].iloc[0])["amount"] == "NaN"
     assert rows["run_id"].nunique() == 1
+    jsonl = quarantine(store, "corpus_jsonl")
+    long_line = jsonl[jsonl["_source"].str.endswith("long_not_json.jsonl")].iloc[0]
+    assert len(long_line["record"]) > 20_000  # the whole line, not a prefix
 
 
 def test_the_good_files_reach_the_shards(corpus_run, corpus_catalog: Catalog) -> None:
@@ -131,7 +134,23 @@ def test_the_good_files_reach_the_shards(corpus_run, corpus_catalog: Catalog) ->
     assert {1, 2, 3, 20, 21, 22, 30, 50, 62, 70, 91, 100} <= set(shards["id"])
     assert shards.loc[shards["id"] == 50, "name"].iloc[0] == "two\nlines"
     assert shards.loc[shards["id"] == 50, "_row"].iloc[0] == 2
+    assert {400, 1234567890123456789} <= set(shards["id"])
+    assert str(shards.loc[shards["id"] == 410, "day"].iloc[0]) == "2024-01-05"  # its own offset not applied
     assert asset_key(dataset, "shards").path[-1] == "shards"
+
+
+def test_odd_values_reach_the_shards_as_text_a_person_would_read(corpus_run, corpus_catalog: Catalog) -> None:
+    _, store = corpus_run
+    rows = {}
+    for name in ("corpus_jsonl", "corpus_parquet"):
+        manifest = latest_manifest(store, corpus_catalog.datasets[name])
+        prefix = f"shards/{name}/v={manifest['version']}"
+        for v in manifest["splits"].values():
+            for s in v["shards"]:
+                frame = pd.read_parquet(store.url(f"{prefix}/{s['path']}"))
+                rows |= dict(zip(frame["id"], frame["name"], strict=True))
+    assert rows[430] == '{"first": "A"}'  # JSON, not Python's repr
+    assert rows[450] == "plain"  # Parquet bytes decoded, not "b'plain'"
 
 
 def test_failing_values_are_shown_cut_short(corpus_run, corpus_catalog: Catalog) -> None:

@@ -90,6 +90,11 @@ DATASET_ERRORS = {
         "source.options.encoding",
         "unknown text encoding 'base64'",
     ),
+    "encoding the readers cannot read": (
+        lambda d: d["source"]["options"].update(encoding="utf-16"),
+        "source.options.encoding",
+        "files are not read; convert them to UTF-8",
+    ),
     "landing outside its zone": (lambda d: d["source"].update(landing="../../raw/**"), "source.landing", "within"),
     "key of lists": (lambda d: d["schema"].update(key=[["record_id", "year"]]), "schema.key.0", "valid string"),
     "format on a number": (

@@ -112,6 +112,19 @@ def test_timestamps_are_read_in_utc_whatever_their_offsets() -> None:
     ]
 
 
+def test_timestamps_keep_microseconds_and_float32_its_range() -> None:
+    """.NET writes 100 ns ticks: kept to the type's microsecond, not refused (nor the whole file with them);
+    1e40 would be float32's infinity."""
+    columns = [{"name": "id", "type": "int64"}, {"name": "at", "type": "timestamp"}, {"name": "x", "type": "float32"}]
+    dataset = CORPUS.model_copy(update={"table": CORPUS.table.model_validate({"key": ["id"], "columns": columns})})
+    typed, reasons = coerce_frame(
+        read_landed(b"id,at,x\n1,2024-01-05T10:00:00.1234567Z,1.5\n2,2024-01-05T10:00:00Z,1e40\n", dataset).values,
+        dataset,
+    )
+    assert str(typed.column("at")[0].as_py()) == "2024-01-05 10:00:00.123456"
+    assert reasons.iloc[0] is None and "x: '1e40' is not a valid float32" in reasons.iloc[1]
+
+
 def test_json_numbers_stay_exact_and_nan_is_judged_as_in_csv() -> None:
     jsonl = CORPUS.model_copy(update={"source": CORPUS.source.model_copy(update={"format": "jsonl"})})
     lines = [

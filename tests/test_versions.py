@@ -15,6 +15,7 @@ import pytest
 from aifactory_assets.catalog import Catalog
 from aifactory_assets.demo import land_demo_data
 from aifactory_assets.factory import asset_key, build_catalog_assets, run_finished
+from aifactory_assets.ingest import ingest_dataset
 from aifactory_assets.loader import ShardReader
 from aifactory_assets.manifest import (
     OUTPUT_MODULES,
@@ -145,6 +146,31 @@ class DiesDeleting(ObjectStore):
         if key == self.dies_at:
             raise KeyboardInterrupt(f"killed while deleting {key}")
         super().delete(key)
+
+
+class DiesWriting(ObjectStore):
+    """A store whose process is killed as it writes `dies_at` (fault injection)."""
+
+    dies_at: str
+
+    def write_json(self, key: str, value: object) -> None:
+        if key == self.dies_at:
+            raise KeyboardInterrupt(f"killed while writing {key}")
+        super().write_json(key, value)
+
+
+def test_a_raw_step_killed_between_its_two_pointers_leaves_a_whole_generation(setup) -> None:
+    """The raw pointer first, then the quarantine's, whose publish deletes older quarantines: killed before
+    the raw pointer, the current raw generation still has the quarantine its record names."""
+    catalog, dataset, store, stores, dask = setup
+    assert run(catalog, stores, dask, stages=("raw",)).success
+    dying = DiesWriting(site=store.site, root=store.root, dies_at=f"raw/{DATASET}/_current.json")
+    with pytest.raises(KeyboardInterrupt):
+        ingest_dataset(dying, dask.get_client(), dataset, "killed-run")
+    raw = current(store, f"raw/{DATASET}")
+    assert raw["run_id"] != "killed-run"
+    assert store.list_objects(raw["quarantine"]), "the quarantine the current raw generation names is gone"
+    assert current(store, f"quarantine/{DATASET}/raw")["generation"] == raw["quarantine"]
 
 
 @pytest.mark.parametrize("dies_at", ["v=ver0/manifest.json", "v=ver0"])
