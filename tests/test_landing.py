@@ -96,6 +96,16 @@ def test_rows_keep_their_lines_past_blank_lines_and_ignored_columns(fast: bool) 
     assert list(read_landed(data, ignoring, fast=fast).rows) == [2, 6, 8]
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_rows_keep_their_lines_past_a_field_longer_than_pythons_csv_limit(fast: bool) -> None:
+    """Python's csv reader, which counts blank lines, stops at fields over 128 KiB unless told otherwise."""
+    rest = b",1,2024-01-05,true"
+    data = HEADER + b"1," + b"x" * 200_000 + rest + b"\n\n\n2,b" + rest + b"\n3,c,1\n4,d" + rest + b"\n"
+    landed = read_landed(data, CORPUS, fast=fast)
+    assert list(landed.rows) == [2, 5, 7]
+    assert [b.row for b in landed.bad] == [6]
+
+
 def test_timestamps_are_read_in_utc_whatever_their_offsets() -> None:
     """A file crossing a DST change mixes offsets; values without an offset are taken as UTC."""
     columns = [{"name": "id", "type": "int64"}, {"name": "at", "type": "timestamp"}]
