@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from collections.abc import Callable
-from functools import lru_cache
 from typing import Any
 
 import dask.dataframe as dd
@@ -47,29 +47,37 @@ def severity(expectation: dict[str, Any]) -> str:
     return (expectation.get("meta") or {}).get("severity", "critical")
 
 
-@lru_cache(maxsize=1)
-def _batch_definition() -> Any:
-    """One ephemeral GX context per worker process; imported here because GX costs seconds to import."""
-    import great_expectations as gx
+_GX = threading.local()
 
-    context = gx.get_context(mode="ephemeral")
-    context.variables.progress_bars = {"globally": False}
-    source = context.data_sources.add_pandas("aifactory")
-    return source.add_dataframe_asset("partition").add_batch_definition_whole_dataframe("whole")
+
+def _batch_definition() -> Any:
+    """One ephemeral GX context per worker thread: a context's batch holds the frame it validates, so two
+    threads sharing one (a worker with threads_per_worker > 1) validated each other's files. Imported here
+    because GX costs seconds to import."""
+    if not hasattr(_GX, "batch_definition"):
+        import great_expectations as gx
+
+        context = gx.get_context(mode="ephemeral")
+        context.variables.progress_bars = {"globally": False}
+        source = context.data_sources.add_pandas("aifactory")
+        _GX.batch_definition = source.add_dataframe_asset("partition").add_batch_definition_whole_dataframe("whole")
+    return _GX.batch_definition
 
 
 def pandas_for_gx(table: pa.Table) -> pd.DataFrame:
     """Temporal columns as datetime64[ns]: GX 1.x vectorises its range checks only at that unit (pandas 3
     gives us/ms and GX then checks one value at a time). Values outside 1677-2262 keep their unit.
-    Integer columns that hold a null or a value past 2**53 as pandas' nullable integers: with a null,
-    plain pandas makes them float64, and GX compares plain int64 against a bound through floats too;
-    either way digits past 2**53 would be lost (other columns stay plain: GX is faster on them)."""
+    Integer columns with a value past 2**53 as pandas' nullable integers: plain pandas makes a column with
+    a null float64, which loses such digits. Within 2**53 a null makes the column float64 (exact there):
+    GX's column-pair and multicolumn-sum expectations cannot compare pandas' NA ("boolean value of NA is
+    ambiguous"). GX still turns a bound into a float, so a bound past 2**53 is judged through floats."""
+    table = table.replace_schema_metadata(None)  # pandas' own metadata would bring its nullable types back
     try:
         frame = table.to_pandas(date_as_object=False, coerce_temporal_nanoseconds=True)
     except pa.ArrowInvalid:
         frame = table.to_pandas(date_as_object=False)
     for name, column in zip(table.column_names, table.columns, strict=True):
-        if pa.types.is_integer(column.type) and (column.null_count or past_float_precision(column)):
+        if pa.types.is_integer(column.type) and past_float_precision(column):
             frame[name] = column.to_pandas(types_mapper=pd.ArrowDtype).astype(f"Int{column.type.bit_width}")
     return frame
 

@@ -110,6 +110,65 @@ def test_mostly_is_judged_on_the_totals(tmp_path, dask: DaskCluster, mostly: flo
     assert [e["quarantined_at_validation"] for e in record["ledger"]] == [0, 20, 0]
 
 
+def test_validation_threads_each_judge_their_own_file(tmp_path) -> None:
+    """A Dask worker may run several threads (threads_per_worker, or a site's own cluster): file k, with
+    exactly k values out of range, must report k whichever thread judged it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from aifactory_assets.validation import validate_part
+
+    store = ObjectStore(site="kajaani", root=str(tmp_path))
+    suite = {
+        "name": "readings",
+        "expectations": [
+            {
+                "type": "expect_column_values_to_be_between",
+                "kwargs": {"column": "value", "min_value": 0, "max_value": 10},
+            }
+        ],
+    }
+
+    def judge(k: int) -> tuple[int, int, int]:
+        rows = 1_000 + 37 * k
+        values = np.full(rows, 5.0)
+        values[:k] = 50.0
+        source = f"landing/readings/part-{k}.parquet"
+        frame = pd.DataFrame({"id": np.arange(rows), "value": values, "_source": source, "_row": np.arange(rows) + 1})
+        part = store.url(f"raw/part-{k}.parquet")
+        write_parquet(pa.Table.from_pandas(frame, preserve_index=False), part, {})
+        found = validate_part(part, source, store.url(f"quarantine/part-{k}.parquet"), suite, {}, "r1")
+        return found["rows_quarantined"], found["counts"][0]["unexpected_count"], found["counts"][0]["element_count"]
+
+    with ThreadPoolExecutor(4) as pool:
+        judged = list(pool.map(judge, range(24)))
+    assert judged == [(k, k, 1_000 + 37 * k) for k in range(24)]
+
+
+def test_column_pairs_with_a_null_in_an_integer_column_agree_with_gx(tmp_path, dask: DaskCluster) -> None:
+    """pandas' nullable integers made GX's pair comparison raise ("boolean value of NA is ambiguous")."""
+    columns = [{"name": "id", "type": "int64", "nullable": False}]
+    columns += [{"name": "a", "type": "int64"}, {"name": "b", "type": "int64"}]
+    dataset = DATASET.model_copy(update={"table": DATASET.table.model_validate({"key": ["id"], "columns": columns})})
+    store = ObjectStore(site="kajaani", root=str(tmp_path))
+    frames = [
+        pd.DataFrame({"id": [1, 2, 3], "a": [5, 1, 7], "b": [1, 2, 3]}),
+        pd.DataFrame({"id": [4, 5, 6], "a": pd.array([None, 9, 0], dtype="Int64"), "b": [1, 2, 3]}),
+    ]
+    publish_raw(store, frames)
+    expectation = {
+        "type": "expect_column_pair_values_a_to_be_greater_than_b",
+        "kwargs": {"column_A": "a", "column_B": "b", "mostly": 0.5},
+    }
+    record = validate_dataset(
+        store, dask.get_client(), dataset, {"name": "readings", "expectations": [expectation]}, "r1"
+    )
+    (result,) = record["results"]
+    (reference,) = gx_whole_table(pd.concat(frames, ignore_index=True).astype({"a": "float64"}), [expectation])
+    assert result["error"] is None
+    assert result["success"] is reference.success is True
+    assert result["unexpected_count"] == reference.result["unexpected_count"] == 3  # the null row too, as GX
+
+
 def test_an_expectation_gx_cannot_judge_fails_with_its_error(tmp_path, dask: DaskCluster) -> None:
     """GX reports a metric that raised (here a broken regex) under the metric's id, with no counts: that is
     a failure with GX's reason, never a pass with nothing unexpected."""
