@@ -89,7 +89,7 @@ def _statistic(frame: dd.DataFrame, kind: str, kwargs: dict[str, Any]) -> Statis
         meta = pd.DataFrame({"first": [], "last": [], "bad": [], "count": [], "rows": []}, dtype=object)
         return series.map_partitions(_order_violations, decreasing, kwargs.get("strictly", False), meta=meta)
     if kind == "expect_column_value_z_scores_to_be_less_than":
-        return series.mean(), series.std(), series.count()
+        return series.mean(), series.std(), series.count(), series.size
     reducer = {"mean": "mean", "stdev": "std", "min": "min", "max": "max", "sum": "sum"}
     name = reducer[kind.removeprefix("expect_column_").removesuffix("_to_be_between")]
     if _temporal(series):  # dates and timestamps: as datetime64 (Dask cannot reduce Arrow dates)
@@ -220,21 +220,25 @@ def _verdict(kind: str, kwargs: dict[str, Any], value: Any, temporal: bool) -> d
     return {"success": between(observed, kwargs), "observed": observed}
 
 
-def _z_scores(frame: dd.DataFrame, kwargs: dict[str, Any], moments: tuple[float, float, int]) -> dict[str, Any]:
-    mean, std, count = moments
+def _z_scores(frame: dd.DataFrame, kwargs: dict[str, Any], moments: tuple[float, float, int, int]) -> dict[str, Any]:
+    """As GX counts them: every row an element, nulls missing, `mostly` on the rest; double-sided, the
+    threshold's size is what counts (GX takes its absolute value)."""
+    mean, std, count, rows = moments
+    counts = {"element_count": int(rows), "missing_count": int(rows - count)}
     if not std or np.isnan(std):
-        return {"success": True, "element_count": int(count), "unexpected_count": 0, "observed": "zero variance"}
+        return {"success": True, **counts, "unexpected_count": 0, "observed": "zero variance"}
+    double_sided = kwargs.get("double_sided", True)
+    threshold = abs(kwargs["threshold"]) if double_sided else kwargs["threshold"]
     z = (frame[kwargs["column"]] - mean) / std
-    z = z.abs() if kwargs.get("double_sided", True) else z
-    unexpected = int((z >= kwargs["threshold"]).sum().compute())
+    unexpected = int(((z.abs() if double_sided else z) >= threshold).sum().compute())
     mostly = kwargs.get("mostly")
     share_ok = 1.0 if count == 0 else (count - unexpected) / count
     success = unexpected == 0 if mostly is None else share_ok >= mostly
     return {
         "success": success,
-        "element_count": int(count),
+        **counts,
         "unexpected_count": unexpected,
-        "observed": f"{unexpected} rows with |z| >= {kwargs['threshold']}",
+        "observed": f"{unexpected} rows with {'|z|' if double_sided else 'z'} >= {threshold}",
     }
 
 

@@ -237,6 +237,10 @@ GLOBAL_CASES = [
         "type": "expect_column_value_z_scores_to_be_less_than",
         "kwargs": {"column": "value", "threshold": 1.5, "double_sided": True},
     },
+    {  # double-sided, GX takes the threshold's size
+        "type": "expect_column_value_z_scores_to_be_less_than",
+        "kwargs": {"column": "value", "threshold": -3, "double_sided": True},
+    },
 ]
 
 
@@ -246,6 +250,7 @@ def test_non_decomposable_expectations_agree_with_gx_on_the_whole_table(dask: Da
     frames[2].loc[5, "id"] = 150  # a duplicate id across files, and an id out of order
     whole = pd.concat(frames, ignore_index=True)
     whole["at"] = pd.Timestamp("2026-01-01") + pd.to_timedelta(whole["id"], unit="min")
+    whole.loc[7, "value"] = np.nan  # a null: an element, and missing
     ours = judge_global(dd.from_pandas(whole, npartitions=3, sort=False), GLOBAL_CASES)
     reference = gx_whole_table(whole, GLOBAL_CASES)
     verdicts = [
@@ -255,6 +260,9 @@ def test_non_decomposable_expectations_agree_with_gx_on_the_whole_table(dask: Da
     assert {v[2] for v in verdicts} == {True, False}  # the cases exercise both outcomes
     unique_id = ours[0]
     assert unique_id["unexpected_count"] == reference[0].result["unexpected_count"] == 2
+    z_scores = ours[-1], reference[-1].result
+    counted = ("element_count", "missing_count", "unexpected_count")
+    assert [z_scores[0][k] for k in counted] == [z_scores[1][k] for k in counted] == [300, 1, 20]
 
 
 PARQUET_CASES = [
