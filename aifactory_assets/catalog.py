@@ -7,6 +7,7 @@ Python. Adding a dataset is adding `datasets/<name>.yaml` and its suite; no code
 from __future__ import annotations
 
 import codecs
+import datetime as dt
 import json
 import os
 import re
@@ -83,6 +84,31 @@ GLOBAL_EXPECTATIONS = frozenset(
     }
 )
 SUPPORTED_EXPECTATIONS = ROW_EXPECTATIONS | TABLE_EXPECTATIONS | GLOBAL_EXPECTATIONS
+# Expectations on text: on another type GX judges the values as pandas prints them, which differs from file to
+# file (a timestamp column prints as dates alone when every value in the file is midnight).
+TEXT_EXPECTATIONS = frozenset(
+    {
+        "expect_column_values_to_match_regex",
+        "expect_column_values_to_not_match_regex",
+        "expect_column_values_to_match_strftime_format",
+        "expect_column_value_lengths_to_be_between",
+        "expect_column_value_lengths_to_equal",
+    }
+)
+# Statistics computed for numbers only (dataset_statistics.py); min, max and mean also take dates.
+NUMBER_STATISTICS = frozenset(
+    {
+        "expect_column_median_to_be_between",
+        "expect_column_quantile_values_to_be_between",
+        "expect_column_stdev_to_be_between",
+        "expect_column_sum_to_be_between",
+        "expect_column_value_z_scores_to_be_less_than",
+    }
+)
+NUMBER_TYPES = frozenset({"int32", "int64", "float32", "float64"})
+STATISTICS_OF_VALUES = frozenset(
+    f"expect_column_{s}_to_be_between" for s in ("median", "mean", "stdev", "min", "max", "sum")
+)
 SEVERITIES = ("critical", "warning")
 BOUNDS = frozenset({"min_value", "max_value", "strict_min", "strict_max"})
 # The arguments (required, optional) our own judgement of table and dataset expectations honours: GX never
@@ -395,6 +421,7 @@ def load_suite(path: Path, dataset: Dataset, dataset_file: Path) -> dict[str, An
         unknown = [c for c in referenced if c not in columns]
         if unknown:
             raise CatalogError(path, f"{where}.kwargs", f"column(s) {unknown} are not in the dataset's schema")
+        check_types(path, where, exp["type"], kwargs, {c.name: c.type for c in dataset.table.columns})
         meta = exp.get("meta") or {}
         if not isinstance(meta, dict):
             raise CatalogError(path, f"{where}.meta", "must be a mapping")
@@ -437,6 +464,63 @@ def check_arguments(path: Path, where: str, kind: str, kwargs: dict[str, Any]) -
             re.compile(regex)
         except (re.error, TypeError) as exc:
             raise CatalogError(path, f"{field}.{name}", f"{regex!r} is not a regular expression: {exc}") from None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def check_types(path: Path, where: str, kind: str, kwargs: dict[str, Any], types: dict[str, str]) -> None:
+    """The column's type against what the expectation judges, and the types of the arguments we judge
+    ourselves (GX converts "100" to 100 where our comparison would fail the step)."""
+    field, column = f"{where}.kwargs", kwargs.get("column")
+    column_type = types.get(column) if isinstance(column, str) else None
+    if kind in TEXT_EXPECTATIONS and column_type != "string":
+        raise CatalogError(path, f"{field}.column", f"{kind} judges text; column {column!r} is {column_type}")
+    if kind in NUMBER_STATISTICS and column_type not in NUMBER_TYPES:
+        raise CatalogError(path, f"{field}.column", f"{kind} needs a number column; {column!r} is {column_type}")
+    if kind not in OWN_ARGUMENTS:
+        return
+    temporal = kind in STATISTICS_OF_VALUES and column_type in ("date", "timestamp")
+    for name in ("min_value", "max_value"):
+        value = kwargs.get(name)
+        if value is None:
+            continue
+        if temporal and not (isinstance(value, str) and _is_iso_datetime(value)):
+            raise CatalogError(path, f"{field}.{name}", f"must be an ISO 8601 date or timestamp, got {value!r}")
+        if not temporal and not _is_number(value):
+            raise CatalogError(path, f"{field}.{name}", f"must be a number, got {value!r}")
+    for name in ("strict_min", "strict_max", "exact_match", "strictly", "double_sided"):
+        if name in kwargs and not isinstance(kwargs[name], bool):
+            raise CatalogError(path, f"{field}.{name}", f"must be true or false, got {kwargs[name]!r}")
+    if "value" in kwargs and not (isinstance(kwargs["value"], int) and not isinstance(kwargs["value"], bool)):
+        raise CatalogError(path, f"{field}.value", f"must be a whole number, got {kwargs['value']!r}")
+    if "threshold" in kwargs and not _is_number(kwargs["threshold"]):
+        raise CatalogError(path, f"{field}.threshold", f"must be a number, got {kwargs['threshold']!r}")
+    if "quantile_ranges" in kwargs:
+        ranges = kwargs["quantile_ranges"]
+        quantiles = ranges.get("quantiles") if isinstance(ranges, dict) else None
+        bounds = ranges.get("value_ranges") if isinstance(ranges, dict) else None
+        if not (
+            isinstance(quantiles, list)
+            and isinstance(bounds, list)
+            and len(quantiles) == len(bounds)
+            and all(_is_number(q) and 0 <= q <= 1 for q in quantiles)
+            and all(isinstance(b, list) and len(b) == 2 and all(v is None or _is_number(v) for v in b) for b in bounds)
+        ):
+            raise CatalogError(
+                path,
+                f"{field}.quantile_ranges",
+                "must be {quantiles: [shares between 0 and 1], value_ranges: [[low, high], ...]}, one range each",
+            )
+
+
+def _is_iso_datetime(text: str) -> bool:
+    try:
+        dt.datetime.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
 
 
 def load_catalog(root: Path | str | None = None) -> Catalog:

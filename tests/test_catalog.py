@@ -194,6 +194,35 @@ def test_suite_that_does_not_parse(tmp_catalog: Path) -> None:
             "expectations.0.kwargs.column_list",
             "list of column names",
         ),
+        # Judged as pandas prints them, per file; or computed by us for numbers only; or compared by us as given.
+        (
+            {"type": "expect_column_values_to_match_regex", "kwargs": {"column": "body_mass_g", "regex": "^[0-9]+$"}},
+            "expectations.0.kwargs.column",
+            "judges text; column 'body_mass_g' is float64",
+        ),
+        (
+            {"type": "expect_column_median_to_be_between", "kwargs": {"column": "species", "min_value": 1}},
+            "expectations.0.kwargs.column",
+            "needs a number column; 'species' is string",
+        ),
+        (
+            {"type": "expect_table_row_count_to_be_between", "kwargs": {"min_value": "1"}},
+            "expectations.0.kwargs.min_value",
+            "must be a number, got '1'",
+        ),
+        (
+            {"type": "expect_table_row_count_to_equal", "kwargs": {"value": "344"}},
+            "expectations.0.kwargs.value",
+            "must be a whole number",
+        ),
+        (
+            {
+                "type": "expect_column_quantile_values_to_be_between",
+                "kwargs": {"column": "body_mass_g", "quantile_ranges": {"quantiles": [0.5], "value_ranges": []}},
+            },
+            "expectations.0.kwargs.quantile_ranges",
+            "one range each",
+        ),
     ],
 )
 def test_suite_errors_name_the_expectation(tmp_catalog: Path, expectation: dict, field: str, message: str) -> None:
