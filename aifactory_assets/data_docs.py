@@ -17,6 +17,20 @@ def gx_imported() -> bool:
     return "great_expectations" in sys.modules
 
 
+def _plain(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else value
+
+
+def observed_value(result: dict[str, Any]) -> Any:
+    """As GX's renderer reads it (otherwise it shows "--"): quantiles as {quantiles, values}, and NumPy
+    numbers as Python's, which its number formatting takes."""
+    observed = result["observed"]
+    if result["type"] == "expect_column_quantile_values_to_be_between" and isinstance(observed, list):
+        quantiles = result["kwargs"]["quantile_ranges"]["quantiles"]
+        return {"quantiles": quantiles, "values": [_plain(v) for v in observed]}
+    return _plain(observed)
+
+
 def render_data_docs(suite_name: str, results: list[dict[str, Any]], run_id: str) -> str:
     from great_expectations.core import ExpectationSuiteValidationResult, ExpectationValidationResult
     from great_expectations.core.run_identifier import RunIdentifier
@@ -26,7 +40,7 @@ def render_data_docs(suite_name: str, results: list[dict[str, Any]], run_id: str
 
     gx_results = []
     for r in results:
-        result: dict[str, Any] = {"observed_value": r.get("observed")} if "observed" in r else {}
+        result: dict[str, Any] = {"observed_value": observed_value(r)} if "observed" in r else {}
         if "element_count" in r:
             judged = r["element_count"] - r.get("missing_count", 0)
             result |= {

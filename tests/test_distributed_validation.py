@@ -315,3 +315,27 @@ def test_dataset_expectations_read_from_parquet_agree_with_gx(tmp_path, dask: Da
             assert mine["unexpected_count"] == theirs.result["unexpected_count"], (expectation, mine)
     assert ours[0]["observed"] == whole["x"].median() == 2499.5  # exact, though no file holds the middle
     assert {r["success"] for r in ours} == {True, False}
+
+
+def test_data_docs_show_the_observed_quantiles_and_shares() -> None:
+    """GX's renderer shows "--" for quantiles not given as {quantiles, values}, and for NumPy numbers."""
+    from aifactory_assets.data_docs import render_data_docs
+
+    ranges = {"quantiles": [0.1, 0.9], "value_ranges": [[1, 2], [3, 4]]}
+    common = {"severity": "critical", "scope": "dataset", "success": True}
+    results = [
+        {
+            "type": "expect_column_quantile_values_to_be_between",
+            "kwargs": {"column": "x", "quantile_ranges": ranges},
+            "observed": [np.float64(1.5), np.float64(3.25)],
+            **common,
+        },
+        {
+            "type": "expect_column_proportion_of_unique_values_to_be_between",
+            "kwargs": {"column": "x", "min_value": 0.5},
+            "observed": np.float64(0.8765),
+            **common,
+        },
+    ]
+    page = render_data_docs("readings", results, "r1")
+    assert "3.25" in page and "0.8765" in page
