@@ -329,8 +329,10 @@ def validate_dataset(
     def whole_dataset() -> dd.DataFrame:
         if parts:
             return dd.read_parquet([store.url(p) for p in parts], storage_options=store.storage_options)
-        # every file refused: judge the suite on an empty table of the right schema
-        return dd.from_pandas(arrow_schema(dataset).empty_table().to_pandas(), npartitions=1)
+        # every file refused: judge the suite on an empty table of the right schema, typed as read_parquet
+        # types it (plain to_pandas makes a date column one of objects, whose mean fails)
+        empty = arrow_schema(dataset).empty_table().to_pandas(types_mapper=pd.ArrowDtype)
+        return dd.from_pandas(empty, npartitions=1)
 
     results = hide_personal_values(judge_suite(suite, partials, whole_dataset, dataset.table.names), dataset)
     rows_in = sum(p["rows_in"] for p in partials)

@@ -276,6 +276,8 @@ def test_a_landing_of_refused_files_warns_and_never_becomes_the_latest_version(s
     catalog, dataset, store, stores, dask = setup
     suite = catalog.suites[DATASET]  # without its row-count expectation, which would stop an empty table first
     lenient = {**suite, "expectations": [e for e in suite["expectations"] if "row_count" not in e["type"]]}
+    mean_day = {"type": "expect_column_mean_to_be_between", "kwargs": {"column": "date", "min_value": "2000-01-01"}}
+    lenient["expectations"].append({**mean_day, "meta": {"severity": "warning"}})  # judged on an empty table
     catalog = catalog.model_copy(update={"suites": {DATASET: lenient}})
     assert run(catalog, stores, dask).success
     first = latest_manifest(store, dataset)
@@ -288,6 +290,7 @@ def test_a_landing_of_refused_files_warns_and_never_becomes_the_latest_version(s
     assert not files.passed and files.severity == dg.AssetCheckSeverity.WARN
     assert "broken.parquet" in files.description and "not a readable Parquet file" in files.description
     assert "no rows read (1 of 1 landed file(s) refused" in failure_message(result)
+    assert result.asset_materializations_for_node("climate__seattle_weather__validated")  # its report published
     assert latest_manifest(store, dataset)["version"] == first["version"]  # training keeps the last good one
 
 
