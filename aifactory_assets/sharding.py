@@ -319,6 +319,9 @@ def shard_dataset(
         schema=schema,
         sample_rows=0 if dataset.shards.target_rows else SAMPLE_ROWS,  # shards cut by rows need no sample
     )
+    # Every bucket is gathered: the scattered files (as large as the data, uncompressed on a local disk) go
+    # now rather than at the commit, so the shuffle never holds two copies of the data while shards are written.
+    store.delete(f"{staging_prefix}/scattered")
     by_sorted = dict(zip(ordered, gathered, strict=True))
     # Every split's shards in one wave, so no worker idles while a small split finishes.
     shards: dict[str, list[tuple[str, list[tuple[str, int, int]], int]]] = {}

@@ -92,6 +92,8 @@ def test_a_failed_run_leaves_no_visible_version_and_a_rerun_completes_it(setup) 
     failed = run(catalog, stores, dask, stages=("shards",), instance=instance)
     assert not failed.success
     assert list(blocker.parent.glob("train-*.parquet")), "the shards were written before the failure"
+    staged = [o.key for o in store.list_objects(f"shards/{DATASET}/_staging")]
+    assert any("/sorted/" in k for k in staged) and not any("/scattered/" in k for k in staged)  # gone once gathered
     assert latest_manifest(store, dataset)["version"] == first["version"]  # nothing new is visible
     latest_url = store.url(f"shards/{DATASET}/v={first['version']}/manifest.json")
     assert len(list(ShardReader(latest_url, "train"))) > 0
