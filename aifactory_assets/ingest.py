@@ -52,6 +52,8 @@ def ingest_file(
             typed, reasons = landed.typed, pd.Series([None] * landed.typed.num_rows, dtype=object)
         else:
             typed, reasons = coerce_frame(landed.values, dataset)
+    except MemoryError:  # the worker, not the data
+        raise
     except Exception as exc:  # UnreadableFile, or a reader failing on what it does not foresee: this file only
         entry["file_error"] = (
             str(exc) if isinstance(exc, UnreadableFile) else f"unreadable: {type(exc).__name__}: {exc}"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,7 +72,8 @@ def refuse_binary(data: bytes, fmt: str) -> None:
 def check_columns(found: list[str], dataset: Dataset) -> list[str]:
     """Schema drift: a declared column missing refuses the file; an undeclared one too, unless the
     catalogue says `extra_columns: ignore`. Returns the undeclared columns that are ignored."""
-    duplicated = sorted({c for c in found if found.count(c) > 1})
+    counts = Counter(found)
+    duplicated = [c for c in dataset.table.names if counts[c] > 1]
     if duplicated:  # a reader keeps one of them, silently
         raise UnreadableFile(f"column name(s) {duplicated} appear more than once in the header; found {found}")
     missing = [c for c in dataset.table.names if c not in found]

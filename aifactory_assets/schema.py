@@ -7,6 +7,7 @@ judged value by value (slow, and only then).
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
 
@@ -30,7 +31,7 @@ ARROW_TYPES: dict[str, pa.DataType] = {
     "date": pa.date32(),
     "timestamp": pa.timestamp("us"),
 }
-FLOAT_MAX = {"float32": float(np.finfo(np.float32).max), "float64": float(np.finfo(np.float64).max)}
+FLOAT_TYPES = {"float32": np.float32, "float64": np.float64}
 # A date's own offset is dropped, not converted: "2024-01-05T00:00:00+14:00" is the 5th, as written.
 OFFSET = r"(\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?)\s*(?:Z|[+-]\d{2}(?::?\d{2})?)$"  # after a time of day
 TRUE_WORDS = frozenset({"true", "t", "yes", "y", "1"})
@@ -83,7 +84,16 @@ def _wall_clock(values: pd.Series, column: Column) -> pd.Series:
     text = values.astype("str").str.strip()
     if column.format is None:
         text = text.str.replace(OFFSET, r"\1", regex=True)
+    elif "%z" in column.format:  # the offset read by the format, then dropped
+        return pd.to_datetime(text.map(lambda t: _strptime_as_written(t, column.format)), errors="coerce")
     return pd.to_datetime(text, errors="coerce", format=column.format or "ISO8601")
+
+
+def _strptime_as_written(text: str, format: str) -> dt.datetime | None:
+    try:
+        return dt.datetime.strptime(text, format).replace(tzinfo=None)
+    except ValueError:
+        return None
 
 
 def _parse(values: pd.Series, column: Column) -> pd.Series:
@@ -96,8 +106,10 @@ def _parse(values: pd.Series, column: Column) -> pd.Series:
     if kind.startswith("float"):
         numbers = pd.to_numeric(values, errors="coerce").astype("float64").where(~_is_bool(values))
         # "NaN" and "inf" text is not a number for training: declare such tokens in null_values instead; nor
-        # is a value past the type's range (1e40 would be float32's inf).
-        return numbers.where(np.isfinite(numbers) & (numbers.abs() <= FLOAT_MAX[kind]))
+        # is a value past the type's range (1e40 would be float32's inf; 3.4028235e38 rounds to its largest).
+        with np.errstate(over="ignore"):
+            in_range = np.isfinite(numbers.to_numpy().astype(FLOAT_TYPES[kind]))
+        return numbers.where(in_range)
     if kind == "bool":
         if pd.api.types.is_bool_dtype(values.dtype):
             return values.astype(object)
@@ -116,7 +128,7 @@ def _parse(values: pd.Series, column: Column) -> pd.Series:
     return values.map(_as_text)  # string
 
 
-INT_TEXT = r"[+-]?\d{1,19}"
+INT_TEXT = r"[+-]?[0-9]{1,19}"  # ASCII digits: Python's \d (and int()) also read Arabic-Indic ones
 INT_RANGES = {"int32": (-(2**31), 2**31 - 1), "int64": (-(2**63), 2**63 - 1)}
 INT64_LOW, INT64_HIGH = INT_RANGES["int64"]
 
@@ -148,7 +160,7 @@ def _parse_int(values: pd.Series, kind: str) -> pd.Series:
         ints = values.where(exact).astype("Int64")
     elif pd.api.types.is_string_dtype(values.dtype) and values.dtype != object:
         text = values.str.strip().str.removeprefix("+")
-        whole = text.str.fullmatch(INT_TEXT).fillna(False).to_numpy(dtype=bool)
+        whole = text.str.fullmatch(INT_TEXT).fillna(False).to_numpy(dtype=bool).copy()  # pandas' is read-only
         long = whole & (text.str.lstrip("-").str.len() == 19).fillna(False).to_numpy(dtype=bool)
         whole[long] = [_int_or_none(t) is not None for t in text[long]]  # 19 digits: past int64 or not
         ints = text.where(whole).astype("Int64")
@@ -169,10 +181,7 @@ def coerce_frame(frame: pd.DataFrame, dataset: Dataset) -> tuple[pa.Table, pd.Se
     for column in dataset.table.columns:
         values = frame[column.name] if column.name in frame else pd.Series([None] * len(frame), dtype=object)
         values = values.reset_index(drop=True)
-        try:
-            missing, failed, array = _coerce_column(values, column, null_values)
-        except Exception:  # a value the vectorised path does not foresee: each value alone
-            missing, failed, array = _coerce_each(values, column, null_values)
+        missing, failed, array = _coerce_halving(values, column, null_values)
         bad = failed | (missing & (not column.nullable))
         for i in np.flatnonzero(bad):
             why = (
@@ -186,7 +195,7 @@ def coerce_frame(frame: pd.DataFrame, dataset: Dataset) -> tuple[pa.Table, pd.Se
     return table, reasons
 
 
-def _coerce_column(
+def coerce_column(
     values: pd.Series, column: Column, null_values: frozenset[str]
 ) -> tuple[np.ndarray, np.ndarray, pa.Array]:
     """Which values are missing, which failed to parse, and the column in its type (both as nulls)."""
@@ -199,18 +208,27 @@ def _coerce_column(
     return missing, failed, _to_arrow(parsed.where(~(missing | failed), None), column)
 
 
-def _coerce_each(
+def _coerce_halving(
     values: pd.Series, column: Column, null_values: frozenset[str]
 ) -> tuple[np.ndarray, np.ndarray, pa.Array]:
-    missing, failed, arrays = np.zeros(len(values), bool), np.zeros(len(values), bool), []
-    for i, value in enumerate(values):
-        try:
-            one_missing, one_failed, array = _coerce_column(pd.Series([value], dtype=object), column, null_values)
-            missing[i], failed[i] = one_missing[0], one_failed[0]
-        except Exception:
-            failed[i], array = True, pa.nulls(1, ARROW_TYPES[column.type])
-        arrays.append(array)
-    return missing, failed, pa.concat_arrays(arrays) if arrays else pa.array([], ARROW_TYPES[column.type])
+    """`coerce_column`, and where a value breaks it in a way it does not foresee, each half again, down to
+    that value alone, which fails: a few odd values cost a few vectorised passes, not one per value."""
+    try:
+        return coerce_column(values, column, null_values)
+    except MemoryError:  # the worker, not the data
+        raise
+    except Exception:
+        if len(values) == 1:
+            return np.zeros(1, bool), np.ones(1, bool), pa.nulls(1, ARROW_TYPES[column.type])
+    middle = len(values) // 2
+    halves = [
+        _coerce_halving(part.reset_index(drop=True), column, null_values) for part in (values[:middle], values[middle:])
+    ]
+    return (
+        np.concatenate([h[0] for h in halves]),
+        np.concatenate([h[1] for h in halves]),
+        pa.concat_arrays([h[2] for h in halves]),
+    )
 
 
 def _to_arrow(values: pd.Series, column: Column) -> pa.Array:

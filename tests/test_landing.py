@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from aifactory_assets.catalog import Catalog, Dataset
+from aifactory_assets.catalog import Catalog, Column, Dataset
 from aifactory_assets.demo import encode
 from aifactory_assets.demo_sources import DEMO_SOURCES
-from aifactory_assets.landing import read_landed
-from aifactory_assets.schema import coerce_frame
+from aifactory_assets.landing import UnreadableFile, read_landed
+from aifactory_assets.schema import coerce_column, coerce_frame
 from tests.bad_inputs import COLUMNS
 
 
@@ -128,11 +130,42 @@ def test_timestamps_keep_microseconds_and_float32_its_range() -> None:
     columns = [{"name": "id", "type": "int64"}, {"name": "at", "type": "timestamp"}, {"name": "x", "type": "float32"}]
     dataset = CORPUS.model_copy(update={"table": CORPUS.table.model_validate({"key": ["id"], "columns": columns})})
     typed, reasons = coerce_frame(
-        read_landed(b"id,at,x\n1,2024-01-05T10:00:00.1234567Z,1.5\n2,2024-01-05T10:00:00Z,1e40\n", dataset).values,
+        read_landed(
+            b"id,at,x\n1,2024-01-05T10:00:00.1234567Z,3.4028235e38\n2,2024-01-05T10:00:00Z,1e40\n", dataset
+        ).values,
         dataset,
     )
     assert str(typed.column("at")[0].as_py()) == "2024-01-05 10:00:00.123456"
+    assert typed.column("x")[0].as_py() == float(np.finfo(np.float32).max)  # how NumPy writes float32's largest
     assert reasons.iloc[0] is None and "x: '1e40' is not a valid float32" in reasons.iloc[1]
+
+
+def test_integer_text_is_read_vectorised_to_the_last_int64() -> None:
+    """The vectorised path itself (a failure there sends the column down the halving fallback):
+    a plus sign, 19 digits, past int64, and digits other than ASCII's."""
+    values = pd.Series(
+        ["+400", "1234567890123456789", "9223372036854775808", "-9223372036854775808", "١٢"], dtype="str"
+    )
+    _, failed, array = coerce_column(values, Column(name="id", type="int64"), frozenset({""}))
+    assert array.to_pylist() == [400, 1234567890123456789, None, -(2**63), None]
+    assert failed.tolist() == [False, False, True, False, True]
+
+
+def test_dates_with_a_zone_format_are_taken_as_written() -> None:
+    columns = [{"name": "id", "type": "int64"}, {"name": "day", "type": "date", "format": "%Y-%m-%dT%H:%M:%S%z"}]
+    dataset = CORPUS.model_copy(update={"table": CORPUS.table.model_validate({"key": ["id"], "columns": columns})})
+    data = b"id,day\n1,2024-01-05T00:00:00+14:00\n2,2024-01-05T00:00:00-05:00\n3,2024-01-05T09:00:00+01:00\n"
+    typed, reasons = coerce_frame(read_landed(data, dataset).values, dataset)
+    assert [str(d) for d in typed.column("day").to_pylist()[:2]] == ["2024-01-05", "2024-01-05"]
+    assert reasons.iloc[2] is not None  # a time of day: not a date
+
+
+def test_extra_columns_ignored_may_repeat_but_declared_ones_may_not() -> None:
+    """Excel writes a trailing comma as an unnamed column, once per comma."""
+    ignoring = CORPUS.model_copy(update={"source": CORPUS.source.model_copy(update={"extra_columns": "ignore"})})
+    assert list(read_landed(b"id,name,amount,day,flag,,\n1,a,1.5,2024-01-05,true,,\n", ignoring).rows) == [2]
+    with pytest.raises(UnreadableFile, match=r"\['amount'\] appear more than once"):
+        read_landed(b"id,name,amount,day,flag,amount\n1,a,1.5,2024-01-05,true,2\n", ignoring)
 
 
 def test_json_numbers_stay_exact_and_nan_is_judged_as_in_csv() -> None:
