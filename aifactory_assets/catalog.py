@@ -481,14 +481,18 @@ def check_types(path: Path, where: str, kind: str, kwargs: dict[str, Any], types
         raise CatalogError(path, f"{field}.column", f"{kind} needs a number column; {column!r} is {column_type}")
     if kind not in OWN_ARGUMENTS:
         return
-    temporal = kind in STATISTICS_OF_VALUES and column_type in ("date", "timestamp")
+    of_values = kind in STATISTICS_OF_VALUES  # a bound of the column's own kind; otherwise a count or share
     for name in ("min_value", "max_value"):
         value = kwargs.get(name)
         if value is None:
             continue
-        if temporal and not (isinstance(value, str) and _is_iso_datetime(value)):
-            raise CatalogError(path, f"{field}.{name}", f"must be an ISO 8601 date or timestamp, got {value!r}")
-        if not temporal and not _is_number(value):
+        if of_values and column_type in ("date", "timestamp"):
+            if not (isinstance(value, str) and _is_iso_datetime(value)):
+                raise CatalogError(path, f"{field}.{name}", f"must be an ISO 8601 date or timestamp, got {value!r}")
+        elif of_values and column_type == "string":  # min and max of text: compared as text
+            if not isinstance(value, str):
+                raise CatalogError(path, f"{field}.{name}", f"must be text, got {value!r}")
+        elif not _is_number(value):
             raise CatalogError(path, f"{field}.{name}", f"must be a number, got {value!r}")
     for name in ("strict_min", "strict_max", "exact_match", "strictly", "double_sided"):
         if name in kwargs and not isinstance(kwargs[name], bool):

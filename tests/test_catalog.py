@@ -211,6 +211,11 @@ def test_suite_that_does_not_parse(tmp_catalog: Path) -> None:
             "must be a number, got '1'",
         ),
         (
+            {"type": "expect_column_max_to_be_between", "kwargs": {"column": "species", "max_value": 5}},
+            "expectations.0.kwargs.max_value",
+            "must be text, got 5",
+        ),
+        (
             {"type": "expect_table_row_count_to_equal", "kwargs": {"value": "344"}},
             "expectations.0.kwargs.value",
             "must be a whole number",
