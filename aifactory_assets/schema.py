@@ -2,7 +2,7 @@
 
 Coercion never raises on a bad value: it reports which rows failed and why, so ingest can quarantine
 them and keep the rest. A column whose values break the vectorised path in a way it does not foresee is
-judged value by value (slow, and only then).
+judged again in halves, down to the values that break it.
 """
 
 from __future__ import annotations
@@ -218,8 +218,12 @@ def _coerce_halving(
     except MemoryError:  # the worker, not the data
         raise
     except Exception:
-        if len(values) == 1:
-            return np.zeros(1, bool), np.ones(1, bool), pa.nulls(1, ARROW_TYPES[column.type])
+        if len(values) <= 1:
+            return (
+                np.zeros(len(values), bool),
+                np.ones(len(values), bool),
+                pa.nulls(len(values), ARROW_TYPES[column.type]),
+            )
     middle = len(values) // 2
     halves = [
         _coerce_halving(part.reset_index(drop=True), column, null_values) for part in (values[:middle], values[middle:])
