@@ -1,8 +1,10 @@
 """`make bench`: validation throughput of aifactory's Dask path against plain GX on one DataFrame.
 
 Both paths validate the same seeded synthetic dataset with the same suite in this one run; the table
-gives rows/s, peak memory and the speed-up. Exits non-zero if the Dask path is slower than plain GX, if
-the two disagree on any verdict or count, or (raised) if a Dask worker ran out of memory.
+gives rows/s, peak memory and the speed-up of the `validate` call alone; the Dask path's time includes
+reading the data, so it is also set against plain GX's load and `validate` together. Exits non-zero if the
+Dask path is slower than that, if the two disagree on any verdict or count, or (raised) if a Dask worker
+ran out of memory.
 """
 
 from __future__ import annotations
@@ -76,9 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{'path':48} {'seconds':>8} {'rows/s':>11} {'peak RSS':>10} {'ratio vs GX':>12}")
     print(row(plain, args.rows, plain))
     print(row(dask, args.rows, plain))
+    plain_whole = plain.seconds + plain.notes["load_s"]
     print(
         f"\nplain GX: loading the parts into one DataFrame ({size(plain.notes['frame_bytes'])}) took "
-        f"{plain.notes['load_s']:.1f} s, not counted; its time is the `validate` call alone (SUMMARY)."
+        f"{plain.notes['load_s']:.1f} s, not counted above; its time is the `validate` call alone (SUMMARY). "
+        f"With the load, as the Dask path reads the parts itself: {plain_whole:.1f} s, "
+        f"{plain_whole / dask.seconds:.2f}x the Dask path's."
     )
     print(
         f"Dask: end to end (read raw parts, GX per part, reductions, write the quarantine, publish); "
@@ -101,14 +106,17 @@ def main(argv: list[str] | None = None) -> int:
         problems.append(
             "the workers' memory limit is not below the dataset's in-memory size: nothing shown about memory"
         )
-    if dask.seconds > plain.seconds:
-        problems.append(f"the Dask path took {dask.seconds:.1f} s, plain GX {plain.seconds:.1f} s")
+    if dask.seconds > plain_whole:
+        problems.append(f"the Dask path took {dask.seconds:.1f} s, plain GX {plain_whole:.1f} s with its load")
     if contended:
         print(f"WARNING: the machine was busy during {' and '.join(contended)}; these timings are not clean.")
     if problems:
         print("\nFAILED:\n  " + "\n  ".join(problems))
         return 1
-    print(f"\nOK: both paths agree on all {len(expectations)} verdicts and every row count; Dask is not slower.")
+    print(
+        f"\nOK: both paths agree on all {len(expectations)} verdicts and every row count; Dask is not slower "
+        "than plain GX with its load."
+    )
     return 0
 
 
