@@ -47,7 +47,7 @@ bench-pipeline: setup
 
 # 6 GiB of CSV through two Dask workers of 1 GiB each; fails if a worker is killed for memory.
 bench-memory: setup
-	$(BIN)/python -m benchmarks.pipeline --gb 6 --memory-limit 1GiB --only-aifactory --workdir .bench/pipeline6
+	$(BIN)/python -m benchmarks.pipeline --gb 6 --memory-limit 1GB --only-aifactory --workdir .bench/pipeline6
 
 lock:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -7,6 +7,7 @@ resource itself.
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -115,7 +116,7 @@ class ObjectStore(dg.ConfigurableResource):
         """Objects under `prefix` whose key (relative to the prefix) matches the glob `pattern`."""
         self.fs.invalidate_cache()
         base = self.path(prefix)
-        found = self.fs.glob(f"{base}/{pattern}", detail=True)
+        found = self.fs.glob(f"{glob.escape(base)}/{pattern}", detail=True)  # a root may hold [ ] * ?
         return sorted(
             (self._info(path, info) for path, info in found.items() if info.get("type") != "directory"),
             key=lambda o: o.key,

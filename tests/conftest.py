@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import uuid
 from collections.abc import Iterator
@@ -21,6 +22,14 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@pytest.fixture(autouse=True)
+def no_site_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The developer's own AIFACTORY_* settings (an S3 endpoint, a prefix) must not steer the tests, nor
+    send them to a real bucket; a test sets what it needs."""
+    for name in [n for n in os.environ if n.startswith("AIFACTORY_")]:
+        monkeypatch.delenv(name)
 
 
 @pytest.fixture(scope="session")

@@ -46,6 +46,13 @@ def test_a_relative_local_root_lists_keys(tmp_path, monkeypatch: pytest.MonkeyPa
     assert [o.key for o in store.list_objects("landing/demo", "*.csv")] == ["landing/demo/a.csv"]
 
 
+def test_a_root_with_glob_characters_lists_keys(tmp_path) -> None:
+    """AIFACTORY_HOME or S3_PREFIX may hold [ ] * ?: only the pattern is a glob, not the root."""
+    store = ObjectStore(site="kajaani", root=str(tmp_path / "home[1]" / "kajaani"))
+    store.write_bytes("landing/demo/a.csv", b"x\n1\n")
+    assert [o.key for o in store.list_objects("landing/demo", "*.csv")] == ["landing/demo/a.csv"]
+
+
 def test_fingerprint_changes_when_object_changes(store: ObjectStore) -> None:
     store.write_bytes("landing/demo/a.csv", b"x\n1\n")
     before = store.info("landing/demo/a.csv").fingerprint()
