@@ -159,14 +159,13 @@ def dask_pass(client: Client, files: list[Path], out: Path) -> None:
 
 
 def hf_pass(files: list[Path], out: Path, shards: int) -> None:
-    """On every core (`num_proc`, a file per process, as the other paths use them) into zstd, as the others
-    write; a fresh cache, so nothing is reused from an earlier run."""
+    """Into zstd, as the others write; a fresh cache, so nothing is reused from an earlier run. One process,
+    `load_dataset`'s default: with `num_proc` it forks a pool, which hung in this process (forked after the
+    Dask and sampling threads), so `datasets` uses one core where the other paths use every core."""
     from datasets import load_dataset
 
     with tempfile.TemporaryDirectory() as cache:
-        data = load_dataset(
-            "csv", data_files=[str(f) for f in files], cache_dir=cache, split="train", num_proc=os.cpu_count()
-        )
+        data = load_dataset("csv", data_files=[str(f) for f in files], cache_dir=cache, split="train")
         out.mkdir(parents=True, exist_ok=True)
         for i in range(shards):
             shard_path = str(out / f"train-{i:05d}-of-{shards:05d}.parquet")
