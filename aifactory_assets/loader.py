@@ -196,7 +196,7 @@ class ShardCache:
     @staticmethod
     def _hashed_as_is(target: Path) -> bool:
         try:
-            return target.with_suffix(".verified").read_text() == " ".join(map(str, file_stamp(target)))
+            return target.with_suffix(".verified").read_text() == _record_text(file_stamp(target))
         except (FileNotFoundError, UnicodeDecodeError):
             return False
 
@@ -204,7 +204,7 @@ class ShardCache:
     def _record_hash(target: Path, stamp: tuple[int, int, int]) -> None:
         """Best effort: a record that cannot be written (another user's copy) only costs a hash later."""
         with contextlib.suppress(OSError):
-            target.with_suffix(".verified").write_text(" ".join(map(str, stamp)))
+            target.with_suffix(".verified").write_text(_record_text(stamp))
 
     def _download(self, fs: fsspec.AbstractFileSystem, remote: str, checksum: str, target: Path) -> None:
         tmp = target.with_suffix(f".tmp-{os.getpid()}-{threading.get_ident()}")
@@ -329,6 +329,11 @@ def verify_file(path: Path, checksum: str) -> None:
         return
     verify_digest(sha256_of(path), checksum, str(path))
     _VERIFIED.add(stamp)
+
+
+def _record_text(stamp: tuple[int, int, int]) -> str:
+    """A `.verified` record's content: the copy's `file_stamp` when it was hashed."""
+    return " ".join(map(str, stamp))
 
 
 def sha256_of(path: Path) -> str:

@@ -31,7 +31,6 @@ ARROW_TYPES: dict[str, pa.DataType] = {
     "date": pa.date32(),
     "timestamp": pa.timestamp("us"),
 }
-FLOAT_TYPES = {"float32": np.float32, "float64": np.float64}
 # A date's own offset is dropped, not converted: "2024-01-05T00:00:00+14:00" is the 5th, as written.
 OFFSET = r"(\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?)\s*(?:Z|[+-]\d{2}(?::?\d{2})?)$"  # after a time of day
 TRUE_WORDS = frozenset({"true", "t", "yes", "y", "1"})
@@ -108,7 +107,7 @@ def _parse(values: pd.Series, column: Column) -> pd.Series:
         # "NaN" and "inf" text is not a number for training: declare such tokens in null_values instead; nor
         # is a value past the type's range (1e40 would be float32's inf; 3.4028235e38 rounds to its largest).
         with np.errstate(over="ignore"):
-            in_range = np.isfinite(numbers.to_numpy().astype(FLOAT_TYPES[kind]))
+            in_range = np.isfinite(numbers.to_numpy().astype(ARROW_TYPES[kind].to_pandas_dtype()))
         return numbers.where(in_range)
     if kind == "bool":
         if pd.api.types.is_bool_dtype(values.dtype):
