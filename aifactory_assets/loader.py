@@ -18,10 +18,17 @@ resumes a rank exactly where it stopped.
 
 `verify=True` hashes each shard whole against the manifest on first read (a local shard once per process,
 a remote one once per node: as its copy enters the cache, and again only if the copy was written since),
-and checks every page's CRC32 as it is read; `verify="pages"` only the latter and each shard's size:
+and checks every page's CRC32 as it is read where the shard was not hashed just before it was opened (a
+later epoch; a copy another process hashed); `verify="pages"` only the pages' CRCs and each shard's size:
 where every rank hashing the whole split would cost more than training reads (thousands of ranks on one
 shared filesystem). Page checksums catch torn copies and bit rot in the pages read, not a file replaced
 on purpose.
+
+With `use_threads` (the default) a thread per core reads, decodes and shuffles row groups up to two per
+thread ahead of the batches, and opens (hashes, downloads) shards on threads of its own; text stored with
+a dictionary is shuffled as its indices and turned back into text once per batch. `use_threads=False`
+reads one row group at a time on the calling thread, for data-loader worker processes that are the
+parallelism themselves.
 
 Remote shards go through a node's `ShardCache` whole; `cache=False` (with `verify="pages"`) reads each row
 group in place by byte range instead: for a split larger than the cache, or many nodes, each of which
@@ -34,15 +41,16 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import itertools
 import json
 import os
 import posixpath
 import threading
 import time
 import warnings
-from collections import Counter, OrderedDict
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -72,6 +80,20 @@ class RowGroup:
 
 
 Piece = tuple[RowGroup, int, int]  # rows [lo, hi) of a row group, in this epoch's order of its rows
+Dictionary = dict[str, pa.DataType]  # text columns read as dictionaries, with the type each is stored as
+
+
+@dataclass(frozen=True)
+class OpenShard:
+    """A shard open for reading. `dictionary`: its text columns read as dictionary indices, shuffled as
+    such and turned back into text once per batch (text taken row by row costs three times as much).
+    `lock` serialises reads where PyArrow pre-buffers (a remote file read by range: one request per row
+    group rather than per column); a local file is read by several threads at once."""
+
+    file: pq.ParquetFile
+    held: CachedShard | CountingFile | None
+    dictionary: Dictionary
+    lock: contextlib.AbstractContextManager[Any]
 
 
 def epoch_seed(seed: int, epoch: int, *more: int) -> np.random.Generator:
@@ -95,6 +117,7 @@ def lock(fd: int, operation: int) -> bool:
 # Copies this process holds. NFS emulates flock with byte-range locks, which belong to a process: there
 # an eviction by the same process would take them over, and closing its descriptor would drop the hold.
 _HELD: Counter[str] = Counter()
+_HELD_LOCK = threading.Lock()  # a reader opens shards on several threads
 
 
 class CachedShard:
@@ -106,7 +129,8 @@ class CachedShard:
     def __init__(self, path: Path):
         self.path = str(path)
         self.fd = os.open(path, os.O_RDONLY)
-        _HELD[self.path] += 1
+        with _HELD_LOCK:
+            _HELD[self.path] += 1
         try:
             lock(self.fd, fcntl.LOCK_SH)
             if os.fstat(self.fd).st_ino != path.stat().st_ino:  # evicted (and fetched again) meanwhile
@@ -119,9 +143,10 @@ class CachedShard:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-            _HELD[self.path] -= 1
-            if not _HELD[self.path]:
-                del _HELD[self.path]
+            with _HELD_LOCK:
+                _HELD[self.path] -= 1
+                if not _HELD[self.path]:
+                    del _HELD[self.path]
 
     __del__ = close  # a reader dropped without close() releases its copies with it
 
@@ -150,19 +175,20 @@ class ShardCache:
     def path(self, checksum: str) -> Path:
         return self.directory / f"{checksum}.parquet"
 
-    def fetch(self, fs: fsspec.AbstractFileSystem, remote: str, checksum: str, verify: bool) -> Path:
+    def fetch(self, fs: fsspec.AbstractFileSystem, remote: str, checksum: str, verify: bool) -> tuple[Path, bool]:
+        """The local copy, and whether this call hashed it (downloaded, or written since its last hash)."""
         target = self.path(checksum)
-        if self._present(target, checksum, verify):
-            return target
+        if (hashed := self._present(target, checksum, verify)) is not None:
+            return target, hashed
         fd = self._lock_download(target.with_suffix(".lock"))
         try:
-            if self._present(target, checksum, verify):
-                return target
+            if (hashed := self._present(target, checksum, verify)) is not None:
+                return target, hashed
             self._download(fs, remote, checksum, target)
         finally:
             os.close(fd)
         self.evict(keep=target)
-        return target
+        return target, True
 
     @staticmethod
     def _lock_download(path: Path) -> int:
@@ -178,7 +204,8 @@ class ShardCache:
                 pass
             os.close(fd)
 
-    def _present(self, target: Path, checksum: str, verify: bool) -> bool:
+    def _present(self, target: Path, checksum: str, verify: bool) -> bool | None:
+        """None where there is no sound copy; else whether it was hashed just now."""
         try:
             os.utime(target, ns=(time.time_ns(), target.stat().st_mtime_ns))  # used now; mtime kept (the record)
             if verify and not self._hashed_as_is(target):
@@ -186,12 +213,13 @@ class ShardCache:
                 verify_digest(sha256_of(target), checksum, str(target))
                 self.rehashed += 1
                 self._record_hash(target, stamp)
-            return True
-        except FileNotFoundError:
+                return True
             return False
+        except FileNotFoundError:
+            return None
         except ChecksumMismatch:
             target.unlink(missing_ok=True)  # a damaged local copy: the remote one may be fine
-            return False
+            return None
 
     @staticmethod
     def _hashed_as_is(target: Path) -> bool:
@@ -321,14 +349,15 @@ def file_stamp(path: Path) -> tuple[int, int, int]:
     return stat.st_size, stat.st_mtime_ns, stat.st_ino
 
 
-def verify_file(path: Path, checksum: str) -> None:
+def verify_file(path: Path, checksum: str) -> bool:
     """Hash a local shard once per process (a reader is made per epoch; the file is not re-hashed
-    unless it changed on disk since)."""
+    unless it changed on disk since); True when it hashed it now."""
     stamp = (str(path), checksum, *file_stamp(path))
     if stamp in _VERIFIED:
-        return
+        return False
     verify_digest(sha256_of(path), checksum, str(path))
     _VERIFIED.add(stamp)
+    return True
 
 
 def _record_text(stamp: tuple[int, int, int]) -> str:
@@ -393,7 +422,7 @@ class ShardReader:
         self.seed = self.manifest["sampler"]["seed"] if seed is None else seed
         self.remainder = remainder or self.manifest["sampler"].get("remainder", "drop")
         self.start_sample, self.verify = start_sample, verify
-        self.memory_map, self.use_threads = memory_map, use_threads  # PyArrow's, for opening and decoding
+        self.memory_map, self.use_threads = memory_map, use_threads  # see the module docstring
         if verify == "pages" and self.manifest.get("format_version", 0) < PAGE_CHECKSUMS:
             raise ValueError(f"{manifest}: written before shards carried page checksums; use verify=True")
         shards = self.manifest["splits"][split]["shards"]
@@ -423,8 +452,9 @@ class ShardReader:
             )
         self.remote_bytes = 0  # fetched by range (cache=False), from the shards this reader closed
         self.max_open_files = max_open_files or (MAX_HELD_COPIES if self.cache is not None else MAX_OPEN_FILES)
-        self._files: OrderedDict[str, tuple[pq.ParquetFile, CachedShard | CountingFile | None]] = OrderedDict()
-        self._tables: OrderedDict[RowGroup, pa.Table] = OrderedDict()
+        self._files: OrderedDict[str, Future[OpenShard]] = OrderedDict()
+        self._pending: Counter[str] = Counter()  # reads submitted and not yet taken, per shard
+        self._plain_text: set[str] = set()  # text columns whose values hardly repeat: read as text
 
     # The sampling plan: pure functions of (seed, epoch, rank, world_size).
     def samples_per_rank(self) -> int:
@@ -456,23 +486,92 @@ class ShardReader:
     def __iter__(self) -> Iterator[pa.RecordBatch]:
         """A record batch per batch, except where a text or binary column of it passes 2 GiB: Arrow's 32-bit
         offsets then keep it in several chunks, and the batch comes as that many record batches."""
-        for pieces in self.plan():
-            parts = [self._group(group).slice(lo, hi - lo) for group, lo, hi in pieces]
-            yield from pa.concat_tables(parts).combine_chunks().to_batches()
+        batches, ahead = itertools.tee(self._plan())
+        tables = self._prepared(group for pieces in ahead for group, _, _ in pieces)
+        held: dict[RowGroup, tuple[pa.Table, Dictionary]] = {}
+        try:
+            for pieces in batches:
+                for group, _, _ in pieces:
+                    while group not in held:
+                        done, table, dictionary = next(tables)
+                        held[done] = table, dictionary
+                parts = [as_stored(held[g][0].slice(lo, hi - lo), held[g][1]) for g, lo, hi in pieces]
+                last = pieces[-1][0]
+                held = {last: held[last]}  # only the last row group of a batch can go on in the next
+                yield from pa.concat_tables(parts).combine_chunks().to_batches()
+        finally:
+            tables.close()  # the reads still running end before their shards close
+            self.close()
 
     def plan(self) -> Iterator[list[Piece]]:
         """Per batch, where its rows come from: rows [lo, hi) of row groups in their permuted order (see
         `read_group` and `permutation`), for a consumer that gathers them itself (`torch_dataset`)."""
+        try:
+            yield from self._plan()
+        finally:  # the epoch is read (or abandoned): its shards need not stay open, nor their copies held
+            self.close()
+
+    def _plan(self) -> Iterator[list[Piece]]:
         if self.total == 0:
             return
         order = self._order()
         ends = np.cumsum([g.rows for g in order])
         offset = self.rank * self.samples_per_rank()
+        for lo, hi in self._batches():
+            yield self._pieces(order, ends, offset + lo, offset + hi)
+
+    def _prepared(self, groups: Iterable[RowGroup]) -> Iterator[tuple[RowGroup, pa.Table, Dictionary]]:
+        """Row groups read and put in this epoch's order of rows, in turn, up to two per thread ahead of the
+        consumer, on a thread per core (`use_threads`): PyArrow decodes, NumPy and Arrow shuffle, and
+        shards are hashed or downloaded without the GIL, while the consumer joins the batches."""
+        threads = (os.cpu_count() or 1) if self.use_threads else 0
+        # Shards are opened (hashed, downloaded) on threads of their own: reads wait for them, not for a free
+        # thread behind other reads that wait.
+        pools = [ThreadPoolExecutor(threads, f"ShardReader-{use}") for use in ("read", "open") if threads]
+        read, open_ = (pool.submit for pool in pools) if threads else (run_now, run_now)
+        window: deque[tuple[RowGroup, Future[tuple[pa.Table, Dictionary]]]] = deque()
         try:
-            for lo, hi in self._batches():
-                yield self._pieces(order, ends, offset + lo, offset + hi)
-        finally:  # the epoch is read (or abandoned): its shards need not stay open, nor their copies held
-            self.close()
+            previous = None
+            for group in groups:
+                if group == previous:  # consecutive batches share it
+                    continue
+                previous = group
+                while window and self._at_open_limit(group.shard):  # reads finish before another shard opens
+                    yield self._taken(*window.popleft())
+                shard = self._shard(group.shard, open_)
+                self._pending[group.shard] += 1
+                window.append((group, read(self._read_permuted, shard, group)))
+                while len(window) > 2 * threads:
+                    yield self._taken(*window.popleft())
+            while window:
+                yield self._taken(*window.popleft())
+        finally:
+            for _, future in window:
+                future.cancel()
+            for pool in pools:
+                pool.shutdown(wait=True)
+
+    def _at_open_limit(self, shard: str) -> bool:
+        busy = sum(1 for s in self._files if self._pending[s])
+        return shard not in self._files and busy >= max(1, self.max_open_files)
+
+    def _taken(
+        self, group: RowGroup, future: Future[tuple[pa.Table, Dictionary]]
+    ) -> tuple[RowGroup, pa.Table, Dictionary]:
+        table, dictionary = future.result()
+        self._pending[group.shard] -= 1
+        return group, table, dictionary
+
+    def _read_permuted(self, opened: Future[OpenShard], group: RowGroup) -> tuple[pa.Table, Dictionary]:
+        shard = opened.result()
+        with shard.lock:
+            table = shard.file.read_row_group(group.index, columns=self.columns, use_threads=False)
+        for name in shard.dictionary:
+            column = table.column(name)
+            if sum(len(chunk.dictionary) for chunk in column.chunks) * 2 > len(column):
+                self._plain_text.add(name)  # shards opened from now on read it as text
+        order = self.permutation(group)
+        return (table if order is None else take_rows(table, order)), shard.dictionary
 
     def iter_rows(self) -> Iterator[dict[str, Any]]:
         for batch in self:
@@ -492,7 +591,10 @@ class ShardReader:
 
     def read_group(self, group: RowGroup) -> pa.Table:
         """A row group as stored (verified first, when asked)."""
-        return self._file(group.shard).read_row_group(group.index, columns=self.columns, use_threads=self.use_threads)
+        shard = self._shard(group.shard, run_now).result()
+        with shard.lock:
+            table = shard.file.read_row_group(group.index, columns=self.columns, use_threads=self.use_threads)
+        return as_stored(table, shard.dictionary)
 
     def permutation(self, group: RowGroup) -> np.ndarray | None:
         """This epoch's order of a row group's rows, None when not shuffling."""
@@ -501,50 +603,51 @@ class ShardReader:
         rng = epoch_seed(self.seed, self.epoch, self.shard_numbers[group.shard], group.index)
         return shuffle_index(group.rows, rng, self.shuffle_block)
 
-    def _group(self, group: RowGroup) -> pa.Table:
-        """A row group, rows permuted for this epoch; the last few stay in memory (consecutive batches)."""
-        if group in self._tables:
-            self._tables.move_to_end(group)
-            return self._tables[group]
-        table, order = self.read_group(group), self.permutation(group)
-        self._tables[group] = table if order is None else take_rows(table, order)
-        while len(self._tables) > 2:
-            self._tables.popitem(last=False)
-        return self._tables[group]
+    def _shard(self, shard: str, submit: Submit) -> Future[OpenShard]:
+        """A shard, opened by `submit` (hashed or downloaded first, as asked). Past `max_open_files` the least
+        recently used with no read pending is closed, and so is one opened to read text columns as
+        dictionaries that have since proved not to repeat."""
+        opened = self._files.get(shard)
+        if (
+            opened is not None
+            and self._idle(opened, shard)
+            and self._plain_text.intersection(opened.result().dictionary)
+        ):
+            self._close_shard(shard)
+            opened = None
+        if opened is None:
+            opened = self._files[shard] = submit(self._open_shard, shard)
+        self._files.move_to_end(shard)
+        idle = [s for s in self._files if not self._pending[s] and s != shard]
+        for old in idle[: len(self._files) - max(1, self.max_open_files)]:
+            self._close_shard(old)
+        return opened
 
-    def _file(self, shard: str) -> pq.ParquetFile:
-        """An open shard; the least recently used is closed past `max_open_files`."""
-        if shard in self._files:
-            self._files.move_to_end(shard)
-            return self._files[shard][0]
+    def _idle(self, opened: Future[OpenShard], shard: str) -> bool:
+        return not self._pending[shard] and opened.done() and opened.exception() is None
+
+    def _open_shard(self, shard: str) -> OpenShard:
         remote, checksum = f"{self.root}/{shard}", self.checksums[shard]
         if self.is_local:
-            if self.verify is True:
-                verify_file(Path(remote), checksum)
-            elif self.verify == "pages":
+            hashed = self.verify is True and verify_file(Path(remote), checksum)
+            if self.verify == "pages":
                 self._check_size(shard, Path(remote).stat().st_size)
-            self._files[shard] = (self._open(remote), None)
-        elif self.cache is None:
-            self._files[shard] = self._open_ranges(shard)
-        else:
-            self._files[shard] = self._open_cached(self.cache, remote, checksum)
-        while len(self._files) > max(1, self.max_open_files):
-            self._close(*self._files.popitem(last=False)[1])
-        return self._files[shard][0]
+            return self._open(remote, None, hashed)
+        if self.cache is None:
+            return self._open_ranges(shard)
+        return self._open_cached(self.cache, remote, checksum)
 
-    def _open_cached(
-        self, cache: ShardCache, remote: str, checksum: str, attempts: int = 3
-    ) -> tuple[pq.ParquetFile, CachedShard]:
+    def _open_cached(self, cache: ShardCache, remote: str, checksum: str, attempts: int = 3) -> OpenShard:
         """Held in use once open; between the fetch and the hold another process may evict it, and it is
         fetched again."""
         for _ in range(attempts):
-            local = cache.fetch(self.fs, remote, checksum, self.verify is True)
+            local, hashed = cache.fetch(self.fs, remote, checksum, self.verify is True)
             try:
                 held = CachedShard(local)
             except FileNotFoundError:
                 continue
             try:
-                return self._open(local), held
+                return self._open(local, held, hashed)
             except BaseException:
                 held.close()
                 raise
@@ -553,14 +656,14 @@ class ShardReader:
             f"cache_bytes ({cache.max_bytes}) is too small for the readers sharing it"
         )
 
-    def _open_ranges(self, shard: str) -> tuple[pq.ParquetFile, CountingFile]:
+    def _open_ranges(self, shard: str) -> OpenShard:
         """A remote shard read in place: its footer, then each row group's column chunks as they are read,
         each one ranged request (no read-ahead: s3fs's default block is 50 MiB)."""
         source = CountingFile(self.fs.open(f"{self.root}/{shard}", "rb", cache_type="none"))
         try:
             if self.verify == "pages":
                 self._check_size(shard, source.size)
-            return pq.ParquetFile(source, page_checksum_verification=bool(self.verify)), source
+            return self._open(source, source, hashed=False)
         except BaseException:
             source.close()
             raise
@@ -569,11 +672,42 @@ class ShardReader:
         if size != self.sizes[shard]:
             raise ChecksumMismatch(f"{self.root}/{shard}: {size} bytes where the manifest has {self.sizes[shard]}")
 
-    def _open(self, path: str | Path) -> pq.ParquetFile:
-        return pq.ParquetFile(path, memory_map=self.memory_map, page_checksum_verification=bool(self.verify))
+    def _open(
+        self, source: str | Path | CountingFile, held: CachedShard | CountingFile | None, hashed: bool
+    ) -> OpenShard:
+        """`hashed`: its bytes were just found to be the manifest's, which every page's CRC would check again."""
+        ranged = isinstance(held, CountingFile)
+        options = {
+            "memory_map": self.memory_map and not ranged,
+            "page_checksum_verification": bool(self.verify) and not hashed,
+            "pre_buffer": ranged,  # PyArrow's pre-buffer cache is one per file: threads would race on it
+        }
+        file = pq.ParquetFile(source, **options)
+        dictionary = self._dictionary_columns(file)
+        if dictionary:
+            file = pq.ParquetFile(source, metadata=file.metadata, read_dictionary=sorted(dictionary), **options)
+        return OpenShard(file, held, dictionary, threading.Lock() if ranged else contextlib.nullcontext())
 
-    def _close(self, file: pq.ParquetFile, held: CachedShard | CountingFile | None) -> None:
-        file.close()
+    def _dictionary_columns(self, file: pq.ParquetFile) -> Dictionary:
+        """Text columns stored with a dictionary (as a shard's first row group has them), unless their values
+        proved not to repeat (a dictionary past its page limit, then plain pages)."""
+        meta, schema = file.metadata, file.schema_arrow
+        if not meta.num_row_groups:
+            return {}
+        wanted = set(self.columns or schema.names) - self._plain_text
+        first = meta.row_group(0)
+        names = (
+            first.column(j).path_in_schema for j in range(first.num_columns) if first.column(j).has_dictionary_page
+        )
+        fields = (schema.field(n) for n in names if n in wanted and schema.get_field_index(n) >= 0)
+        return {f.name: f.type for f in fields if is_text(f.type)}
+
+    def _close_shard(self, shard: str) -> None:
+        opened = self._files.pop(shard)
+        if opened.exception() is not None:  # it never opened
+            return
+        held = opened.result().held
+        opened.result().file.close()
         if held is not None:
             held.close()
         if isinstance(held, CountingFile):
@@ -584,7 +718,7 @@ class ShardReader:
         its bound (an epoch's end does this; a reader merely dropped releases its copies without evicting)."""
         held = bool(self._files)
         while self._files:
-            self._close(*self._files.popitem()[1])
+            self._close_shard(next(reversed(self._files)))
         if held and self.cache is not None:
             self.cache.evict(keep=None)
 
@@ -602,6 +736,34 @@ class ShardReader:
     def state_dict(self, samples_consumed: int) -> dict[str, int]:
         """What to save with a checkpoint: resume with `ShardReader(..., epoch=e, start_sample=s)`."""
         return {"epoch": self.epoch, "start_sample": self.start_sample + samples_consumed}
+
+
+Submit = Callable[..., Future[Any]]
+
+
+def run_now(fn: Callable[..., Any], *args: Any) -> Future[Any]:
+    """`submit` without threads: the call made at once, its outcome in a done Future."""
+    future: Future[Any] = Future()
+    try:
+        future.set_result(fn(*args))
+    except Exception as exc:
+        future.set_exception(exc)
+    return future
+
+
+def is_text(kind: pa.DataType) -> bool:
+    return any(
+        test(kind)
+        for test in (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary, pa.types.is_large_binary)
+    )
+
+
+def as_stored(table: pa.Table, dictionary: Dictionary) -> pa.Table:
+    """The columns read as dictionaries back to the text they are stored as."""
+    for name, kind in dictionary.items():
+        i = table.schema.get_field_index(name)
+        table = table.set_column(i, table.schema.field(i).with_type(kind), table.column(i).cast(kind))
+    return table
 
 
 def take_rows(table: pa.Table, order: np.ndarray, limit: int = 2**31 - 1) -> pa.Table:

@@ -7,7 +7,7 @@ One run, one seeded synthetic CSV landing (size is a parameter), one machine, in
 - Hugging Face `datasets`: load the CSV, then write it as Parquet shards;
 - aifactory: `dagster.materialize` of raw -> validated -> shards (typed, validated, deduplicated, split,
   shuffled, checksummed, manifest committed);
-- the loader (`ShardReader`) against a raw PyArrow read of the same shards.
+- the loader (`ShardReader`, its first epoch and its second) against a raw PyArrow read of the same shards.
 
     python -m benchmarks.pipeline --gb 2      # the default table
     python -m benchmarks.pipeline --gb 6 --memory-limit 1GB --only-aifactory --workdir .bench/pipeline6
@@ -288,10 +288,13 @@ def main(argv: list[str] | None = None) -> None:
     version = store.url(f"shards/{NAME}/v={manifest['version']}")
     train = [f"{version}/{s['path']}" for s in manifest["splits"]["train"]["shards"]]
     raw_read = timed("raw PyArrow read of the train shards", lambda: sum(pq.read_table(p).num_rows for p in train))
-    loader = timed(
-        "ShardReader over the train shards",
-        lambda: sum(b.num_rows for b in ShardReader(f"{version}/manifest.json", "train")),
-    )
+    loaders = [
+        timed(
+            f"ShardReader, epoch {epoch} ({checks})",
+            lambda epoch=epoch: sum(b.num_rows for b in ShardReader(f"{version}/manifest.json", "train", epoch=epoch)),
+        )
+        for epoch, checks in ((0, "hashes every shard"), (1, "checks every page's CRC"))
+    ]
 
     mb = size / 2**20
     print(
@@ -309,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     train_rows = manifest["splits"]["train"]["rows"]
     print(f"\n{'loader':46} {'seconds':>8} {'M rows/s':>9} {'x raw read':>10}")
-    for row in (raw_read, loader):
+    for row in (raw_read, *loaders):
         print(
             f"{row.path:46} {row.seconds:8.2f} {train_rows / row.seconds / 1e6:9.2f}"
             f" {raw_read.seconds / row.seconds:10.2f}"

@@ -339,9 +339,19 @@ def test_a_reader_keeps_only_a_few_shards_open(manifest_url: str) -> None:
 
 
 def hold_first_shard(url: str, options: dict, cache: str, held: Any, done: Any) -> list:
-    """In another process: read one batch (its shard's copy held), wait, then read the rest."""
+    """In another process: read one batch (its shard's copy held, and no other: no read-ahead), wait, then
+    read the rest."""
     reader = iter(
-        ShardReader(url, "train", storage_options=options, cache_dir=cache, cache_bytes=1, shuffle=False, batch_size=7)
+        ShardReader(
+            url,
+            "train",
+            storage_options=options,
+            cache_dir=cache,
+            cache_bytes=1,
+            shuffle=False,
+            batch_size=7,
+            use_threads=False,
+        )
     )
     first = next(reader).column("date").to_pylist()
     held.set()
@@ -589,6 +599,78 @@ def test_tensor_loader_workers_end_with_a_killed_trainer(manifest_url: str) -> N
     while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(alive(pid) for pid in workers)
+
+
+def local_split(directory: Path, tables: list[pa.Table], row_group_rows: int) -> str:
+    """Shards written as the pipeline writes them (zstd, page checksums) with their manifest; its URL."""
+    directory.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for i, table in enumerate(tables):
+        shard = directory / f"train-{i:05d}-of-{len(tables):05d}.parquet"
+        pq.write_table(table, shard, row_group_size=row_group_rows, compression="zstd", write_page_checksum=True)
+        data, meta = shard.read_bytes(), pq.read_metadata(shard)
+        groups = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+        entry = {"path": shard.name, "rows": table.num_rows, "bytes": len(data), "row_groups": groups}
+        entries.append(entry | {"sha256": hashlib.sha256(data).hexdigest()})
+    split = {"rows": sum(t.num_rows for t in tables), "shards": entries}
+    manifest = {"format_version": 3, "splits": {"train": split}, "sampler": {"seed": 5, "remainder": "drop"}}
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    return str(directory / "manifest.json")
+
+
+def test_text_comes_as_stored_whether_read_ahead_or_not(tmp_path: Path) -> None:
+    """Text is read as dictionary indices where a shard stores it so, shuffled as such and turned back into
+    text per batch; a column whose values hardly repeat (its dictionary overflows into plain pages) is
+    read as text again from the next shard on. Either way the batches hold the stored types and values,
+    the same with threads reading ahead as without."""
+    tables = []
+    for i in range(3):
+        ids = np.arange(i * 60_000, (i + 1) * 60_000)
+        tables.append(
+            pa.table(
+                {
+                    "id": ids,
+                    "sector": pa.array([f"sector-{k % 7}" for k in ids]),
+                    "note": pa.array([f"{k:08d} " * 12 for k in ids], pa.large_string()),
+                    "tag": pa.array([None if k % 5 == 0 else f"t{k % 3}".encode() for k in ids], pa.binary()),
+                }
+            )
+        )
+    url = local_split(tmp_path / "text", tables, row_group_rows=20_000)
+    stored = pq.read_schema(tmp_path / "text" / "train-00000-of-00003.parquet")
+    first = pq.ParquetFile(tmp_path / "text" / "train-00000-of-00003.parquet").metadata.row_group(0)
+    assert all(first.column(j).has_dictionary_page for j in (1, 2, 3))  # the note's overflowed into plain pages
+
+    def read(**options: Any) -> tuple[list[pa.RecordBatch], ShardReader]:
+        reader = ShardReader(url, "train", batch_size=25_000, epoch=2, **options)
+        return list(reader), reader
+
+    ahead, reader = read()
+    assert reader._plain_text == {"note"}
+    in_turn, _ = read(use_threads=False)
+    assert [b.schema for b in ahead] == [stored.remove_metadata()] * len(ahead)
+    assert [b.to_pydict() for b in ahead] == [b.to_pydict() for b in in_turn]
+    rows = pa.Table.from_batches(ahead).to_pydict()
+    assert sorted(rows["id"]) == list(range(180_000))
+    assert rows["sector"] == [f"sector-{k % 7}" for k in rows["id"]]
+    assert rows["note"] == [f"{k:08d} " * 12 for k in rows["id"]]
+    assert rows["tag"] == [None if k % 5 == 0 else f"t{k % 3}".encode() for k in rows["id"]]
+
+
+def test_pages_are_checked_where_a_shard_is_not_hashed_again(manifest_url: str, tmp_path: Path) -> None:
+    """verify=True hashes a shard when a process first reads it, so those reads skip the pages' CRCs; a
+    later reader trusts that hash for the same file (size, mtime, inode) and checks every page instead,
+    which catches a byte that rots in place."""
+    copy = tmp_path / "copy"
+    shutil.copytree(Path(manifest_url).parent, copy)
+    url = str(copy / "manifest.json")
+    assert dates(ShardReader(url, "train", shuffle=False)) == dates(ShardReader(manifest_url, "train", shuffle=False))
+    shard = next(copy.glob("train-*.parquet"))
+    stat = shard.stat()
+    flip_a_page_byte(shard)  # in place: same inode and size
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(OSError, match="CRC checksum verification failed"):
+        dates(ShardReader(url, "train", shuffle=False))
 
 
 def test_tensors_refuse_int_nulls_instead_of_inventing_numbers(tmp_path: Path) -> None:
