@@ -24,11 +24,11 @@ where every rank hashing the whole split would cost more than training reads (th
 shared filesystem). Page checksums catch torn copies and bit rot in the pages read, not a file replaced
 on purpose.
 
-With `use_threads` (the default) a thread per core reads, decodes and shuffles row groups up to two per
-thread ahead of the batches, and opens (hashes, downloads) shards on threads of its own; text stored with
-a dictionary is shuffled as its indices and turned back into text once per batch. `use_threads=False`
-reads one row group at a time on the calling thread, for data-loader worker processes that are the
-parallelism themselves.
+With `use_threads` (the default) a thread per core (READ_THREADS at most) reads, decodes and shuffles row
+groups, up to two per thread ahead of the batches, and opens (hashes, downloads) shards on threads of its
+own; text stored with a dictionary is shuffled as its indices and turned back into text once per batch.
+`use_threads=False` reads one row group at a time on the calling thread, for data-loader worker processes
+that are the parallelism themselves.
 
 Remote shards go through a node's `ShardCache` whole; `cache=False` (with `verify="pages"`) reads each row
 group in place by byte range instead: for a split larger than the cache, or many nodes, each of which
@@ -41,7 +41,6 @@ import contextlib
 import errno
 import fcntl
 import hashlib
-import itertools
 import json
 import os
 import posixpath
@@ -58,6 +57,7 @@ from typing import Any, Literal, get_args
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 DEFAULT_CACHE_BYTES = 20 * 2**30
@@ -67,6 +67,7 @@ Remainder = Literal["drop", "pad"]
 PAGE_CHECKSUMS = 3  # the manifest format from which every shard's pages carry a CRC32
 MAX_OPEN_FILES = 64  # shards a reader keeps open: a split of thousands would exhaust descriptors; reopening
 # costs a footer parse (0.4 ms for 32 row groups of 18 columns), so a split of up to 64 shards never reopens
+READ_THREADS = 8  # at most, a reader's threads reading ahead: two row groups each (64 MiB at most, decoded)
 MAX_HELD_COPIES = 8  # of cached shards: each one held is disk the cache cannot give back (1-2 GiB at 8)
 
 
@@ -114,10 +115,19 @@ def lock(fd: int, operation: int) -> bool:
         raise
 
 
-# Copies this process holds. NFS emulates flock with byte-range locks, which belong to a process: there
-# an eviction by the same process would take them over, and closing its descriptor would drop the hold.
+# Copies this process holds, or is fetching to hold (a reader opens shards on several threads: one's
+# eviction must not remove the copy another has just fetched). NFS emulates flock with byte-range locks,
+# which belong to a process: there an eviction by the same process would take them over, and closing its
+# descriptor would drop the hold.
 _HELD: Counter[str] = Counter()
-_HELD_LOCK = threading.Lock()  # a reader opens shards on several threads
+_HELD_LOCK = threading.RLock()  # reentrant: a CachedShard's finaliser may run on a thread inside it
+
+
+def hold(path: str, count: int) -> None:
+    with _HELD_LOCK:
+        _HELD[path] += count
+        if not _HELD[path]:
+            del _HELD[path]
 
 
 class CachedShard:
@@ -129,8 +139,7 @@ class CachedShard:
     def __init__(self, path: Path):
         self.path = str(path)
         self.fd = os.open(path, os.O_RDONLY)
-        with _HELD_LOCK:
-            _HELD[self.path] += 1
+        hold(self.path, 1)
         try:
             lock(self.fd, fcntl.LOCK_SH)
             if os.fstat(self.fd).st_ino != path.stat().st_ino:  # evicted (and fetched again) meanwhile
@@ -143,10 +152,7 @@ class CachedShard:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-            with _HELD_LOCK:
-                _HELD[self.path] -= 1
-                if not _HELD[self.path]:
-                    del _HELD[self.path]
+            hold(self.path, -1)
 
     __del__ = close  # a reader dropped without close() releases its copies with it
 
@@ -171,24 +177,32 @@ class ShardCache:
         self.directory.mkdir(parents=True, exist_ok=True)
         # This process's own: how well the cache serves it, and copies it hashed again (written since hashed).
         self.downloads = self.downloaded_bytes = self.rehashed = 0
+        self._counting = threading.Lock()
 
     def path(self, checksum: str) -> Path:
         return self.directory / f"{checksum}.parquet"
 
     def fetch(self, fs: fsspec.AbstractFileSystem, remote: str, checksum: str, verify: bool) -> tuple[Path, bool]:
-        """The local copy, and whether this call hashed it (downloaded, or written since its last hash)."""
+        """The local copy, and whether this call hashed it (downloaded, or written since its last hash). It
+        comes held against this process's evictions (`hold`): the caller releases it once it holds a
+        `CachedShard` of it (another process may still evict it meanwhile)."""
         target = self.path(checksum)
-        if (hashed := self._present(target, checksum, verify)) is not None:
-            return target, hashed
-        fd = self._lock_download(target.with_suffix(".lock"))
+        hold(str(target), 1)
         try:
             if (hashed := self._present(target, checksum, verify)) is not None:
                 return target, hashed
-            self._download(fs, remote, checksum, target)
-        finally:
-            os.close(fd)
-        self.evict(keep=target)
-        return target, True
+            fd = self._lock_download(target.with_suffix(".lock"))
+            try:
+                if (hashed := self._present(target, checksum, verify)) is not None:
+                    return target, hashed
+                self._download(fs, remote, checksum, target)
+            finally:
+                os.close(fd)
+            self.evict(keep=target)
+            return target, True
+        except BaseException:
+            hold(str(target), -1)
+            raise
 
     @staticmethod
     def _lock_download(path: Path) -> int:
@@ -211,7 +225,8 @@ class ShardCache:
             if verify and not self._hashed_as_is(target):
                 stamp = file_stamp(target)
                 verify_digest(sha256_of(target), checksum, str(target))
-                self.rehashed += 1
+                with self._counting:
+                    self.rehashed += 1
                 self._record_hash(target, stamp)
                 return True
             return False
@@ -244,8 +259,9 @@ class ShardCache:
                     copy.write(chunk)
                 copy.flush()
                 os.fsync(copy.fileno())
-                self.downloads += 1
-                self.downloaded_bytes += copy.tell()
+                with self._counting:
+                    self.downloads += 1
+                    self.downloaded_bytes += copy.tell()
             verify_digest(digest.hexdigest(), checksum, remote)  # always: the name promises these bytes
             os.utime(tmp, ns=(time.time_ns(), tmp.stat().st_mtime_ns))  # the newest, for the LRU
             # Hashed on the way in; recorded before the rename (which keeps the inode), so a reader that
@@ -349,15 +365,15 @@ def file_stamp(path: Path) -> tuple[int, int, int]:
     return stat.st_size, stat.st_mtime_ns, stat.st_ino
 
 
-def verify_file(path: Path, checksum: str) -> bool:
+def verify_file(path: Path, checksum: str) -> tuple[int, int, int] | None:
     """Hash a local shard once per process (a reader is made per epoch; the file is not re-hashed
-    unless it changed on disk since); True when it hashed it now."""
-    stamp = (str(path), checksum, *file_stamp(path))
-    if stamp in _VERIFIED:
-        return False
+    unless it changed on disk since); the `file_stamp` it hashed, None where it trusted an earlier hash."""
+    stamp = file_stamp(path)
+    if (str(path), checksum, *stamp) in _VERIFIED:
+        return None
     verify_digest(sha256_of(path), checksum, str(path))
-    _VERIFIED.add(stamp)
-    return True
+    _VERIFIED.add((str(path), checksum, *stamp))
+    return stamp
 
 
 def _record_text(stamp: tuple[int, int, int]) -> str:
@@ -486,8 +502,10 @@ class ShardReader:
     def __iter__(self) -> Iterator[pa.RecordBatch]:
         """A record batch per batch, except where a text or binary column of it passes 2 GiB: Arrow's 32-bit
         offsets then keep it in several chunks, and the batch comes as that many record batches."""
-        batches, ahead = itertools.tee(self._plan())
-        tables = self._prepared(group for pieces in ahead for group, _, _ in pieces)
+        # The plan twice, rather than one plan buffered (itertools.tee) for as many batches as the groups
+        # read ahead span: millions where batches are a row each.
+        batches = self._plan()
+        tables = self._prepared(group for pieces in self._plan() for group, _, _ in pieces)
         held: dict[RowGroup, tuple[pa.Table, Dictionary]] = {}
         try:
             for pieces in batches:
@@ -522,9 +540,10 @@ class ShardReader:
 
     def _prepared(self, groups: Iterable[RowGroup]) -> Iterator[tuple[RowGroup, pa.Table, Dictionary]]:
         """Row groups read and put in this epoch's order of rows, in turn, up to two per thread ahead of the
-        consumer, on a thread per core (`use_threads`): PyArrow decodes, NumPy and Arrow shuffle, and
-        shards are hashed or downloaded without the GIL, while the consumer joins the batches."""
-        threads = (os.cpu_count() or 1) if self.use_threads else 0
+        consumer, on a thread per core (`use_threads`; READ_THREADS at most): PyArrow decodes, NumPy and
+        Arrow shuffle, and shards are hashed or downloaded without the GIL, while the consumer joins the
+        batches."""
+        threads = min(READ_THREADS, len(os.sched_getaffinity(0))) if self.use_threads else 0
         # Shards are opened (hashed, downloaded) on threads of their own: reads wait for them, not for a free
         # thread behind other reads that wait.
         pools = [ThreadPoolExecutor(threads, f"ShardReader-{use}") for use in ("read", "open") if threads]
@@ -541,15 +560,13 @@ class ShardReader:
                 shard = self._shard(group.shard, open_)
                 self._pending[group.shard] += 1
                 window.append((group, read(self._read_permuted, shard, group)))
-                while len(window) > 2 * threads:
+                while window and len(window) >= 2 * threads:
                     yield self._taken(*window.popleft())
             while window:
                 yield self._taken(*window.popleft())
         finally:
-            for _, future in window:
-                future.cancel()
-            for pool in pools:
-                pool.shutdown(wait=True)
+            for pool in reversed(pools):  # a consumer that stops early waits for no queued hash, download or read
+                pool.shutdown(wait=True, cancel_futures=True)
 
     def _at_open_limit(self, shard: str) -> bool:
         busy = sum(1 for s in self._files if self._pending[s])
@@ -564,13 +581,7 @@ class ShardReader:
 
     def _read_permuted(self, opened: Future[OpenShard], group: RowGroup) -> tuple[pa.Table, Dictionary]:
         shard = opened.result()
-        with shard.lock:
-            table = shard.file.read_row_group(group.index, columns=self.columns, use_threads=False)
-        for name in shard.dictionary:
-            column = table.column(name)
-            if sum(len(chunk.dictionary) for chunk in column.chunks) * 2 > len(column):
-                self._plain_text.add(name)  # shards opened from now on read it as text
-        order = self.permutation(group)
+        table, order = self._read(shard, group, use_threads=False), self.permutation(group)
         return (table if order is None else take_rows(table, order)), shard.dictionary
 
     def iter_rows(self) -> Iterator[dict[str, Any]]:
@@ -592,9 +603,16 @@ class ShardReader:
     def read_group(self, group: RowGroup) -> pa.Table:
         """A row group as stored (verified first, when asked)."""
         shard = self._shard(group.shard, run_now).result()
+        return as_stored(self._read(shard, group, self.use_threads), shard.dictionary)
+
+    def _read(self, shard: OpenShard, group: RowGroup, use_threads: bool) -> pa.Table:
         with shard.lock:
-            table = shard.file.read_row_group(group.index, columns=self.columns, use_threads=self.use_threads)
-        return as_stored(table, shard.dictionary)
+            table = shard.file.read_row_group(group.index, columns=self.columns, use_threads=use_threads)
+        for name in shard.dictionary:
+            column = table.column(name)
+            if sum(len(chunk.dictionary) for chunk in column.chunks) * 2 > len(column):
+                self._plain_text.add(name)  # shards opened (or reopened) from now on read it as text
+        return table
 
     def permutation(self, group: RowGroup) -> np.ndarray | None:
         """This epoch's order of a row group's rows, None when not shuffling."""
@@ -619,20 +637,24 @@ class ShardReader:
             opened = self._files[shard] = submit(self._open_shard, shard)
         self._files.move_to_end(shard)
         idle = [s for s in self._files if not self._pending[s] and s != shard]
-        for old in idle[: len(self._files) - max(1, self.max_open_files)]:
+        for old in idle[: max(0, len(self._files) - max(1, self.max_open_files))]:
             self._close_shard(old)
         return opened
 
     def _idle(self, opened: Future[OpenShard], shard: str) -> bool:
-        return not self._pending[shard] and opened.done() and opened.exception() is None
+        return not self._pending[shard] and opened.done() and not opened.cancelled() and opened.exception() is None
 
     def _open_shard(self, shard: str) -> OpenShard:
         remote, checksum = f"{self.root}/{shard}", self.checksums[shard]
         if self.is_local:
-            hashed = self.verify is True and verify_file(Path(remote), checksum)
+            hashed = verify_file(Path(remote), checksum) if self.verify is True else None
             if self.verify == "pages":
                 self._check_size(shard, Path(remote).stat().st_size)
-            return self._open(remote, None, hashed)
+            opened = self._open(remote, None, hashed is not None)
+            if hashed is not None and file_stamp(Path(remote)) != hashed:  # written since: what was hashed?
+                opened.file.close()
+                return self._open_shard(shard)
+            return opened
         if self.cache is None:
             return self._open_ranges(shard)
         return self._open_cached(self.cache, remote, checksum)
@@ -646,6 +668,8 @@ class ShardReader:
                 held = CachedShard(local)
             except FileNotFoundError:
                 continue
+            finally:
+                hold(str(local), -1)
             try:
                 return self._open(local, held, hashed)
             except BaseException:
@@ -704,7 +728,7 @@ class ShardReader:
 
     def _close_shard(self, shard: str) -> None:
         opened = self._files.pop(shard)
-        if opened.exception() is not None:  # it never opened
+        if opened.cancelled() or opened.exception() is not None:  # it never opened
             return
         held = opened.result().held
         opened.result().file.close()
@@ -719,6 +743,7 @@ class ShardReader:
         held = bool(self._files)
         while self._files:
             self._close_shard(next(reversed(self._files)))
+        self._pending.clear()  # reads cancelled or failed were never taken
         if held and self.cache is not None:
             self.cache.evict(keep=None)
 
@@ -758,12 +783,28 @@ def is_text(kind: pa.DataType) -> bool:
     )
 
 
-def as_stored(table: pa.Table, dictionary: Dictionary) -> pa.Table:
-    """The columns read as dictionaries back to the text they are stored as."""
+def as_stored(table: pa.Table, dictionary: Dictionary, limit: int = 2**31 - 1) -> pa.Table:
+    """The columns read as dictionaries back to the text they are stored as; a chunk whose text would pass
+    2 GiB (`limit`: Arrow's 32-bit offsets) in as many chunks as it takes."""
     for name, kind in dictionary.items():
         i = table.schema.get_field_index(name)
-        table = table.set_column(i, table.schema.field(i).with_type(kind), table.column(i).cast(kind))
+        chunks = [piece.cast(kind) for chunk in table.column(i).chunks for piece in text_pieces(chunk, limit)]
+        table = table.set_column(i, table.schema.field(i).with_type(kind), pa.chunked_array(chunks, kind))
     return table
+
+
+def text_pieces(chunk: pa.DictionaryArray, limit: int) -> list[pa.DictionaryArray]:
+    """Slices of a dictionary array whose values, written out, stay within `limit` bytes each."""
+    lengths = pc.binary_length(chunk.dictionary)
+    if len(chunk) * (pc.max(lengths).as_py() or 0) <= limit:
+        return [chunk]
+    ends = np.cumsum(lengths.take(chunk.indices).fill_null(0).to_numpy(zero_copy_only=False))
+    cuts, start = [], 0
+    while start < len(chunk):
+        stop = max(start + 1, int(np.searchsorted(ends, (ends[start - 1] if start else 0) + limit, side="right")))
+        cuts.append(chunk.slice(start, stop - start))
+        start = stop
+    return cuts
 
 
 def take_rows(table: pa.Table, order: np.ndarray, limit: int = 2**31 - 1) -> pa.Table:

@@ -8,7 +8,8 @@ import math
 import pyarrow as pa
 
 ROW_GROUP_ROWS = (1_024, 65_536)  # bounds; a split aims at ~1,024 row groups, many more than ranks x workers
-# A row group of average rows, decoded, at most: a reader holds one or two per data-loader worker, and rows of
+# A row group of average rows, decoded, at most: a reader holds one or two per data-loader worker (and two per
+# thread reading ahead, `loader.READ_THREADS` at most, where it reads ahead), and rows of
 # documents or images (100 KB each) would otherwise make row groups of gigabytes (past Arrow's 2 GiB per text
 # column).
 ROW_GROUP_BYTES = 64 * 2**20

@@ -23,6 +23,7 @@ import fsspec
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
@@ -191,7 +192,7 @@ def test_options_out_of_range_are_refused(manifest_url: str, option: dict) -> No
 
 def test_a_text_column_past_2_gib_is_taken_in_pieces() -> None:
     """`take_rows` with a small `limit` stands in for a row group past Arrow's 32-bit offsets (2 GiB)."""
-    from aifactory_assets.loader import take_rows
+    from aifactory_assets.loader import as_stored, take_rows
 
     text = pa.chunked_array([[f"row {i} " * (i % 5) for i in range(n, n + 300)] for n in (0, 300, 600)])
     table = pa.table({"id": pa.chunked_array([range(0, 400), range(400, 900)]), "text": text})
@@ -199,6 +200,15 @@ def test_a_text_column_past_2_gib_is_taken_in_pieces() -> None:
     taken = take_rows(table, order, limit=table.nbytes // 5)
     assert taken.column("text").num_chunks > 1
     assert taken.to_pydict() == table.combine_chunks().take(order).to_pydict()
+    # Text read as dictionary indices, written out again past the limit, comes in pieces within it.
+    whole = taken.combine_chunks()
+    encoded = whole.set_column(1, "text", whole.column("text").dictionary_encode())
+    limit = table.column("text").nbytes // 7
+    stored = as_stored(encoded, {"text": pa.string()}, limit=limit)
+    assert stored.schema == taken.schema and stored.to_pydict() == taken.to_pydict()
+    chunks = stored.column("text").chunks
+    assert len(chunks) > 1
+    assert max(int(pc.sum(pc.binary_length(c)).as_py() or 0) for c in chunks) <= limit
 
 
 def flip_a_page_byte(shard: Path, column: str = "date") -> None:
@@ -655,6 +665,75 @@ def test_text_comes_as_stored_whether_read_ahead_or_not(tmp_path: Path) -> None:
     assert rows["sector"] == [f"sector-{k % 7}" for k in rows["id"]]
     assert rows["note"] == [f"{k:08d} " * 12 for k in rows["id"]]
     assert rows["tag"] == [None if k % 5 == 0 else f"t{k % 3}".encode() for k in rows["id"]]
+
+
+def small_shards(count: int, rows: int) -> list[pa.Table]:
+    return [
+        pa.table({"id": np.arange(i * rows, (i + 1) * rows), "kind": pa.array([f"k{k % 5}" for k in range(rows)])})
+        for i in range(count)
+    ]
+
+
+def test_each_shard_opens_once_an_epoch_within_the_open_limit(tmp_path: Path, monkeypatch) -> None:
+    """40 shards, fewer than `max_open_files`: each is opened (and hashed) once an epoch, reading ahead or
+    not, and through `read_group` (the torch path); with a limit of 2, never more are open at once."""
+    url = local_split(tmp_path / "s", small_shards(40, 40), row_group_rows=10)
+    opened, most = [], [0]
+    open_shard = ShardReader._open_shard
+
+    def counted(self: ShardReader, shard: str) -> Any:
+        opened.append(shard)
+        most[0] = max(most[0], len(self._files))
+        return open_shard(self, shard)
+
+    monkeypatch.setattr(ShardReader, "_open_shard", counted)
+    for options in ({}, {"use_threads": False}):
+        opened.clear()
+        assert sum(b.num_rows for b in ShardReader(url, "train", batch_size=10, **options)) == 1_600
+        assert sorted(opened) == sorted(set(opened)) and len(opened) == 40, options
+    opened.clear()
+    reader = ShardReader(url, "train", batch_size=10)
+    assert sum(reader.read_group(g).num_rows for pieces in reader.plan() for g, _, _ in pieces) == 1_600
+    assert len(opened) == 40
+    most[0] = 0
+    assert sum(b.num_rows for b in ShardReader(url, "train", batch_size=10, max_open_files=2)) == 1_600
+    assert most[0] <= 2
+
+
+def test_a_reader_stopped_early_releases_everything_and_reads_again(tmp_path: Path) -> None:
+    url = local_split(tmp_path / "s", small_shards(12, 500), row_group_rows=50)
+    reader = ShardReader(url, "train", batch_size=100, max_open_files=3)
+    for _ in range(3):
+        batches = iter(reader)
+        next(batches)
+        batches.close()
+        assert not reader._files and not +reader._pending
+    again = [b.to_pydict() for b in reader]
+    assert again == [b.to_pydict() for b in ShardReader(url, "train", batch_size=100, max_open_files=3)]
+
+
+def test_threads_of_one_reader_do_not_evict_each_others_copies(tmp_path: Path) -> None:
+    """A remote as fast as memory (fsspec's in-memory filesystem; through the S3 server the window is
+    rarely hit): one thread's eviction, with the cache full, must not remove the copy another thread has
+    just fetched and not yet opened (it would fetch it again, and give up after three tries)."""
+    local_split(tmp_path / "s", small_shards(12, 3_000), row_group_rows=500)
+    remote = fsspec.filesystem("memory")
+    for shard in (tmp_path / "s").iterdir():
+        remote.pipe(f"/threads-evict/{shard.name}", shard.read_bytes())
+    try:
+        for epoch in range(15):
+            with pytest.warns(UserWarning, match="more than cache_bytes"):
+                reader = ShardReader(
+                    "memory://threads-evict/manifest.json",
+                    "train",
+                    cache_dir=tmp_path / f"c{epoch}",
+                    cache_bytes=1,
+                    batch_size=500,
+                    epoch=epoch,
+                )
+            assert sum(b.num_rows for b in reader) == 36_000
+    finally:
+        remote.rm("/threads-evict", recursive=True)
 
 
 def test_pages_are_checked_where_a_shard_is_not_hashed_again(manifest_url: str, tmp_path: Path) -> None:
