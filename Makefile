@@ -45,7 +45,7 @@ bench-validation: setup
 bench-pipeline: setup
 	$(BIN)/python -m benchmarks.pipeline
 
-# 6 GiB of CSV through two Dask workers of 1 GiB each; fails if a worker is killed for memory.
+# 6 GiB of CSV through two Dask workers of 1 GB each (2 GB in all); fails if a worker is killed for memory.
 bench-memory: setup
 	$(BIN)/python -m benchmarks.pipeline --gb 6 --memory-limit 1GB --only-aifactory --workdir .bench/pipeline6
 
