@@ -67,6 +67,7 @@ Remainder = Literal["drop", "pad"]
 PAGE_CHECKSUMS = 3  # the manifest format from which every shard's pages carry a CRC32
 MAX_OPEN_FILES = 64  # shards a reader keeps open: a split of thousands would exhaust descriptors; reopening
 # costs a footer parse (0.4 ms for 32 row groups of 18 columns), so a split of up to 64 shards never reopens
+REPEATS_SEEN_IN = 1_024  # rows of a row group, at least, to judge whether a text column's values repeat
 READ_THREADS = 8  # at most, a reader's threads reading ahead: two row groups each (64 MiB at most, decoded)
 MAX_HELD_COPIES = 8  # of cached shards: each one held is disk the cache cannot give back (1-2 GiB at 8)
 
@@ -299,7 +300,13 @@ class ShardCache:
     @staticmethod
     def _evict_unused(path: Path) -> bool:
         """Removes a copy no reader holds, and its lock file unless a download holds that (its hash record
-        goes with the next eviction)."""
+        goes with the next eviction). Under the hold lock: a thread of this process must not take its hold
+        between the check and the removal."""
+        with _HELD_LOCK:
+            return ShardCache._evict_unheld(path)
+
+    @staticmethod
+    def _evict_unheld(path: Path) -> bool:
         if str(path) in _HELD:
             return False
         removed = False
@@ -543,7 +550,7 @@ class ShardReader:
         consumer, on a thread per core (`use_threads`; READ_THREADS at most): PyArrow decodes, NumPy and
         Arrow shuffle, and shards are hashed or downloaded without the GIL, while the consumer joins the
         batches."""
-        threads = min(READ_THREADS, len(os.sched_getaffinity(0))) if self.use_threads else 0
+        threads = min(READ_THREADS, available_cores()) if self.use_threads else 0
         # Shards are opened (hashed, downloaded) on threads of their own: reads wait for them, not for a free
         # thread behind other reads that wait.
         pools = [ThreadPoolExecutor(threads, f"ShardReader-{use}") for use in ("read", "open") if threads]
@@ -610,7 +617,7 @@ class ShardReader:
             table = shard.file.read_row_group(group.index, columns=self.columns, use_threads=use_threads)
         for name in shard.dictionary:
             column = table.column(name)
-            if sum(len(chunk.dictionary) for chunk in column.chunks) * 2 > len(column):
+            if len(column) >= REPEATS_SEEN_IN and sum(len(c.dictionary) for c in column.chunks) * 2 > len(column):
                 self._plain_text.add(name)  # shards opened (or reopened) from now on read it as text
         return table
 
@@ -634,27 +641,28 @@ class ShardReader:
             self._close_shard(shard)
             opened = None
         if opened is None:
+            idle = [s for s in self._files if not self._pending[s]]
+            for old in idle[: max(0, len(self._files) + 1 - max(1, self.max_open_files))]:
+                self._close_shard(old)
             opened = self._files[shard] = submit(self._open_shard, shard)
         self._files.move_to_end(shard)
-        idle = [s for s in self._files if not self._pending[s] and s != shard]
-        for old in idle[: max(0, len(self._files) - max(1, self.max_open_files))]:
-            self._close_shard(old)
         return opened
 
     def _idle(self, opened: Future[OpenShard], shard: str) -> bool:
         return not self._pending[shard] and opened.done() and not opened.cancelled() and opened.exception() is None
 
-    def _open_shard(self, shard: str) -> OpenShard:
+    def _open_shard(self, shard: str, attempts: int = 3) -> OpenShard:
         remote, checksum = f"{self.root}/{shard}", self.checksums[shard]
         if self.is_local:
-            hashed = verify_file(Path(remote), checksum) if self.verify is True else None
-            if self.verify == "pages":
-                self._check_size(shard, Path(remote).stat().st_size)
-            opened = self._open(remote, None, hashed is not None)
-            if hashed is not None and file_stamp(Path(remote)) != hashed:  # written since: what was hashed?
-                opened.file.close()
-                return self._open_shard(shard)
-            return opened
+            for _ in range(attempts):
+                hashed = verify_file(Path(remote), checksum) if self.verify is True else None
+                if self.verify == "pages":
+                    self._check_size(shard, Path(remote).stat().st_size)
+                opened = self._open(remote, None, hashed is not None)
+                if hashed is None or file_stamp(Path(remote)) == hashed:
+                    return opened
+                opened.file.close()  # written between its hash and its opening: what was hashed is not this
+            raise OSError(f"{remote}: changed on disk {attempts} times while it was being verified")
         if self.cache is None:
             return self._open_ranges(shard)
         return self._open_cached(self.cache, remote, checksum)
@@ -754,7 +762,7 @@ class ShardReader:
         if self.cache is not None or self.verify is not True:
             return False
         paths = [Path(f"{self.root}/{shard}") for shard in self.checksums]
-        with ThreadPoolExecutor(threads or os.cpu_count()) as pool:
+        with ThreadPoolExecutor(threads or available_cores()) as pool:
             list(pool.map(verify_file, paths, self.checksums.values()))
         return True
 
@@ -764,6 +772,11 @@ class ShardReader:
 
 
 Submit = Callable[..., Future[Any]]
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity, where the OS has one: a batch job's share)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def run_now(fn: Callable[..., Any], *args: Any) -> Future[Any]:
@@ -795,6 +808,11 @@ def as_stored(table: pa.Table, dictionary: Dictionary, limit: int = 2**31 - 1) -
 
 def text_pieces(chunk: pa.DictionaryArray, limit: int) -> list[pa.DictionaryArray]:
     """Slices of a dictionary array whose values, written out, stay within `limit` bytes each."""
+    value_type = chunk.type.value_type
+    if pa.types.is_large_string(value_type) or pa.types.is_large_binary(value_type):
+        return [chunk]  # 64-bit offsets
+    if len(chunk) * chunk.dictionary.nbytes <= limit:  # no value is longer than all of them together
+        return [chunk]
     lengths = pc.binary_length(chunk.dictionary)
     if len(chunk) * (pc.max(lengths).as_py() or 0) <= limit:
         return [chunk]
