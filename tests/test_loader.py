@@ -294,25 +294,20 @@ def test_remote_shards_are_cached_within_a_size_bound(s3_manifest: tuple[str, di
 
 
 def many_row_groups(catalog: Catalog, s3_endpoint: str, shards: int = 8, groups: int = 10, rows: int = 20_000) -> tuple:
-    """A split laid out as a large one is (many row groups per shard), written to the S3 server as the
-    pipeline writes it: zstd, page checksums, a manifest with each shard's checksum and row groups."""
+    """A split laid out as a large one is (many row groups per shard), on the S3 server."""
     store = s3_stores(catalog, s3_endpoint)["kajaani"]
-    entries = []
+    tables = []
     for i in range(shards):
         ids = np.arange(i * groups * rows, (i + 1) * groups * rows)
-        table = pa.table({"id": ids, "value": np.random.default_rng(i).random(len(ids))})
-        buffer = io.BytesIO()
-        pq.write_table(table, buffer, row_group_size=rows, compression="zstd", write_page_checksum=True)
-        name, data = f"train-{i:05d}-of-{shards:05d}.parquet", buffer.getvalue()
+        tables.append(pa.table({"id": ids, "value": np.random.default_rng(i).random(len(ids))}))
+    files = split_files(tables, row_group_rows=rows, seed=3)
+    for name, data in files.items():
         store.write_bytes(f"split/{name}", data)
-        sha256 = hashlib.sha256(data).hexdigest()
-        entries.append(
-            {"path": name, "rows": len(ids), "bytes": len(data), "sha256": sha256, "row_groups": [rows] * groups}
-        )
-    split = {"rows": shards * groups * rows, "bytes": sum(e["bytes"] for e in entries), "shards": entries}
-    manifest = {"format_version": 3, "splits": {"train": split}, "sampler": {"seed": 3, "remainder": "drop"}}
-    store.write_bytes("split/manifest.json", json.dumps(manifest).encode())
-    return store.url("split/manifest.json"), store.storage_options, split["bytes"]
+    return (
+        store.url("split/manifest.json"),
+        store.storage_options,
+        json.loads(files["manifest.json"])["splits"]["train"]["bytes"],
+    )
 
 
 def test_row_groups_read_by_range_fetch_only_a_ranks_share(catalog: Catalog, s3_endpoint: str, tmp_path: Path) -> None:
@@ -611,20 +606,31 @@ def test_tensor_loader_workers_end_with_a_killed_trainer(manifest_url: str) -> N
     assert not any(alive(pid) for pid in workers)
 
 
-def local_split(directory: Path, tables: list[pa.Table], row_group_rows: int) -> str:
-    """Shards written as the pipeline writes them (zstd, page checksums) with their manifest; its URL."""
-    directory.mkdir(parents=True, exist_ok=True)
-    entries = []
+def split_files(tables: list[pa.Table], row_group_rows: int, seed: int) -> dict[str, bytes]:
+    """A train split's shards as the pipeline writes them (zstd, page checksums) and its manifest (each
+    shard's checksum and row groups), by file name."""
+    files, entries = {}, []
     for i, table in enumerate(tables):
-        shard = directory / f"train-{i:05d}-of-{len(tables):05d}.parquet"
-        pq.write_table(table, shard, row_group_size=row_group_rows, compression="zstd", write_page_checksum=True)
-        data, meta = shard.read_bytes(), pq.read_metadata(shard)
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer, row_group_size=row_group_rows, compression="zstd", write_page_checksum=True)
+        name, data = f"train-{i:05d}-of-{len(tables):05d}.parquet", buffer.getvalue()
+        meta = pq.read_metadata(io.BytesIO(data))
         groups = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
-        entry = {"path": shard.name, "rows": table.num_rows, "bytes": len(data), "row_groups": groups}
-        entries.append(entry | {"sha256": hashlib.sha256(data).hexdigest()})
-    split = {"rows": sum(t.num_rows for t in tables), "shards": entries}
-    manifest = {"format_version": 3, "splits": {"train": split}, "sampler": {"seed": 5, "remainder": "drop"}}
-    (directory / "manifest.json").write_text(json.dumps(manifest))
+        files[name] = data
+        sha256 = hashlib.sha256(data).hexdigest()
+        entries.append(
+            {"path": name, "rows": table.num_rows, "bytes": len(data), "sha256": sha256, "row_groups": groups}
+        )
+    split = {"rows": sum(t.num_rows for t in tables), "bytes": sum(e["bytes"] for e in entries), "shards": entries}
+    manifest = {"format_version": 3, "splits": {"train": split}, "sampler": {"seed": seed, "remainder": "drop"}}
+    return files | {"manifest.json": json.dumps(manifest).encode()}
+
+
+def local_split(directory: Path, tables: list[pa.Table], row_group_rows: int) -> str:
+    """`split_files` in a local directory; its manifest's path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, data in split_files(tables, row_group_rows, seed=5).items():
+        (directory / name).write_bytes(data)
     return str(directory / "manifest.json")
 
 
