@@ -24,11 +24,11 @@ where every rank hashing the whole split would cost more than training reads (th
 shared filesystem). Page checksums catch torn copies and bit rot in the pages read, not a file replaced
 on purpose.
 
-With `use_threads` (the default) a thread per core (READ_THREADS at most) reads, decodes and shuffles row
-groups, up to two per thread ahead of the batches, and opens (hashes, downloads) shards on threads of its
-own; text stored with a dictionary is shuffled as its indices and turned back into text once per batch.
-`use_threads=False` reads one row group at a time on the calling thread, for data-loader worker processes
-that are the parallelism themselves.
+`threads` (by default one per core this process may use, READ_THREADS at most) read, decode and shuffle
+row groups, up to two per thread ahead of the batches, and as many more open (hash, download) shards;
+text stored with a dictionary is shuffled as its indices and turned back into text once per batch.
+`threads=0` reads one row group at a time on the calling thread, for data-loader worker processes that
+are the parallelism themselves.
 
 Remote shards go through a node's `ShardCache` whole; `cache=False` (with `verify="pages"`) reads each row
 group in place by byte range instead: for a split larger than the cache, or many nodes, each of which
@@ -68,7 +68,8 @@ PAGE_CHECKSUMS = 3  # the manifest format from which every shard's pages carry a
 MAX_OPEN_FILES = 64  # shards a reader keeps open: a split of thousands would exhaust descriptors; reopening
 # costs a footer parse (0.4 ms for 32 row groups of 18 columns), so a split of up to 64 shards never reopens
 REPEATS_SEEN_IN = 1_024  # rows of a row group, at least, to judge whether a text column's values repeat
-READ_THREADS = 8  # at most, a reader's threads reading ahead: two row groups each (64 MiB at most, decoded)
+READ_THREADS = 8  # by default at most, a reader's threads reading ahead: two row groups each (64 MiB at most,
+# decoded); on 16 vCPUs 12 or 16 read no faster (the README's GPU machine)
 MAX_HELD_COPIES = 8  # of cached shards: each one held is disk the cache cannot give back (1-2 GiB at 8)
 
 
@@ -419,7 +420,7 @@ class ShardReader:
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         cache: bool = True,
         memory_map: bool = True,
-        use_threads: bool = True,
+        threads: int | None = None,
         max_open_files: int | None = None,
     ):
         if not 0 <= rank < world_size or not 0 <= worker_id < num_workers:
@@ -427,8 +428,9 @@ class ShardReader:
         for name, value in (("batch_size", batch_size), ("shuffle_block", shuffle_block)):
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
-        if start_sample < 0:
-            raise ValueError(f"start_sample must be at least 0, got {start_sample}")
+        for name, value in (("start_sample", start_sample), ("threads", threads or 0)):
+            if value < 0:
+                raise ValueError(f"{name} must be at least 0, got {value}")
         if remainder not in (None, *get_args(Remainder)):
             raise ValueError(f"remainder {remainder!r}: one of {get_args(Remainder)}, or None for the manifest's")
         if verify not in (True, False, "pages"):  # a string from a config file would turn checks off unseen
@@ -445,7 +447,8 @@ class ShardReader:
         self.seed = self.manifest["sampler"]["seed"] if seed is None else seed
         self.remainder = remainder or self.manifest["sampler"].get("remainder", "drop")
         self.start_sample, self.verify = start_sample, verify
-        self.memory_map, self.use_threads = memory_map, use_threads  # see the module docstring
+        self.memory_map = memory_map  # see the module docstring
+        self.threads = min(READ_THREADS, available_cores()) if threads is None else threads
         if verify == "pages" and self.manifest.get("format_version", 0) < PAGE_CHECKSUMS:
             raise ValueError(f"{manifest}: written before shards carried page checksums; use verify=True")
         shards = self.manifest["splits"][split]["shards"]
@@ -547,14 +550,12 @@ class ShardReader:
 
     def _prepared(self, groups: Iterable[RowGroup]) -> Iterator[tuple[RowGroup, pa.Table, Dictionary]]:
         """Row groups read and put in this epoch's order of rows, in turn, up to two per thread ahead of the
-        consumer, on a thread per core (`use_threads`; READ_THREADS at most): PyArrow decodes, NumPy and
-        Arrow shuffle, and shards are hashed or downloaded without the GIL, while the consumer joins the
-        batches."""
-        threads = min(READ_THREADS, available_cores()) if self.use_threads else 0
+        consumer, on `threads` threads: PyArrow decodes, NumPy and Arrow shuffle, and shards are hashed or
+        downloaded without the GIL, while the consumer joins the batches."""
         # Shards are opened (hashed, downloaded) on threads of their own: reads wait for them, not for a free
         # thread behind other reads that wait.
-        pools = [ThreadPoolExecutor(threads, f"ShardReader-{use}") for use in ("read", "open") if threads]
-        read, open_ = (pool.submit for pool in pools) if threads else (run_now, run_now)
+        pools = [ThreadPoolExecutor(self.threads, f"ShardReader-{use}") for use in ("read", "open") if self.threads]
+        read, open_ = (pool.submit for pool in pools) if self.threads else (run_now, run_now)
         window: deque[tuple[RowGroup, Future[tuple[pa.Table, Dictionary]]]] = deque()
         try:
             previous = None
@@ -567,7 +568,7 @@ class ShardReader:
                 shard = self._shard(group.shard, open_)
                 self._pending[group.shard] += 1
                 window.append((group, read(self._read_permuted, shard, group)))
-                while window and len(window) >= 2 * threads:
+                while window and len(window) >= 2 * self.threads:
                     yield self._taken(*window.popleft())
             while window:
                 yield self._taken(*window.popleft())
@@ -610,7 +611,7 @@ class ShardReader:
     def read_group(self, group: RowGroup) -> pa.Table:
         """A row group as stored (verified first, when asked)."""
         shard = self._shard(group.shard, run_now).result()
-        return as_stored(self._read(shard, group, self.use_threads), shard.dictionary)
+        return as_stored(self._read(shard, group, self.threads > 0), shard.dictionary)
 
     def _read(self, shard: OpenShard, group: RowGroup, use_threads: bool) -> pa.Table:
         with shard.lock:

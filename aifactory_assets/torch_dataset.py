@@ -218,7 +218,7 @@ class TensorLoader:
         # (faster on the lent H100 host than PyArrow's own threads or memory maps).
         if slots < 2:  # a worker fills its next slot while the trainer still holds the last one
             raise ValueError(f"TensorLoader needs slots >= 2, got {slots}")
-        dataset_options = {"use_threads": False, "memory_map": False} | dataset_options
+        dataset_options = {"threads": 0, "memory_map": False} | dataset_options
         self._pool: WorkerPool | None = None
         self.dataset = ShardIterableDataset(manifest, split, **dataset_options)
         self.device, self.workers, self.chunk, self.slots = torch.device(device), workers, chunk, slots

@@ -6,6 +6,8 @@ features, an int label and an int id, zstd shards, a manifest with checksums and
 then measures, on the same files:
 
 - a multi-threaded PyArrow read of every shard, file by file and as one dataset (the physical baselines);
+- with `--reader-threads`, `ShardReader(..., threads=T)` for each T: Arrow record batches on the CPU, two
+  epochs each (the first hashes every shard, as a new process's would), nothing on the device;
 - `DataLoader(ShardIterableDataset(...), batch_size=None, num_workers=W, pin_memory=True)` for each W in
   `--workers`, and `TensorLoader(..., workers=P)` for each P in `--processes`, two epochs each, every batch
   on the device;
@@ -13,7 +15,8 @@ then measures, on the same files:
 - with `--mlp`, a small MLP (16-512-512-10) alone on a batch resident on the device (its own ceiling), then
   each path again, feeding it.
 
-    python -m benchmarks.gpu_loader --rows 16000000 --shards 32 --workers 4 --processes 1 8 12 16 --mlp --transport
+    python -m benchmarks.gpu_loader --rows 16000000 --shards 32 --workers 4 --processes 1 8 12 16 --mlp --transport \
+        --reader-threads 0 4 8 12 16
 
 Falls back to the CPU when no CUDA device is present (the numbers then say so).
 """
@@ -35,6 +38,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import torch
 
+from aifactory_assets.loader import _VERIFIED, ShardReader
 from aifactory_assets.shard_layout import dictionary_columns, row_group_rows, shard_name
 from aifactory_assets.torch_dataset import ShardIterableDataset, TensorLoader
 
@@ -104,6 +108,20 @@ def raw_read(root: Path, at_once: bool = False) -> tuple[float, int, int]:
             table = pq.read_table(path, use_threads=True)
             rows, nbytes = rows + table.num_rows, nbytes + table.nbytes
     return time.perf_counter() - start, rows, nbytes
+
+
+def reader_epochs(manifest: Path, threads: int, batch: int, count: int = 2) -> list[tuple[float, int, int]]:
+    """Per epoch (seconds, rows, bytes) of `ShardReader`'s record batches, a reader per epoch as a training
+    loop makes them; the first epoch hashes every shard (the process's record of hashed shards cleared, as
+    in a new process), the later ones check every page's CRC instead."""
+    _VERIFIED.clear()
+    results = []
+    for epoch in range(count):
+        start, rows, nbytes = time.perf_counter(), 0, 0
+        for record_batch in ShardReader(str(manifest), "train", epoch=epoch, batch_size=batch, threads=threads):
+            rows, nbytes = rows + record_batch.num_rows, nbytes + record_batch.nbytes
+        results.append((time.perf_counter() - start, rows, nbytes))
+    return results
 
 
 def dataloader(manifest: Path, device: torch.device, workers: int, batch: int, **options):
@@ -222,7 +240,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[4, 8], help="DataLoader worker counts to try")
     parser.add_argument("--processes", type=int, nargs="+", default=[8], help="TensorLoader worker counts to try")
     parser.add_argument("--memory-map", type=int, nargs="+", help="memory-map shards (1/0; default: the loader's)")
-    parser.add_argument("--decode-threads", type=int, nargs="+", help="PyArrow threads per decode (1/0; ditto)")
+    parser.add_argument(
+        "--decode-threads", type=int, nargs="+", help="torch paths: PyArrow's threads per decode (1/0; ditto)"
+    )
+    parser.add_argument(
+        "--reader-threads", type=int, nargs="+", default=[], help="ShardReader thread counts to try (0: in turn)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=Path(".bench/gpu_loader"))
     parser.add_argument("--transport", action="store_true", help="also time the DataLoader moving empty batches")
@@ -239,9 +262,12 @@ def main() -> None:
         ("pyarrow read, file by file (multi-threaded)", *raw_read(manifest.parent)),
         ("pyarrow read, all files as one dataset (multi-threaded)", *raw_read(manifest.parent, at_once=True)),
     ]
+    for threads in args.reader_threads:
+        for epoch, measured in enumerate(reader_epochs(manifest, threads, args.batch)):
+            results.append((f"ShardReader, {threads} threads, Arrow batches on the CPU, epoch {epoch}", *measured))
     paths = []
-    for memory_map, use_threads in itertools.product(args.memory_map or [None], args.decode_threads or [None]):
-        options = {k: bool(v) for k, v in (("memory_map", memory_map), ("use_threads", use_threads)) if v is not None}
+    for memory_map, threads in itertools.product(args.memory_map or [None], args.decode_threads or [None]):
+        options = {k: v for k, v in (("memory_map", memory_map), ("threads", threads)) if v is not None}
         how = "".join(f", {k}={v}" for k, v in options.items())
         for n in args.workers:
             paths.append(

@@ -181,7 +181,14 @@ def test_a_corrupted_shard_is_refused(manifest_url: str, tmp_path: Path) -> None
 
 @pytest.mark.parametrize(
     "option",
-    [{"remainder": "padding"}, {"start_sample": -7}, {"shuffle_block": 0}, {"batch_size": 0}, {"verify": "page"}],
+    [
+        {"remainder": "padding"},
+        {"start_sample": -7},
+        {"shuffle_block": 0},
+        {"batch_size": 0},
+        {"verify": "page"},
+        {"threads": -1},
+    ],
 )
 def test_options_out_of_range_are_refused(manifest_url: str, option: dict) -> None:
     """A typo'd remainder would drop where padding was meant; a negative start sends batches to the wrong
@@ -355,7 +362,7 @@ def hold_first_shard(url: str, options: dict, cache: str, held: Any, done: Any) 
             cache_bytes=1,
             shuffle=False,
             batch_size=7,
-            use_threads=False,
+            threads=0,
         )
     )
     first = next(reader).column("date").to_pylist()
@@ -638,7 +645,7 @@ def test_text_comes_as_stored_whether_read_ahead_or_not(tmp_path: Path) -> None:
     """Text is read as dictionary indices where a shard stores it so, shuffled as such and turned back into
     text per batch; a column whose values hardly repeat (its dictionary overflows into plain pages) is
     read as text again from the next shard on. Either way the batches hold the stored types and values,
-    the same with threads reading ahead as without."""
+    the same with any number of threads reading ahead as without."""
     tables = []
     for i in range(3):
         ids = np.arange(i * 60_000, (i + 1) * 60_000)
@@ -663,9 +670,10 @@ def test_text_comes_as_stored_whether_read_ahead_or_not(tmp_path: Path) -> None:
 
     ahead, reader = read()
     assert reader._plain_text == {"note"}
-    in_turn, _ = read(use_threads=False)
+    in_turn, _ = read(threads=0)
+    more, _ = read(threads=5)  # more threads than cores: the same batches
     assert [b.schema for b in ahead] == [stored.remove_metadata()] * len(ahead)
-    assert [b.to_pydict() for b in ahead] == [b.to_pydict() for b in in_turn]
+    assert [b.to_pydict() for b in ahead] == [b.to_pydict() for b in in_turn] == [b.to_pydict() for b in more]
     rows = pa.Table.from_batches(ahead).to_pydict()
     assert sorted(rows["id"]) == list(range(180_000))
     assert rows["sector"] == [f"sector-{k % 7}" for k in rows["id"]]
@@ -693,7 +701,7 @@ def test_each_shard_opens_once_an_epoch_within_the_open_limit(tmp_path: Path, mo
         return open_shard(self, shard)
 
     monkeypatch.setattr(ShardReader, "_open_shard", counted)
-    for options in ({}, {"use_threads": False}):
+    for options in ({}, {"threads": 0}):
         opened.clear()
         assert sum(b.num_rows for b in ShardReader(url, "train", batch_size=10, **options)) == 1_600
         assert sorted(opened) == sorted(set(opened)) and len(opened) == 40, options
@@ -701,7 +709,7 @@ def test_each_shard_opens_once_an_epoch_within_the_open_limit(tmp_path: Path, mo
     reader = ShardReader(url, "train", batch_size=10)
     assert sum(reader.read_group(g).num_rows for pieces in reader.plan() for g, _, _ in pieces) == 1_600
     assert len(opened) == 40
-    for options in ({}, {"use_threads": False}):
+    for options in ({}, {"threads": 0}):
         most[0] = 0
         assert sum(b.num_rows for b in ShardReader(url, "train", batch_size=10, max_open_files=2, **options)) == 1_600
         assert most[0] == 2, options
