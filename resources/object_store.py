@@ -200,12 +200,43 @@ def _env(site: str, name: str) -> str | None:
     return None
 
 
+def credential_vars(site: str, endpoint_var: str | None) -> tuple[str | None, str | None]:
+    """The variables holding the key and the secret: a pair from one level, the site's or the shared one.
+    The shared pair belongs to the shared endpoint: it is never sent to another server that a site names
+    as its own (whose operator would read every site's secret), and a key never goes with another level's
+    secret. Neither level set: none, and the endpoint's client looks for its own (an IAM role, say)."""
+    levels = (f"AIFACTORY_{site.upper()}_S3_", "AIFACTORY_S3_")
+    for level in levels:
+        names = (f"{level}KEY", f"{level}SECRET")
+        present = [name for name in names if os.environ.get(name)]
+        if not present:
+            continue
+        if len(present) == 1:
+            missing = next(name for name in names if name not in present)
+            raise ValueError(f"{present[0]} is set but {missing} is not: a key and its secret are set together")
+        if level == levels[1] and endpoint_var == f"{levels[0]}ENDPOINT" and not _same_server(endpoint_var):
+            raise ValueError(
+                f"{endpoint_var} names a server of the {site} site's own, and only the shared credentials "
+                f"(AIFACTORY_S3_KEY, AIFACTORY_S3_SECRET) are set: set {levels[0]}KEY and {levels[0]}SECRET; "
+                "shared credentials are never sent to a site's own endpoint"
+            )
+        return names
+    return None, None
+
+
+def _same_server(endpoint_var: str) -> bool:
+    """A site's endpoint variable that repeats the shared endpoint."""
+    shared = os.environ.get("AIFACTORY_S3_ENDPOINT", "")
+    return bool(shared) and os.environ[endpoint_var].rstrip("/") == shared.rstrip("/")
+
+
 def object_store_for(site: str, bucket: str) -> ObjectStore:
     """The store the environment configures for `site`: S3 when an endpoint or bucket is set, else local.
 
     Variables (site-specific `AIFACTORY_<SITE>_...` wins over the shared `AIFACTORY_...`):
     `S3_ENDPOINT`, `S3_BUCKET` (default: the catalogue's bucket), `S3_PREFIX`, `S3_KEY`, `S3_SECRET`,
-    `S3_REGION`. Credentials go in as `dg.EnvVar`, so the UI and the run config show only their names.
+    `S3_REGION`. Credentials go in as `dg.EnvVar`, so the UI and the run config show only their names;
+    see `credential_vars` for where they may come from.
     """
     endpoint, bucket_var = _env(site, "S3_ENDPOINT"), _env(site, "S3_BUCKET")
     if not (endpoint or bucket_var):
@@ -216,7 +247,8 @@ def object_store_for(site: str, bucket: str) -> ObjectStore:
     # A bucket shared by several sites keeps each site under its own prefix.
     shared_bucket = bucket_var is not None and bucket_var == "AIFACTORY_S3_BUCKET"
     parts = [bucket, prefix, site if shared_bucket else ""]
-    key_var, secret_var, region_var = _env(site, "S3_KEY"), _env(site, "S3_SECRET"), _env(site, "S3_REGION")
+    key_var, secret_var = credential_vars(site, endpoint)
+    region_var = _env(site, "S3_REGION")
     return ObjectStore(
         site=site,
         protocol="s3",

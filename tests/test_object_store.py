@@ -83,13 +83,43 @@ def test_environment_selects_local_or_s3(monkeypatch: pytest.MonkeyPatch, tmp_pa
     assert local.protocol == "file" and local.root == str(tmp_path / "athens")
 
     monkeypatch.setenv("AIFACTORY_ATHENS_S3_ENDPOINT", "http://127.0.0.1:9")
-    monkeypatch.setenv("AIFACTORY_S3_KEY", "k")
-    monkeypatch.setenv("AIFACTORY_S3_SECRET", S3_SECRET)
+    monkeypatch.setenv("AIFACTORY_ATHENS_S3_KEY", "k")
+    monkeypatch.setenv("AIFACTORY_ATHENS_S3_SECRET", S3_SECRET)
     s3 = object_store_for("athens", "aifactory-athens")
     # Credentials are EnvVars: the resource's config (what the UI shows) holds their names only.
-    assert (s3.protocol, s3.root, s3.secret_access_key) == ("s3", "aifactory-athens", "AIFACTORY_S3_SECRET")
+    assert (s3.protocol, s3.root, s3.secret_access_key) == ("s3", "aifactory-athens", "AIFACTORY_ATHENS_S3_SECRET")
     resolved = s3.process_config_and_initialize()
     assert resolved.secret_access_key == S3_SECRET and resolved.endpoint_url == "http://127.0.0.1:9"
 
     monkeypatch.setenv("AIFACTORY_S3_BUCKET", "shared")
     assert object_store_for("athens", "aifactory-athens").root == "shared/athens"
+
+
+def test_credentials_stay_with_their_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shared pair goes to the shared endpoint (and sites on it) only; a key never pairs with another
+    level's secret. Each refusal names the variables to set, never a value."""
+    shared = {"AIFACTORY_S3_ENDPOINT": "http://shared:9000", "AIFACTORY_S3_KEY": "k", "AIFACTORY_S3_SECRET": S3_SECRET}
+    for name, value in shared.items():
+        monkeypatch.setenv(name, value)
+    assert object_store_for("athens", "b").secret_access_key == "AIFACTORY_S3_SECRET"
+    monkeypatch.setenv("AIFACTORY_ATHENS_S3_BUCKET", "athens-own")  # its own bucket on the shared server
+    assert object_store_for("athens", "b").secret_access_key == "AIFACTORY_S3_SECRET"
+    monkeypatch.setenv("AIFACTORY_ATHENS_S3_ENDPOINT", "http://shared:9000/")  # the same server, spelt again
+    assert object_store_for("athens", "b").secret_access_key == "AIFACTORY_S3_SECRET"
+
+    monkeypatch.setenv("AIFACTORY_ATHENS_S3_ENDPOINT", "http://athens:9000")
+    with pytest.raises(ValueError, match="set AIFACTORY_ATHENS_S3_KEY and AIFACTORY_ATHENS_S3_SECRET") as refused:
+        object_store_for("athens", "b")
+    assert S3_SECRET not in str(refused.value)
+    assert object_store_for("bologna", "b").secret_access_key == "AIFACTORY_S3_SECRET"  # other sites unaffected
+
+    monkeypatch.setenv("AIFACTORY_ATHENS_S3_KEY", "athens-key")  # its secret left to the shared one
+    with pytest.raises(ValueError, match="AIFACTORY_ATHENS_S3_KEY is set but AIFACTORY_ATHENS_S3_SECRET is not"):
+        object_store_for("athens", "b")
+    monkeypatch.setenv("AIFACTORY_ATHENS_S3_SECRET", "athens-secret")
+    store = object_store_for("athens", "b").process_config_and_initialize()
+    assert (store.access_key_id, store.secret_access_key) == ("athens-key", "athens-secret")
+
+    monkeypatch.delenv("AIFACTORY_S3_SECRET")
+    with pytest.raises(ValueError, match="AIFACTORY_S3_KEY is set but AIFACTORY_S3_SECRET is not"):
+        object_store_for("bologna", "b")
