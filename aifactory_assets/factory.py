@@ -4,6 +4,7 @@ Assets read and write the site's store directly with Dask and return `Materializ
 no DataFrame goes through an IO manager. Checks are computed in the same step from what was written.
 """
 
+from functools import partial
 from typing import Any
 
 import dagster as dg
@@ -191,7 +192,9 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
     )
     def raw(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         store, dask = _resources(context, dataset)
-        record = ingest_dataset(store, dask.get_client(), dataset, context.run.run_id)
+        record = ingest_dataset(
+            store, dask.get_client(), dataset, context.run.run_id, partial(run_finished, context.instance)
+        )
         refused = [f"- `{e['source']}`: {e['file_error']}" for e in record["ledger"] if "file_error" in e]
         rows = [[f"`{e['source']}`", e["rows_read"], e["rows_valid"], e["rows_quarantined"]] for e in record["ledger"]]
         summary = markdown_table(["source", "read", "valid", "quarantined"], rows)
@@ -245,7 +248,9 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
     def validated(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         store, dask = _resources(context, dataset)
         run_id = context.run.run_id
-        record = validate_dataset(store, dask.get_client(), dataset, suite, run_id)
+        record = validate_dataset(
+            store, dask.get_client(), dataset, suite, run_id, partial(run_finished, context.instance)
+        )
         raw_record = require_current(store, f"raw/{dataset.name}", "raw")
         if raw_record["generation"] != record["raw_generation"]:  # the pool keeps other runs out; another instance?
             raise dg.Failure(f"{dataset.name}: raw was published again while validating; materialise validated again")
@@ -322,7 +327,7 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
         version = version_for(dataset, suite, raw_record)
         prefix = version_prefix(dataset, version)
         staging = None
-        for abandoned in remove_abandoned_writes(store, dataset, lambda run: run_finished(context.instance, run)):
+        for abandoned in remove_abandoned_writes(store, dataset, partial(run_finished, context.instance)):
             context.log.info(f"removed v={abandoned}/, left unfinished by runs that are over")
         if store.is_object(f"{prefix}/{MANIFEST}"):
             manifest = store.read_json(f"{prefix}/{MANIFEST}")

@@ -6,6 +6,7 @@ quarantine part, return a small ledger entry. No data passes through the client.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -88,7 +89,9 @@ def ingest_file(
     return entry
 
 
-def ingest_dataset(store: ObjectStore, client: Client, dataset: Dataset, run_id: str) -> dict[str, Any]:
+def ingest_dataset(
+    store: ObjectStore, client: Client, dataset: Dataset, run_id: str, is_finished: Callable[[str], bool]
+) -> dict[str, Any]:
     """Ingest every landed file of `dataset` in parallel and publish the raw and quarantine generations."""
     objects = landed_objects(store, dataset)
     if not objects:
@@ -124,11 +127,13 @@ def ingest_dataset(store: ObjectStore, client: Client, dataset: Dataset, run_id:
             "files_refused": sum("file_error" in e for e in ledger),
             "quarantine": q_gen,
         },
+        is_finished,
     )
     publish(
         store,
         f"quarantine/{dataset.name}/raw",
         run_id,
         {"parts": [f"{q_gen}/part-{i:05d}.parquet" for i in range(len(objects))], "rows": totals["rows_quarantined"]},
+        is_finished,
     )
     return record

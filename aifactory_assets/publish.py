@@ -1,13 +1,16 @@
 """Generations: a stage writes its parts under `run=<id>/`, then a `_current.json` pointer makes them visible.
 
 Readers follow the pointer and never list, so a run that dies mid-write leaves nothing visible; the next
-successful publish removes the leftovers.
+successful publish removes the leftovers once the Dagster instance knows their run is over. A generation
+of a run still going, or of one the instance does not know (another deployment's, sharing the bucket),
+is being written: it stays.
 """
 
 from __future__ import annotations
 
 import posixpath
 import time
+from collections.abc import Callable
 from typing import Any
 
 from resources.object_store import ObjectStore
@@ -19,8 +22,11 @@ def generation_prefix(prefix: str, run_id: str) -> str:
     return f"{prefix}/run={run_id}"
 
 
-def publish(store: ObjectStore, prefix: str, run_id: str, record: dict[str, Any]) -> dict[str, Any]:
-    """Point `prefix` at this run's generation, then drop every other generation under it."""
+def publish(
+    store: ObjectStore, prefix: str, run_id: str, record: dict[str, Any], is_finished: Callable[[str], bool]
+) -> dict[str, Any]:
+    """Point `prefix` at this run's generation, then drop the other generations under it whose runs are
+    over (`is_finished`, by run id)."""
     record = {
         **record,
         "run_id": run_id,
@@ -31,7 +37,7 @@ def publish(store: ObjectStore, prefix: str, run_id: str, record: dict[str, Any]
     if store.exists(prefix):
         for path in store.fs.ls(store.path(prefix), detail=False):
             name = posixpath.basename(path.rstrip("/"))
-            if name.startswith("run=") and name != f"run={run_id}":
+            if name.startswith("run=") and name != f"run={run_id}" and is_finished(name.removeprefix("run=")):
                 store.delete(f"{prefix}/{name}")
     return record
 

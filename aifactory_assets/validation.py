@@ -307,7 +307,12 @@ def hide_personal_values(results: list[dict[str, Any]], dataset: Dataset) -> lis
 
 
 def validate_dataset(
-    store: ObjectStore, client: Client, dataset: Dataset, suite: dict[str, Any], run_id: str
+    store: ObjectStore,
+    client: Client,
+    dataset: Dataset,
+    suite: dict[str, Any],
+    run_id: str,
+    is_finished: Callable[[str], bool],
 ) -> dict[str, Any]:
     """Validate the published raw generation in parallel and publish the verdicts and the quarantine; the
     validated rows are raw's parts less the quarantined rows (validated_rows.py)."""
@@ -359,6 +364,8 @@ def validate_dataset(
             "suite_fingerprint": suite_fingerprint(suite),
             "quarantine": q_gen,
         },
+        is_finished,
     )
-    publish(store, f"quarantine/{dataset.name}/validated", run_id, {"parts": q_parts, "rows": rows_quarantined})
+    quarantine = {"parts": q_parts, "rows": rows_quarantined}
+    publish(store, f"quarantine/{dataset.name}/validated", run_id, quarantine, is_finished)
     return record

@@ -31,6 +31,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def every_run_over(run_id: str) -> bool:
+    """`is_finished` for a step called outside Dagster: every other generation is a finished run's."""
+    return True
+
+
 @pytest.fixture(autouse=True)
 def no_site_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """The developer's own AIFACTORY_* settings (an S3 endpoint, a prefix) must not steer the tests, nor

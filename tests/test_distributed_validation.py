@@ -15,6 +15,7 @@ from aifactory_assets.parquet_io import write_parquet
 from aifactory_assets.publish import publish
 from aifactory_assets.validation import validate_dataset
 from resources import DaskCluster, ObjectStore
+from tests.conftest import every_run_over
 
 DATASET = Dataset.model_validate(
     {
@@ -85,6 +86,7 @@ def publish_raw(store: ObjectStore, frames: list[pd.DataFrame]) -> None:
             "part_sources": [s for _, s, _ in parts],
             "ledger": [{"source": s, "rows_read": n, "rows_valid": n, "rows_quarantined": 0} for _, s, n in parts],
         },
+        every_run_over,
     )
 
 
@@ -99,7 +101,7 @@ def test_mostly_is_judged_on_the_totals(tmp_path, dask: DaskCluster, mostly: flo
         "kwargs": {"column": "value", "min_value": 0, "max_value": 100, "mostly": mostly},
     }
     record = validate_dataset(
-        store, dask.get_client(), DATASET, {"name": "readings", "expectations": [expectation]}, "r1"
+        store, dask.get_client(), DATASET, {"name": "readings", "expectations": [expectation]}, "r1", every_run_over
     )
     (result,) = record["results"]
     (reference,) = gx_whole_table(pd.concat(frames, ignore_index=True), [expectation])
@@ -160,7 +162,7 @@ def test_column_pairs_with_a_null_in_an_integer_column_agree_with_gx(tmp_path, d
         "kwargs": {"column_A": "a", "column_B": "b", "mostly": 0.5},
     }
     record = validate_dataset(
-        store, dask.get_client(), dataset, {"name": "readings", "expectations": [expectation]}, "r1"
+        store, dask.get_client(), dataset, {"name": "readings", "expectations": [expectation]}, "r1", every_run_over
     )
     (result,) = record["results"]
     (reference,) = gx_whole_table(pd.concat(frames, ignore_index=True).astype({"a": "float64"}), [expectation])
@@ -177,7 +179,7 @@ def test_an_expectation_gx_cannot_judge_fails_with_its_error(tmp_path, dask: Das
     publish_raw(store, frames)
     expectation = {"type": "expect_column_values_to_match_regex", "kwargs": {"column": "sensor", "regex": "([a-z"}}
     record = validate_dataset(
-        store, dask.get_client(), DATASET, {"name": "readings", "expectations": [expectation]}, "r1"
+        store, dask.get_client(), DATASET, {"name": "readings", "expectations": [expectation]}, "r1", every_run_over
     )
     (result,) = record["results"]
     (reference,) = gx_whole_table(pd.concat(frames, ignore_index=True), [expectation])
@@ -196,7 +198,8 @@ def test_values_of_pii_columns_never_leave_the_quarantine(tmp_path, dask: DaskCl
         {"type": "expect_column_values_to_be_in_set", "kwargs": {"column": "sensor", "value_set": ["a"]}},
         {"type": "expect_column_max_to_be_between", "kwargs": {"column": "value", "max_value": 100}},
     ]
-    record = validate_dataset(store, dask.get_client(), personal, {"name": "r", "expectations": expectations}, "r1")
+    suite = {"name": "r", "expectations": expectations}
+    record = validate_dataset(store, dask.get_client(), personal, suite, "r1", every_run_over)
     sensor, value = record["results"]
     assert sensor["unexpected_count"] == 150 and sensor["sample"] == ["5 value(s) hidden: PII"]
     assert value["observed"] == 500.0  # not PII: shown

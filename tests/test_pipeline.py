@@ -294,11 +294,11 @@ def test_a_validated_step_killed_between_its_two_pointers_leaves_its_delete_file
 
     published: list[str] = []
 
-    def killed_at_the_second_pointer(store: ObjectStore, prefix: str, run_id: str, record: dict) -> dict:
+    def killed_at_the_second_pointer(store: ObjectStore, prefix: str, run_id: str, record: dict, is_finished) -> dict:
         published.append(prefix)
         if len(published) == 2:
             raise RuntimeError("killed")
-        return publish(store, prefix, run_id, record)
+        return publish(store, prefix, run_id, record, is_finished)
 
     with monkeypatch.context() as patch:
         patch.setattr(validation, "publish", killed_at_the_second_pointer)

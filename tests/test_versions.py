@@ -29,7 +29,7 @@ from aifactory_assets.manifest import (
 from aifactory_assets.publish import current
 from aifactory_assets.staging import staging_prefix
 from resources import DaskCluster, ObjectStore
-from tests.conftest import local_stores, pipeline_resources
+from tests.conftest import every_run_over, local_stores, pipeline_resources
 
 DATASET = "seattle_weather"
 
@@ -168,11 +168,32 @@ def test_a_raw_step_killed_between_its_two_pointers_leaves_a_whole_generation(se
     assert run(catalog, stores, dask, stages=("raw",)).success
     dying = DiesWriting(site=store.site, root=store.root, dies_at=f"raw/{DATASET}/_current.json")
     with pytest.raises(KeyboardInterrupt):
-        ingest_dataset(dying, dask.get_client(), dataset, "killed-run")
+        ingest_dataset(dying, dask.get_client(), dataset, "killed-run", every_run_over)
     raw = current(store, f"raw/{DATASET}")
     assert raw["run_id"] != "killed-run"
     assert store.list_objects(raw["quarantine"]), "the quarantine the current raw generation names is gone"
     assert current(store, f"quarantine/{DATASET}/raw")["generation"] == raw["quarantine"]
+
+
+def test_a_publish_removes_the_generations_of_runs_that_are_over_only(setup) -> None:
+    """A generation of a run this instance does not know (another deployment's on the same bucket, still
+    writing) outlives a publish: removing it would leave that run's pointer on missing parts. The one
+    it replaces, of a run this instance ran, goes."""
+    catalog, dataset, store, stores, dask = setup
+    instance = dg.DagsterInstance.ephemeral()
+    first = run(catalog, stores, dask, stages=("raw", "validated"), instance=instance)
+    elsewhere = "a-run-this-instance-does-not-know"
+    for stage in ("raw", "validated"):
+        store.write_bytes(f"{stage}/{DATASET}/run={elsewhere}/part-00000.parquet", b"being written")
+    written = [f"raw/{DATASET}", f"quarantine/{DATASET}/raw", f"quarantine/{DATASET}/validated"]
+    assert all(store.exists(f"{prefix}/run={first.run_id}") for prefix in written)
+    second = run(catalog, stores, dask, stages=("raw", "validated"), instance=instance)
+    assert first.success and second.success
+    for prefix in [*written, f"validated/{DATASET}"]:
+        assert current(store, prefix)["run_id"] == second.run_id
+        assert not store.exists(f"{prefix}/run={first.run_id}"), prefix
+    for stage in ("raw", "validated"):
+        assert store.read_bytes(f"{stage}/{DATASET}/run={elsewhere}/part-00000.parquet") == b"being written"
 
 
 @pytest.mark.parametrize("dies_at", ["v=ver0/manifest.json", "v=ver0"])
