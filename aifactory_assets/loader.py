@@ -69,7 +69,7 @@ MAX_OPEN_FILES = 64  # shards a reader keeps open: a split of thousands would ex
 # costs a footer parse (0.4 ms for 32 row groups of 18 columns), so a split of up to 64 shards never reopens
 REPEATS_SEEN_IN = 1_024  # rows of a row group, at least, to judge whether a text column's values repeat
 READ_THREADS = 8  # by default at most, a reader's threads reading ahead: two row groups each (64 MiB at most,
-# decoded); on 16 vCPUs 12 or 16 read no faster (the README's GPU machine)
+# decoded); on 16 vCPUs 12 or 16 read within the runs' spread of 8 (the README's GPU machine)
 MAX_HELD_COPIES = 8  # of cached shards: each one held is disk the cache cannot give back (1-2 GiB at 8)
 
 
@@ -384,6 +384,12 @@ def verify_file(path: Path, checksum: str) -> tuple[int, int, int] | None:
     return stamp
 
 
+def forget_verified() -> None:
+    """Forget the local shards this process has hashed: the next reader hashes them again, as a new
+    process's would (for benchmarks that time a first epoch more than once)."""
+    _VERIFIED.clear()
+
+
 def _record_text(stamp: tuple[int, int, int]) -> str:
     """A `.verified` record's content: the copy's `file_stamp` when it was hashed."""
     return " ".join(map(str, stamp))
@@ -428,9 +434,10 @@ class ShardReader:
         for name, value in (("batch_size", batch_size), ("shuffle_block", shuffle_block)):
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
-        for name, value in (("start_sample", start_sample), ("threads", threads or 0)):
-            if value < 0:
-                raise ValueError(f"{name} must be at least 0, got {value}")
+        if start_sample < 0:
+            raise ValueError(f"start_sample must be at least 0, got {start_sample}")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
+            raise ValueError(f"threads {threads!r}: a count of at least 0 (0: in turn), or None for one per core")
         if remainder not in (None, *get_args(Remainder)):
             raise ValueError(f"remainder {remainder!r}: one of {get_args(Remainder)}, or None for the manifest's")
         if verify not in (True, False, "pages"):  # a string from a config file would turn checks off unseen
@@ -609,7 +616,8 @@ class ShardReader:
         return pieces
 
     def read_group(self, group: RowGroup) -> pa.Table:
-        """A row group as stored (verified first, when asked)."""
+        """A row group as stored (verified first, when asked); with `threads` > 0 PyArrow decodes it on its
+        own pool (as many threads as the machine has cores), with 0 on the calling thread."""
         shard = self._shard(group.shard, run_now).result()
         return as_stored(self._read(shard, group, self.threads > 0), shard.dictionary)
 

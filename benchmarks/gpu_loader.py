@@ -38,7 +38,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import torch
 
-from aifactory_assets.loader import _VERIFIED, ShardReader
+from aifactory_assets.loader import ShardReader, forget_verified
 from aifactory_assets.shard_layout import dictionary_columns, row_group_rows, shard_name
 from aifactory_assets.torch_dataset import ShardIterableDataset, TensorLoader
 
@@ -112,9 +112,9 @@ def raw_read(root: Path, at_once: bool = False) -> tuple[float, int, int]:
 
 def reader_epochs(manifest: Path, threads: int, batch: int, count: int = 2) -> list[tuple[float, int, int]]:
     """Per epoch (seconds, rows, bytes) of `ShardReader`'s record batches, a reader per epoch as a training
-    loop makes them; the first epoch hashes every shard (the process's record of hashed shards cleared, as
-    in a new process), the later ones check every page's CRC instead."""
-    _VERIFIED.clear()
+    loop makes them; the first epoch hashes every shard (as in a new process), the later ones check every
+    page's CRC instead."""
+    forget_verified()
     results = []
     for epoch in range(count):
         start, rows, nbytes = time.perf_counter(), 0, 0
@@ -294,7 +294,8 @@ def main() -> None:
     groups = pq.ParquetFile(next(manifest.parent.glob("train-*.parquet"))).metadata.row_group(0).num_rows
     print(
         f"\nloader on {name}, {os.cpu_count()} CPUs, kernel {os.uname().release}: {args.rows:,} rows x 18 columns "
-        f"in {args.shards} zstd shards (row groups of {groups:,} rows), batch {args.batch:,}, checksums verified"
+        f"in {args.shards} zstd shards (row groups of {groups:,} rows), batch {args.batch:,}, checksums verified; "
+        f"pyarrow {pa.__version__}, numpy {np.__version__}, torch {torch.__version__}"
     )
     print(f"{'path':70} {'seconds':>8} {'M rows/s':>9} {'GB/s':>6} {'x best read':>11}")
     base = max(rows / seconds for _, seconds, rows, _ in results[:2])  # the faster PyArrow read

@@ -202,9 +202,10 @@ def _env(site: str, name: str) -> str | None:
 
 def credential_vars(site: str, endpoint_var: str | None) -> tuple[str | None, str | None]:
     """The variables holding the key and the secret: a pair from one level, the site's or the shared one.
-    The shared pair belongs to the shared endpoint: it is never sent to another server that a site names
-    as its own (whose operator would read every site's secret), and a key never goes with another level's
-    secret. Neither level set: none, and the endpoint's client looks for its own (an IAM role, say)."""
+    The shared pair belongs to the shared endpoint: it never signs requests to another server that a site
+    names as its own (where it would fail mid-run, or work where no one meant it to, and hand that server
+    the key id and requests signed with it), and a key never goes with another level's secret. Neither
+    level set: none, and the endpoint's client looks for its own (an IAM role, say)."""
     levels = (f"AIFACTORY_{site.upper()}_S3_", "AIFACTORY_S3_")
     for level in levels:
         names = (f"{level}KEY", f"{level}SECRET")
