@@ -14,7 +14,9 @@ from aifactory_assets.loader import ShardReader
 from aifactory_assets.manifest import latest_manifest
 from aifactory_assets.publish import current
 from resources import DaskCluster, ObjectStore
+from schedules import landing_sensor
 from tests.conftest import S3_SECRET, s3_stores
+from tests.test_automation import evaluate
 from tests.test_pipeline import failed_checks, materialize_all
 
 WRONG_SECRET = "not-the-secret-either-do-not-log"
@@ -77,3 +79,25 @@ def test_a_wrong_secret_fails_clearly_publishes_nothing_and_is_never_shown(
         store = stores[dataset.site]
         assert current(store, f"raw/{dataset.name}") is None
         assert latest_manifest(store, dataset) is None
+
+
+def test_a_landing_sensor_lists_with_the_stores_credentials(catalog: Catalog, seaweed_endpoint: str) -> None:
+    """The daemon's tick signs its listing: a new file gives a run once settled; with a wrong secret the tick
+    fails with the server's refusal (the UI shows it on the sensor), requesting nothing, showing no secret."""
+    store = s3_stores(catalog, seaweed_endpoint)["linkoping"]
+    sensor = landing_sensor(catalog, "linkoping")
+    cursor = evaluate(sensor, store, None).cursor
+    store.write_bytes("landing/palmer_penguins/drop-1.csv", b"record_id,species\n1,Adelie\n")
+    settled = evaluate(sensor, store, evaluate(sensor, store, cursor).cursor)
+    assert [r.tags["dataset"] for r in settled.run_requests] == ["palmer_penguins"]
+
+    wrong = with_secret({"linkoping": store}, WRONG_SECRET)["linkoping"]
+    with pytest.raises(Exception) as refused:
+        evaluate(sensor, wrong, settled.cursor)
+    chain, error = [], refused.value
+    while error is not None:
+        chain.append(f"{type(error).__name__}: {error}")
+        error = error.__cause__ or error.__context__
+    told = "\n".join(chain)
+    assert "SignatureDoesNotMatch" in told, told
+    assert WRONG_SECRET not in told and S3_SECRET not in told
