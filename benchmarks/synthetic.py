@@ -188,6 +188,6 @@ def ensure(workdir: Path, rows: int, seed: int) -> Synthetic:
             "arrow_bytes": arrow_bytes,
             "pandas_bytes": pandas_bytes,
         }
-        raw = publish(store, f"raw/{NAME}", f"synthetic-seed={seed}", record)
+        raw = publish(store, f"raw/{NAME}", f"synthetic-seed={seed}", record, lambda _: True)  # only writer
         took = time.perf_counter() - started
     return Synthetic(store, DATASET, make_suite(rows), raw, took)
