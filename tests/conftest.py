@@ -73,43 +73,44 @@ def seaweed_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     identity = {"name": "aifactory", "credentials": [{"accessKey": S3_KEY, "secretKey": S3_SECRET}]}
     identity["actions"] = ["Admin", "Read", "Write", "List", "Tagging"]
     (root / "s3.json").write_text(json.dumps({"identities": [identity]}))
-    ports = {name: free_port() for name in [*WEED_PORTS, "s3.port.iceberg", "s3.port.lance"]}
-    endpoint = f"http://127.0.0.1:{ports['s3.port']}"
     options = [f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-s3.config={root / 's3.json'}"]
     options += ["-master.telemetry=false", "-admin.ui=false", "-webdav=false"]
     options += [f"-{server}.localSocket={root / server}.sock" for server in ("s3", "filer")]  # not in /tmp
-    with (root / "weed.log").open("wb") as log:
-        server = subprocess.Popen(
-            [str(weed), "mini", *options, *(f"-{name}={port}" for name, port in ports.items())],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        wait_for_s3(endpoint, server, root / "weed.log")
-        yield endpoint
-    finally:
-        server.terminate()
+    log = root / "weed.log"
+    for _ in range(3):  # a port another process took between free_port() and weed's bind: weed exits at once
+        ports = {name: free_port() for name in [*WEED_PORTS, "s3.port.iceberg", "s3.port.lance"]}
+        endpoint = f"http://127.0.0.1:{ports['s3.port']}"
+        with log.open("wb") as out:
+            command = [str(weed), "mini", *options, *(f"-{name}={port}" for name, port in ports.items())]
+            server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
         try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+            if serves_s3(endpoint, server, log):
+                yield endpoint
+                return
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+    pytest.fail(f"weed mini exited three times before serving S3:\n{log.read_text()[-3000:]}")
 
 
-def wait_for_s3(endpoint: str, server: subprocess.Popen, log: Path, timeout_s: float = 60) -> None:
+def serves_s3(endpoint: str, server: subprocess.Popen, log: Path, timeout_s: float = 60) -> bool:
+    """True once `endpoint` answers a signed listing; False if the server exited first."""
     fs = s3fs.S3FileSystem(key=S3_KEY, secret=S3_SECRET, endpoint_url=endpoint, skip_instance_cache=True)
     deadline = time.monotonic() + timeout_s
-    while True:
-        if server.poll() is not None:
-            pytest.fail(f"weed mini exited with {server.returncode}:\n{log.read_text()[-3000:]}")
+    while server.poll() is None:
         try:
             fs.ls("")
-            return
+            return True
         except Exception as exc:
             if time.monotonic() > deadline:
                 pytest.fail(
                     f"weed mini did not serve S3 at {endpoint} in {timeout_s} s ({exc}):\n{log.read_text()[-3000:]}"
                 )
             time.sleep(0.2)
+    return False
 
 
 @pytest.fixture(scope="session")
