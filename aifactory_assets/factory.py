@@ -45,6 +45,7 @@ from aifactory_assets.publish import POINTER, require_current
 from aifactory_assets.schema import arrow_schema
 from aifactory_assets.sharding import shard_dataset
 from aifactory_assets.staging import staging_prefix
+from aifactory_assets.validated_rows import stale_validation
 from aifactory_assets.validation import suite_fingerprint, validate_dataset
 from resources.dask_cluster import DaskCluster
 from resources.object_store import ObjectStore
@@ -103,11 +104,8 @@ def require_shardable(
             f"{dataset.name}: validated was published by an earlier release (a copy of the rows, no delete files): "
             "materialise validated first"
         )
-    if valid_record["raw_generation"] != raw_record["generation"]:
-        raise dg.Failure(
-            f"{dataset.name}: validated was made from {valid_record['raw_generation']}, not from the current raw "
-            f"generation {raw_record['generation']}: materialise validated first"
-        )
+    if stale := stale_validation(valid_record, raw_record):
+        raise dg.Failure(f"{dataset.name}: {stale}")
     if valid_record.get("suite_fingerprint") != suite_fingerprint(suite):
         raise dg.Failure(
             f"{dataset.name}: validated was judged by another version of suite {suite['name']!r}: "

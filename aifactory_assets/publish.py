@@ -1,9 +1,10 @@
 """Generations: a stage writes its parts under `run=<id>/`, then a `_current.json` pointer makes them visible.
 
 Readers follow the pointer and never list, so a run that dies mid-write leaves nothing visible. A publish
-removes the generation it replaces, and the leftovers of runs the Dagster instance knows are over; a
-generation of a run still going, or of one the instance does not know (another deployment's, sharing the
-bucket), may be being written: it stays.
+removes the generations of runs the Dagster instance knows are over, the one it replaces among them. A
+generation of a run it does not know (another deployment's, sharing the bucket) may be being written or
+read: one never named stays; one the pointer named goes a publish later, when it has been replaced twice
+(a reader that followed the pointer just before has a publish's grace).
 """
 
 from __future__ import annotations
@@ -25,23 +26,20 @@ def generation_prefix(prefix: str, run_id: str) -> str:
 def publish(
     store: ObjectStore, prefix: str, run_id: str, record: dict[str, Any], is_finished: Callable[[str], bool]
 ) -> dict[str, Any]:
-    """Point `prefix` at this run's generation, then drop the one the pointer named before (whole, and now
-    replaced) and the others whose runs `is_finished` says are over."""
-    previous = current(store, prefix)
-    replaced = f"run={previous['run_id']}" if previous else None
-    record = {
-        **record,
-        "run_id": run_id,
-        "generation": generation_prefix(prefix, run_id),
-        "published_at": time.time(),
-    }
+    """Point `prefix` at this run's generation, then drop the generations of runs `is_finished` says are
+    over, and the one the previous publish replaced."""
+    previous, generation = current(store, prefix) or {}, generation_prefix(prefix, run_id)
+    retried = previous.get("generation") == generation  # a step's retry replaces what its first try did
+    replaces = previous.get("replaces" if retried else "generation")
+    record = {**record, "run_id": run_id, "generation": generation, "replaces": replaces, "published_at": time.time()}
     store.write_json(f"{prefix}/{POINTER}", record)
+    replaced_before = posixpath.basename(previous.get("replaces") or "")
     if store.exists(prefix):
         for path in store.fs.ls(store.path(prefix), detail=False):
             name = posixpath.basename(path.rstrip("/"))
             if not name.startswith("run=") or name == f"run={run_id}":
                 continue
-            if name == replaced or is_finished(name.removeprefix("run=")):
+            if name == replaced_before or is_finished(name.removeprefix("run=")):
                 store.delete(f"{prefix}/{name}")
     return record
 

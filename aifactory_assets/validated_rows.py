@@ -39,10 +39,23 @@ def _validated_frame(part_url: str, quarantine_url: str, storage_options: dict[s
     return read_validated_part(part_url, quarantine_url, storage_options).to_pandas()
 
 
+def stale_validation(valid_record: dict[str, Any], raw_record: dict[str, Any]) -> str | None:
+    """Why a validated record no longer passes on the current raw rows, if it does not: raw was published
+    again since, and its publish removes the parts the record names (at once, or a publish later)."""
+    if valid_record["raw_generation"] == raw_record["generation"]:
+        return None
+    return (
+        f"validated was made from {valid_record['raw_generation']}, not from the current raw generation "
+        f"{raw_record['generation']}: materialise validated first"
+    )
+
+
 def read_validated(store: ObjectStore, dataset: Dataset) -> dd.DataFrame:
     """The current validated rows as one Dask DataFrame, a partition per landed file: for a person or a
     notebook, where `dd.read_parquet` would have read a copy."""
     record = require_current(store, f"validated/{dataset.name}", "validated")
+    if stale := stale_validation(record, require_current(store, f"raw/{dataset.name}", "raw")):
+        raise FileNotFoundError(f"{dataset.name}: {stale}")
     meta = arrow_schema(dataset).empty_table().to_pandas()
     if not record["raw_parts"]:
         return dd.from_pandas(meta, npartitions=1)

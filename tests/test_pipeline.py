@@ -278,6 +278,10 @@ def test_bad_rows_are_quarantined_with_reasons_and_counted(catalog: Catalog, tmp
     passed = read_validated(store, dataset).compute()  # what a notebook reads instead of a copy
     assert len(passed) == validated["rows_valid"] == 351 - 3 - 2
     assert passed.merge(dropped, on=["_source", "_row"]).empty
+    raw_stage, _, _ = stages(dataset)
+    assert materialize_all(catalog, stores, dask, selection=[raw_stage]).success  # raw again, validated not
+    with pytest.raises(FileNotFoundError, match="validated was made from .*materialise validated first"):
+        read_validated(store, dataset)  # its parts are gone or going, not a half-read frame
 
 
 def test_a_validated_step_killed_between_its_two_pointers_leaves_its_delete_files(
