@@ -42,6 +42,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import operator
 import os
 import posixpath
 import threading
@@ -436,8 +437,10 @@ class ShardReader:
                 raise ValueError(f"{name} must be at least 1, got {value}")
         if start_sample < 0:
             raise ValueError(f"start_sample must be at least 0, got {start_sample}")
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
-            raise ValueError(f"threads {threads!r}: a count of at least 0 (0: in turn), or None for one per core")
+        if threads is not None and (isinstance(threads, bool) or operator.index(threads) < 0):
+            raise ValueError(
+                f"threads {threads!r}: a count of at least 0 (0: in turn), or None (a thread per core, 8 at most)"
+            )
         if remainder not in (None, *get_args(Remainder)):
             raise ValueError(f"remainder {remainder!r}: one of {get_args(Remainder)}, or None for the manifest's")
         if verify not in (True, False, "pages"):  # a string from a config file would turn checks off unseen
@@ -455,7 +458,7 @@ class ShardReader:
         self.remainder = remainder or self.manifest["sampler"].get("remainder", "drop")
         self.start_sample, self.verify = start_sample, verify
         self.memory_map = memory_map  # see the module docstring
-        self.threads = min(READ_THREADS, available_cores()) if threads is None else threads
+        self.threads = min(READ_THREADS, available_cores()) if threads is None else operator.index(threads)
         if verify == "pages" and self.manifest.get("format_version", 0) < PAGE_CHECKSUMS:
             raise ValueError(f"{manifest}: written before shards carried page checksums; use verify=True")
         shards = self.manifest["splits"][split]["shards"]
@@ -764,14 +767,14 @@ class ShardReader:
         if held and self.cache is not None:
             self.cache.evict(keep=None)
 
-    def verify_local_shards(self, threads: int | None = None) -> bool:
-        """Hash every shard of the split now, in parallel, when they are local; True if it did. Data-loader
+    def verify_local_shards(self) -> bool:
+        """Hash every shard of the split now, on every core, when they are local; True if it did. Data-loader
         workers share shards, so hashing once here spares each worker hashing them all again. Remote
         shards are verified as they are downloaded into the cache instead."""
         if self.cache is not None or self.verify is not True:
             return False
         paths = [Path(f"{self.root}/{shard}") for shard in self.checksums]
-        with ThreadPoolExecutor(threads or available_cores()) as pool:
+        with ThreadPoolExecutor(available_cores()) as pool:
             list(pool.map(verify_file, paths, self.checksums.values()))
         return True
 

@@ -77,10 +77,12 @@ def seaweed_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     options += ["-master.telemetry=false", "-admin.ui=false", "-webdav=false"]
     options += [f"-{server}.localSocket={root / server}.sock" for server in ("s3", "filer")]  # not in /tmp
     log = root / "weed.log"
-    for _ in range(3):  # a port another process took between free_port() and weed's bind: weed exits at once
+    for attempt in range(3):  # a port another process took between free_port() and weed's bind: weed exits
         ports = {name: free_port() for name in [*WEED_PORTS, "s3.port.iceberg", "s3.port.lance"]}
         endpoint = f"http://127.0.0.1:{ports['s3.port']}"
-        with log.open("wb") as out:
+        with log.open("ab") as out:
+            out.write(f"--- try {attempt + 1}\n".encode())
+            out.flush()
             command = [str(weed), "mini", *options, *(f"-{name}={port}" for name, port in ports.items())]
             server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
         try:
