@@ -18,8 +18,8 @@ from tests.conftest import local_stores, pipeline_resources
 
 def evaluate(sensor: dg.SensorDefinition, store, cursor: str | None):
     """The daemon's own path: `evaluate_tick`, with the site's store as the sensor's resource."""
-    context = dg.build_sensor_context(cursor=cursor, resources={store_key(store.site): store})
-    return sensor.evaluate_tick(context)
+    with dg.build_sensor_context(cursor=cursor, resources={store_key(store.site): store}) as context:
+        return sensor.evaluate_tick(context)
 
 
 def test_each_settled_change_requests_one_run(catalog: Catalog, tmp_path) -> None:
