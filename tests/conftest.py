@@ -13,12 +13,13 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import dagster as dg
 import pytest
 import s3fs
 from distributed import LocalCluster
 
 from aifactory_assets.catalog import Catalog, load_catalog
-from aifactory_assets.factory import store_key
+from aifactory_assets.factory import build_catalog_assets, store_key
 from resources import DaskCluster, ObjectStore
 
 S3_KEY, S3_SECRET = "aifactory-test-key", "aifactory-test-secret-do-not-log"
@@ -166,3 +167,25 @@ def stores(request: pytest.FixtureRequest, catalog: Catalog, tmp_path: Path) -> 
 
 def pipeline_resources(stores: dict[str, ObjectStore], dask: DaskCluster) -> dict[str, object]:
     return {**{store_key(site): store for site, store in stores.items()}, "dask": dask}
+
+
+def materialize_all(catalog: Catalog, stores: dict[str, ObjectStore], dask: DaskCluster, **kwargs):
+    return dg.materialize(
+        build_catalog_assets(catalog),
+        resources=pipeline_resources(stores, dask),
+        instance=dg.DagsterInstance.ephemeral(),
+        raise_on_error=False,
+        **kwargs,
+    )
+
+
+def failed_checks(result: dg.ExecuteInProcessResult) -> list[str]:
+    return [
+        f"{e.asset_key.to_user_string()}:{e.check_name}" for e in result.get_asset_check_evaluations() if not e.passed
+    ]
+
+
+def evaluate(sensor: dg.SensorDefinition, store: ObjectStore, cursor: str | None):
+    """The daemon's own path: `evaluate_tick`, with the site's store as the sensor's resource."""
+    with dg.build_sensor_context(cursor=cursor, resources={store_key(store.site): store}) as context:
+        return sensor.evaluate_tick(context)

@@ -10,16 +10,10 @@ import dagster as dg
 from aifactory_assets.catalog import Catalog
 from aifactory_assets.definitions import build_definitions
 from aifactory_assets.demo import land_demo_data
-from aifactory_assets.factory import asset_key, build_catalog_assets, store_key
+from aifactory_assets.factory import asset_key, build_catalog_assets
 from resources import DaskCluster
 from schedules import NIGHTLY_CRON, landing_sensor, nightly_schedules
-from tests.conftest import local_stores, pipeline_resources
-
-
-def evaluate(sensor: dg.SensorDefinition, store, cursor: str | None):
-    """The daemon's own path: `evaluate_tick`, with the site's store as the sensor's resource."""
-    with dg.build_sensor_context(cursor=cursor, resources={store_key(store.site): store}) as context:
-        return sensor.evaluate_tick(context)
+from tests.conftest import evaluate, local_stores, pipeline_resources
 
 
 def test_each_settled_change_requests_one_run(catalog: Catalog, tmp_path) -> None:

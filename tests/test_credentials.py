@@ -15,9 +15,7 @@ from aifactory_assets.manifest import latest_manifest
 from aifactory_assets.publish import current
 from resources import DaskCluster, ObjectStore
 from schedules import landing_sensor
-from tests.conftest import S3_SECRET, s3_stores
-from tests.test_automation import evaluate
-from tests.test_pipeline import failed_checks, materialize_all
+from tests.conftest import S3_SECRET, evaluate, failed_checks, materialize_all, s3_stores
 
 WRONG_SECRET = "not-the-secret-either-do-not-log"
 

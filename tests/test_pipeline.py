@@ -18,36 +18,20 @@ import pytest
 
 from aifactory_assets.catalog import Catalog, Dataset
 from aifactory_assets.demo import land_demo_data
-from aifactory_assets.factory import asset_key, build_catalog_assets
+from aifactory_assets.factory import asset_key
 from aifactory_assets.manifest import CODE_FINGERPRINT, latest_manifest, schema_fingerprint
 from aifactory_assets.publish import current, publish
 from aifactory_assets.shard_layout import ROW_GROUP_BYTES, row_group_rows, shard_name
 from aifactory_assets.validated_rows import read_validated
 from aifactory_assets.validation import expectation_label
 from resources import DaskCluster, ObjectStore
-from tests.conftest import S3_SECRET, pipeline_resources
+from tests.conftest import S3_SECRET, failed_checks, materialize_all
 
 SHARD_NAME = re.compile(r"^(train|val|test)-\d{5}-of-\d{5}\.parquet$")
 
 
-def materialize_all(catalog: Catalog, stores: dict[str, ObjectStore], dask: DaskCluster, **kwargs):
-    return dg.materialize(
-        build_catalog_assets(catalog),
-        resources=pipeline_resources(stores, dask),
-        instance=dg.DagsterInstance.ephemeral(),
-        raise_on_error=False,
-        **kwargs,
-    )
-
-
 def stages(dataset) -> list[dg.AssetKey]:
     return [asset_key(dataset, s) for s in ("raw", "validated", "shards")]
-
-
-def failed_checks(result) -> list[str]:
-    return [
-        f"{e.asset_key.to_user_string()}:{e.check_name}" for e in result.get_asset_check_evaluations() if not e.passed
-    ]
 
 
 def test_whole_graph_materialises_into_checked_shards(
