@@ -205,12 +205,15 @@ def commit(store: ObjectStore, dataset: Dataset, manifest: dict[str, Any], run_i
     """The commit point: the manifest, then the `_latest` pointer, then retention (by run `run_id`)."""
     version = manifest["version"]
     store.write_json(f"{version_prefix(dataset, version)}/{MANIFEST}", manifest)
-    committed = {v for _, v in committed_versions(store, dataset)}
-    history = [v for v in latest_history(store, dataset) if v in committed and v != version] + [version]
-    store.write_json(
-        f"{dataset_prefix(dataset)}/{LATEST}",
-        {"version": version, "manifest": f"v={version}/{MANIFEST}", "history": history},
-    )
+
+    def pointed(latest: dict[str, Any] | None) -> dict[str, Any]:
+        """A conditional update: another deployment committing the dataset meanwhile keeps its place in the
+        history, which retention goes by."""
+        committed = {v for _, v in committed_versions(store, dataset)}
+        history = [v for v in (latest or {}).get("history", []) if v in committed and v != version] + [version]
+        return {"version": version, "manifest": f"v={version}/{MANIFEST}", "history": history}
+
+    store.update_json(f"{dataset_prefix(dataset)}/{LATEST}", pointed)
     apply_retention(store, dataset, keep=version, run_id=run_id)
 
 

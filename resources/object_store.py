@@ -7,10 +7,12 @@ resource itself.
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -55,6 +57,19 @@ def strict_json(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [strict_json(v) for v in value]
     return value
+
+
+def json_bytes(value: Any) -> bytes:
+    """Strict JSON: NaN and infinities (the mean of an all-null column, say) become null, which every
+    reader parses (Python would write bare `NaN`, which JavaScript, Go or jq refuse)."""
+    return json.dumps(strict_json(value), indent=2, sort_keys=True, default=str, allow_nan=False).encode()
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    """s3fs's error for an S3 412 (another writer's object was there): botocore's PreconditionFailed."""
+    cause = exc.__cause__
+    code = getattr(cause, "response", {}).get("Error", {}).get("Code") if cause is not None else None
+    return code in ("PreconditionFailed", "ConditionalRequestConflict")
 
 
 class ObjectStore(dg.ConfigurableResource):
@@ -165,10 +180,36 @@ class ObjectStore(dg.ConfigurableResource):
         return json.loads(self.read_bytes(key))
 
     def write_json(self, key: str, value: Any) -> None:
-        """Strict JSON: NaN and infinities (the mean of an all-null column, say) become null, which every
-        reader parses (Python would write bare `NaN`, which JavaScript, Go or jq refuse)."""
-        text = json.dumps(strict_json(value), indent=2, sort_keys=True, default=str, allow_nan=False)
-        self.write_bytes(key, text.encode())
+        self.write_bytes(key, json_bytes(value))
+
+    def update_json(self, key: str, change: Callable[[Any], Any], attempts: int = 10) -> Any:
+        """Replace one small JSON object with `change(current)` (None where absent) so that no concurrent
+        update is lost: on S3 a conditional PUT (If-Match the ETag read, If-None-Match where absent), read
+        and changed again on a conflict; locally under an exclusive lock beside it, held by every writer.
+        Returns what it wrote."""
+        if self.protocol == "file":
+            target = Path(self.path(key))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(target.with_name(f".{target.name}.lock"), "a") as held:
+                fcntl.flock(held.fileno(), fcntl.LOCK_EX)  # released as the file closes
+                value = change(self.read_json(key) if target.exists() else None)
+                self.write_json(key, value)
+                return value
+        for _ in range(attempts):
+            self.fs.invalidate_cache()
+            try:
+                etag, current = self.fs.info(self.path(key))["ETag"], self.read_json(key)
+            except FileNotFoundError:
+                etag, current = None, None
+            value = change(current)
+            condition = {"IfMatch": etag} if etag else {"mode": "create"}
+            try:
+                self.fs.pipe_file(self.path(key), json_bytes(value), **condition)
+                return value
+            except (FileExistsError, OSError) as exc:
+                if not _precondition_failed(exc):
+                    raise
+        raise RuntimeError(f"{self.url(key)} changed under each of {attempts} conditional writes")
 
     def delete(self, key: str) -> None:
         """Remove an object or everything under a prefix; missing is fine."""

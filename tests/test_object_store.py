@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import threading
+from pathlib import Path
+
 import pytest
 
+from aifactory_assets.catalog import Catalog
 from resources import ObjectStore, object_store_for
-from tests.conftest import S3_SECRET
+from tests.conftest import S3_SECRET, local_stores, s3_stores
 
 
 @pytest.fixture
@@ -123,3 +127,46 @@ def test_credentials_stay_with_their_endpoint(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.delenv("AIFACTORY_S3_SECRET")
     with pytest.raises(ValueError, match="AIFACTORY_S3_KEY is set but AIFACTORY_S3_SECRET is not"):
         object_store_for("bologna", "b")
+
+
+@pytest.fixture(params=["local", "moto", "seaweedfs"])
+def any_store(request: pytest.FixtureRequest, catalog: Catalog, tmp_path: Path) -> ObjectStore:
+    """Conditional writes as each server enforces them: SeaweedFS as well as moto."""
+    if request.param == "local":
+        return local_stores(catalog, tmp_path)["kajaani"]
+    endpoint = request.getfixturevalue("s3_endpoint" if request.param == "moto" else "seaweed_endpoint")
+    return s3_stores(catalog, endpoint)["kajaani"]
+
+
+@pytest.mark.parametrize("existed", [True, False])
+def test_an_update_between_anothers_read_and_write_is_not_lost(any_store: ObjectStore, existed: bool) -> None:
+    """Writer B updates `_latest` after writer A has read it and before A writes (another deployment's
+    commit): A's write keeps B's entry. On S3, A's conditional write fails and A reads and changes again;
+    locally, B waits on the lock until A is done."""
+    key = "shards/d/_latest"
+    if existed:
+        any_store.write_json(key, {"history": ["v0"]})
+    a_read, b_done, seen_by_a = threading.Event(), threading.Event(), []
+
+    def add(entry: str, latest: dict | None) -> dict:
+        return {"history": [*(latest or {}).get("history", []), entry]}
+
+    def a_change(latest: dict | None) -> dict:
+        seen_by_a.append(add("-", latest)["history"][:-1])
+        a_read.set()
+        b_done.wait(timeout=2)  # locally B is blocked on the lock: the timeout passes
+        return add("a", latest)
+
+    def b() -> None:
+        a_read.wait(timeout=30)
+        any_store.update_json(key, lambda latest: add("b", latest))
+        b_done.set()
+
+    other = threading.Thread(target=b)
+    other.start()
+    any_store.update_json(key, a_change)
+    other.join(timeout=60)
+    before = ["v0"] if existed else []
+    assert sorted(any_store.read_json(key)["history"]) == sorted([*before, "a", "b"])
+    if any_store.protocol == "s3":
+        assert seen_by_a == [before, [*before, "b"]]  # refused once, then read B's update
