@@ -26,14 +26,20 @@ def generation_prefix(prefix: str, run_id: str) -> str:
 def publish(
     store: ObjectStore, prefix: str, run_id: str, record: dict[str, Any], is_finished: Callable[[str], bool]
 ) -> dict[str, Any]:
-    """Point `prefix` at this run's generation, then drop the generations of runs `is_finished` says are
-    over, and the one the previous publish replaced."""
-    previous, generation = current(store, prefix) or {}, generation_prefix(prefix, run_id)
-    retried = previous.get("generation") == generation  # a step's retry replaces what its first try did
-    replaces = previous.get("replaces" if retried else "generation")
-    record = {**record, "run_id": run_id, "generation": generation, "replaces": replaces, "published_at": time.time()}
-    store.write_json(f"{prefix}/{POINTER}", record)
-    replaced_before = posixpath.basename(previous.get("replaces") or "")
+    """Point `prefix` at this run's generation, by a conditional write (what it replaces is what was there),
+    then drop the generations of runs `is_finished` says are over, and the one the previous publish
+    replaced."""
+    generation, replaced = generation_prefix(prefix, run_id), []
+
+    def pointed(previous: dict[str, Any] | None) -> dict[str, Any]:
+        previous = previous or {}
+        replaced[:] = [previous]
+        retried = previous.get("generation") == generation  # a step's retry replaces what its first try did
+        replaces = previous.get("replaces" if retried else "generation")
+        return {**record, "run_id": run_id, "generation": generation, "replaces": replaces, "published_at": time.time()}
+
+    written = store.update_json(f"{prefix}/{POINTER}", pointed)
+    replaced_before = posixpath.basename(replaced[0].get("replaces") or "")
     if store.exists(prefix):
         for path in store.fs.ls(store.path(prefix), detail=False):
             name = posixpath.basename(path.rstrip("/"))
@@ -41,7 +47,7 @@ def publish(
                 continue
             if name == replaced_before or is_finished(name.removeprefix("run=")):
                 store.delete(f"{prefix}/{name}")
-    return record
+    return written
 
 
 def current(store: ObjectStore, prefix: str) -> dict[str, Any] | None:
