@@ -38,7 +38,6 @@ would otherwise download nearly the whole split (row groups are shuffled across 
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import hashlib
 import json
@@ -60,6 +59,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from aifactory_assets.file_lock import lock, open_to_lock
 
 DEFAULT_CACHE_BYTES = 20 * 2**30
 COPY_CHUNK = 8 * 2**20  # a download is streamed to disk, never held whole
@@ -102,20 +103,6 @@ class OpenShard:
 
 def epoch_seed(seed: int, epoch: int, *more: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, *more])
-
-
-def lock(fd: int, operation: int) -> bool:
-    """flock(2); False only when a conflicting lock is held through another open file (non-blocking).
-    Where the filesystem has no flock (Lustre mounted without `-o flock`), True: nothing is protected."""
-    try:
-        fcntl.flock(fd, operation)
-        return True
-    except BlockingIOError:
-        return False
-    except OSError as exc:
-        if exc.errno in (errno.ENOSYS, errno.ENOLCK, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF):
-            return True
-        raise
 
 
 # Copies this process holds, or is fetching to hold (a reader opens shards on several threads: one's
@@ -341,19 +328,6 @@ class CountingFile:
         if name == "read_buffer":  # PyArrow reads through it where it exists, around `read`: not counted
             raise AttributeError(name)
         return getattr(self.inner, name)
-
-
-def open_to_lock(path: Path) -> int | None:
-    """For an exclusive lock: NFS grants one to a writer only; another user's copy in a shared cache opens
-    read-only (a local flock needs no write access). None when it is gone."""
-    for flags in (os.O_RDWR, os.O_RDONLY):
-        try:
-            return os.open(path, flags)
-        except PermissionError:
-            continue
-        except FileNotFoundError:
-            return None
-    return None
 
 
 class ChecksumMismatch(OSError):

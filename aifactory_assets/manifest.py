@@ -207,8 +207,8 @@ def commit(store: ObjectStore, dataset: Dataset, manifest: dict[str, Any], run_i
     store.write_json(f"{version_prefix(dataset, version)}/{MANIFEST}", manifest)
 
     def pointed(latest: dict[str, Any] | None) -> dict[str, Any]:
-        """A conditional update: another deployment committing the dataset meanwhile keeps its place in the
-        history, which retention goes by."""
+        """`_latest` from the one read (again on a conflict): a version another deployment committed
+        meanwhile keeps its place in the history, which retention goes by."""
         committed = {v for _, v in committed_versions(store, dataset)}
         history = [v for v in (latest or {}).get("history", []) if v in committed and v != version] + [version]
         return {"version": version, "manifest": f"v={version}/{MANIFEST}", "history": history}

@@ -12,6 +12,8 @@ import glob
 import json
 import math
 import os
+import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -20,7 +22,10 @@ from typing import Any, Literal
 
 import dagster as dg
 import fsspec
+from fsspec.asyn import sync
 from pydantic import Field
+
+from aifactory_assets.file_lock import lock, open_to_lock
 
 
 @dataclass(frozen=True)
@@ -65,11 +70,21 @@ def json_bytes(value: Any) -> bytes:
     return json.dumps(strict_json(value), indent=2, sort_keys=True, default=str, allow_nan=False).encode()
 
 
-def _precondition_failed(exc: BaseException) -> bool:
-    """s3fs's error for an S3 412 (another writer's object was there): botocore's PreconditionFailed."""
-    cause = exc.__cause__
-    code = getattr(cause, "response", {}).get("Error", {}).get("Code") if cause is not None else None
-    return code in ("PreconditionFailed", "ConditionalRequestConflict")
+def _error_code(exc: BaseException) -> str | None:
+    """The S3 error code behind s3fs's OSError (botocore's ClientError is its cause): PreconditionFailed
+    (412) where another writer's object was there, ConditionalRequestConflict (409) where AWS saw two
+    conditional writes at once."""
+    response = getattr(exc.__cause__, "response", None)
+    return response.get("Error", {}).get("Code") if isinstance(response, dict) else None
+
+
+async def _get_object(fs: Any, bucket: str, key: str) -> tuple[str | None, bytes]:
+    """Body and ETag from one GET: a HEAD then a GET could pair an older ETag with a newer body."""
+    response = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+    try:
+        return response.get("ETag"), await response["Body"].read()
+    finally:
+        response["Body"].close()
 
 
 class ObjectStore(dg.ConfigurableResource):
@@ -183,32 +198,51 @@ class ObjectStore(dg.ConfigurableResource):
         self.write_bytes(key, json_bytes(value))
 
     def update_json(self, key: str, change: Callable[[Any], Any], attempts: int = 10) -> Any:
-        """Replace one small JSON object with `change(current)` (None where absent) so that no concurrent
-        update is lost: on S3 a conditional PUT (If-Match the ETag read, If-None-Match where absent), read
-        and changed again on a conflict; locally under an exclusive lock beside it, held by every writer.
-        Returns what it wrote."""
+        """Replace one small JSON object with `change(current)` (None where absent), losing no update that
+        another writer makes the same way meanwhile; `change` may run several times. On S3 a conditional PUT
+        (If-Match the ETag that came with the body read, If-None-Match where absent), read and changed again
+        on a conflict. Locally under an exclusive lock on `.<name>.lock` beside it, where the filesystem has
+        flock. Returns what it wrote."""
         if self.protocol == "file":
             target = Path(self.path(key))
             target.parent.mkdir(parents=True, exist_ok=True)
-            with open(target.with_name(f".{target.name}.lock"), "a") as held:
-                fcntl.flock(held.fileno(), fcntl.LOCK_EX)  # released as the file closes
+            beside = target.with_name(f".{target.name}.lock")
+            beside.touch()
+            fd = open_to_lock(beside)
+            try:
+                if fd is not None:
+                    lock(fd, fcntl.LOCK_EX)  # released as the descriptor closes
                 value = change(self.read_json(key) if target.exists() else None)
                 self.write_json(key, value)
                 return value
-        for _ in range(attempts):
-            self.fs.invalidate_cache()
+            finally:
+                if fd is not None:
+                    os.close(fd)
+        bucket, name, _ = self.fs.split_path(self.path(key))
+        for attempt in range(attempts):
             try:
-                etag, current = self.fs.info(self.path(key))["ETag"], self.read_json(key)
+                etag, body = sync(self.fs.loop, _get_object, self.fs, bucket, name)
             except FileNotFoundError:
-                etag, current = None, None
-            value = change(current)
-            condition = {"IfMatch": etag} if etag else {"mode": "create"}
+                etag, body = None, None
+            if body is not None and not etag:
+                raise OSError(f"{self.display()}: {key} came without an ETag, so it cannot be replaced conditionally")
+            value = change(None if body is None else json.loads(body))
+            condition = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
             try:
-                self.fs.pipe_file(self.path(key), json_bytes(value), **condition)
+                self.fs.call_s3("put_object", Bucket=bucket, Key=name, Body=json_bytes(value), **condition)
                 return value
-            except (FileExistsError, OSError) as exc:
-                if not _precondition_failed(exc):
+            except OSError as exc:
+                code = _error_code(exc)
+                if code == "NotImplemented":
+                    raise OSError(
+                        f"{self.display()} refused a conditional PUT ({code}): its pointers need If-Match and "
+                        "If-None-Match on PUT (AWS S3 and SeaweedFS have them)"
+                    ) from exc
+                if code not in ("PreconditionFailed", "ConditionalRequestConflict"):
                     raise
+            finally:
+                self.fs.invalidate_cache(self.path(key))
+            time.sleep(random.uniform(0, min(1.0, 0.05 * 2**attempt)))  # writers that collided spread out
         raise RuntimeError(f"{self.url(key)} changed under each of {attempts} conditional writes")
 
     def delete(self, key: str) -> None:

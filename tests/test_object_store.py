@@ -141,32 +141,44 @@ def any_store(request: pytest.FixtureRequest, catalog: Catalog, tmp_path: Path) 
 @pytest.mark.parametrize("existed", [True, False])
 def test_an_update_between_anothers_read_and_write_is_not_lost(any_store: ObjectStore, existed: bool) -> None:
     """Writer B updates `_latest` after writer A has read it and before A writes (another deployment's
-    commit): A's write keeps B's entry. On S3, A's conditional write fails and A reads and changes again;
-    locally, B waits on the lock until A is done."""
-    key = "shards/d/_latest"
+    commit): A's write keeps B's entry. On S3, A's conditional write is refused and A reads and changes
+    again; locally, B waits on the lock until A is done."""
+    key, on_s3 = "shards/d/_latest", any_store.protocol == "s3"
+    before = ["v0"] if existed else []
     if existed:
-        any_store.write_json(key, {"history": ["v0"]})
-    a_read, b_done, seen_by_a = threading.Event(), threading.Event(), []
+        any_store.write_json(key, {"history": before})
+    a_read, b_done = threading.Event(), threading.Event()
+    seen_by_a: list[list[str]] = []
+    seen_by_b: list[list[str]] = []
+    failures: list[BaseException] = []
 
-    def add(entry: str, latest: dict | None) -> dict:
-        return {"history": [*(latest or {}).get("history", []), entry]}
+    def add(entry: str, latest: dict | None, seen: list[list[str]]) -> dict:
+        seen.append((latest or {}).get("history", []))
+        return {"history": [*seen[-1], entry]}
 
     def a_change(latest: dict | None) -> dict:
-        seen_by_a.append(add("-", latest)["history"][:-1])
+        changed = add("a", latest, seen_by_a)
         a_read.set()
-        b_done.wait(timeout=2)  # locally B is blocked on the lock: the timeout passes
-        return add("a", latest)
+        # On S3 nothing holds B back: A writes after it. Locally the lock holds B while A has not written.
+        assert b_done.wait(timeout=60) if on_s3 else not b_done.wait(timeout=0.5)
+        return changed
 
     def b() -> None:
-        a_read.wait(timeout=30)
-        any_store.update_json(key, lambda latest: add("b", latest))
-        b_done.set()
+        try:
+            a_read.wait(timeout=60)
+            any_store.update_json(key, lambda latest: add("b", latest, seen_by_b))
+        except BaseException as exc:
+            failures.append(exc)
+        finally:
+            b_done.set()
 
     other = threading.Thread(target=b)
     other.start()
     any_store.update_json(key, a_change)
-    other.join(timeout=60)
-    before = ["v0"] if existed else []
+    other.join(timeout=120)
+    assert not other.is_alive() and failures == []
     assert sorted(any_store.read_json(key)["history"]) == sorted([*before, "a", "b"])
-    if any_store.protocol == "s3":
-        assert seen_by_a == [before, [*before, "b"]]  # refused once, then read B's update
+    if on_s3:  # refused once, then A read B's update
+        assert (seen_by_a, seen_by_b) == ([before, [*before, "b"]], [before])
+    else:  # B read A's update
+        assert (seen_by_a, seen_by_b) == ([before], [[*before, "a"]])
