@@ -10,10 +10,8 @@ Rank and world size come from `torch.distributed` when it is initialised.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import queue
-import signal
 import traceback
 import weakref
 from collections import OrderedDict
@@ -30,8 +28,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     raise ImportError("ShardIterableDataset needs torch: pip install -e '.[torch]' in the checkout") from exc
 
 from aifactory_assets.loader import PAGE_CHECKSUMS, Piece, RowGroup, ShardReader
-
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
+from aifactory_assets.processes import end_with_parent
 
 
 class BatchGatherer:
@@ -389,15 +386,6 @@ class WorkerPool:
                 process.terminate()
         for t in self.registered:
             torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
-
-
-def end_with_parent(trainer: int) -> None:
-    """A worker must not outlive its trainer: killed (scancel, OOM, a rank stopped by torchrun), the trainer
-    runs no exit handler, and a worker blocked on its queues would hold the ring and the dead trainer's GPU
-    memory. Linux kills this process when its parent dies (PR_SET_PDEATHSIG)."""
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != trainer:  # the trainer died before the request took effect
-        os._exit(1)
 
 
 def pin_shared(tensor: torch.Tensor) -> bool:

@@ -10,7 +10,8 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import dagster as dg
@@ -20,6 +21,7 @@ from distributed import LocalCluster
 
 from aifactory_assets.catalog import Catalog, load_catalog
 from aifactory_assets.factory import build_catalog_assets, store_key
+from aifactory_assets.processes import end_with_parent
 from resources import DaskCluster, ObjectStore
 
 S3_KEY, S3_SECRET = "aifactory-test-key", "aifactory-test-secret-do-not-log"
@@ -85,7 +87,9 @@ def seaweed_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             out.write(f"--- try {attempt + 1}\n".encode())
             out.flush()
             command = [str(weed), "mini", *options, *(f"-{name}={port}" for name, port in ports.items())]
-            server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+            server = subprocess.Popen(
+                command, stdout=out, stderr=subprocess.STDOUT, preexec_fn=dies_with_this_process()
+            )
         try:
             if serves_s3(endpoint, server, log):
                 yield endpoint
@@ -97,6 +101,11 @@ def seaweed_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             except subprocess.TimeoutExpired:
                 server.kill()
     pytest.fail(f"weed mini exited three times before serving S3:\n{log.read_text()[-3000:]}")
+
+
+def dies_with_this_process() -> Callable[[], None] | None:
+    """For a server the suite starts: a test session killed outright (a CI timeout) leaves none behind."""
+    return partial(end_with_parent, os.getpid()) if sys.platform == "linux" else None
 
 
 def serves_s3(endpoint: str, server: subprocess.Popen, log: Path, timeout_s: float = 60) -> bool:
