@@ -41,6 +41,7 @@ import torch
 from aifactory_assets.loader import ShardReader, forget_verified
 from aifactory_assets.shard_layout import dictionary_columns, row_group_rows, shard_name
 from aifactory_assets.torch_dataset import ShardIterableDataset, TensorLoader
+from benchmarks import code_digest
 
 FEATURES = [f"f{i:02d}" for i in range(16)]
 
@@ -254,7 +255,7 @@ def main() -> None:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU (no CUDA device)"
-    layout = f"r{args.rows}-s{args.shards}-g{args.group_rows or 'pipeline'}-seed{args.seed}"  # reused only as made
+    layout = f"r{args.rows}-s{args.shards}-g{args.group_rows or 'pipeline'}-seed{args.seed}-{code_digest(generate)}"
     manifest = generate(args.workdir / layout, args.rows, args.shards, args.group_rows, args.seed)
     torch.ones(1, device=device).sum().item()  # CUDA context outside the timings
     raw_read(manifest.parent)  # warm the page cache, as a long training job would have it

@@ -41,6 +41,7 @@ from aifactory_assets.loader import ShardReader
 from aifactory_assets.manifest import latest_manifest
 from aifactory_assets.parquet_io import read_parquet, write_parquet
 from aifactory_assets.staging import read_sorted_rows, write_sorted
+from benchmarks import code_digest
 from benchmarks.validation import Watch
 from resources import DaskCluster, ObjectStore, prepare_workers
 
@@ -83,10 +84,10 @@ def dataset_entry() -> Dataset:
 
 
 def generate(landing: Path, total_bytes: int, seed: int) -> list[Path]:
-    """Seeded CSV files of about FILE_BYTES each; reused when already there for (size, seed)."""
+    """Seeded CSV files of about FILE_BYTES each; reused when already there for (size, seed, this code)."""
     files = int(max(1, round(total_bytes / FILE_BYTES)))
     rows_per_file = max(1, total_bytes // files // ROW_BYTES)
-    done = landing / f"_complete-{files}-{rows_per_file}-{seed}"
+    done = landing / f"_complete-{files}-{rows_per_file}-{seed}-{code_digest(generate)}"
     if done.exists():
         return sorted(landing.glob("*.csv"))
     shutil.rmtree(landing, ignore_errors=True)

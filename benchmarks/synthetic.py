@@ -25,6 +25,7 @@ from aifactory_assets.catalog import Dataset
 from aifactory_assets.parquet_io import write_parquet
 from aifactory_assets.publish import current, generation_prefix, publish
 from aifactory_assets.schema import ROW, SOURCE, arrow_schema
+from benchmarks import code_digest
 from resources.object_store import ObjectStore
 
 NAME = "bench_sensor_readings"
@@ -162,7 +163,10 @@ class Synthetic:
 def ensure(workdir: Path, rows: int, seed: int) -> Synthetic:
     """The published raw generation for (rows, seed) under `workdir`, generated only if missing."""
     store = ObjectStore(
-        site="bench", root=str((workdir / f"{NAME}-rows={rows}-seed={seed}-part={PART_ROWS}").resolve())
+        site="bench",
+        root=str(
+            (workdir / f"{NAME}-rows={rows}-seed={seed}-part={PART_ROWS}-code={code_digest(make_part)}").resolve()
+        ),
     )
     raw, took = current(store, f"raw/{NAME}"), None
     if raw is None:
