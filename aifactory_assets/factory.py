@@ -4,8 +4,9 @@ Assets read and write the site's store directly with Dask and return `Materializ
 no DataFrame goes through an IO manager. Checks are computed in the same step from what was written.
 """
 
-from functools import partial
-from typing import Any
+from collections.abc import Callable
+from functools import partial, wraps
+from typing import Any, TypeVar, cast
 
 import dagster as dg
 from distributed import Client
@@ -48,13 +49,39 @@ from aifactory_assets.staging import staging_prefix
 from aifactory_assets.validated_rows import stale_validation
 from aifactory_assets.validation import suite_fingerprint, validate_dataset
 from resources.dask_cluster import DaskCluster
-from resources.object_store import ObjectStore
+from resources.object_store import ObjectStore, credentials_named
 
 STAGES = ("landing", "raw", "validated", "shards")
 
 
+Compute = TypeVar("Compute", bound=Callable[..., Any])
+
+
 def store_key(site: str) -> str:
     return f"store_{site}"
+
+
+def naming_refusals(site: str) -> Callable[[Compute], Compute]:
+    """For an asset's or a sensor's function: a refusal (403) from the site's S3 store names the store and
+    the variables its credentials come from, where the UI shows the error (botocore's names neither)."""
+
+    def wrap(compute: Compute) -> Compute:
+        @wraps(compute)
+        def run(context: Any) -> Any:
+            try:
+                return compute(context)
+            except PermissionError as exc:
+                store = getattr(context.resources, store_key(site))
+                if store.protocol != "s3":
+                    raise
+                raise PermissionError(
+                    f"{store.display()} refused a request of the {site} site ({exc}); its key and secret, as the "
+                    f"environment sets them: {credentials_named(site)}; check them, and the bucket's policy"
+                ) from exc
+
+        return cast(Compute, run)
+
+    return wrap
 
 
 def asset_key(dataset: Dataset, stage: str) -> dg.AssetKey:
@@ -188,6 +215,7 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
         ],
         pool=dataset_pool(dataset),
     )
+    @naming_refusals(dataset.site)
     def raw(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         store, dask = _resources(context, dataset)
         record = ingest_dataset(
@@ -243,6 +271,7 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
         ],
         pool=dataset_pool(dataset),
     )
+    @naming_refusals(dataset.site)
     def validated(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         store, dask = _resources(context, dataset)
         run_id = context.run.run_id
@@ -317,6 +346,7 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
         check_specs=_checks(dataset, "shards", SCHEMA_CHECK, CONSERVATION_CHECK, VERIFIED_CHECK),
         pool=dataset_pool(dataset),
     )
+    @naming_refusals(dataset.site)
     def shards(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         store, dask = _resources(context, dataset)
         raw_record = require_current(store, f"raw/{dataset.name}", "raw")

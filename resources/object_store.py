@@ -300,6 +300,17 @@ def credential_vars(site: str, endpoint_var: str | None) -> tuple[str | None, st
     return None, None
 
 
+def credentials_named(site: str) -> str:
+    """Where the environment gives `site` its key and secret, for error messages: names, never values."""
+    key_var, secret_var = credential_vars(site, _env(site, "S3_ENDPOINT"))
+    if key_var:
+        return f"{key_var} and {secret_var}"
+    return (
+        f"none of AIFACTORY_{site.upper()}_S3_KEY/_SECRET and AIFACTORY_S3_KEY/_SECRET (the client then looks for "
+        "its own: AWS_* variables, ~/.aws, an IAM role)"
+    )
+
+
 def _same_server(endpoint_var: str) -> bool:
     """A site's endpoint variable that repeats the shared endpoint."""
     shared = os.environ.get("AIFACTORY_S3_ENDPOINT", "")

@@ -19,7 +19,7 @@ from typing import Any
 import dagster as dg
 
 from aifactory_assets.catalog import Catalog, Dataset
-from aifactory_assets.factory import dataset_selection, materialisable_keys, store_key
+from aifactory_assets.factory import dataset_selection, materialisable_keys, naming_refusals, store_key
 from aifactory_assets.ingest import landed_objects
 from aifactory_assets.publish import POINTER, current
 from resources.object_store import ObjectInfo, ObjectStore
@@ -38,6 +38,7 @@ def landing_sensor(catalog: Catalog, site: str) -> dg.SensorDefinition:
         required_resource_keys={store_key(site)},
         default_status=dg.DefaultSensorStatus.RUNNING,
     )
+    @naming_refusals(site)
     def sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
         store = getattr(context.resources, store_key(site))
         before: dict[str, Any] = json.loads(context.cursor) if context.cursor else {}

@@ -68,9 +68,10 @@ def test_a_wrong_secret_fails_clearly_publishes_nothing_and_is_never_shown(
     assert not result.success
     failures = [event for event in result.all_events if event.is_step_failure]
     assert failures
-    for failure in failures:  # the server's refusal of the signature, as s3fs raises it
+    for failure in failures:  # the server's refusal, naming the store and where its credentials come from
         error = failure.event_specific_data.error.to_string()
-        assert "PermissionError" in error and "SignatureDoesNotMatch" in error, error
+        assert "SignatureDoesNotMatch" in error and "refused a request of the" in error, error
+        assert "AIFACTORY_" in error and "check them, and the bucket's policy" in error, error
     text = logged(result)
     assert WRONG_SECRET not in text and S3_SECRET not in text
     for dataset in catalog.datasets.values():
@@ -97,5 +98,5 @@ def test_a_landing_sensor_lists_with_the_stores_credentials(catalog: Catalog, se
         chain.append(f"{type(error).__name__}: {error}")
         error = error.__cause__ or error.__context__
     told = "\n".join(chain)
-    assert "SignatureDoesNotMatch" in told, told
+    assert "SignatureDoesNotMatch" in told and "refused a request of the linkoping site" in told, told
     assert WRONG_SECRET not in told and S3_SECRET not in told

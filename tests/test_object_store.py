@@ -9,6 +9,7 @@ import pytest
 
 from aifactory_assets.catalog import Catalog
 from resources import ObjectStore, object_store_for
+from resources.object_store import credentials_named
 from tests.conftest import S3_SECRET, local_stores, s3_stores
 
 
@@ -124,6 +125,7 @@ def test_credentials_stay_with_their_endpoint(monkeypatch: pytest.MonkeyPatch) -
     store = object_store_for("athens", "b").process_config_and_initialize()
     assert (store.access_key_id, store.secret_access_key) == ("athens-key", "athens-secret")
 
+    assert credentials_named("athens") == "AIFACTORY_ATHENS_S3_KEY and AIFACTORY_ATHENS_S3_SECRET"  # for errors
     monkeypatch.delenv("AIFACTORY_S3_SECRET")
     with pytest.raises(ValueError, match="AIFACTORY_S3_KEY is set but AIFACTORY_S3_SECRET is not"):
         object_store_for("bologna", "b")
