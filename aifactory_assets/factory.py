@@ -72,8 +72,8 @@ def naming_refusals(site: str) -> Callable[[Compute], Compute]:
                 return compute(context)
             except PermissionError as exc:
                 store = getattr(context.resources, store_key(site))
-                if store.protocol != "s3":
-                    raise
+                if store.protocol != "s3" or exc.errno is not None or exc.filename is not None:
+                    raise  # a file's permissions (an OS error has an errno; s3fs's refusals have none)
                 raise PermissionError(
                     f"{store.display()} refused a request of the {site} site ({exc}); its key and secret, as the "
                     f"environment sets them: {credentials_named(site)}; check them, and the bucket's policy"

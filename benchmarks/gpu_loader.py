@@ -255,7 +255,8 @@ def main() -> None:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU (no CUDA device)"
-    layout = f"r{args.rows}-s{args.shards}-g{args.group_rows or 'pipeline'}-seed{args.seed}-{code_digest(generate)}"
+    groups = args.group_rows or "pipeline"
+    layout = f"r{args.rows}-s{args.shards}-g{groups}-seed{args.seed}-{code_digest(generate, row_group_rows)}"
     manifest = generate(args.workdir / layout, args.rows, args.shards, args.group_rows, args.seed)
     torch.ones(1, device=device).sum().item()  # CUDA context outside the timings
     raw_read(manifest.parent)  # warm the page cache, as a long training job would have it

@@ -302,7 +302,10 @@ def credential_vars(site: str, endpoint_var: str | None) -> tuple[str | None, st
 
 def credentials_named(site: str) -> str:
     """Where the environment gives `site` its key and secret, for error messages: names, never values."""
-    key_var, secret_var = credential_vars(site, _env(site, "S3_ENDPOINT"))
+    try:
+        key_var, secret_var = credential_vars(site, _env(site, "S3_ENDPOINT"))
+    except ValueError as exc:  # an environment changed since the code location loaded: say so, hide nothing
+        return f"unclear ({exc})"
     if key_var:
         return f"{key_var} and {secret_var}"
     return (

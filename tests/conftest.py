@@ -103,9 +103,9 @@ def seaweed_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     pytest.fail(f"weed mini exited three times before serving S3:\n{log.read_text()[-3000:]}")
 
 
-def dies_with_this_process() -> Callable[[], None] | None:
+def dies_with_this_process() -> Callable[[], None]:
     """For a server the suite starts: a test session killed outright (a CI timeout) leaves none behind."""
-    return partial(end_with_parent, os.getpid()) if sys.platform == "linux" else None
+    return partial(end_with_parent, os.getpid())
 
 
 def serves_s3(endpoint: str, server: subprocess.Popen, log: Path, timeout_s: float = 60) -> bool:

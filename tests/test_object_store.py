@@ -5,9 +5,11 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import dagster as dg
 import pytest
 
 from aifactory_assets.catalog import Catalog
+from aifactory_assets.factory import naming_refusals, store_key
 from resources import ObjectStore, object_store_for
 from resources.object_store import credentials_named
 from tests.conftest import S3_SECRET, local_stores, s3_stores
@@ -127,6 +129,7 @@ def test_credentials_stay_with_their_endpoint(monkeypatch: pytest.MonkeyPatch) -
 
     assert credentials_named("athens") == "AIFACTORY_ATHENS_S3_KEY and AIFACTORY_ATHENS_S3_SECRET"  # for errors
     monkeypatch.delenv("AIFACTORY_S3_SECRET")
+    assert credentials_named("bologna").startswith("unclear (AIFACTORY_S3_KEY is set but")  # an error's aside
     with pytest.raises(ValueError, match="AIFACTORY_S3_KEY is set but AIFACTORY_S3_SECRET is not"):
         object_store_for("bologna", "b")
 
@@ -184,3 +187,29 @@ def test_an_update_between_anothers_read_and_write_is_not_lost(any_store: Object
         assert (seen_by_a, seen_by_b) == ([before, [*before, "b"]], [before])
     else:  # B read A's update
         assert (seen_by_a, seen_by_b) == ([before], [[*before, "a"]])
+
+
+def test_only_a_stores_refusal_is_named_as_one(stores: dict[str, ObjectStore]) -> None:
+    """A 403 from an S3 store names the store and the credential variables; a file's permission error (an
+    OS error, with its errno) stays what it is, as does any error on a local store."""
+    store, raising = stores["kajaani"], []
+
+    @naming_refusals("kajaani")
+    def step(context: dg.AssetExecutionContext) -> None:
+        raise raising[0]
+
+    local_file, refusal = PermissionError(13, "Permission denied", "/scratch/x"), PermissionError("Forbidden")
+    caught = []  # (the error itself?, its message, caused by the original?)
+    with dg.build_asset_context(resources={store_key("kajaani"): store}) as context:
+        for error in (local_file, refusal):
+            raising[:] = [error]
+            try:
+                step(context)
+            except PermissionError as exc:
+                caught.append((exc is error, str(exc), exc.__cause__ is error))
+            error.__traceback__ = None  # no frame keeps the closed context's instance alive past the test
+    assert caught[0][0]
+    if store.protocol == "file":
+        assert caught[1][0]
+    else:
+        assert "refused a request of the kajaani site (Forbidden)" in caught[1][1] and caught[1][2]
