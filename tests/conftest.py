@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
@@ -60,7 +60,9 @@ def s3_endpoint() -> Iterator[str]:
 
 # Every port `weed mini` opens, each given a free one: its defaults (8888, 9333, ...) may be taken.
 WEED_PORTS = [
-    f"{server}.port{kind}" for server in ("master", "volume", "filer", "s3", "admin") for kind in ("", ".grpc")
+    *(f"{server}.port{kind}" for server in ("master", "volume", "filer", "s3", "admin") for kind in ("", ".grpc")),
+    "s3.port.iceberg",
+    "s3.port.lance",
 ]
 
 
@@ -81,14 +83,15 @@ def seaweed_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     options += [f"-{server}.localSocket={root / server}.sock" for server in ("s3", "filer")]  # not in /tmp
     log = root / "weed.log"
     for attempt in range(3):  # a port another process took between free_port() and weed's bind: weed exits
-        ports = {name: free_port() for name in [*WEED_PORTS, "s3.port.iceberg", "s3.port.lance"]}
+        ports = {name: free_port() for name in WEED_PORTS}
         endpoint = f"http://127.0.0.1:{ports['s3.port']}"
         with log.open("ab") as out:
             out.write(f"--- try {attempt + 1}\n".encode())
             out.flush()
             command = [str(weed), "mini", *options, *(f"-{name}={port}" for name, port in ports.items())]
+            # A test session killed outright (a CI timeout) leaves no server behind.
             server = subprocess.Popen(
-                command, stdout=out, stderr=subprocess.STDOUT, preexec_fn=dies_with_this_process()
+                command, stdout=out, stderr=subprocess.STDOUT, preexec_fn=partial(end_with_parent, os.getpid())
             )
         try:
             if serves_s3(endpoint, server, log):
@@ -101,11 +104,6 @@ def seaweed_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             except subprocess.TimeoutExpired:
                 server.kill()
     pytest.fail(f"weed mini exited three times before serving S3:\n{log.read_text()[-3000:]}")
-
-
-def dies_with_this_process() -> Callable[[], None]:
-    """For a server the suite starts: a test session killed outright (a CI timeout) leaves none behind."""
-    return partial(end_with_parent, os.getpid())
 
 
 def serves_s3(endpoint: str, server: subprocess.Popen, log: Path, timeout_s: float = 60) -> bool:
@@ -192,6 +190,11 @@ def failed_checks(result: dg.ExecuteInProcessResult) -> list[str]:
     return [
         f"{e.asset_key.to_user_string()}:{e.check_name}" for e in result.get_asset_check_evaluations() if not e.passed
     ]
+
+
+def logged(result: dg.ExecuteInProcessResult) -> str:
+    """Every event of a run as text: what a log or the UI could show."""
+    return "\n".join(str(event) for event in result.all_events)
 
 
 def evaluate(sensor: dg.SensorDefinition, store: ObjectStore, cursor: str | None):

@@ -15,7 +15,7 @@ from aifactory_assets.manifest import latest_manifest
 from aifactory_assets.publish import current
 from resources import DaskCluster, ObjectStore
 from schedules import landing_sensor
-from tests.conftest import S3_SECRET, evaluate, failed_checks, materialize_all, s3_stores
+from tests.conftest import S3_SECRET, evaluate, failed_checks, logged, materialize_all, s3_stores
 
 WRONG_SECRET = "not-the-secret-either-do-not-log"
 
@@ -32,10 +32,6 @@ def with_secret(stores: dict[str, ObjectStore], secret: str) -> dict[str, Object
         )
         for site, store in stores.items()
     }
-
-
-def logged(result) -> str:
-    return "\n".join(str(event) for event in result.all_events)
 
 
 def test_every_reader_and_writer_signs_with_the_stores_credentials(
