@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import dataclasses
 import functools
 import logging
 import os
@@ -14,6 +15,7 @@ import dagster as dg
 import dask
 import psutil
 import pyarrow as pa
+from dask.utils import format_bytes
 from distributed import Client, LocalCluster, Worker, WorkerPlugin
 from distributed.security import Security
 from distributed.system import MEMORY_LIMIT
@@ -97,6 +99,56 @@ def prepare_workers(client: Client) -> Client:
     return client
 
 
+# What a worker needs: GX's import alone holds ~330 MiB and a shuffle's gather peaks ~250 MiB above it; the
+# 6 GB memory benchmark goes through on 1 GiB workers.
+MIN_WORKER_MEMORY = 2**30
+
+
+def runs_at_once(instance: dg.DagsterInstance | None) -> int | None:
+    """How many runs the instance starts at once (its run queue's `max_concurrent_runs`): 1 where it starts
+    runs in the caller's process only, None where it sets no limit."""
+    queue = instance.get_concurrency_config().run_queue_config if instance is not None else None
+    if queue is None:
+        return 1
+    return max(queue.max_concurrent_runs, 1) if queue.max_concurrent_runs >= 0 else None
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalWorkers:
+    """How a run's LocalCluster is sized, and why (said in the run's log)."""
+
+    count: int
+    memory_limit: int | str
+    why: str
+    enough: bool = True  # False: each worker gets less than MIN_WORKER_MEMORY
+
+
+def size_local_workers(
+    n_workers: int | None,
+    memory_limit: str,
+    runs: int | None,
+    cores: int = dask.system.CPU_COUNT,  # the CPUs this job may use (cgroups, affinity)
+    host: int = MEMORY_LIMIT,  # this host's memory, or its cgroup's limit
+) -> LocalWorkers:
+    """One worker per core by default. `auto` shares the host's memory among the runs the instance starts
+    at once, then among the run's workers: clusters each sized to the whole host let Dask spill or pause
+    none of them before the kernel kills one. A share too small for a worker per core gives fewer workers,
+    each MIN_WORKER_MEMORY at least."""
+    if memory_limit != "auto":
+        return LocalWorkers(n_workers or cores, memory_limit, "set by memory_limit")
+    share = host // (runs or 1)
+    count = n_workers or max(1, min(cores, share // MIN_WORKER_MEMORY))
+    shared_by = (
+        f"shared by the {runs} run(s) the instance starts at once"
+        if runs
+        else "(the instance starts any number of runs at once)"
+    )
+    why = f"this host's {format_bytes(host)} {shared_by}"
+    if count < cores and not n_workers:
+        why += f"; fewer workers than the {cores} cores, {format_bytes(MIN_WORKER_MEMORY)} each at least"
+    return LocalWorkers(count, share // count, why, enough=share // count >= MIN_WORKER_MEMORY)
+
+
 class DaskCluster(dg.ConfigurableResource):
     """Connects to `scheduler_address` when given (e.g. dask-jobqueue on the site's SLURM); else starts one
     LocalCluster on first use in a run, shared by the run's steps, and closes it when the run ends."""
@@ -104,20 +156,32 @@ class DaskCluster(dg.ConfigurableResource):
     scheduler_address: str | None = Field(default=None, description="tcp://host:port of a running scheduler")
     n_workers: int | None = Field(default=None, description="LocalCluster workers; default: one per core")
     threads_per_worker: int = 1
-    memory_limit: str = Field(default="auto", description="per-worker memory limit, e.g. '2GiB'")
+    memory_limit: str = Field(
+        default="auto",
+        description="per-worker memory limit, e.g. '2GiB'; auto: the host's memory shared by the runs the "
+        "instance starts at once (max_concurrent_runs), then by the workers",
+    )
 
     _cluster: LocalCluster | None = PrivateAttr(default=None)
     _client: Client | None = PrivateAttr(default=None)
+    _runs_at_once: int | None = PrivateAttr(default=1)
+    _log: logging.Logger | dg.DagsterLogManager = PrivateAttr(default=logging.getLogger(__name__))
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        self._runs_at_once = runs_at_once(context.instance)
+        self._log = context.log or self._log
 
     def get_client(self) -> Client:
         if self._client is None:
             if self.scheduler_address:
                 self._client = Client(self.scheduler_address)
+                self._log.info(f"Dask: scheduler {self.scheduler_address}; dashboard {self._client.dashboard_link}")
             else:
+                workers = size_local_workers(self.n_workers, self.memory_limit, self._runs_at_once)
                 self._cluster = LocalCluster(
-                    n_workers=self.n_workers or dask.system.CPU_COUNT,  # the CPUs this job may use (cgroups, affinity)
+                    n_workers=workers.count,
                     threads_per_worker=self.threads_per_worker,
-                    memory_limit=self.memory_limit,
+                    memory_limit=workers.memory_limit,
                     processes=True,
                     host="127.0.0.1",
                     dashboard_address="127.0.0.1:0",  # a free port, this host only: runs side by side never clash
@@ -126,6 +190,18 @@ class DaskCluster(dg.ConfigurableResource):
                     security=Security.temporary(),
                 )
                 self._client = prepare_workers(Client(self._cluster))
+                each = next(iter(self._cluster.workers.values())).memory_manager.memory_limit
+                said = (
+                    f"Dask: {workers.count} local worker(s) x {self.threads_per_worker} thread(s), "
+                    f"{format_bytes(each)} each ({workers.why}); dashboard {self._client.dashboard_link}"
+                )
+                if workers.enough:
+                    self._log.info(said)
+                else:
+                    self._log.warning(
+                        f"{said}. Under the {format_bytes(MIN_WORKER_MEMORY)} a worker needs: lower the instance's "
+                        "max_concurrent_runs or set AIFACTORY_DASK_MEMORY_LIMIT"
+                    )
         return self._client
 
     def refresh_workers(self) -> float | None:

@@ -6,14 +6,18 @@ import os
 import sys
 import time
 
+import dagster as dg
 import dask
 import psutil
 import pytest
+from dask.utils import format_bytes
 from distributed import Client, Worker
 from distributed.security import Security
+from distributed.system import MEMORY_LIMIT
 
 from aifactory_assets.tasks import run_tasks
 from resources import DaskCluster
+from resources.dask_cluster import size_local_workers
 
 
 def worker_pids(client: Client) -> set[int]:
@@ -139,3 +143,45 @@ def test_a_wave_leaves_no_results_on_the_workers(dask_address: str) -> None:
 def wave_tasks(client: Client) -> list[str]:
     keys = client.run_on_scheduler(lambda dask_scheduler: [str(k) for k in dask_scheduler.tasks])
     return [k for k in keys if k.startswith("pow-")]
+
+
+@dg.asset
+def probe(dask: DaskCluster) -> dg.MaterializeResult:
+    limits = dask.get_client().run(lambda dask_worker: dask_worker.memory_manager.memory_limit)
+    return dg.MaterializeResult(metadata={"limits": sorted(limits.values())})
+
+
+@pytest.mark.parametrize(("runs", "shared_by"), [(3, 3), (-1, 1)])
+def test_auto_shares_the_hosts_memory_among_the_runs_the_instance_starts_at_once(runs: int, shared_by: int) -> None:
+    """Two runs' clusters each sized to the whole host let Dask spill or pause neither before the kernel
+    kills a worker; the run's log says what each worker got, why, and where its dashboard is."""
+    with dg.instance_for_test(overrides={"concurrency": {"runs": {"max_concurrent_runs": runs}}}) as instance:
+        result = dg.materialize([probe], resources={"dask": DaskCluster(n_workers=2)}, instance=instance)
+        said = [e.message for e in instance.all_logs(result.run_id) if e.message.startswith("Dask: ")]
+    each = MEMORY_LIMIT // shared_by // 2
+    assert result.asset_materializations_for_node("probe")[0].metadata["limits"].value == [each, each]
+    assert len(said) == 1 and f"2 local worker(s) x 1 thread(s), {format_bytes(each)} each" in said[0]
+    assert ("any number of runs" in said[0]) == (runs == -1)
+    assert "dashboard http://127.0.0.1:" in said[0]
+
+
+GiB = 2**30
+
+
+@pytest.mark.parametrize(
+    ("n_workers", "runs", "host", "count", "each", "enough"),
+    [
+        (None, 2, 64 * GiB, 16, 2 * GiB, True),  # a worker per core, half the host between them
+        (None, 10, 64 * GiB, 6, 64 * GiB // 10 // 6, True),  # Dagster's default queue: fewer, 1 GiB at least
+        (None, 10, 8 * GiB, 1, 8 * GiB // 10, False),  # not even one worker's need: said as a warning
+        (None, None, 64 * GiB, 16, 4 * GiB, True),  # no limit on runs: the whole host, said so
+        (4, 2, 64 * GiB, 4, 8 * GiB, True),  # workers set by hand are kept
+    ],
+)
+def test_local_workers_get_a_worker_per_core_while_each_has_what_it_needs(
+    n_workers: int | None, runs: int | None, host: int, count: int, each: int, enough: bool
+) -> None:
+    sized = size_local_workers(n_workers, "auto", runs, cores=16, host=host)
+    assert (sized.count, sized.memory_limit, sized.enough) == (count, each, enough)
+    assert ("fewer workers than the 16 cores" in sized.why) == (count < 16 and n_workers is None)
+    assert size_local_workers(n_workers, "2GiB", runs, cores=16, host=host).memory_limit == "2GiB"
