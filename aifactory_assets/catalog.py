@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import codecs
 import datetime as dt
+import difflib
 import json
 import os
 import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import dagster as dg
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 ColumnType = Literal["string", "int32", "int64", "float32", "float64", "bool", "date", "timestamp"]
 IDENTIFIER = r"^[a-z][a-z0-9_]*$"
@@ -57,6 +59,16 @@ TABLE_EXPECTATIONS = frozenset(
     {
         "expect_table_row_count_to_be_between",
         "expect_table_row_count_to_equal",
+        "expect_table_columns_to_match_set",
+        "expect_table_columns_to_match_ordered_list",
+        "expect_column_to_exist",
+        "expect_table_column_count_to_equal",
+    }
+)
+# Of those, the ones about the columns: the schema decides them (ingest enforces it), so they are judged as
+# the catalogue loads too, where one that could never pass is refused.
+COLUMN_EXPECTATIONS = frozenset(
+    {
         "expect_table_columns_to_match_set",
         "expect_table_columns_to_match_ordered_list",
         "expect_column_to_exist",
@@ -112,8 +124,7 @@ STATISTICS_OF_VALUES = frozenset(
 SEVERITIES = ("critical", "warning")
 BOUNDS = frozenset({"min_value", "max_value", "strict_min", "strict_max"})
 # The arguments (required, optional) our own judgement of table and dataset expectations honours: GX never
-# sees these, so a misspelled or unsupported one would otherwise be ignored without a word. GX checks
-# the row expectations' arguments itself.
+# sees these, so a misspelled or unsupported one would otherwise be ignored without a word.
 OWN_ARGUMENTS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "expect_column_values_to_be_unique": (frozenset({"column"}), frozenset({"mostly"})),
     "expect_compound_columns_to_be_unique": (frozenset({"column_list"}), frozenset({"ignore_row_if", "mostly"})),
@@ -139,6 +150,39 @@ OWN_ARGUMENTS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "expect_column_to_exist": (frozenset({"column"}), frozenset({"column_index"})),
     "expect_table_column_count_to_equal": (frozenset({"value"}), frozenset()),
 }
+# The arguments GX 1.x's row expectations take (row conditions aside: refused, see check_arguments). GX
+# checks them only when it runs, on every worker after the raw stage, naming neither the suite nor the
+# expectation; checked here as the catalogue loads instead (a test holds this table to GX's own models).
+PAIR = frozenset({"column_A", "column_B"})
+ROW_ARGUMENTS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    **{
+        kind: (frozenset({"column"}), frozenset({"mostly"}))
+        for kind in (
+            "expect_column_values_to_not_be_null",
+            "expect_column_values_to_be_null",
+        )
+    },
+    "expect_column_values_to_be_between": (frozenset({"column"}), BOUNDS | {"mostly"}),
+    "expect_column_value_lengths_to_be_between": (frozenset({"column"}), BOUNDS | {"mostly"}),
+    "expect_column_value_lengths_to_equal": (frozenset({"column", "value"}), frozenset({"mostly"})),
+    "expect_column_values_to_be_in_set": (frozenset({"column", "value_set"}), frozenset({"mostly"})),
+    "expect_column_values_to_not_be_in_set": (frozenset({"column", "value_set"}), frozenset({"mostly"})),
+    "expect_column_values_to_match_regex": (frozenset({"column"}), frozenset({"regex", "mostly"})),
+    "expect_column_values_to_not_match_regex": (frozenset({"column", "regex"}), frozenset({"mostly"})),
+    "expect_column_values_to_match_strftime_format": (frozenset({"column", "strftime_format"}), frozenset({"mostly"})),
+    "expect_column_pair_values_a_to_be_greater_than_b": (PAIR, frozenset({"ignore_row_if", "mostly", "or_equal"})),
+    "expect_column_pair_values_to_be_equal": (PAIR, frozenset({"ignore_row_if", "mostly"})),
+    "expect_column_pair_values_to_be_in_set": (PAIR | {"value_pairs_set"}, frozenset({"ignore_row_if", "mostly"})),
+    "expect_multicolumn_sum_to_equal": (
+        frozenset({"column_list", "sum_total"}),
+        frozenset({"ignore_row_if", "mostly"}),
+    ),
+    "expect_select_column_values_to_be_unique_within_record": (
+        frozenset({"column_list"}),
+        frozenset({"ignore_row_if", "mostly"}),
+    ),
+}
+ARGUMENTS = OWN_ARGUMENTS | ROW_ARGUMENTS
 
 
 class CatalogError(ValueError):
@@ -147,6 +191,15 @@ class CatalogError(ValueError):
     def __init__(self, file: Path | str, field: str, message: str):
         self.file, self.field = str(file), field
         super().__init__(f"{file}: {field}: {message}")
+
+
+class CatalogErrors(CatalogError):
+    """Every wrong dataset file at once (each file's first error), so that fixing a catalogue is not a
+    reload per error; `file` and `field` are the first's."""
+
+    def __init__(self, errors: list[CatalogError]):
+        self.errors, self.file, self.field = errors, errors[0].file, errors[0].field
+        ValueError.__init__(self, "\n".join([f"{len(errors)} catalogue files are wrong:", *map(str, errors)]))
 
 
 class _Model(BaseModel):
@@ -202,6 +255,22 @@ class Column(_Model):
         if self.format is not None and self.type not in ("date", "timestamp"):
             raise ValueError(f"format is for date and timestamp columns; {self.name!r} is {self.type}")
         return self
+
+    @field_validator("format")
+    @classmethod
+    def _format_parses(cls, value: str | None) -> str | None:
+        """A format the readers refuse would otherwise refuse every landed file, as if the data were bad."""
+        if value is None:
+            return value
+        if "%" not in value:
+            raise ValueError(f"{value!r} has no strptime directive (%Y, %m, %d, ...)")
+        import pandas as pd  # what ingest parses with (schema.py); loaded lazily, as the code location need not
+
+        try:
+            pd.to_datetime(pd.Series([], dtype="str"), format=value)
+        except ValueError as exc:
+            raise ValueError(f"not a strptime format: {exc}") from None
+        return value
 
 
 class TableSchema(_Model):
@@ -339,8 +408,8 @@ class Dataset(_Model):
 
     @field_validator("name", "sector")
     @classmethod
-    def _tag_value(cls, value: str) -> str:
-        dagster_accepts(tags={"value": value})  # the asset's `dataset` and `sector` tags
+    def _tag_value(cls, value: str, info: ValidationInfo) -> str:
+        dagster_accepts(tags={"dataset" if info.field_name == "name" else "sector": value})  # the asset's tags
         return value
 
 
@@ -370,12 +439,37 @@ def _read_yaml(path: Path) -> Any:
 
 
 def _parse(model: type[BaseModel], data: Any, path: Path, prefix: str = "") -> Any:
+    """The entry as `model`, or the first of its errors: a misspelled field before the field it leaves
+    missing, with the name it probably meant."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
+        err = min(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
         field = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "") or "<root>"
-        raise CatalogError(path, field, err["msg"]) from None
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            known = _fields_at(model, [p for p in err["loc"][:-1] if isinstance(p, str)])
+            if meant := difflib.get_close_matches(str(err["loc"][-1]), known, n=1):
+                message += f"; did you mean {meant[0]!r}?"
+        raise CatalogError(path, field, message) from None
+
+
+def _fields_at(model: type[BaseModel], names: list[str]) -> list[str]:
+    """The fields (by their names in YAML) of the model nested in `model` under the fields `names`."""
+    for name in names:
+        field = next((f for n, f in model.model_fields.items() if name in (n, f.alias)), None)
+        nested = _model_in(field.annotation) if field is not None else None
+        if nested is None:
+            return []
+        model = nested
+    return [f.alias or n for n, f in model.model_fields.items()]
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The model a field holds: itself, or in a list, a mapping's values or an optional."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((m for a in typing.get_args(annotation) if (m := _model_in(a)) is not None), None)
 
 
 def load_sites(path: Path) -> dict[str, Site]:
@@ -407,7 +501,9 @@ def load_suite(path: Path, dataset: Dataset, dataset_file: Path) -> dict[str, An
     for i, exp in enumerate(suite["expectations"]):
         where = f"expectations.{i}"
         if not isinstance(exp, dict) or not isinstance(exp.get("type"), str):
-            raise CatalogError(path, f"{where}.type", "each expectation needs a 'type'")
+            gx0 = isinstance(exp, dict) and "expectation_type" in exp
+            renamed = " (GX 0.x's 'expectation_type' is 'type' in GX 1.x)" if gx0 else ""
+            raise CatalogError(path, f"{where}.type", f"each expectation needs a 'type'{renamed}")
         if exp["type"] not in SUPPORTED_EXPECTATIONS:
             raise CatalogError(
                 path, f"{where}.type", f"{exp['type']!r} is not a supported expectation for distributed runs"
@@ -422,6 +518,7 @@ def load_suite(path: Path, dataset: Dataset, dataset_file: Path) -> dict[str, An
         if unknown:
             raise CatalogError(path, f"{where}.kwargs", f"column(s) {unknown} are not in the dataset's schema")
         check_types(path, where, exp["type"], kwargs, {c.name: c.type for c in dataset.table.columns})
+        check_can_pass_and_fail(path, where, exp["type"], kwargs, dataset.table.names)
         meta = exp.get("meta") or {}
         if not isinstance(meta, dict):
             raise CatalogError(path, f"{where}.meta", "must be a mapping")
@@ -432,21 +529,20 @@ def load_suite(path: Path, dataset: Dataset, dataset_file: Path) -> dict[str, An
 
 
 def check_arguments(path: Path, where: str, kind: str, kwargs: dict[str, Any]) -> None:
-    """What can be checked without importing GX: argument names of the expectations we judge ourselves,
-    column names as text, `mostly` as a share, regexes that compile, and no row conditions."""
+    """What can be checked without importing GX: argument names, column names as text, `mostly` as a share,
+    regexes that compile, and no row conditions."""
     field = f"{where}.kwargs"
     conditions = [k for k in ("row_condition", "condition_parser") if k in kwargs]
     if conditions:
         raise CatalogError(path, f"{field}.{conditions[0]}", "row conditions are not supported in distributed runs")
-    if kind in OWN_ARGUMENTS:
-        required, optional = OWN_ARGUMENTS[kind]
-        missing, extra = sorted(required - kwargs.keys()), sorted(kwargs.keys() - required - optional)
-        if missing or extra:
-            raise CatalogError(
-                path,
-                f"{field}.{(missing or extra)[0]}",
-                f"{'missing' if missing else 'not an argument of ' + kind}; it takes {sorted(required | optional)}",
-            )
+    required, optional = ARGUMENTS[kind]
+    takes = sorted(required | optional)
+    if extra := sorted(kwargs.keys() - required - optional):
+        meant = difflib.get_close_matches(extra[0], takes, n=1)
+        hint = f"; did you mean {meant[0]!r}?" if meant else ""
+        raise CatalogError(path, f"{field}.{extra[0]}", f"not an argument of {kind}; it takes {takes}{hint}")
+    if missing := sorted(required - kwargs.keys()):
+        raise CatalogError(path, f"{field}.{missing[0]}", f"missing; {kind} takes {takes}")
     for name in ("column", "column_A", "column_B"):
         if name in kwargs and not isinstance(kwargs[name], str):
             raise CatalogError(path, f"{field}.{name}", "must be a column name")
@@ -519,6 +615,44 @@ def check_types(path: Path, where: str, kind: str, kwargs: dict[str, Any], types
             )
 
 
+def judge_columns(kind: str, kwargs: dict[str, Any], columns: list[str]) -> tuple[bool, Any]:
+    """A column expectation against the dataset's columns: whether it holds, and what it observed."""
+    if kind == "expect_table_columns_to_match_set":
+        wanted, have = set(kwargs["column_set"]), set(columns)
+        return (have == wanted if kwargs.get("exact_match", True) else wanted <= have), sorted(have)
+    if kind == "expect_table_columns_to_match_ordered_list":
+        return columns == list(kwargs["column_list"]), columns
+    if kind == "expect_column_to_exist":
+        index = kwargs.get("column_index")
+        return kwargs["column"] in columns and (index is None or columns.index(kwargs["column"]) == index), columns
+    return len(columns) == kwargs["value"], len(columns)  # expect_table_column_count_to_equal
+
+
+def check_can_pass_and_fail(path: Path, where: str, kind: str, kwargs: dict[str, Any], columns: list[str]) -> None:
+    """An expectation that cannot fail checks nothing, and one that cannot pass fails every run."""
+    field = f"{where}.kwargs"
+    if "min_value" in ARGUMENTS[kind][1]:  # bounds, all optional
+        low, high = kwargs.get("min_value"), kwargs.get("max_value")
+        if low is None and high is None:
+            raise CatalogError(path, field, f"{kind} with neither min_value nor max_value cannot fail")
+        try:
+            crossed = low is not None and high is not None and _as_bound(low) > _as_bound(high)
+        except TypeError:  # a number against text: the type checks (ours or GX's) name it
+            crossed = False
+        if crossed:
+            raise CatalogError(path, f"{field}.min_value", f"{low!r} is above max_value {high!r}: it can never pass")
+    if kind in COLUMN_EXPECTATIONS and not judge_columns(kind, kwargs, columns)[0]:
+        raise CatalogError(path, field, f"the schema gives every version the columns {columns}, so it can never pass")
+
+
+def _as_bound(value: Any) -> Any:
+    """Dates and timestamps, written as ISO 8601 text, compared as instants (in UTC where a zone is given)."""
+    if isinstance(value, str) and _is_iso_datetime(value):
+        instant = dt.datetime.fromisoformat(value)
+        return instant.astimezone(dt.UTC).replace(tzinfo=None) if instant.tzinfo else instant
+    return value
+
+
 def _is_iso_datetime(text: str) -> bool:
     try:
         dt.datetime.fromisoformat(text)
@@ -533,24 +667,40 @@ def load_catalog(root: Path | str | None = None) -> Catalog:
     datasets: dict[str, Dataset] = {}
     files: dict[str, Path] = {}
     suites: dict[str, dict[str, Any]] = {}
+    errors: list[CatalogError] = []
     for path in sorted((root / "datasets").glob("*.y*ml")):
-        dataset = _parse(Dataset, _read_yaml(path), path)
-        if dataset.name in datasets:
-            raise CatalogError(path, "name", f"duplicate dataset name {dataset.name!r} (also in {files[dataset.name]})")
-        site = sites.get(dataset.site)
-        if site is None:
-            raise CatalogError(path, "site", f"unknown site {dataset.site!r}; known: {sorted(sites)}")
-        if dataset.sector not in site.sectors:
-            raise CatalogError(
-                path,
-                "sector",
-                f"site {site.id!r} does not serve sector {dataset.sector!r}; it serves {sorted(site.sectors)}",
-            )
-        for i, other in enumerate(dataset.residency):
-            if other not in sites:
-                raise CatalogError(path, f"residency.{i}", f"unknown site {other!r}")
-        if dataset.residency and dataset.site not in dataset.residency:
-            raise CatalogError(path, "residency", f"must include the dataset's home site {dataset.site!r}")
-        suites[dataset.name] = load_suite(root / dataset.suite, dataset, path)
-        datasets[dataset.name], files[dataset.name] = dataset, path
+        try:
+            dataset, suite = load_dataset(path, root, sites)
+            if dataset.name in datasets:
+                raise CatalogError(
+                    path, "name", f"duplicate dataset name {dataset.name!r} (also in {files[dataset.name]})"
+                )
+        except CatalogError as exc:
+            errors.append(exc)
+            continue
+        datasets[dataset.name], files[dataset.name], suites[dataset.name] = dataset, path, suite
+    if errors:
+        raise errors[0] if len(errors) == 1 else CatalogErrors(errors)
     return Catalog(root=root, sites=sites, datasets=datasets, suites=suites)
+
+
+def load_dataset(path: Path, root: Path, sites: dict[str, Site]) -> tuple[Dataset, dict[str, Any]]:
+    """One dataset file and its suite, checked against the sites."""
+    dataset = _parse(Dataset, _read_yaml(path), path)
+    site = sites.get(dataset.site)
+    if site is None:
+        raise CatalogError(path, "site", f"unknown site {dataset.site!r}; known: {sorted(sites)}")
+    if dataset.sector not in site.sectors:
+        raise CatalogError(
+            path,
+            "sector",
+            f"site {site.id!r} does not serve sector {dataset.sector!r}; it serves {sorted(site.sectors)}",
+        )
+    for i, other in enumerate(dataset.residency):
+        if other not in sites:
+            raise CatalogError(path, f"residency.{i}", f"unknown site {other!r}")
+    if dataset.residency and dataset.site not in dataset.residency:
+        raise CatalogError(path, "residency", f"must include the dataset's home site {dataset.site!r}")
+    if not (root / dataset.suite).resolve().is_relative_to(root.resolve()):
+        raise CatalogError(path, "suite", f"{dataset.suite!r} must be a path within the catalogue root {root}")
+    return dataset, load_suite(root / dataset.suite, dataset, path)

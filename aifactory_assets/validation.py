@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from distributed import Client
 
-from aifactory_assets.catalog import GLOBAL_EXPECTATIONS, ROW_EXPECTATIONS, Dataset
+from aifactory_assets.catalog import GLOBAL_EXPECTATIONS, ROW_EXPECTATIONS, Dataset, judge_columns
 from aifactory_assets.dataset_statistics import between, judge_global
 from aifactory_assets.parquet_io import read_parquet, write_parquet
 from aifactory_assets.publish import generation_prefix, publish, require_current
@@ -208,18 +208,8 @@ def _judge_table(expectation: dict[str, Any], rows: int, columns: list[str]) -> 
         success, observed = between(rows, kwargs), rows
     elif kind == "expect_table_row_count_to_equal":
         success, observed = rows == kwargs["value"], rows
-    elif kind == "expect_table_columns_to_match_set":
-        wanted, have = set(kwargs["column_set"]), set(columns)
-        success = have == wanted if kwargs.get("exact_match", True) else wanted <= have
-        observed = sorted(have)
-    elif kind == "expect_table_columns_to_match_ordered_list":
-        success, observed = columns == list(kwargs["column_list"]), columns
-    elif kind == "expect_column_to_exist":
-        index = kwargs.get("column_index")
-        success = kwargs["column"] in columns and (index is None or columns.index(kwargs["column"]) == index)
-        observed = columns
-    else:  # expect_table_column_count_to_equal
-        success, observed = len(columns) == kwargs["value"], len(columns)
+    else:
+        success, observed = judge_columns(kind, kwargs, columns)
     return {"success": bool(success), "observed": observed}
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from aifactory_assets.catalog import Catalog, CatalogError, load_catalog
+from aifactory_assets.catalog import ROW_ARGUMENTS, Catalog, CatalogError, CatalogErrors, load_catalog
 
 CATALOG = Path(__file__).resolve().parent.parent / "catalog"
 
@@ -69,6 +69,32 @@ DATASET_ERRORS = {
     ),
     "unknown residency site": (lambda d: d.update(residency=["atlantis"]), "residency.0", "unknown site"),
     "misspelled field": (lambda d: d.update(sectr="health"), "sectr", "Extra inputs"),
+    # A misspelled required field: named as misspelled (not as the field it leaves missing), with a guess.
+    "misspelled required field": (
+        lambda d: d.update(discription=d.pop("description")),
+        "discription",
+        "did you mean 'description'?",
+    ),
+    "misspelled nested field": (
+        lambda d: first_column(d).update(nulable=first_column(d).pop("nullable")),
+        "schema.columns.0.nulable",
+        "did you mean 'nullable'?",
+    ),
+    "date format the readers refuse": (
+        lambda d: first_column(d).update(type="date", format="%Y-%Q"),
+        "schema.columns.0.format",
+        "not a strptime format: 'Q' is a bad directive",
+    ),
+    "date format without a directive": (
+        lambda d: first_column(d).update(type="date", format="YYYY-MM-DD"),
+        "schema.columns.0.format",
+        "has no strptime directive",
+    ),
+    "suite outside the catalogue": (
+        lambda d: d.update(suite="../outside.json"),
+        "suite",
+        "must be a path within the catalogue root",
+    ),
     "nullable key": (
         lambda d: next(c for c in d["schema"]["columns"] if c["name"] in d["schema"]["key"]).update(nullable=True),
         "schema",
@@ -79,7 +105,11 @@ DATASET_ERRORS = {
     "empty team owner": (lambda d: d.update(owner="team:"), "owner", "team:<name>"),
     # What Dagster refuses when it builds the assets: here, before it would stop the whole code location.
     "owner Dagster refuses": (lambda d: d.update(owner="ops@bsc.technology"), "owner", "Invalid owner"),
-    "name longer than a tag": (lambda d: d.update(name="p" * 64), "name", "Must have <= 63 characters"),
+    "name longer than a tag": (
+        lambda d: d.update(name="p" * 64),
+        "name",
+        "for key: dataset. Allowed characters: alpha-numeric, '_', '-', '.'. Must have <= 63 characters",
+    ),
     "unknown encoding": (
         lambda d: d["source"]["options"].update(encoding="windows1252"),
         "source.options.encoding",
@@ -117,6 +147,7 @@ def test_dataset_error_names_file_and_field(tmp_catalog: Path, case: str) -> Non
     assert err.value.field.startswith(field)
     assert message in str(err.value)
     assert str(path) in str(err.value)
+    assert "Value error" not in str(err.value)  # pydantic's wording, not the catalogue's
 
 
 def test_key_columns_are_never_nullable(catalog: Catalog) -> None:
@@ -215,6 +246,51 @@ def test_suite_that_does_not_parse(tmp_catalog: Path) -> None:
             "expectations.0.kwargs.max_value",
             "must be text, got 5",
         ),
+        # GX checks a row expectation's arguments only when it runs, on every worker, naming no file.
+        (
+            {"type": "expect_column_values_to_be_in_set", "kwargs": {"column": "sex", "value_sett": ["male"]}},
+            "expectations.0.kwargs.value_sett",
+            "did you mean 'value_set'?",
+        ),
+        (
+            {"type": "expect_column_values_to_be_between", "kwargs": {"column": "year", "min_vlaue": 2007}},
+            "expectations.0.kwargs.min_vlaue",
+            "did you mean 'min_value'?",
+        ),
+        (
+            {"type": "expect_column_values_to_be_in_set", "kwargs": {"column": "sex"}},
+            "expectations.0.kwargs.value_set",
+            "missing",
+        ),
+        # An expectation that cannot fail, or cannot pass.
+        (
+            {"type": "expect_column_values_to_be_between", "kwargs": {"column": "year"}},
+            "expectations.0.kwargs",
+            "with neither min_value nor max_value cannot fail",
+        ),
+        (
+            {
+                "type": "expect_column_mean_to_be_between",
+                "kwargs": {"column": "year", "min_value": 2009, "max_value": 2007},
+            },
+            "expectations.0.kwargs.min_value",
+            "2009 is above max_value 2007: it can never pass",
+        ),
+        (
+            {"type": "expect_table_columns_to_match_set", "kwargs": {"column_set": ["species", "wingspan"]}},
+            "expectations.0.kwargs",
+            "so it can never pass",
+        ),
+        (
+            {"type": "expect_table_column_count_to_equal", "kwargs": {"value": 3}},
+            "expectations.0.kwargs",
+            "the schema gives every version the columns ['record_id', 'species', 'island', 'bill_length_mm'",
+        ),
+        (
+            {"expectation_type": "expect_column_values_to_not_be_null", "kwargs": {"column": "species"}},
+            "expectations.0.type",
+            "GX 0.x's 'expectation_type' is 'type' in GX 1.x",
+        ),
         (
             {"type": "expect_table_row_count_to_equal", "kwargs": {"value": "344"}},
             "expectations.0.kwargs.value",
@@ -263,3 +339,42 @@ def test_site_errors(tmp_catalog: Path, zone: str) -> None:
     with pytest.raises(CatalogError, match="unknown IANA time zone") as err:
         load_catalog(tmp_catalog)
     assert (err.value.file, err.value.field) == (str(sites), "sites.2.timezone")
+
+
+def test_dates_as_bounds_compare_as_instants(tmp_catalog: Path) -> None:
+    """Text compares "2020-01-01T00:00:00+02:00" above "2019-12-31T23:00:00Z"; as instants it is below."""
+    suite = tmp_catalog / "suites" / "seattle_weather.json"
+    between = {"column": "date", "min_value": "2020-01-01T00:00:00+02:00", "max_value": "2019-12-31T23:00:00Z"}
+    expectation = {"type": "expect_column_min_to_be_between", "kwargs": between}
+    suite.write_text(json.dumps({"name": "seattle_weather", "expectations": [expectation]}))
+    assert load_catalog(tmp_catalog).suites["seattle_weather"]["expectations"] == [expectation]
+    between["min_value"] = "2020-01-01T02:00:00+01:00"
+    suite.write_text(json.dumps({"name": "seattle_weather", "expectations": [expectation]}))
+    with pytest.raises(CatalogError, match="can never pass"):
+        load_catalog(tmp_catalog)
+
+
+def test_every_wrong_dataset_file_is_named_at_once(tmp_catalog: Path) -> None:
+    """One partner's typo stops the code location; the message lists every file to fix, not just the first."""
+    penguins, wine = (tmp_catalog / "datasets" / f"{name}.yaml" for name in ("palmer_penguins", "wine_cultivars"))
+    edit_yaml(penguins, lambda d: d.update(site="reykjavik"))
+    edit_yaml(wine, lambda d: d["shards"].update(retention=0))
+    with pytest.raises(CatalogErrors) as err:
+        load_catalog(tmp_catalog)
+    assert [(e.file, e.field) for e in err.value.errors] == [(str(penguins), "site"), (str(wine), "shards.retention")]
+    assert (err.value.file, err.value.field) == (str(penguins), "site")
+    assert str(err.value).startswith("2 catalogue files are wrong:")
+    assert all(str(e) in str(err.value) for e in err.value.errors)
+
+
+def test_row_expectations_take_the_arguments_gx_takes() -> None:
+    """The catalogue checks row expectations' arguments itself, from a table: GX's own models hold it to
+    what the installed GX accepts (row conditions aside, which distributed runs refuse)."""
+    from great_expectations.expectations.expectation import Expectation
+    from great_expectations.expectations.registry import get_expectation_impl
+
+    common = set(Expectation.__fields__) | {"batch_id", "row_condition", "condition_parser"}
+    for kind, (required, optional) in ROW_ARGUMENTS.items():
+        fields = get_expectation_impl(kind).__fields__
+        assert {n for n, f in fields.items() if f.required} - common == required, kind
+        assert {n for n, f in fields.items() if not f.required} - common == optional, kind
