@@ -29,9 +29,22 @@ def landing_prefix(dataset: Dataset) -> str:
     return f"landing/{dataset.name}"
 
 
+# What a copy leaves while it writes (rsync's `.name.XXXXXX`, `name.part`, Hadoop's `._COPYING_`) and what
+# sits beside data (`_SUCCESS`, `_temporary/`): never data, as for pyarrow.dataset's `ignore_prefixes`.
+NOT_DATA_PREFIXES = (".", "_")
+IN_PROGRESS_SUFFIXES = (".part", ".partial", ".tmp", ".filepart", ".crdownload", "._COPYING_")
+
+
+def is_landed_data(key: str) -> bool:
+    """Whether a key under the landing zone names data, not a copy in progress or a marker."""
+    names = key.split("/")
+    return not any(name.startswith(NOT_DATA_PREFIXES) for name in names) and not key.endswith(IN_PROGRESS_SUFFIXES)
+
+
 def landed_objects(store: ObjectStore, dataset: Dataset) -> list[ObjectInfo]:
     """The dataset's landed files, oldest first, so that later files win when keys repeat."""
-    found = store.list_objects(landing_prefix(dataset), dataset.source.landing)
+    prefix = landing_prefix(dataset)
+    found = [o for o in store.list_objects(prefix, dataset.source.landing) if is_landed_data(o.key[len(prefix) + 1 :])]
     return sorted(found, key=lambda o: (o.mtime or 0, o.key))
 
 

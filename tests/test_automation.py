@@ -6,14 +6,17 @@ import os
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
 from aifactory_assets.catalog import Catalog
 from aifactory_assets.definitions import build_definitions
 from aifactory_assets.demo import land_demo_data
-from aifactory_assets.factory import asset_key, build_catalog_assets
-from resources import DaskCluster
+from aifactory_assets.factory import asset_key, build_catalog_assets, materialisable_keys, store_key
+from aifactory_assets.ingest import is_landed_data
+from aifactory_assets.manifest import latest_history
+from resources import DaskCluster, ObjectStore
 from schedules import NIGHTLY_CRON, landing_sensor, nightly_schedules
-from tests.conftest import evaluate, local_stores, pipeline_resources
+from tests.conftest import evaluate, local_stores, materialize_all, pipeline_resources
 
 
 def test_each_settled_change_requests_one_run(catalog: Catalog, tmp_path) -> None:
@@ -56,6 +59,12 @@ def test_each_settled_change_requests_one_run(catalog: Catalog, tmp_path) -> Non
     store.write_bytes("landing/palmer_penguins/drop-1.csv", b"record_id,species\n1,Adelie\n")
     os.utime(first, ns=(first_mtime, first_mtime))  # restored as it was (rsync -a): the first file set again
     settle()
+    store.write_bytes("landing/palmer_penguins/._drop-1.csv", b"\x00\x05\x16\x07")  # macOS's AppleDouble
+    store.write_bytes("landing/palmer_penguins/.drop-3.csv", b"record_id,species\n4,")  # a copy in progress
+    for _ in range(2):  # seen, then settled: still nothing to ingest
+        result = evaluate(sensor, store, cursor)
+        assert result.run_requests == []
+        cursor = result.cursor
     for i in range(500):  # Dagster keeps the cursor with every tick: it must not grow with the landing zone
         store.write_bytes(f"landing/palmer_penguins/many-{i:03d}.csv", b"record_id,species\n1,Adelie\n")
     settle()
@@ -114,9 +123,65 @@ def test_sensor_resolves_through_definitions(catalog: Catalog, tmp_path, monkeyp
 
 def test_one_nightly_schedule_per_site_in_its_zone(catalog: Catalog) -> None:
     schedules = {s.name: s for s in nightly_schedules(catalog)}
+    assert all(catalog.sites[name.removesuffix("_nightly")].name in s.description for name, s in schedules.items())
     assert set(schedules) == {f"{site}_nightly" for site in catalog.sites}
     for site in catalog.sites.values():
         schedule = schedules[f"{site.id}_nightly"]
         assert schedule.cron_schedule == NIGHTLY_CRON
         assert schedule.execution_timezone == site.timezone
         assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING  # nightly without a person
+
+
+def tick(schedule: dg.ScheduleDefinition, store: ObjectStore) -> tuple[list[dg.RunRequest], str | None]:
+    """The daemon's own path: `evaluate_tick`, with the site's store as the schedule's resource."""
+    with dg.build_schedule_context(resources={store_key(store.site): store}) as context:
+        data = schedule.evaluate_tick(context)
+    return list(data.run_requests or []), data.skip_message
+
+
+def test_nightly_runs_only_what_a_run_would_change(catalog: Catalog, tmp_path, dask: DaskCluster) -> None:
+    """Nothing landed is skipped, not failed every night; an up-to-date dataset is skipped (a run would
+    re-read every landed file for the same version); new files or a changed suite give a run."""
+    stores = local_stores(catalog, tmp_path)
+    store, dataset = stores["linkoping"], catalog.datasets["palmer_penguins"]
+    nightly = {s.name: s for s in nightly_schedules(catalog)}["linkoping_nightly"]
+    requests, skipped = tick(nightly, store)
+    assert requests == [] and "palmer_penguins: nothing landed under" in skipped
+
+    land_demo_data(catalog, stores)
+    requests, _ = tick(nightly, store)
+    assert [set(r.asset_selection) for r in requests] == [set(materialisable_keys(dataset))]
+    assert requests[0].tags["trigger"] == "nightly" and requests[0].tags["datasets"] == "palmer_penguins"
+
+    assert materialize_all(catalog, stores, dask, selection=requests[0].asset_selection).success
+    requests, skipped = tick(nightly, store)
+    version = latest_history(store, dataset)[-1]
+    assert requests == [] and skipped == f"palmer_penguins: up to date (version {version})"
+
+    suite = catalog.suites["palmer_penguins"]
+    stricter = {**suite, "expectations": [*suite["expectations"], suite["expectations"][-1]]}
+    changed = catalog.model_copy(update={"suites": {**catalog.suites, "palmer_penguins": stricter}})
+    requests, _ = tick({s.name: s for s in nightly_schedules(changed)}["linkoping_nightly"], store)
+    assert len(requests) == 1  # the suite gives another version
+
+    store.write_bytes("landing/palmer_penguins/late.csv", b"record_id,species\n9001,Adelie\n")
+    requests, _ = tick(nightly, store)
+    assert len(requests) == 1  # a file the sensor missed (switched off, say)
+
+
+@pytest.mark.parametrize(
+    ("key", "data"),
+    [
+        ("2026-11.csv", True),
+        ("site-a/2026-11.csv", True),
+        (".2026-11.csv.Xy12Ab", False),  # rsync's temporary name
+        ("2026-11.csv.part", False),
+        ("2026-11.csv._COPYING_", False),  # hdfs dfs -put
+        ("._2026-11.csv", False),  # macOS's AppleDouble
+        ("_SUCCESS", False),
+        ("_temporary/0/part-0.csv", False),
+        ("site-a/.hidden/2026-11.csv", False),
+    ],
+)
+def test_copies_in_progress_and_markers_are_not_landed_data(key: str, data: bool) -> None:
+    assert is_landed_data(key) is data
