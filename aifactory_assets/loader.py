@@ -61,6 +61,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from aifactory_assets.file_lock import lock, open_to_lock
+from aifactory_assets.shard_layout import LATEST, MANIFEST
 
 DEFAULT_CACHE_BYTES = 20 * 2**30
 COPY_CHUNK = 8 * 2**20  # a download is streamed to disk, never held whole
@@ -375,6 +376,24 @@ def sha256_of(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()  # streamed, GIL released
 
 
+def resolve_manifest(uri: str, storage_options: dict[str, Any] | None = None) -> str:
+    """The manifest a dataset's `_latest` pointer names now, for `uri` that pointer or the dataset's folder
+    (`.../shards/<dataset>`); a manifest's own URI comes back as it is. Resolve once and give every rank and
+    data-loader worker the URI it returns: each resolving `_latest` itself could read a version committed
+    meanwhile, and ranks on different versions hang."""
+    if posixpath.basename(uri.rstrip("/")) == MANIFEST:
+        return uri
+    pointer = uri if posixpath.basename(uri.rstrip("/")) == LATEST else f"{uri.rstrip('/')}/{LATEST}"
+    fs, path = fsspec.core.url_to_fs(pointer, **(storage_options or {}))
+    try:
+        named = json.loads(fs.cat_file(path))["manifest"]
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{pointer}: no committed version (a dataset's `_latest` is written at commit)"
+        ) from None
+    return f"{posixpath.dirname(pointer)}/{named}"
+
+
 class ShardReader:
     """One rank's (and one data-loader worker's) view of a split of a committed version."""
 
@@ -419,6 +438,11 @@ class ShardReader:
             raise ValueError(f"remainder {remainder!r}: one of {get_args(Remainder)}, or None for the manifest's")
         if verify not in (True, False, "pages"):  # a string from a config file would turn checks off unseen
             raise ValueError(f"verify {verify!r}: True, False or 'pages'")
+        if posixpath.basename(manifest.rstrip("/")) != MANIFEST:
+            raise ValueError(
+                f"{manifest} is not a version's {MANIFEST}: resolve_manifest() gives the one `_latest` names now; "
+                "resolve it once and give every rank and worker that URI"
+            )
         self.fs, manifest_path = fsspec.core.url_to_fs(manifest, **(storage_options or {}))
         self.manifest: dict[str, Any] = json.loads(self.fs.cat_file(manifest_path))
         if split not in self.manifest["splits"]:

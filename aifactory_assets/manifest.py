@@ -20,11 +20,11 @@ import pyarrow as pa
 from distributed import Client
 
 from aifactory_assets.catalog import Dataset
+from aifactory_assets.shard_layout import LATEST, MANIFEST
 from aifactory_assets.sharding import SAMPLER
 from aifactory_assets.staging import staging_prefix
 from resources.object_store import ObjectStore
 
-MANIFEST, LATEST = "manifest.json", "_latest"
 RETENTION_MARK = "removing"  # under a run's staging of an old version: retention is removing it
 FORMAT_VERSION = 3  # bump whenever the layout of a version changes (3: every page carries a CRC32)
 # The modules that decide what a version holds (how files are read and typed, what is quarantined, the

@@ -7,6 +7,7 @@ import math
 
 import pyarrow as pa
 
+MANIFEST, LATEST = "manifest.json", "_latest"  # a version's commit point; a dataset's pointer to its latest
 ROW_GROUP_ROWS = (1_024, 65_536)  # bounds; a split aims at ~1,024 row groups, many more than ranks x workers
 # A row group of average rows, decoded, at most: a reader holds one or two per data-loader worker (and two per
 # thread reading ahead, `loader.READ_THREADS` at most, where it reads ahead), and rows of

@@ -31,7 +31,7 @@ import pytest
 from aifactory_assets.catalog import Catalog
 from aifactory_assets.demo import land_demo_data
 from aifactory_assets.factory import asset_key, build_catalog_assets
-from aifactory_assets.loader import ChecksumMismatch, ShardReader
+from aifactory_assets.loader import ChecksumMismatch, ShardReader, resolve_manifest
 from aifactory_assets.manifest import latest_manifest
 from resources import DaskCluster, ObjectStore
 from tests.conftest import local_stores, pipeline_resources, s3_stores
@@ -109,6 +109,22 @@ def test_ranks_are_equal_disjoint_and_complete(manifest_url: str, world: int) ->
     padded = [rank_stream(manifest_url, rank, world, remainder="pad") for rank in range(world)]
     assert {len(s) for s in padded} == {-(-len(everything) // world)}
     assert set(itertools.chain(*padded)) == set(everything)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_training_job_finds_the_latest_version_once(
+    manifest_url: str, s3_manifest: tuple[str, dict], tmp_path: Path, where: str
+) -> None:
+    """`_latest`, or the dataset's folder, resolves to the version's manifest; a reader given the pointer
+    itself refuses it: ranks and workers each resolving it could read different versions."""
+    url, options = (manifest_url, {}) if where == "local" else s3_manifest
+    folder = url.rsplit("/v=", 1)[0]
+    for given in (folder, f"{folder}/", f"{folder}/_latest", url):
+        assert resolve_manifest(given, options) == url
+    with pytest.raises(ValueError, match="resolve_manifest"):
+        ShardReader(f"{folder}/_latest", "train", storage_options=options)
+    with pytest.raises(FileNotFoundError, match="no committed version"):
+        resolve_manifest(str(tmp_path / "shards" / "nothing_yet"))
 
 
 def test_more_ranks_than_rows_is_an_error_unless_padding(manifest_url: str) -> None:
