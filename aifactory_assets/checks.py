@@ -23,6 +23,27 @@ CRITICAL_CHECK, WARNING_CHECK = "critical_expectations", "warning_expectations"
 LEDGER_CHECK, VERIFIED_CHECK = "ledger_per_source", "shards_match_manifest"
 FILES_CHECK = "landed_files_read"
 EXPECTATION_CHECKS = {"critical": CRITICAL_CHECK, "warning": WARNING_CHECK}
+# What each check asks, as the UI shows it before any run: per stage where the question differs.
+CHECK_DESCRIPTIONS = {
+    SCHEMA_CHECK: "Every Parquet file of this stage has exactly the catalogue's columns and types.",
+    (SCHEMA_CHECK, "validated"): "Every raw part this stage passes on has exactly the catalogue's columns and "
+    "types (the rows that failed are in its quarantine, not in a copy).",
+    (CONSERVATION_CHECK, "raw"): "Every row read is accounted for: rows read = written + quarantined.",
+    (CONSERVATION_CHECK, "validated"): "Every raw row is accounted for: raw rows = passed on + quarantined.",
+    (CONSERVATION_CHECK, "shards"): "Every row read at landing is accounted for: rows read = sharded + "
+    "quarantined (at ingest and validation) + duplicates dropped.",
+    FILES_CHECK: "Every landed file was read; a refused one (unreadable, a declared column missing) warns, "
+    "since its rows are missing downstream until a person looks.",
+    CRITICAL_CHECK: "The suite's critical expectations hold; a failure blocks the shards.",
+    WARNING_CHECK: "The suite's warning expectations hold; a failure only warns.",
+    LEDGER_CHECK: "Per landed file: rows read = passed on + quarantined at ingest + quarantined at validation.",
+    VERIFIED_CHECK: "Every shard of the committed version matches the manifest's checksum and row count, "
+    "re-read before the commit.",
+}
+
+
+def check_description(name: str, stage: str) -> str:
+    return CHECK_DESCRIPTIONS.get((name, stage)) or CHECK_DESCRIPTIONS[name]
 
 
 def footers(store: ObjectStore, keys: list[str]) -> dict[str, pq.FileMetaData]:

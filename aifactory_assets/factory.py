@@ -20,6 +20,7 @@ from aifactory_assets.checks import (
     SCHEMA_CHECK,
     VERIFIED_CHECK,
     WARNING_CHECK,
+    check_description,
     conservation_check,
     expectation_group_check,
     expectations_table,
@@ -41,7 +42,7 @@ from aifactory_assets.manifest import (
     version_prefix,
     workers_on_other_software,
 )
-from aifactory_assets.metadata import location, markdown_table, stage_metadata
+from aifactory_assets.metadata import column_schema, location, markdown_table, stage_metadata
 from aifactory_assets.publish import POINTER, require_current
 from aifactory_assets.schema import arrow_schema
 from aifactory_assets.sharding import shard_dataset
@@ -89,12 +90,16 @@ def asset_key(dataset: Dataset, stage: str) -> dg.AssetKey:
 
 
 def _common(dataset: Dataset, stage: str, description: str) -> dict[str, Any]:
+    """What every asset of a dataset declares; the stages aifactory writes show their columns before any
+    run (each materialisation records them again)."""
+    written = {"metadata": {"dagster/column_schema": column_schema(dataset, stage == "shards")}}
     return {
         "key": asset_key(dataset, stage),
         "group_name": dataset.sector,
         "description": f"{description}\n\n{dataset.description}",
         "owners": [dataset.owner],
         "tags": {"site": dataset.site, "sector": dataset.sector, "dataset": dataset.name, "stage": stage},
+        **(written if stage != "landing" else {}),
     }
 
 
@@ -160,7 +165,12 @@ def require_shardable(
 
 
 def _checks(dataset: Dataset, stage: str, *names: str, blocking: bool = True) -> list[dg.AssetCheckSpec]:
-    return [dg.AssetCheckSpec(name, asset=asset_key(dataset, stage), blocking=blocking) for name in names]
+    return [
+        dg.AssetCheckSpec(
+            name, asset=asset_key(dataset, stage), blocking=blocking, description=check_description(name, stage)
+        )
+        for name in names
+    ]
 
 
 def write_report(
@@ -338,7 +348,8 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
             dataset,
             "shards",
             "Deduplicated, split and shuffled Parquet shards with a checksummed "
-            "manifest, under `shards/<dataset>/v=<version>/`.",
+            f"manifest, under `shards/{dataset.name}/v=<version>/`; `shards/{dataset.name}/_latest` names "
+            "the latest version.",
         ),
         deps=[validated.key],
         kinds={"dask", "parquet"},

@@ -28,11 +28,12 @@ MINIMUM_INTERVAL_SECONDS = 30
 
 
 def landing_sensor(catalog: Catalog, site: str) -> dg.SensorDefinition:
-    datasets = catalog.datasets_of(site)
+    datasets, info = catalog.datasets_of(site), catalog.sites[site]
 
     @dg.sensor(
         name=f"{site}_landing_sensor",
-        description=f"Starts a run for each dataset of {site} whose landing zone has changed and settled.",
+        description=f"Every {MINIMUM_INTERVAL_SECONDS} s, starts a run for each dataset of {info.name} "
+        f"({info.city}) whose landing zone has changed and settled.",
         target=dataset_selection(datasets),
         minimum_interval_seconds=MINIMUM_INTERVAL_SECONDS,
         required_resource_keys={store_key(site)},

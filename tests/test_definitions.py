@@ -174,7 +174,12 @@ query Location($cursor: Float) {
     ... on RepositoryConnection {
       nodes {
         location { name }
-        assetNodes { assetKey { path } groupName }
+        assetNodes {
+          assetKey { path }
+          groupName
+          metadataEntries { label ... on TableSchemaMetadataEntry { schema { columns { name } } } }
+          assetChecksOrError { ... on AssetChecks { checks { name description } } }
+        }
         schedules { name executionTimezone futureTicks(cursor: $cursor, limit: 1) { results { timestamp } } }
         sensors { name }
       }
@@ -190,9 +195,16 @@ def test_webserver_lists_every_asset_schedule_and_sensor(webserver: str, catalog
     data = graphql(webserver, REPOSITORY_QUERY, {"cursor": winter})
     (repo,) = data["repositoriesOrError"]["nodes"]
     assert repo["location"]["name"] == "aifactory"
-    groups = {tuple(a["assetKey"]["path"]): a["groupName"] for a in repo["assetNodes"]}
+    nodes = {tuple(a["assetKey"]["path"]): a for a in repo["assetNodes"]}
     for dataset in catalog.datasets.values():
-        assert groups[(dataset.sector, dataset.name, "shards")] == dataset.sector
+        shards = nodes[(dataset.sector, dataset.name, "shards")]
+        assert shards["groupName"] == dataset.sector
+        # Before any run: the columns the catalogue declares, and what each check asks.
+        (schema,) = [e for e in shards["metadataEntries"] if e["label"] == "dagster/column_schema"]
+        assert [c["name"] for c in schema["schema"]["columns"]] == [*dataset.table.names, "_source", "_row"]
+        checks = shards["assetChecksOrError"]["checks"]
+        assert {c["name"] for c in checks} == {"schema_matches_catalog", "conservation", "shards_match_manifest"}
+        assert all(c["description"] for c in checks)
     assert {s["name"] for s in repo["sensors"]} == {f"{site}_landing_sensor" for site in catalog.sites}
 
     ticks = {s["name"]: s for s in repo["schedules"]}
