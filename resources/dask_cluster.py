@@ -153,7 +153,11 @@ class DaskCluster(dg.ConfigurableResource):
     """Connects to `scheduler_address` when given (e.g. dask-jobqueue on the site's SLURM); else starts one
     LocalCluster on first use in a run, shared by the run's steps, and closes it when the run ends."""
 
-    scheduler_address: str | None = Field(default=None, description="tcp://host:port of a running scheduler")
+    scheduler_address: str | None = Field(
+        default=None,
+        description="tls://host:port of a running scheduler (over tcp:// the store's credentials, in every "
+        "task's arguments, cross the network in clear)",
+    )
     n_workers: int | None = Field(default=None, description="LocalCluster workers; default: one per core")
     threads_per_worker: int = 1
     memory_limit: str = Field(
@@ -237,8 +241,13 @@ class DaskCluster(dg.ConfigurableResource):
 
 
 def dask_cluster_from_env() -> DaskCluster:
-    """`AIFACTORY_DASK_SCHEDULER` points at a shared cluster; `AIFACTORY_DASK_MEMORY_LIMIT` caps workers."""
+    """`AIFACTORY_DASK_SCHEDULER` points at a shared cluster; else `AIFACTORY_DASK_WORKERS` and
+    `AIFACTORY_DASK_MEMORY_LIMIT` size the run's own."""
+    workers = os.environ.get("AIFACTORY_DASK_WORKERS") or None
+    if workers is not None and not (workers.isdigit() and int(workers) > 0):
+        raise ValueError(f"AIFACTORY_DASK_WORKERS={workers!r}: a number of workers, at least 1")
     return DaskCluster(
         scheduler_address=os.environ.get("AIFACTORY_DASK_SCHEDULER") or None,
+        n_workers=int(workers) if workers else None,
         memory_limit=os.environ.get("AIFACTORY_DASK_MEMORY_LIMIT", "auto"),
     )

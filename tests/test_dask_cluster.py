@@ -16,7 +16,7 @@ from distributed.security import Security
 from distributed.system import MEMORY_LIMIT
 
 from aifactory_assets.tasks import run_tasks
-from resources import DaskCluster
+from resources import DaskCluster, dask_cluster_from_env
 from resources.dask_cluster import size_local_workers
 
 
@@ -185,3 +185,15 @@ def test_local_workers_get_a_worker_per_core_while_each_has_what_it_needs(
     assert (sized.count, sized.memory_limit, sized.enough) == (count, each, enough)
     assert ("fewer workers than the 16 cores" in sized.why) == (count < 16 and n_workers is None)
     assert size_local_workers(n_workers, "2GiB", runs, cores=16, host=host).memory_limit == "2GiB"
+
+
+def test_the_environment_sizes_the_runs_own_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIFACTORY_DASK_WORKERS", "3")
+    monkeypatch.setenv("AIFACTORY_DASK_MEMORY_LIMIT", "3GiB")
+    assert (dask_cluster_from_env().n_workers, dask_cluster_from_env().memory_limit) == (3, "3GiB")
+    for wrong in ("0", "two", "-1"):
+        monkeypatch.setenv("AIFACTORY_DASK_WORKERS", wrong)
+        with pytest.raises(ValueError, match=f"AIFACTORY_DASK_WORKERS='{wrong}'"):
+            dask_cluster_from_env()
+    monkeypatch.delenv("AIFACTORY_DASK_WORKERS")
+    assert dask_cluster_from_env().n_workers is None  # one per core, as memory allows
