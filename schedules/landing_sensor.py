@@ -19,8 +19,9 @@ from typing import Any
 import dagster as dg
 
 from aifactory_assets.catalog import Catalog, Dataset
-from aifactory_assets.factory import dataset_selection, materialisable_keys, naming_refusals, store_key
-from aifactory_assets.ingest import landed_objects
+from aifactory_assets.factory import asset_key, dataset_selection, materialisable_keys, naming_refusals, store_key
+from aifactory_assets.ingest import landed_objects, landing_prefix
+from aifactory_assets.metadata import location
 from aifactory_assets.publish import POINTER, current
 from resources.object_store import ObjectInfo, ObjectStore
 
@@ -43,11 +44,13 @@ def landing_sensor(catalog: Catalog, site: str) -> dg.SensorDefinition:
     def sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
         store = getattr(context.resources, store_key(site))
         before: dict[str, Any] = json.loads(context.cursor) if context.cursor else {}
-        requests, cursor = [], {}
+        requests, observations, cursor = [], [], {}
         for dataset in datasets:
-            fingerprints = [o.fingerprint() for o in landed_objects(store, dataset)]
-            listing = listing_digest(fingerprints) if fingerprints else None
+            landed = landed_objects(store, dataset)
+            listing = listing_digest([o.fingerprint() for o in landed]) if landed else None
             state = before.get(dataset.name, {})
+            if listing != state.get("seen"):
+                observations.append(landing_observation(store, dataset, landed))
             now = {key: state.get(key) for key in ("requested", "raw_pointer")}
             now |= {"seen": listing, "requests": state.get("requests", 0)}
             if listing is not None and listing == state.get("seen"):  # settled
@@ -65,9 +68,25 @@ def landing_sensor(catalog: Catalog, site: str) -> dg.SensorDefinition:
                     requests.append(_run_request(dataset, listing, now["requests"]))
                 now["raw_pointer"] = pointer
             cursor[dataset.name] = now
-        return dg.SensorResult(run_requests=requests, cursor=json.dumps(cursor, sort_keys=True))
+        return dg.SensorResult(
+            run_requests=requests, asset_events=observations, cursor=json.dumps(cursor, sort_keys=True)
+        )
 
     return sensor
+
+
+def landing_observation(store: ObjectStore, dataset: Dataset, landed: list[ObjectInfo]) -> dg.AssetObservation:
+    """What the landing asset shows in the UI: its files as the sensor saw them change."""
+    newest = max((o.mtime for o in landed if o.mtime is not None), default=None)
+    return dg.AssetObservation(
+        asset_key=asset_key(dataset, "landing"),
+        metadata={
+            "files": dg.MetadataValue.int(len(landed)),
+            "bytes": dg.MetadataValue.int(sum(o.size for o in landed)),
+            "newest_file": dg.MetadataValue.timestamp(newest) if newest is not None else "none",
+            "location": location(store, landing_prefix(dataset)),
+        },
+    )
 
 
 def listing_digest(fingerprints: list[str]) -> str:

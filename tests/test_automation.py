@@ -29,22 +29,26 @@ def test_each_settled_change_requests_one_run(catalog: Catalog, tmp_path) -> Non
     keys = []
 
     def settle() -> dg.RunRequest:
-        nonlocal cursor
+        nonlocal cursor, observed
         changing = evaluate(sensor, store, cursor)  # still being copied in, as far as the sensor knows
         assert changing.run_requests == []
+        (observed,) = changing.asset_events  # the landing asset shows the change in the UI, once
+        assert observed.asset_key == asset_key(dataset, "landing")
         settled = evaluate(sensor, store, changing.cursor)
         assert len(settled.run_requests) == 1
         again = evaluate(sensor, store, settled.cursor)
-        assert again.run_requests == []
+        assert again.run_requests == [] and settled.asset_events == again.asset_events == []
         cursor = again.cursor
         request = settled.run_requests[0]
         assert request.run_key not in keys  # Dagster drops a run whose key it has seen
         keys.append(request.run_key)
         return request
 
+    observed = None
     store.write_bytes("landing/palmer_penguins/drop-1.csv", b"record_id,species\n1,Adelie\n")
     store.write_bytes("landing/palmer_penguins/notes.txt", b"not a landing file for this dataset")
     request = settle()
+    assert (observed.metadata["files"].value, observed.metadata["bytes"].value) == (1, 27)
     assert set(request.asset_selection) == {asset_key(dataset, s) for s in ("raw", "validated", "shards")}
     assert request.tags["dataset"] == "palmer_penguins" and request.tags["trigger"] == "landing"
 
