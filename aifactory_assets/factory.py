@@ -232,8 +232,16 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
             store, dask.get_client(), dataset, context.run.run_id, partial(run_finished, context.instance)
         )
         refused = [f"- `{e['source']}`: {e['file_error']}" for e in record["ledger"] if "file_error" in e]
-        rows = [[f"`{e['source']}`", e["rows_read"], e["rows_valid"], e["rows_quarantined"]] for e in record["ledger"]]
-        summary = markdown_table(["source", "read", "valid", "quarantined"], rows)
+        rows = [
+            [f"`{e['source']}`", e["rows_read"], e["rows_valid"], e["rows_quarantined"], e["ingested_by"][:8]]
+            for e in record["ledger"]
+        ]
+        summary = markdown_table(["source", "read", "valid", "quarantined", "read by run"], rows)
+        if record["files_read"] < len(record["ledger"]):
+            summary += (
+                f"\n\nThis run read {record['files_read']} of {len(record['ledger'])} files; the others are the same "
+                "objects, ingested the same way by the runs named, and their parts were copied."
+            )
         if refused:
             summary += "\n\n**Refused files**\n" + "\n".join(refused)
         for entry in record["ledger"]:
@@ -252,6 +260,7 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
                     summary,
                 ),
                 "files": len(record["ledger"]),
+                "files_read": record["files_read"],
                 "files_refused": record["files_refused"],
             },
             check_results=[

@@ -6,8 +6,12 @@ quarantine part, return a small ledger entry. No data passes through the client.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 from collections.abc import Callable
-from dataclasses import asdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -17,12 +21,15 @@ from distributed import Client
 
 from aifactory_assets.catalog import Dataset
 from aifactory_assets.landing import UnreadableFile, read_landed
+from aifactory_assets.manifest import CODE_FINGERPRINT, LIBRARY_VERSIONS
 from aifactory_assets.parquet_io import read_bytes, write_parquet
-from aifactory_assets.publish import generation_prefix, publish
+from aifactory_assets.publish import current, generation_prefix, publish
 from aifactory_assets.quarantine import quarantine_rows
 from aifactory_assets.schema import ROW, SOURCE, arrow_schema, coerce_frame
 from aifactory_assets.tasks import run_tasks
 from resources.object_store import ObjectInfo, ObjectStore
+
+COPY_THREADS = 16  # parts copied at once from the generation before: requests to the store, not CPU work
 
 
 def landing_prefix(dataset: Dataset) -> str:
@@ -102,29 +109,89 @@ def ingest_file(
     return entry
 
 
+def ingest_fingerprint(dataset: Dataset) -> str:
+    """What makes a landed file's raw and quarantine parts, besides the file: the dataset's source and
+    schema (not their descriptions), the code and the libraries."""
+    config = {
+        "code": CODE_FINGERPRINT,
+        "libraries": LIBRARY_VERSIONS,
+        "source": dataset.source.model_dump(mode="json"),
+        "schema": dataset.table.model_dump(mode="json", exclude={"columns": {"__all__": {"description"}}}),
+    }
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class IngestedFile:
+    """A landed file as the current raw generation ingested it: its ledger entry and parts."""
+
+    entry: dict[str, Any]
+    raw_part: str | None  # None: the file was refused
+    quarantine_part: str
+
+
+def ingested_files(previous: dict[str, Any] | None, fingerprint: str) -> dict[str, IngestedFile]:
+    """By landed object fingerprint, the files the current raw generation ingested as this run would (the
+    same ingest fingerprint): their parts can be copied rather than read, parsed and typed again."""
+    if not previous or previous.get("ingest_fingerprint") != fingerprint:
+        return {}
+    raw_parts = dict(zip(previous["part_sources"], previous["parts"], strict=True))
+    return {
+        ObjectInfo(**entry["object"]).fingerprint(): IngestedFile(
+            entry, raw_parts.get(entry["source"]), f"{previous['quarantine']}/part-{i:05d}.parquet"
+        )
+        for i, entry in enumerate(previous["ledger"])
+    }
+
+
+def copy_ingested(store: ObjectStore, done: IngestedFile, raw_part: str, quarantine_part: str) -> dict[str, Any]:
+    """The file's parts copied into this run's generations; its ledger entry names the run that read it."""
+    if done.raw_part is not None:
+        store.copy(done.raw_part, raw_part)
+    store.copy(done.quarantine_part, quarantine_part)
+    return done.entry
+
+
 def ingest_dataset(
     store: ObjectStore, client: Client, dataset: Dataset, run_id: str, is_finished: Callable[[str], bool]
 ) -> dict[str, Any]:
-    """Ingest every landed file of `dataset` in parallel and publish the raw and quarantine generations."""
+    """Ingest the landed files of `dataset` in parallel and publish the raw and quarantine generations. A
+    file the current generation ingested the same way (same object, same ingest fingerprint) is copied
+    from it: a drop of one new file reads one file, not the dataset's history."""
     objects = landed_objects(store, dataset)
     if not objects:
         raise FileNotFoundError(f"no files match {dataset.source.landing!r} under {store.url(landing_prefix(dataset))}")
     raw_gen = generation_prefix(f"raw/{dataset.name}", run_id)
     q_gen = generation_prefix(f"quarantine/{dataset.name}/raw", run_id)
-    ledger = run_tasks(
+    raw_parts = [f"{raw_gen}/part-{i:05d}.parquet" for i in range(len(objects))]
+    q_parts = [f"{q_gen}/part-{i:05d}.parquet" for i in range(len(objects))]
+    fingerprint = ingest_fingerprint(dataset)
+    done = ingested_files(current(store, f"raw/{dataset.name}"), fingerprint)
+    ledger: list[dict[str, Any] | None] = [None] * len(objects)
+    with ThreadPoolExecutor(COPY_THREADS) as pool:
+        copies = {
+            i: pool.submit(copy_ingested, store, done[obj.fingerprint()], raw_parts[i], q_parts[i])
+            for i, obj in enumerate(objects)
+            if obj.fingerprint() in done
+        }
+    for i, copied in copies.items():
+        with contextlib.suppress(FileNotFoundError):  # gone meanwhile (another deployment's publish): read again
+            ledger[i] = copied.result()
+    fresh = [i for i, entry in enumerate(ledger) if entry is None]
+    read = run_tasks(
         client,
         ingest_file,
-        [store.url(obj.key) for obj in objects],
-        [obj.key for obj in objects],
-        [store.url(f"{raw_gen}/part-{i:05d}.parquet") for i in range(len(objects))],
-        [store.url(f"{q_gen}/part-{i:05d}.parquet") for i in range(len(objects))],
+        [store.url(objects[i].key) for i in fresh],
+        [objects[i].key for i in fresh],
+        [store.url(raw_parts[i]) for i in fresh],
+        [store.url(q_parts[i]) for i in fresh],
         dataset=dataset,
         storage_options=store.storage_options,
         run_id=run_id,
     )
-    for entry, obj in zip(ledger, objects, strict=True):
-        entry["object"] = asdict(obj)
-    read = [(f"{raw_gen}/part-{i:05d}.parquet", e["source"]) for i, e in enumerate(ledger) if "file_error" not in e]
+    for i, entry in zip(fresh, read, strict=True):
+        ledger[i] = {**entry, "object": asdict(objects[i]), "ingested_by": run_id}
+    parts = [(raw_parts[i], e["source"]) for i, e in enumerate(ledger) if "file_error" not in e]
     totals = {k: sum(e[k] for e in ledger) for k in ("rows_read", "rows_valid", "rows_quarantined")}
     # The record first, then the quarantine pointer, whose publish deletes the older quarantine: a step that
     # dies between the two leaves a record whose quarantine still exists (as validation does).
@@ -133,9 +200,11 @@ def ingest_dataset(
         f"raw/{dataset.name}",
         run_id,
         {
-            "parts": [part for part, _ in read],
-            "part_sources": [source for _, source in read],
+            "parts": [part for part, _ in parts],
+            "part_sources": [source for _, source in parts],
             "ledger": ledger,
+            "ingest_fingerprint": fingerprint,
+            "files_read": len(fresh),
             **totals,
             "files_refused": sum("file_error" in e for e in ledger),
             "quarantine": q_gen,
@@ -146,7 +215,7 @@ def ingest_dataset(
         store,
         f"quarantine/{dataset.name}/raw",
         run_id,
-        {"parts": [f"{q_gen}/part-{i:05d}.parquet" for i in range(len(objects))], "rows": totals["rows_quarantined"]},
+        {"parts": q_parts, "rows": totals["rows_quarantined"]},
         is_finished,
     )
     return record

@@ -13,6 +13,8 @@ import json
 import math
 import os
 import random
+import shutil
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -183,13 +185,24 @@ class ObjectStore(dg.ConfigurableResource):
     def write_bytes(self, key: str, data: bytes) -> None:
         """Write one object whole: an S3 PUT is atomic, and a local write goes through a rename."""
         if self.protocol == "file":
-            target = Path(self.path(key))
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-            tmp.write_bytes(data)
-            tmp.replace(target)
+            self._write_locally(key, lambda tmp: tmp.write_bytes(data))
         else:
             self.fs.pipe_file(self.path(key), data)
+
+    def copy(self, source: str, target: str) -> None:
+        """One object to another key, whole: on S3 by the server (no bytes through this process), locally
+        through a rename. Never a hard link: a later write to either key would change both."""
+        if self.protocol == "file":
+            self._write_locally(target, lambda tmp: shutil.copyfile(self.path(source), tmp))
+        else:
+            self.fs.copy(self.path(source), self.path(target))
+
+    def _write_locally(self, key: str, write: Callable[[Path], Any]) -> None:
+        target = Path(self.path(key))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+        write(tmp)
+        tmp.replace(target)
 
     def read_json(self, key: str) -> Any:
         return json.loads(self.read_bytes(key))

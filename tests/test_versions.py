@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import io
 import json
+import os
 from pathlib import Path
 
 import dagster as dg
@@ -29,7 +30,7 @@ from aifactory_assets.manifest import (
 from aifactory_assets.publish import current
 from aifactory_assets.staging import staging_prefix
 from resources import DaskCluster, ObjectStore
-from tests.conftest import every_run_over, local_stores, pipeline_resources
+from tests.conftest import every_run_over, local_stores, pipeline_resources, s3_stores
 
 DATASET = "seattle_weather"
 
@@ -449,3 +450,63 @@ def test_what_runs_that_are_over_left_unfinished_is_removed(setup) -> None:
 @dg.asset
 def nothing() -> None:
     """A run to finish."""
+
+
+def raw_tables(store: ObjectStore) -> dict[str, pd.DataFrame]:
+    """The current raw generation's rows, by landed file: what validation and the shards read."""
+    raw = current(store, f"raw/{DATASET}")
+    return {
+        s: pd.read_parquet(store.url(p), storage_options=store.storage_options)
+        for s, p in zip(raw["part_sources"], raw["parts"], strict=True)
+    }
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_raw_reads_only_the_files_its_current_generation_did_not_ingest_the_same_way(
+    catalog: Catalog, tmp_path: Path, dask: DaskCluster, where: str, request: pytest.FixtureRequest
+) -> None:
+    """A daily drop reads one new file, not the dataset's history; what it copies is what a fresh run would
+    write; a change to how files are read (the schema, not a description) reads them all again."""
+    dataset = catalog.datasets[DATASET]
+    small = catalog.model_copy(update={"datasets": {DATASET: dataset}})
+    stores = (
+        local_stores(small, tmp_path) if where == "local" else s3_stores(small, request.getfixturevalue("s3_endpoint"))
+    )
+    store = stores[dataset.site]
+    land_demo_data(small, stores)
+    land_more(store, 2016, "bad")  # a second file, ...
+    store.write_bytes(f"landing/{DATASET}/bad.parquet", b"date,wind\n2016-01-01,3\n")  # ... refused: no Parquet
+    first = run(small, stores, dask, stages=("raw",))
+    assert first.success and current(store, f"raw/{DATASET}")["files_read"] == 2
+
+    land_more(store, 2016)
+    second = run(small, stores, dask, stages=("raw",))
+    raw = current(store, f"raw/{DATASET}")
+    assert second.success and raw["files_read"] == 1
+    by = {e["source"].rsplit("/", 1)[-1]: e["ingested_by"] for e in raw["ledger"]}
+    assert by == {"seattle_weather.parquet": first.run_id, "bad.parquet": first.run_id, "extra.parquet": second.run_id}
+    refused = next(e for e in raw["ledger"] if "file_error" in e)
+    assert refused["source"].endswith("bad.parquet") and "not a readable Parquet file" in refused["file_error"]
+    quarantined = pd.concat(
+        pd.read_parquet(store.url(p), storage_options=store.storage_options)
+        for p in current(store, f"quarantine/{DATASET}/raw")["parts"]
+    )
+    assert quarantined["_source"].str.endswith("bad.parquet").sum() == 1  # its refusal, copied too
+    copied = raw_tables(store)
+
+    fresh_stores = local_stores(small, tmp_path / "fresh")
+    for key in store.fs.find(store.path(f"landing/{DATASET}")):
+        fresh_stores[dataset.site].write_bytes(store.key_of(key), store.fs.cat_file(key))
+        mtime = store.info(store.key_of(key)).mtime
+        os.utime(fresh_stores[dataset.site].path(store.key_of(key)), (mtime, mtime))  # the same listing order
+    assert run(small, fresh_stores, dask, stages=("raw",)).success
+    fresh = raw_tables(fresh_stores[dataset.site])
+    assert list(fresh) == list(copied) and all(fresh[s].equals(copied[s]) for s in fresh)
+
+    described = dataset.model_copy(update={"description": "edited"})
+    assert run(small.model_copy(update={"datasets": {DATASET: described}}), stores, dask, stages=("raw",)).success
+    assert current(store, f"raw/{DATASET}")["files_read"] == 0  # housekeeping changes how nothing is read
+    columns = [c.model_copy(update={"nullable": True}) if c.name == "wind" else c for c in dataset.table.columns]
+    retyped = dataset.model_copy(update={"table": dataset.table.model_copy(update={"columns": columns})})
+    assert run(small.model_copy(update={"datasets": {DATASET: retyped}}), stores, dask, stages=("raw",)).success
+    assert current(store, f"raw/{DATASET}")["files_read"] == 3
