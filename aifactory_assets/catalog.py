@@ -21,6 +21,7 @@ import dagster as dg
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+PANDAS_FORMATS = ("ISO8601", "mixed")  # what pandas.to_datetime (ingest's parser) takes besides strptime formats
 ColumnType = Literal["string", "int32", "int64", "float32", "float64", "bool", "date", "timestamp"]
 IDENTIFIER = r"^[a-z][a-z0-9_]*$"
 
@@ -183,6 +184,8 @@ ROW_ARGUMENTS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     ),
 }
 ARGUMENTS = OWN_ARGUMENTS | ROW_ARGUMENTS
+# Taken by every expectation GX judges, beside its own (result_format aside: aifactory sets it).
+GX_SHARED_ARGUMENTS = frozenset({"catch_exceptions"})
 
 
 class CatalogError(ValueError):
@@ -260,7 +263,7 @@ class Column(_Model):
     @classmethod
     def _format_parses(cls, value: str | None) -> str | None:
         """A format the readers refuse would otherwise refuse every landed file, as if the data were bad."""
-        if value is None:
+        if value is None or value in PANDAS_FORMATS:
             return value
         if "%" not in value:
             raise ValueError(f"{value!r} has no strptime directive (%Y, %m, %d, ...)")
@@ -518,7 +521,7 @@ def load_suite(path: Path, dataset: Dataset, dataset_file: Path) -> dict[str, An
         if unknown:
             raise CatalogError(path, f"{where}.kwargs", f"column(s) {unknown} are not in the dataset's schema")
         check_types(path, where, exp["type"], kwargs, {c.name: c.type for c in dataset.table.columns})
-        check_can_pass_and_fail(path, where, exp["type"], kwargs, dataset.table.names)
+        check_can_pass_and_fail(path, where, exp["type"], kwargs, {c.name: c.type for c in dataset.table.columns})
         meta = exp.get("meta") or {}
         if not isinstance(meta, dict):
             raise CatalogError(path, f"{where}.meta", "must be a mapping")
@@ -535,7 +538,12 @@ def check_arguments(path: Path, where: str, kind: str, kwargs: dict[str, Any]) -
     conditions = [k for k in ("row_condition", "condition_parser") if k in kwargs]
     if conditions:
         raise CatalogError(path, f"{field}.{conditions[0]}", "row conditions are not supported in distributed runs")
+    if "result_format" in kwargs:
+        raise CatalogError(
+            path, f"{field}.result_format", "set by aifactory (COMPLETE: the quarantine needs every failing row)"
+        )
     required, optional = ARGUMENTS[kind]
+    optional |= GX_SHARED_ARGUMENTS if kind in ROW_ARGUMENTS else frozenset()
     takes = sorted(required | optional)
     if extra := sorted(kwargs.keys() - required - optional):
         meant = difflib.get_close_matches(extra[0], takes, n=1)
@@ -628,29 +636,40 @@ def judge_columns(kind: str, kwargs: dict[str, Any], columns: list[str]) -> tupl
     return len(columns) == kwargs["value"], len(columns)  # expect_table_column_count_to_equal
 
 
-def check_can_pass_and_fail(path: Path, where: str, kind: str, kwargs: dict[str, Any], columns: list[str]) -> None:
+def check_can_pass_and_fail(path: Path, where: str, kind: str, kwargs: dict[str, Any], types: dict[str, str]) -> None:
     """An expectation that cannot fail checks nothing, and one that cannot pass fails every run."""
     field = f"{where}.kwargs"
     if "min_value" in ARGUMENTS[kind][1]:  # bounds, all optional
         low, high = kwargs.get("min_value"), kwargs.get("max_value")
         if low is None and high is None:
             raise CatalogError(path, field, f"{kind} with neither min_value nor max_value cannot fail")
+        dates = types.get(kwargs.get("column")) in ("date", "timestamp")  # lengths judge text only
+        strict = kwargs.get("strict_min") is True or kwargs.get("strict_max") is True
         try:
-            crossed = low is not None and high is not None and _as_bound(low) > _as_bound(high)
-        except TypeError:  # a number against text: the type checks (ours or GX's) name it
+            low, high = (_as_instant(v) if dates else v for v in (low, high))
+            crossed = low is not None and high is not None and (low > high or (low == high and strict))
+        except (TypeError, ValueError):  # a number against text, text that is no date: the type checks name it
             crossed = False
         if crossed:
-            raise CatalogError(path, f"{field}.min_value", f"{low!r} is above max_value {high!r}: it can never pass")
-    if kind in COLUMN_EXPECTATIONS and not judge_columns(kind, kwargs, columns)[0]:
-        raise CatalogError(path, field, f"the schema gives every version the columns {columns}, so it can never pass")
+            raise CatalogError(
+                path,
+                f"{field}.min_value",
+                f"{kwargs['min_value']!r} against max_value {kwargs['max_value']!r}"
+                f"{' (strict)' if strict else ''}: it can never pass",
+            )
+    if kind in COLUMN_EXPECTATIONS and not judge_columns(kind, kwargs, list(types))[0]:
+        raise CatalogError(
+            path, field, f"the schema gives every version the columns {list(types)}, so it can never pass"
+        )
 
 
-def _as_bound(value: Any) -> Any:
-    """Dates and timestamps, written as ISO 8601 text, compared as instants (in UTC where a zone is given)."""
-    if isinstance(value, str) and _is_iso_datetime(value):
-        instant = dt.datetime.fromisoformat(value)
-        return instant.astimezone(dt.UTC).replace(tzinfo=None) if instant.tzinfo else instant
-    return value
+def _as_instant(value: Any) -> Any:
+    """A date column's bounds, written as ISO 8601 text, compared as instants (in UTC where a zone is given),
+    as the column's values are; other columns' bounds compare as written (text as text)."""
+    if value is None:
+        return None
+    instant = dt.datetime.fromisoformat(value)
+    return instant.astimezone(dt.UTC).replace(tzinfo=None) if instant.tzinfo else instant
 
 
 def _is_iso_datetime(text: str) -> bool:
@@ -701,6 +720,6 @@ def load_dataset(path: Path, root: Path, sites: dict[str, Site]) -> tuple[Datase
             raise CatalogError(path, f"residency.{i}", f"unknown site {other!r}")
     if dataset.residency and dataset.site not in dataset.residency:
         raise CatalogError(path, "residency", f"must include the dataset's home site {dataset.site!r}")
-    if not (root / dataset.suite).resolve().is_relative_to(root.resolve()):
+    if Path(dataset.suite).is_absolute() or os.path.normpath(dataset.suite).startswith(".."):
         raise CatalogError(path, "suite", f"{dataset.suite!r} must be a path within the catalogue root {root}")
     return dataset, load_suite(root / dataset.suite, dataset, path)

@@ -125,24 +125,28 @@ def run_finished(instance: dg.DagsterInstance, run_id: str) -> bool:
     return run is not None and run.is_finished
 
 
+def revalidation_needed(suite: dict[str, Any], raw_record: dict[str, Any], valid_record: dict[str, Any]) -> str | None:
+    """Why the validated record cannot serve the shards as it is, if it cannot: validated must run again."""
+    if "excluded" not in valid_record:
+        return (
+            "validated was published by an earlier release (a copy of the rows, no delete files): "
+            "materialise validated first"
+        )
+    if stale := stale_validation(valid_record, raw_record):
+        return stale
+    if valid_record.get("suite_fingerprint") != suite_fingerprint(suite):
+        return f"validated was judged by another version of suite {suite['name']!r}: materialise validated first"
+    return None
+
+
 def require_shardable(
     dataset: Dataset, suite: dict[str, Any], raw_record: dict[str, Any], valid_record: dict[str, Any]
 ) -> None:
     """A run may materialise the shards alone, so they check what the validated step decided: a failed
     validation still publishes (its report and quarantine are what a person needs), validated may lag
     behind a newer raw generation or an edited suite, and a version of no rows would replace the latest."""
-    if "excluded" not in valid_record:
-        raise dg.Failure(
-            f"{dataset.name}: validated was published by an earlier release (a copy of the rows, no delete files): "
-            "materialise validated first"
-        )
-    if stale := stale_validation(valid_record, raw_record):
-        raise dg.Failure(f"{dataset.name}: {stale}")
-    if valid_record.get("suite_fingerprint") != suite_fingerprint(suite):
-        raise dg.Failure(
-            f"{dataset.name}: validated was judged by another version of suite {suite['name']!r}: "
-            "materialise validated first"
-        )
+    if again := revalidation_needed(suite, raw_record, valid_record):
+        raise dg.Failure(f"{dataset.name}: {again}")
     if raw_record["rows_read"] == 0:
         raise dg.Failure(
             f"{dataset.name}: no rows read ({raw_record['files_refused']} of {len(raw_record['ledger'])} landed "

@@ -376,14 +376,20 @@ def sha256_of(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()  # streamed, GIL released
 
 
+def is_manifest(uri: str) -> bool:
+    """A version's manifest (`manifest.json`, or a copy renamed), not a pointer or a folder."""
+    return uri.endswith(".json")
+
+
 def resolve_manifest(uri: str, storage_options: dict[str, Any] | None = None) -> str:
     """The manifest a dataset's `_latest` pointer names now, for `uri` that pointer or the dataset's folder
     (`.../shards/<dataset>`); a manifest's own URI comes back as it is. Resolve once and give every rank and
     data-loader worker the URI it returns: each resolving `_latest` itself could read a version committed
     meanwhile, and ranks on different versions hang."""
-    if posixpath.basename(uri.rstrip("/")) == MANIFEST:
+    uri = uri.rstrip("/")
+    if is_manifest(uri):
         return uri
-    pointer = uri if posixpath.basename(uri.rstrip("/")) == LATEST else f"{uri.rstrip('/')}/{LATEST}"
+    pointer = uri if posixpath.basename(uri) == LATEST else f"{uri}/{LATEST}"
     fs, path = fsspec.core.url_to_fs(pointer, **(storage_options or {}))
     try:
         named = json.loads(fs.cat_file(path))["manifest"]
@@ -438,7 +444,7 @@ class ShardReader:
             raise ValueError(f"remainder {remainder!r}: one of {get_args(Remainder)}, or None for the manifest's")
         if verify not in (True, False, "pages"):  # a string from a config file would turn checks off unseen
             raise ValueError(f"verify {verify!r}: True, False or 'pages'")
-        if posixpath.basename(manifest.rstrip("/")) != MANIFEST:
+        if not is_manifest(manifest):
             raise ValueError(
                 f"{manifest} is not a version's {MANIFEST}: resolve_manifest() gives the one `_latest` names now; "
                 "resolve it once and give every rank and worker that URI"

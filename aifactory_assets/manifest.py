@@ -224,6 +224,12 @@ def latest_history(store: ObjectStore, dataset: Dataset) -> list[str]:
     return store.read_json(pointer).get("history", []) if store.exists(pointer) else []
 
 
+def latest_version(store: ObjectStore, dataset: Dataset) -> str | None:
+    """The version `_latest` names; None before the first commit."""
+    pointer = f"{dataset_prefix(dataset)}/{LATEST}"
+    return store.read_json(pointer)["version"] if store.exists(pointer) else None
+
+
 def committed_versions(store: ObjectStore, dataset: Dataset) -> list[tuple[str, str]]:
     """(created_at, version) of every version with a manifest, oldest first."""
     found = store.list_objects(dataset_prefix(dataset), f"v=*/{MANIFEST}")

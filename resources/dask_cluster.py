@@ -105,12 +105,15 @@ MIN_WORKER_MEMORY = 2**30
 
 
 def runs_at_once(instance: dg.DagsterInstance | None) -> int | None:
-    """How many runs the instance starts at once (its run queue's `max_concurrent_runs`): 1 where it starts
-    runs in the caller's process only, None where it sets no limit."""
-    queue = instance.get_concurrency_config().run_queue_config if instance is not None else None
-    if queue is None:
+    """How many runs the instance starts at once: its run queue's `max_concurrent_runs`; 1 for an ephemeral
+    instance (runs in the caller's process, one at a time); None where nothing limits them (-1, or a run
+    coordinator without a queue, which launches every run as it comes)."""
+    if instance is None or instance.is_ephemeral:
         return 1
-    return max(queue.max_concurrent_runs, 1) if queue.max_concurrent_runs >= 0 else None
+    queue = instance.get_concurrency_config().run_queue_config
+    if queue is None or queue.max_concurrent_runs < 0:
+        return None
+    return max(queue.max_concurrent_runs, 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +144,7 @@ def size_local_workers(
     shared_by = (
         f"shared by the {runs} run(s) the instance starts at once"
         if runs
-        else "(the instance starts any number of runs at once)"
+        else "(nothing limits the runs the instance starts at once)"
     )
     why = f"this host's {format_bytes(host)} {shared_by}"
     if count < cores and not n_workers:
@@ -194,17 +197,19 @@ class DaskCluster(dg.ConfigurableResource):
                     security=Security.temporary(),
                 )
                 self._client = prepare_workers(Client(self._cluster))
-                each = next(iter(self._cluster.workers.values())).memory_manager.memory_limit
+                each = next(iter(self._cluster.workers.values())).memory_manager.memory_limit  # None: no limit
                 said = (
                     f"Dask: {workers.count} local worker(s) x {self.threads_per_worker} thread(s), "
-                    f"{format_bytes(each)} each ({workers.why}); dashboard {self._client.dashboard_link}"
+                    f"{format_bytes(each) if each else 'no memory limit'} each ({workers.why}); "
+                    f"dashboard {self._client.dashboard_link}"
                 )
                 if workers.enough:
                     self._log.info(said)
                 else:
+                    fewer = "fewer workers (AIFACTORY_DASK_WORKERS), " if self.n_workers else ""
                     self._log.warning(
-                        f"{said}. Under the {format_bytes(MIN_WORKER_MEMORY)} a worker needs: lower the instance's "
-                        "max_concurrent_runs or set AIFACTORY_DASK_MEMORY_LIMIT"
+                        f"{said}. Under the {format_bytes(MIN_WORKER_MEMORY)} a worker needs: {fewer}a lower "
+                        "max_concurrent_runs for the instance, or AIFACTORY_DASK_MEMORY_LIMIT"
                     )
         return self._client
 

@@ -12,9 +12,16 @@ from __future__ import annotations
 import dagster as dg
 
 from aifactory_assets.catalog import Catalog, Dataset
-from aifactory_assets.factory import dataset_selection, materialisable_keys, naming_refusals, store_key
-from aifactory_assets.ingest import landed_objects, landing_prefix
-from aifactory_assets.manifest import latest_history, version_for
+from aifactory_assets.factory import (
+    dataset_selection,
+    materialisable_keys,
+    naming_refusals,
+    require_shardable,
+    revalidation_needed,
+    store_key,
+)
+from aifactory_assets.ingest import ingest_fingerprint, landed_objects, landing_prefix
+from aifactory_assets.manifest import latest_version, version_for
 from aifactory_assets.publish import current
 from resources.object_store import ObjectStore
 from schedules.landing_sensor import ingested_listing, listing_digest
@@ -29,11 +36,29 @@ def needs_run(store: ObjectStore, dataset: Dataset, suite: dict) -> tuple[bool, 
         return False, f"{dataset.name}: nothing landed under {store.url(landing_prefix(dataset))}"
     if listing_digest(landed) != ingested_listing(store, dataset):
         return True, f"{dataset.name}: landed files that the current raw generation did not ingest"
-    latest = (latest_history(store, dataset) or [None])[-1]
-    wanted = version_for(dataset, suite, current(store, f"raw/{dataset.name}") or {})
-    if wanted != latest:
-        return True, f"{dataset.name}: its catalogue entry, suite and release give version {wanted}; latest is {latest}"
-    return False, f"{dataset.name}: up to date (version {latest})"
+    latest, raw = latest_version(store, dataset), current(store, f"raw/{dataset.name}") or {}
+    wanted = version_for(dataset, suite, raw)
+    if wanted == latest:
+        return False, f"{dataset.name}: up to date (version {latest})"
+    if failed := verdict_stands(store, dataset, suite, raw):
+        return False, f"{dataset.name}: version {wanted} failed on these files and this suite and release ({failed})"
+    return True, f"{dataset.name}: its catalogue entry, suite and release give version {wanted}; latest is {latest}"
+
+
+def verdict_stands(store: ObjectStore, dataset: Dataset, suite: dict, raw: dict) -> str | None:
+    """Why the shards refused the current raw and validated records, where a run would decide the same:
+    both made by this release (ingest fingerprint) from these files and this suite. A dataset failing its
+    suite is skipped until something changes, rather than read whole again each night to fail again."""
+    valid = current(store, f"validated/{dataset.name}")
+    if valid is None or raw.get("ingest_fingerprint") != ingest_fingerprint(dataset):
+        return None
+    if revalidation_needed(suite, raw, valid):
+        return None
+    try:
+        require_shardable(dataset, suite, raw, valid)
+    except dg.Failure as failure:
+        return failure.description
+    return None
 
 
 def nightly_schedule(catalog: Catalog, site: str) -> dg.ScheduleDefinition:

@@ -13,7 +13,7 @@ from aifactory_assets.definitions import build_definitions
 from aifactory_assets.demo import land_demo_data
 from aifactory_assets.factory import asset_key, build_catalog_assets, materialisable_keys, store_key
 from aifactory_assets.ingest import is_landed_data
-from aifactory_assets.manifest import latest_history
+from aifactory_assets.manifest import latest_version
 from resources import DaskCluster, ObjectStore
 from schedules import NIGHTLY_CRON, landing_sensor, nightly_schedules
 from tests.conftest import evaluate, local_stores, materialize_all, pipeline_resources
@@ -159,7 +159,7 @@ def test_nightly_runs_only_what_a_run_would_change(catalog: Catalog, tmp_path, d
 
     assert materialize_all(catalog, stores, dask, selection=requests[0].asset_selection).success
     requests, skipped = tick(nightly, store)
-    version = latest_history(store, dataset)[-1]
+    version = latest_version(store, dataset)
     assert requests == [] and skipped == f"palmer_penguins: up to date (version {version})"
 
     suite = catalog.suites["palmer_penguins"]
@@ -167,6 +167,16 @@ def test_nightly_runs_only_what_a_run_would_change(catalog: Catalog, tmp_path, d
     changed = catalog.model_copy(update={"suites": {**catalog.suites, "palmer_penguins": stricter}})
     requests, _ = tick({s.name: s for s in nightly_schedules(changed)}["linkoping_nightly"], store)
     assert len(requests) == 1  # the suite gives another version
+
+    impossible = {"type": "expect_table_row_count_to_be_between", "kwargs": {"min_value": 10**9}}
+    failing = catalog.model_copy(
+        update={"suites": {**catalog.suites, "palmer_penguins": {**suite, "expectations": [impossible]}}}
+    )
+    assert not materialize_all(failing, stores, dask, selection=requests[0].asset_selection).success
+    failing_nightly = {s.name: s for s in nightly_schedules(failing)}["linkoping_nightly"]
+    requests, skipped = tick(failing_nightly, store)
+    assert requests == [] and "failed on these files and this suite and release" in skipped
+    assert "critical expectation(s)" in skipped  # the shards step's own reason: nothing changed, it stands
 
     store.write_bytes("landing/palmer_penguins/late.csv", b"record_id,species\n9001,Adelie\n")
     requests, _ = tick(nightly, store)

@@ -274,7 +274,20 @@ def test_suite_that_does_not_parse(tmp_catalog: Path) -> None:
                 "kwargs": {"column": "year", "min_value": 2009, "max_value": 2007},
             },
             "expectations.0.kwargs.min_value",
-            "2009 is above max_value 2007: it can never pass",
+            "2009 against max_value 2007: it can never pass",
+        ),
+        (
+            {
+                "type": "expect_table_row_count_to_be_between",
+                "kwargs": {"min_value": 5, "max_value": 5, "strict_min": True},
+            },
+            "expectations.0.kwargs.min_value",
+            "5 against max_value 5 (strict): it can never pass",
+        ),
+        (
+            {"type": "expect_column_values_to_not_be_null", "kwargs": {"column": "year", "result_format": "BASIC"}},
+            "expectations.0.kwargs.result_format",
+            "the quarantine needs every failing row",
         ),
         (
             {"type": "expect_table_columns_to_match_set", "kwargs": {"column_set": ["species", "wingspan"]}},
@@ -378,3 +391,32 @@ def test_row_expectations_take_the_arguments_gx_takes() -> None:
         fields = get_expectation_impl(kind).__fields__
         assert {n for n, f in fields.items() if f.required} - common == required, kind
         assert {n for n, f in fields.items() if not f.required} - common == optional, kind
+
+
+def test_suites_that_loaded_before_still_load(tmp_catalog: Path) -> None:
+    """GX's shared catch_exceptions; ISO-looking text bounds of a text column, compared as text (as the
+    run compares them); pandas' ISO8601 format keyword; a suite reached through a link."""
+    suite = tmp_catalog / "suites" / "seattle_weather.json"
+    expectations = [
+        {"type": "expect_column_values_to_not_be_null", "kwargs": {"column": "wind", "catch_exceptions": True}},
+        {
+            "type": "expect_column_min_to_be_between",
+            "kwargs": {
+                "column": "weather",
+                "min_value": "2024-12-01T00:00:00+00:00",
+                "max_value": "2024-12-01T01:00:00+05:00",
+            },
+        },
+    ]
+    shared = tmp_catalog.parent / "shared-suites"
+    shared.mkdir()
+    (shared / "weather.json").write_text(json.dumps({"name": "seattle_weather", "expectations": expectations}))
+    suite.unlink()
+    suite.symlink_to(shared / "weather.json")
+    dataset = tmp_catalog / "datasets" / "seattle_weather.yaml"
+    edit_yaml(
+        dataset, lambda d: next(c for c in d["schema"]["columns"] if c["name"] == "date").update(format="ISO8601")
+    )
+    loaded = load_catalog(tmp_catalog)
+    assert loaded.suites["seattle_weather"]["expectations"] == expectations
+    assert next(c for c in loaded.datasets["seattle_weather"].table.columns if c.name == "date").format == "ISO8601"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -17,7 +18,7 @@ from distributed.system import MEMORY_LIMIT
 
 from aifactory_assets.tasks import run_tasks
 from resources import DaskCluster, dask_cluster_from_env
-from resources.dask_cluster import size_local_workers
+from resources.dask_cluster import runs_at_once, size_local_workers
 
 
 def worker_pids(client: Client) -> set[int]:
@@ -161,7 +162,7 @@ def test_auto_shares_the_hosts_memory_among_the_runs_the_instance_starts_at_once
     each = MEMORY_LIMIT // shared_by // 2
     assert result.asset_materializations_for_node("probe")[0].metadata["limits"].value == [each, each]
     assert len(said) == 1 and f"2 local worker(s) x 1 thread(s), {format_bytes(each)} each" in said[0]
-    assert ("any number of runs" in said[0]) == (runs == -1)
+    assert ("nothing limits the runs" in said[0]) == (runs == -1)
     assert "dashboard http://127.0.0.1:" in said[0]
 
 
@@ -197,3 +198,28 @@ def test_the_environment_sizes_the_runs_own_cluster(monkeypatch: pytest.MonkeyPa
             dask_cluster_from_env()
     monkeypatch.delenv("AIFACTORY_DASK_WORKERS")
     assert dask_cluster_from_env().n_workers is None  # one per core, as memory allows
+
+
+def test_runs_at_once_follows_the_instances_run_coordinator() -> None:
+    assert runs_at_once(dg.DagsterInstance.ephemeral()) == 1  # in the caller's process, one at a time
+    default = {"module": "dagster._core.run_coordinator", "class": "DefaultRunCoordinator"}
+    with dg.instance_for_test(overrides={"run_coordinator": default}) as instance:
+        assert runs_at_once(instance) is None  # every run launched as it comes
+    for limit, runs in ((0, 1), (4, 4), (-1, None)):
+        with dg.instance_for_test(overrides={"concurrency": {"runs": {"max_concurrent_runs": limit}}}) as instance:
+            assert runs_at_once(instance) == runs
+
+
+def test_no_memory_limit_is_said_as_such() -> None:
+    """Dask reads a limit of 0 as none at all: the log says so rather than fail on it."""
+    said: list[str] = []
+    own = DaskCluster(n_workers=1, memory_limit="0")
+    own._log = logging.getLogger("test_no_memory_limit")
+    own._log.addHandler(logging.Handler())
+    own._log.handlers[0].emit = lambda record: said.append(record.getMessage())
+    own._log.setLevel(logging.INFO)
+    try:
+        assert run_tasks(own.get_client(), pow, [3], exp=2) == [9]
+        assert "1 local worker(s) x 1 thread(s), no memory limit each (set by memory_limit)" in said[0]
+    finally:
+        own.close()

@@ -119,7 +119,7 @@ def test_a_training_job_finds_the_latest_version_once(
     itself refuses it: ranks and workers each resolving it could read different versions."""
     url, options = (manifest_url, {}) if where == "local" else s3_manifest
     folder = url.rsplit("/v=", 1)[0]
-    for given in (folder, f"{folder}/", f"{folder}/_latest", url):
+    for given in (folder, f"{folder}/", f"{folder}/_latest", f"{folder}/_latest/", url):
         assert resolve_manifest(given, options) == url
     with pytest.raises(ValueError, match="resolve_manifest"):
         ShardReader(f"{folder}/_latest", "train", storage_options=options)
