@@ -720,6 +720,6 @@ def load_dataset(path: Path, root: Path, sites: dict[str, Site]) -> tuple[Datase
             raise CatalogError(path, f"residency.{i}", f"unknown site {other!r}")
     if dataset.residency and dataset.site not in dataset.residency:
         raise CatalogError(path, "residency", f"must include the dataset's home site {dataset.site!r}")
-    if Path(dataset.suite).is_absolute() or os.path.normpath(dataset.suite).startswith(".."):
+    if Path(dataset.suite).is_absolute() or Path(os.path.normpath(dataset.suite)).parts[:1] == ("..",):
         raise CatalogError(path, "suite", f"{dataset.suite!r} must be a path within the catalogue root {root}")
     return dataset, load_suite(root / dataset.suite, dataset, path)

@@ -21,7 +21,7 @@ from distributed import Client
 
 from aifactory_assets.catalog import Dataset
 from aifactory_assets.landing import UnreadableFile, read_landed
-from aifactory_assets.manifest import CODE_FINGERPRINT, LIBRARY_VERSIONS
+from aifactory_assets.manifest import CODE_FINGERPRINT, LIBRARY_VERSIONS, workers_on_other_software
 from aifactory_assets.parquet_io import read_bytes, write_parquet
 from aifactory_assets.publish import current, generation_prefix, publish
 from aifactory_assets.quarantine import quarantine_rows
@@ -130,10 +130,13 @@ class IngestedFile:
     quarantine_part: str
 
 
-def ingested_files(previous: dict[str, Any] | None, fingerprint: str) -> dict[str, IngestedFile]:
+def ingested_files(previous: dict[str, Any] | None, fingerprint: str | None, run_id: str) -> dict[str, IngestedFile]:
     """By landed object fingerprint, the files the current raw generation ingested as this run would (the
-    same ingest fingerprint): their parts can be copied rather than read, parsed and typed again."""
-    if not previous or previous.get("ingest_fingerprint") != fingerprint:
+    same ingest fingerprint): their parts can be copied rather than read, parsed and typed again. Not this
+    run's own generation (a retried step): its parts would be copied onto themselves."""
+    if not previous or fingerprint is None or previous.get("ingest_fingerprint") != fingerprint:
+        return {}
+    if previous.get("run_id") == run_id:
         return {}
     raw_parts = dict(zip(previous["part_sources"], previous["parts"], strict=True))
     return {
@@ -165,8 +168,9 @@ def ingest_dataset(
     q_gen = generation_prefix(f"quarantine/{dataset.name}/raw", run_id)
     raw_parts = [f"{raw_gen}/part-{i:05d}.parquet" for i in range(len(objects))]
     q_parts = [f"{q_gen}/part-{i:05d}.parquet" for i in range(len(objects))]
-    fingerprint = ingest_fingerprint(dataset)
-    done = ingested_files(current(store, f"raw/{dataset.name}"), fingerprint)
+    # Parts written by workers on other code or libraries are not this release's: none of them are lent on.
+    fingerprint = None if workers_on_other_software(client) else ingest_fingerprint(dataset)
+    done = ingested_files(current(store, f"raw/{dataset.name}"), fingerprint, run_id)
     ledger: list[dict[str, Any] | None] = [None] * len(objects)
     with ThreadPoolExecutor(COPY_THREADS) as pool:
         copies = {

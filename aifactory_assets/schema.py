@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from aifactory_assets.catalog import Column, Dataset
+from aifactory_assets.catalog import PANDAS_FORMATS, Column, Dataset
 
 # Provenance columns added at ingest and kept through every stage.
 SOURCE, ROW = "_source", "_row"
@@ -81,7 +81,7 @@ def _wall_clock(values: pd.Series, column: Column) -> pd.Series:
     if values.map(lambda v: hasattr(v, "year")).all():
         return pd.Series([pd.Timestamp(v).tz_localize(None) for v in values], index=values.index)
     text = values.astype("str").str.strip()
-    if column.format is None:
+    if column.format in (None, *PANDAS_FORMATS):  # offsets dropped as written: mixed ones would refuse the file
         text = text.str.replace(OFFSET, r"\1", regex=True)
     elif "%z" in column.format:  # the offset read by the format, then dropped
         return pd.to_datetime(text.map(lambda t: _strptime_as_written(t, column.format)), errors="coerce")

@@ -195,7 +195,7 @@ class ObjectStore(dg.ConfigurableResource):
         if self.protocol == "file":
             self._write_locally(target, lambda tmp: shutil.copyfile(self.path(source), tmp))
         else:
-            self.fs.copy(self.path(source), self.path(target))
+            self.fs.cp_file(self.path(source), self.path(target))  # not copy(), which globs: a key may hold [ ]
 
     def _write_locally(self, key: str, write: Callable[[Path], Any]) -> None:
         target = Path(self.path(key))

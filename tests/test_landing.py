@@ -200,3 +200,13 @@ def test_a_parquet_nan_is_judged_as_in_csv_and_a_null_stays_null() -> None:
     assert reasons.iloc[0] is None and reasons.iloc[2] is None  # the null is a null (the column allows it)
     assert "amount: 'NaN' is not a valid float64" in reasons.iloc[1]
     assert typed.column("amount").to_pylist() == [1.5, None, None]
+
+
+@pytest.mark.parametrize("format", [None, "ISO8601", "mixed"])
+def test_dates_with_mixed_offsets_are_read_as_written_whatever_the_iso_format(format: str | None) -> None:
+    """pandas' ISO8601 and mixed take offsets only when every value has the same kind: dropped first, as
+    without a format, rather than refuse the whole file."""
+    values = pd.Series(["2024-01-01", "2024-01-02T00:00:00+05:00", "2024-01-03T00:00:00-03:00", "junk"])
+    _, failed, array = coerce_column(values, Column(name="day", type="date", format=format), frozenset({""}))
+    assert failed.tolist() == [False, False, False, True]
+    assert [str(d) for d in array.to_pylist()[:3]] == ["2024-01-01", "2024-01-02", "2024-01-03"]

@@ -123,6 +123,13 @@ def test_a_training_job_finds_the_latest_version_once(
         assert resolve_manifest(given, options) == url
     with pytest.raises(ValueError, match="resolve_manifest"):
         ShardReader(f"{folder}/_latest", "train", storage_options=options)
+    fs, path = fsspec.core.url_to_fs(url, **options)
+    fs.cp_file(path, path.replace("manifest.json", "manifest-kept.json"))  # a copy renamed, as a job may keep
+    renamed = url.replace("manifest.json", "manifest-kept.json")
+    assert resolve_manifest(renamed, options) == renamed
+    assert len(ShardReader(renamed, "train", storage_options=options)) == len(
+        ShardReader(url, "train", storage_options=options)
+    )
     with pytest.raises(FileNotFoundError, match="no committed version"):
         resolve_manifest(str(tmp_path / "shards" / "nothing_yet"))
 

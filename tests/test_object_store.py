@@ -134,6 +134,16 @@ def test_credentials_stay_with_their_endpoint(monkeypatch: pytest.MonkeyPatch) -
         object_store_for("bologna", "b")
 
 
+def test_copy_is_whole_and_takes_keys_as_written(store: ObjectStore) -> None:
+    """A key with glob characters names itself (fs.copy would glob it); a missing source says so."""
+    store.write_bytes("raw/x/run=a[1]/part-00000.parquet", b"PAR1 bytes")
+    store.copy("raw/x/run=a[1]/part-00000.parquet", "raw/x/run=b/part-00003.parquet")
+    assert store.read_bytes("raw/x/run=b/part-00003.parquet") == b"PAR1 bytes"
+    with pytest.raises(FileNotFoundError):
+        store.copy("raw/x/run=gone/part-00000.parquet", "raw/x/run=b/part-00004.parquet")
+    assert not store.exists("raw/x/run=b/part-00004.parquet")
+
+
 @pytest.fixture(params=["local", "moto", "seaweedfs"])
 def any_store(request: pytest.FixtureRequest, catalog: Catalog, tmp_path: Path) -> ObjectStore:
     """Conditional writes as each server enforces them: SeaweedFS as well as moto."""

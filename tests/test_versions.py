@@ -410,8 +410,10 @@ def test_workers_on_other_releases_commit_nothing(setup, monkeypatch, differs: s
     assert not result.success
     assert "Dask workers run other code or releases than this process" in failure_message(result)
     assert latest_manifest(store, dataset) is None
+    assert current(store, f"raw/{DATASET}")["ingest_fingerprint"] is None  # its parts lent to no later run
     monkeypatch.undo()
     assert run(catalog, stores, dask).success
+    assert current(store, f"raw/{DATASET}")["files_read"] == 1  # read again by this release's workers
     assert latest_manifest(store, dataset)["producer"]["libraries"] == manifest.LIBRARY_VERSIONS
 
 
@@ -503,9 +505,13 @@ def test_raw_reads_only_the_files_its_current_generation_did_not_ingest_the_same
     fresh = raw_tables(fresh_stores[dataset.site])
     assert list(fresh) == list(copied) and all(fresh[s].equals(copied[s]) for s in fresh)
 
-    described = dataset.model_copy(update={"description": "edited"})
+    ingest_dataset(store, dask.get_client(), dataset, second.run_id, every_run_over)  # the step retried
+    assert current(store, f"raw/{DATASET}")["files_read"] == 3  # its own parts are not copied onto themselves
+
+    described = [c.model_copy(update={"description": "edited"}) for c in dataset.table.columns]
+    described = dataset.model_copy(update={"table": dataset.table.model_copy(update={"columns": described})})
     assert run(small.model_copy(update={"datasets": {DATASET: described}}), stores, dask, stages=("raw",)).success
-    assert current(store, f"raw/{DATASET}")["files_read"] == 0  # housekeeping changes how nothing is read
+    assert current(store, f"raw/{DATASET}")["files_read"] == 0  # a description changes how nothing is read
     columns = [c.model_copy(update={"nullable": True}) if c.name == "wind" else c for c in dataset.table.columns]
     retyped = dataset.model_copy(update={"table": dataset.table.model_copy(update={"columns": columns})})
     assert run(small.model_copy(update={"datasets": {DATASET: retyped}}), stores, dask, stages=("raw",)).success
