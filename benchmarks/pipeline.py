@@ -7,9 +7,11 @@ One run, one seeded synthetic CSV landing (size is a parameter), one machine, in
 - Hugging Face `datasets`: load the CSV, then write it as Parquet shards;
 - aifactory: `dagster.materialize` of raw -> validated -> shards (typed, validated, deduplicated, split,
   shuffled, checksummed, manifest committed);
-- the loader (`ShardReader`, its first epoch and its second) against a raw PyArrow read of the same shards.
+- the loader (`ShardReader`, its first epoch and its second) against a raw PyArrow read of the same shards;
+- with `--another-drop`, one more landed file and the run that takes it in (raw reads that file alone).
 
     python -m benchmarks.pipeline --gb 2      # the default table
+    python -m benchmarks.pipeline --gb 2 --only-aifactory --another-drop
     python -m benchmarks.pipeline --gb 6 --memory-limit 1GB --only-aifactory --workdir .bench/pipeline6
 
 Peak RSS is sampled for this process and all its children (the Dask workers included).
@@ -40,6 +42,7 @@ from aifactory_assets.factory import asset_key, build_dataset_assets, store_key
 from aifactory_assets.loader import ShardReader
 from aifactory_assets.manifest import latest_manifest
 from aifactory_assets.parquet_io import read_parquet, write_parquet
+from aifactory_assets.publish import current
 from aifactory_assets.staging import read_sorted_rows, write_sorted
 from benchmarks import code_digest
 from benchmarks.validation import Watch
@@ -93,19 +96,23 @@ def generate(landing: Path, total_bytes: int, seed: int) -> list[Path]:
     shutil.rmtree(landing, ignore_errors=True)
     landing.mkdir(parents=True)
     for i in range(files):
-        rng = np.random.default_rng([seed, i])
-        n = rows_per_file
-        table = pa.table(
-            {
-                "id": np.arange(i * n, (i + 1) * n, dtype=np.int64),
-                "sensor": pa.array([f"station-{k:04d}" for k in rng.integers(0, 5_000, n)]),
-                **{c: np.round(rng.normal(50, 15, n), 3) for c in FLOATS},
-                "label": rng.integers(0, 10, n),
-            }
-        )
-        pacsv.write_csv(table, landing / f"part-{i:04d}.csv")
+        write_part(landing / f"part-{i:04d}.csv", i, rows_per_file, seed)
     done.touch()
     return sorted(landing.glob("*.csv"))
+
+
+def write_part(path: Path, i: int, rows: int, seed: int) -> None:
+    """The i-th landed file: `rows` records with keys of its own."""
+    rng = np.random.default_rng([seed, i])
+    table = pa.table(
+        {
+            "id": np.arange(i * rows, (i + 1) * rows, dtype=np.int64),
+            "sensor": pa.array([f"station-{k:04d}" for k in rng.integers(0, 5_000, rows)]),
+            **{c: np.round(rng.normal(50, 15, rows), 3) for c in FLOATS},
+            "label": rng.integers(0, 10, rows),
+        }
+    )
+    pacsv.write_csv(table, path)
 
 
 class NannyKills(logging.Handler):
@@ -244,6 +251,11 @@ def aifactory_pass(store: ObjectStore, dask: DaskCluster) -> dg.ExecuteInProcess
     return result
 
 
+def stage_seconds(result: dg.ExecuteInProcessResult) -> str:
+    steps = [e for e in result.all_events if e.event_type_value == "STEP_SUCCESS"]
+    return ", ".join(f"{e.step_key.split('__')[-1]} {e.event_specific_data.duration_ms / 1e3:.1f} s" for e in steps)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="benchmarks.pipeline", description=__doc__.split("\n\n")[0])
     parser.add_argument("--gb", type=float, default=2.0, help="size of the landed CSV")
@@ -252,6 +264,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--memory-limit", default="auto", help="per Dask worker, e.g. 1GiB")
     parser.add_argument("--workdir", type=Path, default=Path(".bench/pipeline"))
     parser.add_argument("--only-aifactory", action="store_true", help="skip the baselines (the memory-limit run)")
+    parser.add_argument(
+        "--another-drop",
+        action="store_true",
+        help="then land one more file and time the run it takes (incremental raw)",
+    )
     args = parser.parse_args(argv)
 
     files = generate(args.workdir / "landing", int(args.gb * 2**30), args.seed)
@@ -318,11 +335,18 @@ def main(argv: list[str] | None = None) -> None:
             f"{row.path:46} {row.seconds:8.2f} {train_rows / row.seconds / 1e6:9.2f}"
             f" {raw_read.seconds / row.seconds:10.2f}"
         )
-    steps = [e for e in runs[0].all_events if e.event_type_value == "STEP_SUCCESS"]
-    print(
-        "\naifactory by stage: "
-        + ", ".join(f"{e.step_key.split('__')[-1]} {e.event_specific_data.duration_ms / 1e3:.1f} s" for e in steps)
-    )
+    print(f"\naifactory by stage: {stage_seconds(runs[0])}")
+    if args.another_drop:  # after every other path: the cluster and the page cache as they were for them
+        extra = args.workdir / "another-drop" / f"part-{len(files):04d}.csv"
+        extra.parent.mkdir(parents=True, exist_ok=True)
+        write_part(extra, len(files), int(args.gb * 2**30) // len(files) // ROW_BYTES, args.seed)
+        store.upload(extra, f"landing/{NAME}/{extra.name}")
+        again = timed("", lambda: runs.append(aifactory_pass(store, dask)))
+        raw = current(store, f"raw/{NAME}")
+        print(
+            f"\nanother drop, one more landed file: aifactory {again.seconds:.1f} s, raw reading "
+            f"{raw['files_read']} of {len(raw['ledger'])} files; by stage: {stage_seconds(runs[1])}"
+        )
     floor = stage_floor(files[0])
     print(
         "\nfloor of the stage layout, per landed file, seconds of one core (encodes and decodes only): "

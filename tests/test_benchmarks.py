@@ -13,13 +13,17 @@ from benchmarks import pipeline, run
 BASELINES = ("raw PyArrow pass", "plain Dask", "Hugging Face datasets")
 
 
-@pytest.mark.parametrize("options", [[], ["--memory-limit", "1GB", "--only-aifactory"]], ids=["bench", "memory"])
+@pytest.mark.parametrize(
+    "options", [[], ["--memory-limit", "1GB", "--only-aifactory", "--another-drop"]], ids=["bench", "memory"]
+)
 def test_the_pipeline_benchmark_runs_every_path(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], options: list[str]
 ) -> None:
-    """`make bench-pipeline`, and `make bench-memory`'s options (no baselines, workers' limit given)."""
+    """`make bench-pipeline`, and `make bench-memory`'s options (no baselines, workers' limit given), with
+    the run after another drop."""
     pipeline.main(["--gb", "0.02", "--workdir", str(tmp_path), *options])
     printed = capsys.readouterr().out
+    assert ("raw reading 1 of 2 files" in printed) is bool(options), printed
     for path in ("aifactory (raw, validated, shards)", "ShardReader, epoch 0", "ShardReader, epoch 1"):
         assert path in printed, printed
     assert all((path in printed) is not bool(options) for path in BASELINES), printed
