@@ -156,13 +156,8 @@ OWN_ARGUMENTS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
 # expectation; checked here as the catalogue loads instead (a test holds this table to GX's own models).
 PAIR = frozenset({"column_A", "column_B"})
 ROW_ARGUMENTS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
-    **{
-        kind: (frozenset({"column"}), frozenset({"mostly"}))
-        for kind in (
-            "expect_column_values_to_not_be_null",
-            "expect_column_values_to_be_null",
-        )
-    },
+    "expect_column_values_to_not_be_null": (frozenset({"column"}), frozenset({"mostly"})),
+    "expect_column_values_to_be_null": (frozenset({"column"}), frozenset({"mostly"})),
     "expect_column_values_to_be_between": (frozenset({"column"}), BOUNDS | {"mostly"}),
     "expect_column_value_lengths_to_be_between": (frozenset({"column"}), BOUNDS | {"mostly"}),
     "expect_column_value_lengths_to_equal": (frozenset({"column", "value"}), frozenset({"mostly"})),

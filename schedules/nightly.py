@@ -3,8 +3,9 @@
 It runs the site's datasets that are not up to date: files landed that the current raw generation did not
 ingest (the sensor switched off, or a change it missed), or a catalogue entry, suite or release that gives
 another version than the latest committed one. A dataset with nothing landed is skipped rather than failed,
-and so is one whose latest version is what a run would commit again: such a run would re-read every
-landed file for the same bytes. The tick says why for each dataset.
+and so is one whose latest version is what a run would commit again, or whose last run failed on the same
+files, suite and release: such a run would re-read every landed file for the same outcome. The tick says
+why for each dataset.
 """
 
 from __future__ import annotations
