@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from aifactory_assets.catalog import ROW_ARGUMENTS, Catalog, CatalogError, CatalogErrors, load_catalog
+from aifactory_assets.catalog import ROW_ARGUMENTS, Catalog, CatalogError, CatalogErrors, Dataset, load_catalog
 
 CATALOG = Path(__file__).resolve().parent.parent / "catalog"
 
@@ -420,3 +420,17 @@ def test_suites_that_loaded_before_still_load(tmp_catalog: Path) -> None:
     loaded = load_catalog(tmp_catalog)
     assert loaded.suites["seattle_weather"]["expectations"] == expectations
     assert next(c for c in loaded.datasets["seattle_weather"].table.columns if c.name == "date").format == "ISO8601"
+
+
+def test_the_readmes_template_loads_with_its_optional_fields_at_their_defaults(tmp_catalog: Path) -> None:
+    section = (CATALOG.parent / "README.md").read_text().split("## Adding a dataset", 1)[1].split("\n## ", 1)[0]
+    template = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    suite = section.split("```json\n", 1)[1].split("```", 1)[0]
+    (tmp_catalog / "datasets" / "field_trials.yaml").write_text(template)
+    (tmp_catalog / "suites" / "field_trials.json").write_text(suite)
+    dataset = load_catalog(tmp_catalog).datasets["field_trials"]
+    bare = yaml.safe_load(template)
+    for optional in ("shards", "residency", "max_quarantined_fraction"):
+        bare.pop(optional)
+    bare["source"] = {k: bare["source"][k] for k in ("format", "landing")}
+    assert Dataset.model_validate(bare) == dataset  # what the template spells out is what the defaults are
