@@ -393,7 +393,7 @@ class Dataset(_Model):
     suite: str = Field(description="path of the GX 1.x suite JSON, relative to the catalogue root")
     shards: ShardSettings = ShardSettings()
     residency: list[str] = Field(default_factory=list, description="sites where copies may live")
-    max_quarantined_fraction: float = Field(default=1.0, ge=0, le=1)
+    max_quarantined_fraction: float = Field(default=0.1, ge=0, le=1)
     origin: Origin | None = None
 
     @field_validator("owner")

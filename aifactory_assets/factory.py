@@ -319,7 +319,8 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
                 f"({raw_record['rows_quarantined'] + record['rows_quarantined']} of {raw_record['rows_read']}), "
                 f"above the catalogue's max_quarantined_fraction {dataset.max_quarantined_fraction:.1%}; "
                 "top failing expectations: "
-                + ", ".join(f"{r['label']} ({r.get('unexpected_count', 0)} rows)" for r in worst),
+                + ", ".join(f"{r['label']} ({r.get('unexpected_count', 0)} rows)" for r in worst)
+                + " (the quarantine says why; to accept this share, raise max_quarantined_fraction in the catalogue)",
                 metadata={"expectations": dg.MetadataValue.md(expectations_table(results)), "data_docs": report},
             )
         passed_on, excluded = footers(store, record["raw_parts"]), footers(store, record["excluded"])
