@@ -6,11 +6,9 @@ quarantine part, return a small ledger entry. No data passes through the client.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -28,8 +26,6 @@ from aifactory_assets.quarantine import quarantine_rows
 from aifactory_assets.schema import ROW, SOURCE, arrow_schema, coerce_frame
 from aifactory_assets.tasks import run_tasks
 from resources.object_store import ObjectInfo, ObjectStore
-
-COPY_THREADS = 16  # parts copied at once from the generation before: requests to the store, not CPU work
 
 
 def landing_prefix(dataset: Dataset) -> str:
@@ -147,12 +143,11 @@ def ingested_files(previous: dict[str, Any] | None, fingerprint: str | None, run
     }
 
 
-def copy_ingested(store: ObjectStore, done: IngestedFile, raw_part: str, quarantine_part: str) -> dict[str, Any]:
-    """The file's parts copied into this run's generations; its ledger entry names the run that read it."""
-    if done.raw_part is not None:
-        store.copy(done.raw_part, raw_part)
-    store.copy(done.quarantine_part, quarantine_part)
-    return done.entry
+def lent_parts(file: IngestedFile, raw_part: str, quarantine_part: str) -> list[tuple[str, str]]:
+    """(source, target) of the parts a file's ingest left, for this run's generations: a refused file left
+    no raw part."""
+    pairs = [(file.quarantine_part, quarantine_part)]
+    return pairs if file.raw_part is None else [(file.raw_part, raw_part), *pairs]
 
 
 def ingest_dataset(
@@ -172,15 +167,12 @@ def ingest_dataset(
     fingerprint = None if workers_on_other_software(client) else ingest_fingerprint(dataset)
     done = ingested_files(current(store, f"raw/{dataset.name}"), fingerprint, run_id)
     ledger: list[dict[str, Any] | None] = [None] * len(objects)
-    with ThreadPoolExecutor(COPY_THREADS) as pool:
-        copies = {
-            i: pool.submit(copy_ingested, store, done[obj.fingerprint()], raw_parts[i], q_parts[i])
-            for i, obj in enumerate(objects)
-            if obj.fingerprint() in done
-        }
-    for i, copied in copies.items():
-        with contextlib.suppress(FileNotFoundError):  # gone meanwhile (another deployment's publish): read again
-            ledger[i] = copied.result()
+    lent = {i: done[o.fingerprint()] for i, o in enumerate(objects) if o.fingerprint() in done}
+    pairs = {i: lent_parts(file, raw_parts[i], q_parts[i]) for i, file in lent.items()}
+    copied = iter(store.copy_many([pair for file in pairs.values() for pair in file]))
+    for i, file in pairs.items():
+        if all([next(copied) for _ in file]):  # else a part went meanwhile (another deployment's publish): read again
+            ledger[i] = lent[i].entry
     fresh = [i for i, entry in enumerate(ledger) if entry is None]
     read = run_tasks(
         client,

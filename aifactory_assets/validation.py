@@ -14,6 +14,7 @@ import hashlib
 import json
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import dask.dataframe as dd
@@ -24,17 +25,19 @@ from distributed import Client
 
 from aifactory_assets.catalog import GLOBAL_EXPECTATIONS, ROW_EXPECTATIONS, Dataset, judge_columns
 from aifactory_assets.dataset_statistics import between, judge_global
+from aifactory_assets.manifest import workers_on_other_software
 from aifactory_assets.parquet_io import read_parquet, write_parquet
-from aifactory_assets.publish import generation_prefix, publish, require_current
+from aifactory_assets.publish import current, generation_prefix, publish, require_current
 from aifactory_assets.quarantine import quarantine_rows
 from aifactory_assets.schema import PROVENANCE, ROW, SOURCE, arrow_schema
 from aifactory_assets.tasks import run_tasks
 from aifactory_assets.validated_rows import excluded
-from resources.object_store import ObjectStore
+from resources.object_store import ObjectInfo, ObjectStore
 
 SAMPLE_SIZE = 5
 SAMPLE_CHARS = 200  # a failing value shown in metadata and data docs is cut to this (a 10 MiB field happens)
 POSITION = "aifactory_position"
+PART_VERDICTS = "part_verdicts.json"  # per raw part, in the generation's folder: its landed object and counts
 
 
 def expectation_label(expectation: dict[str, Any]) -> str:
@@ -296,6 +299,40 @@ def hide_personal_values(results: list[dict[str, Any]], dataset: Dataset) -> lis
     return hidden
 
 
+def verdict_fingerprint(suite: dict[str, Any], raw: dict[str, Any]) -> str | None:
+    """What a raw part's row verdicts depend on besides its landed object: how raw typed it (its ingest
+    fingerprint, which names the code and the libraries, GX's included) and the suite. None where raw's
+    parts cannot be vouched for (written by workers on other software)."""
+    if raw.get("ingest_fingerprint") is None:
+        return None
+    return hashlib.sha256(f"{raw['ingest_fingerprint']}|{suite_fingerprint(suite)}".encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class JudgedPart:
+    """A raw part as the current validated generation judged it: its counts and its delete file."""
+
+    partial: dict[str, Any]
+    quarantine_part: str
+
+
+def judged_parts(
+    store: ObjectStore, previous: dict[str, Any] | None, fingerprint: str | None, run_id: str
+) -> dict[str, JudgedPart]:
+    """By landed object fingerprint, the parts the current validated generation judged as this run would:
+    their counts are kept and their delete files copied, rather than run through GX again. Not this run's
+    own generation (a retried step)."""
+    if not previous or fingerprint is None or previous.get("verdict_fingerprint") != fingerprint:
+        return {}
+    if previous.get("run_id") == run_id:
+        return {}
+    verdicts = store.read_json(previous["part_verdicts"])
+    return {
+        verdict["object"]: JudgedPart(verdict["partial"], delete_file)
+        for verdict, delete_file in zip(verdicts, previous["excluded"], strict=True)
+    }
+
+
 def validate_dataset(
     store: ObjectStore,
     client: Client,
@@ -305,20 +342,42 @@ def validate_dataset(
     is_finished: Callable[[str], bool],
 ) -> dict[str, Any]:
     """Validate the published raw generation in parallel and publish the verdicts and the quarantine; the
-    validated rows are raw's parts less the quarantined rows (validated_rows.py)."""
+    validated rows are raw's parts less the quarantined rows (validated_rows.py). A part the current
+    generation judged the same way (same landed object, raw's ingest and the suite alike) keeps its row
+    verdicts: a drop of one new file runs GX over one file; the dataset's own expectations (uniqueness,
+    statistics) are computed over every part again."""
     raw = require_current(store, f"raw/{dataset.name}", "raw")
+    generation = generation_prefix(f"validated/{dataset.name}", run_id)
     q_gen = generation_prefix(f"quarantine/{dataset.name}/validated", run_id)
     parts = raw["parts"]
     q_parts = [f"{q_gen}/part-{i:05d}.parquet" for i in range(len(parts))]
-    partials = run_tasks(
+    objects = {e["source"]: ObjectInfo(**e["object"]).fingerprint() for e in raw["ledger"] if "object" in e}
+    part_objects = [objects.get(source) for source in raw["part_sources"]]
+    vouched = None not in part_objects and not workers_on_other_software(client)
+    fingerprint = verdict_fingerprint(suite, raw) if vouched else None
+    judged = judged_parts(store, current(store, f"validated/{dataset.name}"), fingerprint, run_id)
+    partials: list[dict[str, Any] | None] = [None] * len(parts)
+    kept = [i for i, o in enumerate(part_objects) if o in judged]
+    copies = store.copy_many([(judged[part_objects[i]].quarantine_part, q_parts[i]) for i in kept])
+    for i, copied in zip(kept, copies, strict=True):
+        if copied:  # else gone meanwhile (another deployment's publish): judged again
+            partials[i] = judged[part_objects[i]].partial
+    fresh = [i for i, partial in enumerate(partials) if partial is None]
+    judged_now = run_tasks(
         client,
         validate_part,
-        [store.url(p) for p in parts],
-        raw["part_sources"],
-        [store.url(p) for p in q_parts],
+        [store.url(parts[i]) for i in fresh],
+        [raw["part_sources"][i] for i in fresh],
+        [store.url(q_parts[i]) for i in fresh],
         suite=suite,
         storage_options=store.storage_options,
         run_id=run_id,
+    )
+    for i, partial in zip(fresh, judged_now, strict=True):
+        partials[i] = partial
+    store.write_json(
+        f"{generation}/{PART_VERDICTS}",
+        [{"object": o, "partial": p} for o, p in zip(part_objects, partials, strict=True)],
     )
 
     def whole_dataset() -> dd.DataFrame:
@@ -353,6 +412,9 @@ def validate_dataset(
             "raw_generation": raw["generation"],
             "suite_fingerprint": suite_fingerprint(suite),
             "quarantine": q_gen,
+            "verdict_fingerprint": fingerprint,
+            "part_verdicts": f"{generation}/{PART_VERDICTS}",
+            "parts_judged": len(fresh),
         },
         is_finished,
     )

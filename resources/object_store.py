@@ -17,6 +17,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -196,6 +197,20 @@ class ObjectStore(dg.ConfigurableResource):
             self._write_locally(target, lambda tmp: shutil.copyfile(self.path(source), tmp))
         else:
             self.fs.cp_file(self.path(source), self.path(target))  # not copy(), which globs: a key may hold [ ]
+
+    def copy_many(self, pairs: list[tuple[str, str]], threads: int = 16) -> list[bool]:
+        """Each (source, target) copied, several at once (requests to the store, not CPU work): True where
+        it was, False where its source is gone (removed meanwhile)."""
+
+        def copied(pair: tuple[str, str]) -> bool:
+            try:
+                self.copy(*pair)
+            except FileNotFoundError:
+                return False
+            return True
+
+        with ThreadPoolExecutor(threads) as pool:
+            return list(pool.map(copied, pairs))
 
     def _write_locally(self, key: str, write: Callable[[Path], Any]) -> None:
         target = Path(self.path(key))

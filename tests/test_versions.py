@@ -516,3 +516,49 @@ def test_raw_reads_only_the_files_its_current_generation_did_not_ingest_the_same
     retyped = dataset.model_copy(update={"table": dataset.table.model_copy(update={"columns": columns})})
     assert run(small.model_copy(update={"datasets": {DATASET: retyped}}), stores, dask, stages=("raw",)).success
     assert current(store, f"raw/{DATASET}")["files_read"] == 3
+
+
+def test_validated_judges_only_the_parts_its_current_generation_did_not_judge_the_same_way(setup, tmp_path) -> None:
+    """After a drop, GX runs over the new file alone; the verdicts, counts and delete files are what a
+    fresh validation of everything gives; another suite judges every part again."""
+    catalog, dataset, store, stores, dask = setup
+    suite = catalog.suites[DATASET]
+    windy = {"type": "expect_column_values_to_be_between", "kwargs": {"column": "wind", "max_value": 7.5}}
+    strict = {**suite, "expectations": [*suite["expectations"], {**windy, "meta": {"severity": "warning"}}]}
+    catalog = catalog.model_copy(update={"suites": {DATASET: strict}})
+    stages = ("raw", "validated")
+    assert run(catalog, stores, dask, stages=stages).success
+    assert current(store, f"validated/{DATASET}")["parts_judged"] == 1
+    land_more(store, 2016)
+    assert run(catalog, stores, dask, stages=stages).success
+    kept = current(store, f"validated/{DATASET}")
+    assert kept["parts_judged"] == 1 and kept["rows_quarantined"] > 0
+
+    fresh_stores = local_stores(catalog, tmp_path / "fresh")
+    for key in store.fs.find(store.path(f"landing/{DATASET}")):
+        fresh_stores[dataset.site].write_bytes(store.key_of(key), store.fs.cat_file(key))
+        mtime = store.info(store.key_of(key)).mtime
+        os.utime(fresh_stores[dataset.site].path(store.key_of(key)), (mtime, mtime))
+    assert run(catalog, fresh_stores, dask, stages=stages).success
+    fresh = current(fresh_stores[dataset.site], f"validated/{DATASET}")
+    assert fresh["parts_judged"] == 2
+    for field in ("results", "rows_in", "rows_valid", "rows_quarantined", "success"):
+        assert kept[field] == fresh[field], field
+
+    def delete_files(where: ObjectStore, record: dict) -> list[pd.DataFrame]:
+        return [pd.read_parquet(where.url(p)).drop(columns="run_id") for p in record["excluded"]]
+
+    assert all(
+        a.equals(b)
+        for a, b in zip(delete_files(store, kept), delete_files(fresh_stores[dataset.site], fresh), strict=True)
+    )
+
+    stricter = {
+        **strict,
+        "expectations": [
+            *strict["expectations"],
+            {**windy, "kwargs": {"column": "wind", "max_value": 8}, "meta": {"severity": "warning"}},
+        ],
+    }
+    assert run(catalog.model_copy(update={"suites": {DATASET: stricter}}), stores, dask, stages=stages).success
+    assert current(store, f"validated/{DATASET}")["parts_judged"] == 2
