@@ -286,9 +286,7 @@ def hide_personal_values(results: list[dict[str, Any]], dataset: Dataset) -> lis
     personal = {c.name for c in dataset.table.columns if c.pii}
     hidden = []
     for result in results:
-        kwargs = result["kwargs"]
-        columns = {kwargs.get(k) for k in ("column", "column_A", "column_B")} | set(kwargs.get("column_list") or [])
-        if columns & personal:
+        if set(referenced_columns([result])) & personal:
             result = {
                 **result,
                 "sample": [f"{len(result['sample'])} value(s) hidden: PII"] if result.get("sample") else [],
@@ -297,6 +295,22 @@ def hide_personal_values(results: list[dict[str, Any]], dataset: Dataset) -> lis
                 result["observed"] = "hidden: PII"
         hidden.append(result)
     return hidden
+
+
+def without_personal_samples(partial: dict[str, Any], suite: dict[str, Any], dataset: Dataset) -> dict[str, Any]:
+    """A part's counts as kept for later runs: the failing values of PII columns masked (their number kept,
+    which is all the results show of them), so only the quarantine holds them."""
+    personal = {c.name for c in dataset.table.columns if c.pii}
+    if not partial["counts"] or not personal:  # no counts: an empty part
+        return partial
+    row_expectations = [e for e in suite["expectations"] if e["type"] in ROW_EXPECTATIONS]
+    counts = [
+        {**count, "sample": ["hidden: PII"] * len(count["sample"])}
+        if set(referenced_columns([expectation])) & personal
+        else count
+        for expectation, count in zip(row_expectations, partial["counts"], strict=True)
+    ]
+    return {**partial, "counts": counts}
 
 
 def verdict_fingerprint(suite: dict[str, Any], raw: dict[str, Any]) -> str | None:
@@ -377,7 +391,10 @@ def validate_dataset(
         partials[i] = partial
     store.write_json(
         f"{generation}/{PART_VERDICTS}",
-        [{"object": o, "partial": p} for o, p in zip(part_objects, partials, strict=True)],
+        [
+            {"object": o, "partial": without_personal_samples(p, suite, dataset)}
+            for o, p in zip(part_objects, partials, strict=True)
+        ],
     )
 
     def whole_dataset() -> dd.DataFrame:
