@@ -337,7 +337,7 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
                     expectations_table(results),
                 ),
                 "rows_from": location(store, raw_record["generation"]),
-                "written_bytes": dg.MetadataValue.int(record["quarantine_bytes"]),  # the quarantine: no copy
+                "written_bytes": dg.MetadataValue.int(record["quarantine_bytes"]),  # its delete files, no copy of rows
                 "quarantined_fraction": dg.MetadataValue.float(round(fraction, 6)),
                 "parts_judged": dg.MetadataValue.int(record["parts_judged"]),  # by GX in this run; the rest kept
                 "data_docs": report,

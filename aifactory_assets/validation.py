@@ -25,6 +25,7 @@ from distributed import Client
 
 from aifactory_assets.catalog import GLOBAL_EXPECTATIONS, ROW_EXPECTATIONS, Dataset, judge_columns
 from aifactory_assets.dataset_statistics import between, judge_global
+from aifactory_assets.ingest import ingest_fingerprint
 from aifactory_assets.manifest import workers_on_other_software
 from aifactory_assets.parquet_io import read_parquet, write_parquet
 from aifactory_assets.publish import current, generation_prefix, publish, require_current
@@ -313,11 +314,12 @@ def without_personal_samples(partial: dict[str, Any], suite: dict[str, Any], dat
     return {**partial, "counts": counts}
 
 
-def verdict_fingerprint(suite: dict[str, Any], raw: dict[str, Any]) -> str | None:
-    """What a raw part's row verdicts depend on besides its landed object: how raw typed it (its ingest
-    fingerprint, which names the code and the libraries, GX's included) and the suite. None where raw's
-    parts cannot be vouched for (written by workers on other software)."""
-    if raw.get("ingest_fingerprint") is None:
+def verdict_fingerprint(suite: dict[str, Any], raw: dict[str, Any], dataset: Dataset) -> str | None:
+    """What a raw part's row verdicts depend on besides its landed object: how raw typed it and how this
+    release judges it (raw's ingest fingerprint, which names the code and the libraries, GX's included,
+    and must be this release's) and the suite. None where the parts or their verdicts cannot be vouched
+    for: raw written by workers on other software, or by another release than this process's."""
+    if raw.get("ingest_fingerprint") != ingest_fingerprint(dataset):
         return None
     return hashlib.sha256(f"{raw['ingest_fingerprint']}|{suite_fingerprint(suite)}".encode()).hexdigest()[:16]
 
@@ -340,10 +342,14 @@ def judged_parts(
         return {}
     if previous.get("run_id") == run_id:
         return {}
-    verdicts = store.read_json(previous["part_verdicts"])
+    try:
+        verdicts = store.read_json(previous["part_verdicts"])
+    except FileNotFoundError:  # gone with its generation (another deployment's publish): judged again
+        return {}
     return {
         verdict["object"]: JudgedPart(verdict["partial"], delete_file)
         for verdict, delete_file in zip(verdicts, previous["excluded"], strict=True)
+        if not any(count["error"] for count in verdict["partial"]["counts"])  # GX failing once: judged again
     }
 
 
@@ -368,7 +374,7 @@ def validate_dataset(
     objects = {e["source"]: ObjectInfo(**e["object"]).fingerprint() for e in raw["ledger"] if "object" in e}
     part_objects = [objects.get(source) for source in raw["part_sources"]]
     vouched = None not in part_objects and not workers_on_other_software(client)
-    fingerprint = verdict_fingerprint(suite, raw) if vouched else None
+    fingerprint = verdict_fingerprint(suite, raw, dataset) if vouched else None
     judged = judged_parts(store, current(store, f"validated/{dataset.name}"), fingerprint, run_id)
     partials: list[dict[str, Any] | None] = [None] * len(parts)
     kept = [i for i, o in enumerate(part_objects) if o in judged]

@@ -518,18 +518,40 @@ def test_raw_reads_only_the_files_its_current_generation_did_not_ingest_the_same
     assert current(store, f"raw/{DATASET}")["files_read"] == 3
 
 
-def test_validated_judges_only_the_parts_its_current_generation_did_not_judge_the_same_way(setup, tmp_path) -> None:
-    """After a drop, GX runs over the new file alone; the verdicts, counts and delete files are what a
-    fresh validation of everything gives; another suite judges every part again."""
+def land_windy(store: ObjectStore, year: int, wind: float) -> None:
+    """A year of days, one in 40 with `wind` (failing a bound below it), the others calm."""
+    days = pd.date_range(f"{year}-01-01", f"{year}-12-31", freq="D")
+    frame = pd.DataFrame(
+        {"date": days, "precipitation": 0.5, "temp_max": 10.0, "temp_min": 2.0, "weather": "rain"}
+    ).assign(wind=[wind if i % 40 == 0 else 3.0 for i in range(len(days))])
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    store.write_bytes(f"landing/{DATASET}/y{year}.parquet", buffer.getvalue())
+
+
+def test_validated_judges_only_the_parts_its_current_generation_did_not_judge_the_same_way(
+    setup, tmp_path, monkeypatch
+) -> None:
+    """After a drop, GX runs over the new file alone and the record is what a fresh validation of every
+    file gives (`mostly` over the totals, samples from kept and new parts, PII hidden alike); a delete file
+    gone, another suite or another release judges again."""
+    from aifactory_assets import ingest
+
     catalog, dataset, store, stores, dask = setup
-    suite = catalog.suites[DATASET]
-    windy = {"type": "expect_column_values_to_be_between", "kwargs": {"column": "wind", "max_value": 7.5}}
-    strict = {**suite, "expectations": [*suite["expectations"], {**windy, "meta": {"severity": "warning"}}]}
-    catalog = catalog.model_copy(update={"suites": {DATASET: strict}})
+    columns = [c.model_copy(update={"pii": c.name == "wind"}) for c in dataset.table.columns]
+    dataset = dataset.model_copy(update={"table": dataset.table.model_copy(update={"columns": columns})})
+    windy = {
+        "type": "expect_column_values_to_be_between",
+        "kwargs": {"column": "wind", "max_value": 7.5, "mostly": 0.9},
+        "meta": {"severity": "warning"},
+    }
+    kept_ones = [e for e in catalog.suites[DATASET]["expectations"] if "row_count" not in e["type"]]  # more years
+    suite = {**catalog.suites[DATASET], "expectations": [windy, *kept_ones]}
+    catalog = catalog.model_copy(update={"datasets": {DATASET: dataset}, "suites": {DATASET: suite}})
     stages = ("raw", "validated")
+    land_windy(store, 2016, 9.0)
     assert run(catalog, stores, dask, stages=stages).success
-    assert current(store, f"validated/{DATASET}")["parts_judged"] == 1
-    land_more(store, 2016)
+    land_windy(store, 2017, 8.0)
     assert run(catalog, stores, dask, stages=stages).success
     kept = current(store, f"validated/{DATASET}")
     assert kept["parts_judged"] == 1 and kept["rows_quarantined"] > 0
@@ -541,24 +563,29 @@ def test_validated_judges_only_the_parts_its_current_generation_did_not_judge_th
         os.utime(fresh_stores[dataset.site].path(store.key_of(key)), (mtime, mtime))
     assert run(catalog, fresh_stores, dask, stages=stages).success
     fresh = current(fresh_stores[dataset.site], f"validated/{DATASET}")
-    assert fresh["parts_judged"] == 2
-    for field in ("results", "rows_in", "rows_valid", "rows_quarantined", "success"):
-        assert kept[field] == fresh[field], field
+    assert fresh["parts_judged"] == 3
+    this_run = {"run_id", "generation", "replaces", "published_at", "raw_generation", "quarantine", "raw_parts"}
+    this_run |= {"excluded", "part_verdicts", "parts_judged"}
+    assert {k: v for k, v in kept.items() if k not in this_run} == {k: v for k, v in fresh.items() if k not in this_run}
+    (wind,) = [r for r in kept["results"] if r["kwargs"] == windy["kwargs"]]
+    assert wind["sample"] == ["5 value(s) hidden: PII"]
 
     def delete_files(where: ObjectStore, record: dict) -> list[pd.DataFrame]:
         return [pd.read_parquet(where.url(p)).drop(columns="run_id") for p in record["excluded"]]
 
-    assert all(
-        a.equals(b)
-        for a, b in zip(delete_files(store, kept), delete_files(fresh_stores[dataset.site], fresh), strict=True)
-    )
+    pairs = zip(delete_files(store, kept), delete_files(fresh_stores[dataset.site], fresh), strict=True)
+    assert all(a.equals(b) for a, b in pairs)
 
+    store.delete(kept["excluded"][0])  # gone meanwhile: that part is judged again
+    assert run(catalog, stores, dask, stages=("validated",)).success
+    assert current(store, f"validated/{DATASET}")["parts_judged"] == 1
     stricter = {
-        **strict,
-        "expectations": [
-            *strict["expectations"],
-            {**windy, "kwargs": {"column": "wind", "max_value": 8}, "meta": {"severity": "warning"}},
-        ],
+        **suite,
+        "expectations": [*suite["expectations"], {**windy, "kwargs": {"column": "wind", "max_value": 8}}],
     }
-    assert run(catalog.model_copy(update={"suites": {DATASET: stricter}}), stores, dask, stages=stages).success
-    assert current(store, f"validated/{DATASET}")["parts_judged"] == 2
+    assert run(catalog.model_copy(update={"suites": {DATASET: stricter}}), stores, dask, stages=("validated",)).success
+    assert current(store, f"validated/{DATASET}")["parts_judged"] == 3
+    assert run(catalog, stores, dask, stages=("validated",)).success
+    monkeypatch.setattr(ingest, "CODE_FINGERPRINT", "another-release")  # validated alone, by a new release
+    assert run(catalog, stores, dask, stages=("validated",)).success
+    assert current(store, f"validated/{DATASET}")["parts_judged"] == 3
