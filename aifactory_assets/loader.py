@@ -265,7 +265,8 @@ class ShardCache:
     def evict(self, keep: Path | None) -> None:
         """Oldest used first, down to `max_bytes`, skipping copies in use; also the temporary files of
         copies that died (a copy takes seconds, so one an hour old is abandoned), while live ones count
-        against the bound. Other processes may evict at the same time."""
+        against the bound, and hash records an hour old whose copy is gone. Other processes may evict at
+        the same time."""
         now, files, total = time.time(), [], 0
         for path in self.directory.iterdir():
             try:
@@ -277,8 +278,15 @@ class ShardCache:
             elif ".tmp-" in path.name and now - stat.st_mtime > ABANDONED_S:
                 path.unlink(missing_ok=True)
                 continue
-            elif path.suffix == ".verified" and not path.with_suffix(".parquet").exists():
-                path.unlink(missing_ok=True)  # its copy was evicted (at worst a fresh record: one hash more)
+            elif (
+                path.suffix == ".verified"
+                and now - stat.st_mtime > ABANDONED_S
+                and not path.with_suffix(".parquet").exists()
+            ):
+                # Its copy was evicted, or its download died between the record and the rename. Not a young
+                # one: a download writes its record just before the rename, and removing it then made the
+                # node hash that copy again (seen as a rank's rehash in the shared-cache test).
+                path.unlink(missing_ok=True)
                 continue
             total += stat.st_size
         for _, size, path in sorted(files):

@@ -31,7 +31,7 @@ import pytest
 from aifactory_assets.catalog import Catalog
 from aifactory_assets.demo import land_demo_data
 from aifactory_assets.factory import asset_key, build_catalog_assets
-from aifactory_assets.loader import ChecksumMismatch, ShardReader, resolve_manifest
+from aifactory_assets.loader import ChecksumMismatch, ShardCache, ShardReader, resolve_manifest
 from aifactory_assets.manifest import latest_manifest
 from resources import DaskCluster, ObjectStore
 from tests.conftest import local_stores, pipeline_resources, s3_stores
@@ -459,6 +459,18 @@ def test_processes_sharing_a_cache_download_each_shard_once(s3_manifest: tuple[s
     assert sum(size for _, _, size, _ in done) == split["bytes"]
     assert [rehashed for *_, rehashed in done + again] == [0] * (ranks + 1)
     assert again[0][1] == 0  # no download either
+
+
+def test_an_eviction_leaves_the_hash_record_of_a_copy_being_renamed_into_place(tmp_path: Path) -> None:
+    """A download records its hash just before it renames the copy into place: another process evicting in
+    between removed that record, and the node then hashed the copy again."""
+    cache = ShardCache(tmp_path, max_bytes=2**30)
+    arriving, gone = tmp_path / f"{'a' * 64}.verified", tmp_path / f"{'b' * 64}.verified"
+    arriving.write_text("record")
+    gone.write_text("record")
+    os.utime(gone, (0, 0))  # its copy evicted long ago
+    cache.evict(keep=None)
+    assert arriving.exists() and not gone.exists()
 
 
 def test_the_cache_keeps_only_whole_copies_that_match_the_manifest(
