@@ -57,7 +57,8 @@ def landing_sensor(catalog: Catalog, site: str) -> dg.SensorDefinition:
                 try:
                     pointer = raw_pointer(store, dataset)
                     ask = listing != now["requested"] or (
-                        pointer != now["raw_pointer"] and ingested_listing(store, dataset) != listing
+                        pointer != now["raw_pointer"]
+                        and ingested_listing(current(store, f"raw/{dataset.name}")) != listing
                     )
                 except Exception as exc:  # one dataset's unreadable raw record must not stop the site's others
                     context.log.warning(f"{dataset.name}: raw record unreadable, checked again next tick: {exc}")
@@ -102,10 +103,9 @@ def raw_pointer(store: ObjectStore, dataset: Dataset) -> str | None:
         return None
 
 
-def ingested_listing(store: ObjectStore, dataset: Dataset) -> str | None:
-    """The digest of the listing the current raw generation ingested (every landed file is in its ledger)."""
-    raw = current(store, f"raw/{dataset.name}") or {}
-    objects = [entry.get("object") for entry in raw.get("ledger", [])]
+def ingested_listing(raw: dict[str, Any] | None) -> str | None:
+    """The digest of the listing a raw record ingested (every landed file is in its ledger)."""
+    objects = [entry.get("object") for entry in (raw or {}).get("ledger", [])]
     if not objects or None in objects:
         return None
     return listing_digest([ObjectInfo(**o).fingerprint() for o in objects])

@@ -35,9 +35,10 @@ def needs_run(store: ObjectStore, dataset: Dataset, suite: dict) -> tuple[bool, 
     landed = [o.fingerprint() for o in landed_objects(store, dataset)]
     if not landed:
         return False, f"{dataset.name}: nothing landed under {store.url(landing_prefix(dataset))}"
-    if listing_digest(landed) != ingested_listing(store, dataset):
+    raw = current(store, f"raw/{dataset.name}") or {}
+    if listing_digest(landed) != ingested_listing(raw):
         return True, f"{dataset.name}: landed files that the current raw generation did not ingest"
-    latest, raw = latest_version(store, dataset), current(store, f"raw/{dataset.name}") or {}
+    latest = latest_version(store, dataset)
     wanted = version_for(dataset, suite, raw)
     if wanted == latest:
         return False, f"{dataset.name}: up to date (version {latest})"

@@ -454,6 +454,15 @@ def nothing() -> None:
     """A run to finish."""
 
 
+def land_the_same(store: ObjectStore, fresh: ObjectStore) -> None:
+    """`store`'s landed files into a fresh local store, with their mtimes: the same listing order."""
+    for path in store.fs.find(store.path(f"landing/{DATASET}")):
+        key = store.key_of(path)
+        fresh.write_bytes(key, store.fs.cat_file(path))
+        mtime = store.info(key).mtime
+        os.utime(fresh.path(key), (mtime, mtime))
+
+
 def raw_tables(store: ObjectStore) -> dict[str, pd.DataFrame]:
     """The current raw generation's rows, by landed file: what validation and the shards read."""
     raw = current(store, f"raw/{DATASET}")
@@ -497,10 +506,7 @@ def test_raw_reads_only_the_files_its_current_generation_did_not_ingest_the_same
     copied = raw_tables(store)
 
     fresh_stores = local_stores(small, tmp_path / "fresh")
-    for key in store.fs.find(store.path(f"landing/{DATASET}")):
-        fresh_stores[dataset.site].write_bytes(store.key_of(key), store.fs.cat_file(key))
-        mtime = store.info(store.key_of(key)).mtime
-        os.utime(fresh_stores[dataset.site].path(store.key_of(key)), (mtime, mtime))  # the same listing order
+    land_the_same(store, fresh_stores[dataset.site])
     assert run(small, fresh_stores, dask, stages=("raw",)).success
     fresh = raw_tables(fresh_stores[dataset.site])
     assert list(fresh) == list(copied) and all(fresh[s].equals(copied[s]) for s in fresh)
@@ -557,10 +563,7 @@ def test_validated_judges_only_the_parts_its_current_generation_did_not_judge_th
     assert kept["parts_judged"] == 1 and kept["rows_quarantined"] > 0
 
     fresh_stores = local_stores(catalog, tmp_path / "fresh")
-    for key in store.fs.find(store.path(f"landing/{DATASET}")):
-        fresh_stores[dataset.site].write_bytes(store.key_of(key), store.fs.cat_file(key))
-        mtime = store.info(store.key_of(key)).mtime
-        os.utime(fresh_stores[dataset.site].path(store.key_of(key)), (mtime, mtime))
+    land_the_same(store, fresh_stores[dataset.site])
     assert run(catalog, fresh_stores, dask, stages=stages).success
     fresh = current(fresh_stores[dataset.site], f"validated/{DATASET}")
     assert fresh["parts_judged"] == 3
