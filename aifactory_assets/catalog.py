@@ -10,6 +10,7 @@ import codecs
 import datetime as dt
 import difflib
 import json
+import math
 import os
 import re
 import typing
@@ -124,6 +125,18 @@ STATISTICS_OF_VALUES = frozenset(
 )
 SEVERITIES = ("critical", "warning")
 BOUNDS = frozenset({"min_value", "max_value", "strict_min", "strict_max"})
+# Bounded quantities that take whole numbers only: a count always, a column's values (and their min, max and
+# sum) where the column holds integers. Strict bounds one apart admit none of them.
+COUNT_BOUNDS = frozenset(
+    {
+        "expect_column_value_lengths_to_be_between",
+        "expect_table_row_count_to_be_between",
+        "expect_column_unique_value_count_to_be_between",
+    }
+)
+VALUE_BOUNDS = frozenset(
+    {"expect_column_values_to_be_between"} | {f"expect_column_{s}_to_be_between" for s in ("min", "max", "sum")}
+)
 # The arguments (required, optional) our own judgement of table and dataset expectations honours: GX never
 # sees these, so a misspelled or unsupported one would otherwise be ignored without a word.
 OWN_ARGUMENTS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
@@ -638,24 +651,38 @@ def check_can_pass_and_fail(path: Path, where: str, kind: str, kwargs: dict[str,
         low, high = kwargs.get("min_value"), kwargs.get("max_value")
         if low is None and high is None:
             raise CatalogError(path, field, f"{kind} with neither min_value nor max_value cannot fail")
-        dates = types.get(kwargs.get("column")) in ("date", "timestamp")  # lengths judge text only
-        strict = kwargs.get("strict_min") is True or kwargs.get("strict_max") is True
+        column_type = types.get(kwargs.get("column"))
+        dates = column_type in ("date", "timestamp")  # lengths judge text only
+        whole = kind in COUNT_BOUNDS or (kind in VALUE_BOUNDS and column_type in ("int32", "int64"))
+        strict_min, strict_max = (kwargs.get(s) is True for s in ("strict_min", "strict_max"))
         try:
             low, high = (_as_instant(v) if dates else v for v in (low, high))
-            crossed = low is not None and high is not None and (low > high or (low == high and strict))
+            bounded = low is not None and high is not None
+            crossed = bounded and _admits_nothing(low, high, strict_min, strict_max, False)
+            only_whole = bounded and not crossed and whole and _admits_nothing(low, high, strict_min, strict_max, True)
         except (TypeError, ValueError):  # a number against text, text that is no date: the type checks name it
-            crossed = False
-        if crossed:
+            crossed = only_whole = False
+        if crossed or only_whole:
             raise CatalogError(
                 path,
                 f"{field}.min_value",
                 f"{kwargs['min_value']!r} against max_value {kwargs['max_value']!r}"
-                f"{' (strict)' if strict else ''}: it can never pass",
+                f"{' (strict)' if strict_min or strict_max else ''}"
+                f"{' on whole numbers' if only_whole else ''}: it can never pass",
             )
     if kind in COLUMN_EXPECTATIONS and not judge_columns(kind, kwargs, list(types))[0]:
         raise CatalogError(
             path, field, f"the schema gives every version the columns {list(types)}, so it can never pass"
         )
+
+
+def _admits_nothing(low: Any, high: Any, strict_min: bool, strict_max: bool, whole: bool) -> bool:
+    """No value lies within the bounds; for whole numbers, none between strict bounds one apart either."""
+    if whole and all(isinstance(v, int | float) and math.isfinite(v) for v in (low, high)):
+        first = math.floor(low) + 1 if strict_min else math.ceil(low)
+        last = math.ceil(high) - 1 if strict_max else math.floor(high)
+        return first > last
+    return low > high or (low == high and (strict_min or strict_max))
 
 
 def _as_instant(value: Any) -> Any:

@@ -285,6 +285,28 @@ def test_suite_that_does_not_parse(tmp_catalog: Path) -> None:
             "5 against max_value 5 (strict): it can never pass",
         ),
         (
+            {
+                "type": "expect_column_values_to_be_between",
+                "kwargs": {
+                    "column": "year",
+                    "min_value": 2007,
+                    "max_value": 2008,
+                    "strict_min": True,
+                    "strict_max": True,
+                },
+            },
+            "expectations.0.kwargs.min_value",
+            "2007 against max_value 2008 (strict) on whole numbers: it can never pass",
+        ),
+        (
+            {
+                "type": "expect_column_value_lengths_to_be_between",
+                "kwargs": {"column": "species", "min_value": 2.2, "max_value": 2.8},
+            },
+            "expectations.0.kwargs.min_value",
+            "2.2 against max_value 2.8 on whole numbers: it can never pass",
+        ),
+        (
             {"type": "expect_column_values_to_not_be_null", "kwargs": {"column": "year", "result_format": "BASIC"}},
             "expectations.0.kwargs.result_format",
             "the quarantine needs every failing row",
@@ -395,10 +417,15 @@ def test_row_expectations_take_the_arguments_gx_takes() -> None:
 
 def test_suites_that_loaded_before_still_load(tmp_catalog: Path) -> None:
     """GX's shared catch_exceptions; ISO-looking text bounds of a text column, compared as text (as the
-    run compares them); pandas' ISO8601 format keyword; a suite reached through a link."""
+    run compares them); strict bounds one apart on a real-valued quantity and on a float column, and an
+    infinite bound; pandas' ISO8601 format keyword; a suite reached through a link."""
     suite = tmp_catalog / "suites" / "seattle_weather.json"
+    one_apart = {"min_value": 1, "max_value": 2, "strict_min": True, "strict_max": True}
     expectations = [
         {"type": "expect_column_values_to_not_be_null", "kwargs": {"column": "wind", "catch_exceptions": True}},
+        {"type": "expect_column_values_to_be_between", "kwargs": {"column": "wind", **one_apart}},
+        {"type": "expect_column_mean_to_be_between", "kwargs": {"column": "wind", **one_apart}},
+        {"type": "expect_table_row_count_to_be_between", "kwargs": {"min_value": 1, "max_value": float("inf")}},
         {
             "type": "expect_column_min_to_be_between",
             "kwargs": {
