@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -281,6 +282,16 @@ VALUE_STATISTICS = frozenset(
 ) | {"expect_column_quantile_values_to_be_between"}
 
 
+# A value an error message quotes, as Python's reprs and most libraries' messages quote them.
+QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'" + r'|"(?:[^"\\]|\\.)*"')
+
+
+def without_quoted_values(error: str | None) -> str | None:
+    """An error of GX about a PII column, its quoted values hidden (a parser's "could not convert 'jane@…'"):
+    what went wrong stays readable."""
+    return QUOTED.sub("'hidden: PII'", error) if error else error
+
+
 def hide_personal_values(results: list[dict[str, Any]], dataset: Dataset) -> list[dict[str, Any]]:
     """Failing values and statistics of PII columns stay in the quarantine at the home site: results go
     into the UI's metadata, the data docs and the manifest, which replicas copy to other sites."""
@@ -291,6 +302,7 @@ def hide_personal_values(results: list[dict[str, Any]], dataset: Dataset) -> lis
             result = {
                 **result,
                 "sample": [f"{len(result['sample'])} value(s) hidden: PII"] if result.get("sample") else [],
+                "error": without_quoted_values(result.get("error")),
             }
             if result["type"] in VALUE_STATISTICS:
                 result["observed"] = "hidden: PII"
@@ -306,7 +318,7 @@ def without_personal_samples(partial: dict[str, Any], suite: dict[str, Any], dat
         return partial
     row_expectations = [e for e in suite["expectations"] if e["type"] in ROW_EXPECTATIONS]
     counts = [
-        {**count, "sample": ["hidden: PII"] * len(count["sample"])}
+        {**count, "sample": ["hidden: PII"] * len(count["sample"]), "error": without_quoted_values(count["error"])}
         if set(referenced_columns([expectation])) & personal
         else count
         for expectation, count in zip(row_expectations, partial["counts"], strict=True)

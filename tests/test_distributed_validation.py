@@ -13,7 +13,7 @@ from aifactory_assets.catalog import Dataset
 from aifactory_assets.dataset_statistics import judge_global
 from aifactory_assets.parquet_io import write_parquet
 from aifactory_assets.publish import publish
-from aifactory_assets.validation import validate_dataset
+from aifactory_assets.validation import hide_personal_values, validate_dataset
 from resources import DaskCluster, ObjectStore
 from tests.conftest import every_run_over
 
@@ -206,6 +206,20 @@ def test_values_of_pii_columns_never_leave_the_quarantine(tmp_path, dask: DaskCl
     assert record["rows_quarantined"] == 150  # the rows themselves stay in the quarantine, at the home site
     samples = [v["partial"]["counts"][0]["sample"] for v in store.read_json(record["part_verdicts"])]
     assert any(samples) and all(set(s) <= {"hidden: PII"} for s in samples)  # the counts kept for later runs
+
+
+def test_errors_about_pii_columns_hide_the_values_they_quote() -> None:
+    """A parser's error can quote the value it choked on; what went wrong stays readable."""
+    columns = [c.model_copy(update={"pii": c.name == "sensor"}) for c in DATASET.table.columns]
+    personal = DATASET.model_copy(update={"table": DATASET.table.model_copy(update={"columns": columns})})
+    error = "could not convert string to float: 'jane@example.org' (row \"7\")"
+    results = [
+        {"type": "expect_column_values_to_match_regex", "kwargs": {"column": c}, "sample": [], "error": error}
+        for c in ("sensor", "value")
+    ]
+    on_pii, other = hide_personal_values(results, personal)
+    assert on_pii["error"] == "could not convert string to float: 'hidden: PII' (row 'hidden: PII')"
+    assert other["error"] == error
 
 
 GLOBAL_CASES = [
