@@ -31,7 +31,7 @@ from aifactory_assets.checks import (
     verify_shards,
 )
 from aifactory_assets.data_docs import gx_imported, render_data_docs
-from aifactory_assets.ingest import ingest_dataset
+from aifactory_assets.ingest import ingest_dataset, reingest_needed
 from aifactory_assets.manifest import (
     MANIFEST,
     build_manifest,
@@ -144,8 +144,9 @@ def require_shardable(
 ) -> None:
     """A run may materialise the shards alone, so they check what the validated step decided: a failed
     validation still publishes (its report and quarantine are what a person needs), validated may lag
-    behind a newer raw generation or an edited suite, and a version of no rows would replace the latest."""
-    if again := revalidation_needed(suite, raw_record, valid_record):
+    behind a newer raw generation or an edited suite, raw behind the catalogue or the release, and a version
+    of no rows would replace the latest."""
+    if again := reingest_needed(dataset, raw_record) or revalidation_needed(suite, raw_record, valid_record):
         raise dg.Failure(f"{dataset.name}: {again}")
     if raw_record["rows_read"] == 0:
         raise dg.Failure(
@@ -298,6 +299,8 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
     def validated(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         store, dask = _resources(context, dataset)
         run_id = context.run.run_id
+        if again := reingest_needed(dataset, require_current(store, f"raw/{dataset.name}", "raw")):
+            raise dg.Failure(f"{dataset.name}: {again}")
         record = validate_dataset(
             store, dask.get_client(), dataset, suite, run_id, partial(run_finished, context.instance)
         )

@@ -117,6 +117,24 @@ def ingest_fingerprint(dataset: Dataset) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def reingest_needed(dataset: Dataset, raw_record: dict[str, Any]) -> str | None:
+    """Why the published raw generation is not what raw would make now, if it is not. What validated and
+    shards build from it would otherwise carry a version id that promises this catalogue and release."""
+    if "ingest_fingerprint" not in raw_record:
+        return "raw was ingested by an earlier release: materialise raw first"
+    if raw_record["ingest_fingerprint"] is None:
+        return (
+            "raw was ingested by Dask workers that run other code or releases than this process: install the "
+            "same aifactory and lock on both, then materialise raw"
+        )
+    if raw_record["ingest_fingerprint"] != ingest_fingerprint(dataset):
+        return (
+            "raw was ingested under another source or schema in the catalogue, or by another release: "
+            "materialise raw first"
+        )
+    return None
+
+
 @dataclass(frozen=True)
 class IngestedFile:
     """A landed file as the current raw generation ingested it: its ledger entry and parts."""

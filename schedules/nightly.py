@@ -21,7 +21,7 @@ from aifactory_assets.factory import (
     revalidation_needed,
     store_key,
 )
-from aifactory_assets.ingest import ingest_fingerprint, landed_objects, landing_prefix
+from aifactory_assets.ingest import landed_objects, landing_prefix, reingest_needed
 from aifactory_assets.manifest import latest_version, version_for
 from aifactory_assets.publish import current
 from resources.object_store import ObjectStore
@@ -52,7 +52,7 @@ def verdict_stands(store: ObjectStore, dataset: Dataset, suite: dict, raw: dict)
     both made by this release (ingest fingerprint) from these files and this suite. A dataset failing its
     suite is skipped until something changes, rather than read whole again each night to fail again."""
     valid = current(store, f"validated/{dataset.name}")
-    if valid is None or raw.get("ingest_fingerprint") != ingest_fingerprint(dataset):
+    if valid is None or reingest_needed(dataset, raw):
         return None
     if revalidation_needed(suite, raw, valid):
         return None

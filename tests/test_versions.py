@@ -262,6 +262,28 @@ def test_shards_refuse_validated_rows_of_an_older_raw_generation(setup) -> None:
     assert latest_manifest(store, dataset)["version"] == first["version"]
 
 
+def test_validated_and_shards_refuse_raw_ingested_under_another_catalogue_entry(setup) -> None:
+    """A file with a column the catalogue does not declare is refused; allowed later, raw must read it again
+    before anything is built on it: a version made from the old raw would carry the new entry's version id,
+    and every later full run would re-point at it, the file's rows missing (a reviewer's reproduction)."""
+    catalog, dataset, store, stores, dask = setup
+    land_more(store, 2016)
+    frame = pd.read_parquet(io.BytesIO(store.read_bytes(f"landing/{DATASET}/extra.parquet"))).assign(station="SEA")
+    store.write_bytes(f"landing/{DATASET}/extra.parquet", frame.to_parquet(index=False))
+    assert run(catalog, stores, dask).success
+    first = latest_manifest(store, dataset)
+    assert first["quarantine"]["files_refused"] == 1
+    ignoring = dataset.model_copy(update={"source": dataset.source.model_copy(update={"extra_columns": "ignore"})})
+    allowed = catalog.model_copy(update={"datasets": {DATASET: ignoring}})
+    for stages in (("validated", "shards"), ("shards",)):
+        stale = run(allowed, stores, dask, stages=stages)
+        assert not stale.success
+        assert "raw was ingested under another source or schema" in failure_message(stale)
+        assert latest_manifest(store, dataset)["version"] == first["version"]
+    assert run(allowed, stores, dask).success
+    assert latest_manifest(store, dataset)["conservation"]["rows_sharded"] == first["conservation"]["rows_read"] + 366
+
+
 def test_every_module_the_output_modules_import_is_in_the_version() -> None:
     """A module that reads, judges or shards but is missing from OUTPUT_MODULES would let new code re-point
     `_latest` at shards that old code made. Only plumbing and the catalogue (hashed as configuration) stay out."""
@@ -408,7 +430,7 @@ def test_workers_on_other_releases_commit_nothing(setup, monkeypatch, differs: s
         monkeypatch.setattr(manifest, "CODE_FINGERPRINT", "another-release")
     result = run(catalog, stores, dask)
     assert not result.success
-    assert "Dask workers run other code or releases than this process" in failure_message(result)
+    assert "Dask workers that run other code or releases than this process" in failure_message(result)
     assert latest_manifest(store, dataset) is None
     assert current(store, f"raw/{DATASET}")["ingest_fingerprint"] is None  # its parts lent to no later run
     monkeypatch.undo()
@@ -540,7 +562,7 @@ def test_validated_judges_only_the_parts_its_current_generation_did_not_judge_th
 ) -> None:
     """After a drop, GX runs over the new file alone and the record is what a fresh validation of every
     file gives (`mostly` over the totals, samples from kept and new parts, PII hidden alike); a delete file
-    gone, another suite or another release judges again."""
+    gone, another suite or another release judges again (a release also reads raw again, first)."""
     from aifactory_assets import ingest
 
     catalog, dataset, store, stores, dask = setup
@@ -596,6 +618,8 @@ def test_validated_judges_only_the_parts_its_current_generation_did_not_judge_th
     assert run(catalog.model_copy(update={"suites": {DATASET: stricter}}), stores, dask, stages=("validated",)).success
     assert current(store, f"validated/{DATASET}")["parts_judged"] == 3
     assert run(catalog, stores, dask, stages=("validated",)).success
-    monkeypatch.setattr(ingest, "CODE_FINGERPRINT", "another-release")  # validated alone, by a new release
-    assert run(catalog, stores, dask, stages=("validated",)).success
+    monkeypatch.setattr(ingest, "CODE_FINGERPRINT", "another-release")  # a new release: raw first, then all judged
+    alone = run(catalog, stores, dask, stages=("validated",))
+    assert not alone.success and "by another release: materialise raw first" in failure_message(alone)
+    assert run(catalog, stores, dask, stages=stages).success
     assert current(store, f"validated/{DATASET}")["parts_judged"] == 3
