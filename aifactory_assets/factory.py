@@ -28,7 +28,8 @@ from aifactory_assets.checks import (
     footers,
     ledger_check,
     schema_check,
-    verify_shards,
+    shard_problems,
+    verified_check,
 )
 from aifactory_assets.data_docs import gx_imported, render_data_docs
 from aifactory_assets.ingest import ingest_dataset, reingest_needed
@@ -167,6 +168,52 @@ def require_shardable(
             f"{dataset.name}: all {raw_record['rows_read']} rows read were quarantined (see the quarantine at raw "
             "and validated); a version of no rows would replace the latest, so nothing to shard"
         )
+
+
+def shard_version(
+    store: ObjectStore,
+    client: Client,
+    dataset: Dataset,
+    raw_record: dict[str, Any],
+    valid_record: dict[str, Any],
+    into: str,
+    staging: str,
+) -> dict[str, Any]:
+    """The validated rows shuffled into shards under `into`, by workers on this process's software (which
+    the version id names)."""
+    rank = {e["source"]: i for i, e in enumerate(raw_record["ledger"])}
+    seqs = [rank[source] for source in raw_record["part_sources"]]
+    sharded = shard_dataset(
+        store, client, dataset, valid_record["raw_parts"], valid_record["excluded"], seqs, into, staging
+    )
+    if elsewhere := workers_on_other_software(client):
+        raise dg.Failure(
+            f"{dataset.name}: Dask workers run other code or releases than this process ({output_software()}), "
+            f"which the version id names: {elsewhere}; install the same aifactory and lock on both"
+        )
+    return sharded
+
+
+def repair_version(
+    store: ObjectStore,
+    dataset: Dataset,
+    prefix: str,
+    manifest: dict[str, Any],
+    problems: dict[str, str],
+    rebuilt: dict[str, Any],
+    staging: str,
+) -> None:
+    """A committed version whose shards rotted, or were removed, gets them back: the same inputs and
+    configuration give the same bytes, so the damaged shards are rebuilt in the staging and copied over
+    them (each whole, never written in place under a reader), and the manifest stays as committed."""
+    made = {s["path"]: s["sha256"] for split in rebuilt["splits"].values() for s in split["shards"]}
+    wanted = {s["path"]: s["sha256"] for split in manifest["splits"].values() for s in split["shards"]}
+    if made != wanted:
+        raise dg.Failure(
+            f"{dataset.name}: version {manifest['version']} is damaged ({problems}) and its shards, made again, "
+            f"differ from its manifest: remove {store.url(prefix)}/{MANIFEST} and run again to write it anew"
+        )
+    store.copy_many([(f"{staging}/rebuilt/{path}", f"{prefix}/{path}") for path in problems])
 
 
 def _checks(dataset: Dataset, stage: str, *names: str, blocking: bool = True) -> list[dg.AssetCheckSpec]:
@@ -383,32 +430,16 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
         require_shardable(dataset, suite, raw_record, valid_record)
         version = version_for(dataset, suite, raw_record)
         prefix = version_prefix(dataset, version)
-        staging = None
         for abandoned in remove_abandoned_writes(store, dataset, partial(run_finished, context.instance)):
             context.log.info(f"removed v={abandoned}/, left unfinished by runs that are over")
-        if store.is_object(f"{prefix}/{MANIFEST}"):
+        staging = f"{staging_prefix(dataset)}/{version}/{context.run.run_id}"  # marks the version being written
+        shard = partial(shard_version, store, dask.get_client(), dataset, raw_record, valid_record, staging=staging)
+        committed = store.is_object(f"{prefix}/{MANIFEST}")
+        if committed:
             manifest = store.read_json(f"{prefix}/{MANIFEST}")
             context.log.info(f"version {version} is already committed; re-pointing _latest at it")
         else:
-            staging = f"{staging_prefix(dataset)}/{version}/{context.run.run_id}"
-            rank = {e["source"]: i for i, e in enumerate(raw_record["ledger"])}
-            seqs = [rank[source] for source in raw_record["part_sources"]]
-            sharded = shard_dataset(
-                store,
-                dask.get_client(),
-                dataset,
-                valid_record["raw_parts"],
-                valid_record["excluded"],
-                seqs,
-                prefix,
-                staging,
-            )
-            if elsewhere := workers_on_other_software(dask.get_client()):
-                raise dg.Failure(
-                    f"{dataset.name}: Dask workers run other code or releases than this process "
-                    f"({output_software()}), which version {version} names: {elsewhere}; install the same "
-                    "aifactory and lock on both"
-                )
+            sharded = shard(prefix)
             if sharded["rows_in"] != valid_record["rows_valid"]:
                 raise dg.Failure(
                     f"{dataset.name}: the shuffle read {sharded['rows_in']} validated rows where validated passed "
@@ -430,7 +461,12 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
             manifest = build_manifest(
                 dataset, version, schema, sharded, lineage, validation, quarantine, context.run.run_id
             )
-        verified = verify_shards(store, dask.get_client(), prefix, manifest)  # before training can see it
+        problems = shard_problems(store, dask.get_client(), prefix, manifest)  # before training can see it
+        if problems and committed:
+            context.log.warning(f"version {version} is committed but damaged, {problems}: rebuilding those shards")
+            repair_version(store, dataset, prefix, manifest, problems, shard(f"{staging}/rebuilt"), staging)
+            problems = shard_problems(store, dask.get_client(), prefix, manifest)
+        verified = verified_check(manifest, problems)
         if not verified.passed:
             raise dg.Failure(
                 f"{dataset.name}: version {version} does not match its manifest, so it is not committed: "
@@ -438,8 +474,7 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
                 metadata=verified.metadata,
             )
         commit(store, dataset, manifest, context.run.run_id)
-        if staging:
-            store.delete(staging)  # kept if anything above failed: it marks the version left unfinished
+        store.delete(staging)  # kept if anything above failed: it marks the version left unfinished
         balance = manifest["conservation"]
         split_rows = [[s, v["rows"], len(v["shards"]), v["bytes"]] for s, v in manifest["splits"].items()]
         summary = f"Version `{version}` committed: `{store.url(prefix)}/{MANIFEST}`\n\n" + markdown_table(

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from aifactory_assets.catalog import Catalog
+from aifactory_assets.checks import shard_problems
 from aifactory_assets.demo import land_demo_data
 from aifactory_assets.factory import asset_key, build_catalog_assets, run_finished
 from aifactory_assets.ingest import ingest_dataset
@@ -383,22 +384,39 @@ def test_the_split_order_is_part_of_the_version(setup) -> None:
     assert version_id(turned, suite, inputs) != version_id(dataset, suite, inputs)  # other keys in each split
 
 
-def test_a_version_that_fails_its_checksums_never_becomes_the_latest(setup) -> None:
+def test_a_damaged_version_is_repaired_when_its_inputs_come_back_or_never_becomes_the_latest(setup) -> None:
+    """The same inputs give the same bytes: a committed version's rotten or missing shards are made again
+    and copied over them, the healthy ones and the manifest untouched. A version its rebuilt shards cannot
+    match stays out of `_latest`."""
     catalog, dataset, store, stores, dask = setup
     assert run(catalog, stores, dask).success
     old = latest_manifest(store, dataset)
     land_more(store, 2016)
     assert run(catalog, stores, dask).success
     new = latest_manifest(store, dataset)
-    shard = f"shards/{DATASET}/v={old['version']}/{old['splits']['train']['shards'][0]['path']}"
-    data = bytearray(store.read_bytes(shard))
-    data[len(data) // 2] ^= 0xFF
-    store.write_bytes(shard, bytes(data))
+    folder = f"shards/{DATASET}/v={old['version']}"
+    tampered = json.loads(json.dumps(old))
+    tampered["splits"]["train"]["shards"][0]["sha256"] = "0" * 64
+    store.write_json(f"{folder}/manifest.json", tampered)
     store.delete(f"landing/{DATASET}/extra.parquet")  # back to the old inputs: the old version again
-    result = run(catalog, stores, dask)
+    instance = dg.DagsterInstance.ephemeral()  # the failed run and the next, as on a site's instance
+    result = run(catalog, stores, dask, instance=instance)
     assert not result.success
-    assert "does not match its manifest, so it is not committed" in failure_message(result)
+    assert "differ from its manifest" in failure_message(result)
     assert latest_manifest(store, dataset)["version"] == new["version"]  # training keeps a sound version
+
+    store.write_json(f"{folder}/manifest.json", old)
+    rotten, missing, healthy = (old["splits"][split]["shards"][0]["path"] for split in ("train", "val", "test"))
+    data = bytearray(store.read_bytes(f"{folder}/{rotten}"))
+    data[len(data) // 2] ^= 0xFF
+    store.write_bytes(f"{folder}/{rotten}", bytes(data))
+    store.delete(f"{folder}/{missing}")
+    untouched = os.stat(store.path(f"{folder}/{healthy}")).st_ino
+    assert run(catalog, stores, dask, instance=instance).success
+    assert latest_manifest(store, dataset) == old
+    assert not shard_problems(store, dask.get_client(), folder, old)
+    assert os.stat(store.path(f"{folder}/{healthy}")).st_ino == untouched
+    assert not store.list_objects(f"shards/{DATASET}/_staging")
 
 
 def test_new_code_or_libraries_make_a_new_version(setup, monkeypatch) -> None:
