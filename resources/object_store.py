@@ -44,6 +44,15 @@ class ObjectInfo:
         return f"{self.key}|{self.size}|{self.etag or ''}|{self.mtime or ''}"
 
 
+def local_identity(info: dict[str, Any]) -> str | None:
+    """What stands in for an ETag on a local file: its inode and change time. Size and mtime alone miss a
+    file rewritten in place with both kept (`cp -p`, `rsync -t`, `touch -r`, one-second mtimes), whose new
+    rows would then never be read; a rewrite or a rename-into-place changes the change time."""
+    if "ino" not in info or "created" not in info:  # fsspec's local `created` is st_ctime
+        return None
+    return f"ino{info['ino']}-ctime{info['created']!r}"
+
+
 @lru_cache(maxsize=32)
 def _filesystem(protocol: str, options: tuple[tuple[str, Any], ...]) -> fsspec.AbstractFileSystem:
     return fsspec.filesystem(protocol, **_unfreeze(options))
@@ -160,7 +169,7 @@ class ObjectStore(dg.ConfigurableResource):
         return self._info(self.path(key), self.fs.info(self.path(key)))
 
     def _info(self, path: str, info: dict[str, Any]) -> ObjectInfo:
-        etag = info.get("ETag") or info.get("etag")
+        etag = info.get("ETag") or info.get("etag") or local_identity(info)
         mtime = info.get("mtime") or info.get("LastModified") or info.get("created")
         if hasattr(mtime, "timestamp"):
             mtime = mtime.timestamp()

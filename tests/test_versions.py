@@ -575,6 +575,24 @@ def land_windy(store: ObjectStore, year: int, wind: float) -> None:
     store.write_bytes(f"landing/{DATASET}/y{year}.parquet", buffer.getvalue())
 
 
+def test_a_local_file_rewritten_with_its_size_and_mtime_kept_is_read_again(setup) -> None:
+    """`cp -p`, `rsync -t` or one-second mtimes: size and mtime alone would keep the old rows forever."""
+    catalog, dataset, store, stores, dask = setup
+    landed = Path(store.path(f"landing/{DATASET}/y2016.parquet"))
+    days = pd.date_range("2016-01-01", "2016-12-31", freq="D")
+    frame = pd.DataFrame({"date": days, "precipitation": 0.5, "temp_max": 10.0, "temp_min": 2.0, "weather": "rain"})
+    landed.write_bytes(frame.assign(wind=3.0).to_parquet(index=False, compression=None))
+    assert run(catalog, stores, dask).success
+    before = landed.stat()
+    landed.write_bytes(frame.assign(wind=4.5).to_parquet(index=False, compression=None))  # a correction
+    os.utime(landed, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert landed.stat().st_size == before.st_size
+    assert run(catalog, stores, dask).success
+    assert current(store, f"raw/{DATASET}")["files_read"] == 1
+    rows = all_rows(store, latest_manifest(store, dataset))
+    assert set(rows.loc[pd.to_datetime(rows["date"]).dt.year == 2016, "wind"]) == {4.5}
+
+
 def test_validated_judges_only_the_parts_its_current_generation_did_not_judge_the_same_way(
     setup, tmp_path, monkeypatch
 ) -> None:
