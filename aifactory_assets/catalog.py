@@ -539,6 +539,22 @@ def load_suite(path: Path, dataset: Dataset, dataset_file: Path) -> dict[str, An
     return suite
 
 
+def judged_suite(suite: dict[str, Any]) -> dict[str, Any]:
+    """What of a suite judges rows: its name, and its expectations' types, arguments and severities. Notes
+    and other `meta` shape no verdict: editing them must not judge every part again or make a new version."""
+    return {
+        "name": suite.get("name"),
+        "expectations": [
+            {
+                "type": e["type"],
+                "kwargs": e.get("kwargs") or {},
+                "severity": (e.get("meta") or {}).get("severity", "critical"),
+            }
+            for e in suite["expectations"]
+        ],
+    }
+
+
 def check_arguments(path: Path, where: str, kind: str, kwargs: dict[str, Any]) -> None:
     """What can be checked without importing GX: argument names, column names as text, `mostly` as a share,
     regexes that compile, and no row conditions."""

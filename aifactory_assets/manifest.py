@@ -19,7 +19,7 @@ from typing import Any
 import pyarrow as pa
 from distributed import Client
 
-from aifactory_assets.catalog import Dataset
+from aifactory_assets.catalog import Dataset, judged_suite
 from aifactory_assets.shard_layout import LATEST, MANIFEST
 from aifactory_assets.sharding import SAMPLER
 from aifactory_assets.staging import staging_prefix
@@ -97,9 +97,17 @@ def schema_fields(schema: pa.Schema) -> list[dict[str, Any]]:
     return [{"name": f.name, "type": str(f.type), "nullable": f.nullable} for f in schema]
 
 
-# Catalogue fields that shape no byte of a version: what it is called and who owns it, and housekeeping
-# (how many versions to keep, when to refuse a run). Changing them must not reshard into a new version.
-NOT_OUTPUT = {"description": True, "owner": True, "origin": True, "residency": True, "max_quarantined_fraction": True}
+# Catalogue fields that shape no byte of a version: what it is and who owns it, and housekeeping (how many
+# versions to keep, when to refuse a run). Changing them must not reshard into a new version. Residency
+# does count: the manifest records it, and what copies a version elsewhere trusts that record.
+NOT_OUTPUT = {
+    "description": True,
+    "owner": True,
+    "origin": True,
+    "max_quarantined_fraction": True,
+    "shards": {"retention"},
+    "table": {"columns": {"__all__": {"description"}}},
+}
 
 
 def version_id(dataset: Dataset, suite: dict[str, Any], inputs: list[str]) -> str:
@@ -109,9 +117,9 @@ def version_id(dataset: Dataset, suite: dict[str, Any], inputs: list[str]) -> st
         "format": FORMAT_VERSION,
         "code": CODE_FINGERPRINT,
         "libraries": LIBRARY_VERSIONS,
-        "dataset": dataset.model_dump(mode="json", exclude={**NOT_OUTPUT, "shards": {"retention"}}),
+        "dataset": dataset.model_dump(mode="json", exclude=NOT_OUTPUT),
         "split_order": list(dataset.shards.splits),  # the cut follows it; the dump's keys get sorted
-        "suite": suite,
+        "suite": judged_suite(suite),
         "inputs": sorted(inputs),
     }
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from distributed import Client
 
-from aifactory_assets.catalog import GLOBAL_EXPECTATIONS, ROW_EXPECTATIONS, Dataset, judge_columns
+from aifactory_assets.catalog import GLOBAL_EXPECTATIONS, ROW_EXPECTATIONS, Dataset, judge_columns, judged_suite
 from aifactory_assets.dataset_statistics import between, judge_global
 from aifactory_assets.ingest import ingest_fingerprint
 from aifactory_assets.manifest import workers_on_other_software
@@ -274,7 +274,7 @@ def source_ledger(raw: dict[str, Any], partials: list[dict[str, Any]]) -> list[d
 
 def suite_fingerprint(suite: dict[str, Any]) -> str:
     """Which suite judged a validated generation: shards made later must be judged by the same one."""
-    return hashlib.sha256(json.dumps(suite, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(judged_suite(suite), sort_keys=True).encode()).hexdigest()[:16]
 
 
 VALUE_STATISTICS = frozenset(

@@ -30,6 +30,7 @@ from aifactory_assets.manifest import (
 )
 from aifactory_assets.publish import current
 from aifactory_assets.staging import staging_prefix
+from aifactory_assets.validation import suite_fingerprint
 from resources import DaskCluster, ObjectStore
 from tests.conftest import every_run_over, local_stores, pipeline_resources, s3_stores
 
@@ -458,15 +459,25 @@ def test_workers_on_other_releases_commit_nothing(setup, monkeypatch, differs: s
 
 
 def test_housekeeping_settings_keep_the_version(setup) -> None:
-    """How many versions to keep, or when to refuse a run, shapes no byte: no reshard into a new version."""
+    """How many versions to keep, when to refuse a run, or how a column or an expectation is described
+    shapes no byte: no reshard into a new version (and notes judge no part again)."""
     catalog, dataset, *_ = setup
     inputs, suite = ["landing/x.csv|10|etag|1.0"], catalog.suites[DATASET]
     housekept = dataset.model_copy(
         update={"shards": dataset.shards.model_copy(update={"retention": 7}), "max_quarantined_fraction": 0.5}
     )
+    columns = [c.model_copy(update={"description": "reworded"}) for c in dataset.table.columns]
+    described = dataset.model_copy(update={"table": dataset.table.model_copy(update={"columns": columns})})
+    noted = {
+        **suite,
+        "expectations": [{**e, "meta": {**e.get("meta", {}), "notes": "why"}} for e in suite["expectations"]],
+    }
     reseeded = dataset.model_copy(update={"shards": dataset.shards.model_copy(update={"seed": 7})})
-    assert version_id(housekept, suite, inputs) == version_id(dataset, suite, inputs)
-    assert version_id(reseeded, suite, inputs) != version_id(dataset, suite, inputs)
+    resident = dataset.model_copy(update={"residency": [dataset.site]})  # the manifest records it
+    first = version_id(dataset, suite, inputs)
+    assert version_id(housekept, suite, inputs) == version_id(described, suite, inputs) == first
+    assert version_id(dataset, noted, inputs) == first and suite_fingerprint(noted) == suite_fingerprint(suite)
+    assert version_id(reseeded, suite, inputs) != first != version_id(resident, suite, inputs)
 
 
 def test_what_runs_that_are_over_left_unfinished_is_removed(setup) -> None:
