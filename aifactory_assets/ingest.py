@@ -105,6 +105,17 @@ def ingest_file(
     return entry
 
 
+class LandedFileChanged(RuntimeError):
+    """The ledger would name a landed object the parts were not read from."""
+
+
+def changed_since_listed(store: ObjectStore, dataset: Dataset, listed: list[ObjectInfo]) -> list[str]:
+    """The keys of `listed` whose object is not the one listed any more (or is gone): the raw part read from
+    it may hold newer bytes than the fingerprint the ledger and the version id give it."""
+    now = {o.key: o for o in landed_objects(store, dataset)}
+    return [o.key for o in listed if now.get(o.key) != o]
+
+
 def ingest_fingerprint(dataset: Dataset) -> str:
     """What makes a landed file's raw and quarantine parts, besides the file: the dataset's source and
     schema (not their descriptions), the code and the libraries."""
@@ -203,6 +214,11 @@ def ingest_dataset(
         storage_options=store.storage_options,
         run_id=run_id,
     )
+    if changed := changed_since_listed(store, dataset, [objects[i] for i in fresh]):
+        raise LandedFileChanged(
+            f"{dataset.name}: landed file(s) {changed} changed while raw read them (written again, or a copy "
+            "still going on under the final name): nothing is published, and the next run reads them as they are"
+        )
     for i, entry in zip(fresh, read, strict=True):
         ledger[i] = {**entry, "object": asdict(objects[i]), "ingested_by": run_id}
     parts = [(raw_parts[i], e["source"]) for i, e in enumerate(ledger) if "file_error" not in e]

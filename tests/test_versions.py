@@ -249,7 +249,14 @@ def test_records_keep_their_split_when_new_data_arrives(setup) -> None:
 
 
 def failure_message(result: dg.ExecuteInJobResult) -> str:
-    return "\n".join(e.event_specific_data.error.message for e in result.all_events if e.is_step_failure)
+    """Every failed step's error, with the errors that caused it (as the UI shows them)."""
+    messages = []
+    for event in (e for e in result.all_events if e.is_step_failure):
+        error = event.event_specific_data.error
+        while error is not None:
+            messages.append(error.message)
+            error = error.cause
+    return "\n".join(messages)
 
 
 def test_shards_refuse_validated_rows_of_an_older_raw_generation(setup) -> None:
@@ -602,6 +609,31 @@ def test_a_local_file_rewritten_with_its_size_and_mtime_kept_is_read_again(setup
     assert current(store, f"raw/{DATASET}")["files_read"] == 1
     rows = all_rows(store, latest_manifest(store, dataset))
     assert set(rows.loc[pd.to_datetime(rows["date"]).dt.year == 2016, "wind"]) == {4.5}
+
+
+def test_a_landed_file_written_again_while_raw_reads_it_publishes_nothing(setup, monkeypatch) -> None:
+    """The ledger, and the version id, would otherwise name the object listed before the read, while the
+    part holds whatever bytes the read found."""
+    from aifactory_assets import ingest
+
+    catalog, dataset, store, stores, dask = setup
+    land_more(store, 2016)
+
+    def read_while_a_producer_writes(*args, **kwargs):
+        read = run_tasks(*args, **kwargs)
+        land_more(store, 2017)  # the same name, written again
+        return read
+
+    run_tasks = ingest.run_tasks
+    monkeypatch.setattr(ingest, "run_tasks", read_while_a_producer_writes)
+    result = run(catalog, stores, dask, stages=("raw",))
+    assert not result.success
+    assert "landed file(s) ['landing/seattle_weather/extra.parquet'] changed while raw read them" in failure_message(
+        result
+    )
+    assert current(store, f"raw/{DATASET}") is None
+    monkeypatch.undo()
+    assert run(catalog, stores, dask, stages=("raw",)).success
 
 
 def test_validated_judges_only_the_parts_its_current_generation_did_not_judge_the_same_way(
