@@ -13,8 +13,8 @@ written in. That stream is cut into `world_size` equal contiguous slices, one pe
 exactly the same number of samples (the tail is dropped, or padded by wrapping around, as the manifest's
 sampler says): uneven ranks hang collective ops. Within a rank, the i-th batch (counted from where the run
 starts) goes to data-loader worker i % num_workers, the order in which PyTorch's DataLoader interleaves
-workers, so the rank's order does not depend on the worker count. `start_sample`
-resumes a rank exactly where it stopped.
+workers, so the rank's order does not depend on the worker count. `state=reader.state_dict(n)`
+resumes a rank exactly where it stopped, and refuses a run laid out otherwise (world size, sampling, version).
 
 `verify=True` hashes each shard whole against the manifest on first read (a local shard once per process,
 a remote one once per node: as its copy enters the cache, and again only if the copy was written since),
@@ -22,7 +22,9 @@ and checks every page's CRC32 as it is read where the shard was not hashed just 
 later epoch; a copy another process hashed); `verify="pages"` only the pages' CRCs and each shard's size:
 where every rank hashing the whole split would cost more than training reads (thousands of ranks on one
 shared filesystem). Page checksums catch torn copies and bit rot in the pages read, not a file replaced
-on purpose.
+on purpose. They do not cover the footer (row counts, schema, where pages lie): where a shard is not hashed
+whole, its footer is hashed against the manifest's `footer_sha256` (from format 4) as it is opened; and
+every footer's row groups and schema must be the manifest's, every row group read its row count.
 
 `threads` (by default one per core this process may use, READ_THREADS at most) read, decode and shuffle
 row groups, up to two per thread ahead of the batches, and as many more open (hash, download) shards;
@@ -38,6 +40,7 @@ would otherwise download nearly the whole split (row groups are shuffled across 
 from __future__ import annotations
 
 import contextlib
+import difflib
 import fcntl
 import hashlib
 import json
@@ -48,7 +51,7 @@ import threading
 import time
 import warnings
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +64,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from aifactory_assets.file_lock import lock, open_to_lock
-from aifactory_assets.shard_layout import LATEST, MANIFEST
+from aifactory_assets.shard_layout import LATEST, MANIFEST, read_footer, schema_fingerprint
 
 DEFAULT_CACHE_BYTES = 20 * 2**30
 COPY_CHUNK = 8 * 2**20  # a download is streamed to disk, never held whole
@@ -200,7 +203,11 @@ class ShardCache:
         """The shard's lock file, locked: waits for another process downloading the same shard. Locked, it
         must still be the file at `path` (an eviction may have removed it while we waited)."""
         while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except PermissionError:  # another user's: a local flock needs no write access
+                if (fd := open_to_lock(path)) is None:
+                    continue
             lock(fd, fcntl.LOCK_EX)
             try:
                 if os.fstat(fd).st_ino == path.stat().st_ino:
@@ -212,7 +219,9 @@ class ShardCache:
     def _present(self, target: Path, checksum: str, verify: bool) -> bool | None:
         """None where there is no sound copy; else whether it was hashed just now."""
         try:
-            os.utime(target, ns=(time.time_ns(), target.stat().st_mtime_ns))  # used now; mtime kept (the record)
+            mtime = target.stat().st_mtime_ns
+            with contextlib.suppress(PermissionError):  # another user's copy: recency is best effort
+                os.utime(target, ns=(time.time_ns(), mtime))  # used now; mtime kept (the record)
             if verify and not self._hashed_as_is(target):
                 stamp = file_stamp(target)
                 verify_digest(sha256_of(target), checksum, str(target))
@@ -276,7 +285,7 @@ class ShardCache:
             if path.suffix == ".parquet":
                 files.append((stat.st_atime, stat.st_size, path))
             elif ".tmp-" in path.name and now - stat.st_mtime > ABANDONED_S:
-                path.unlink(missing_ok=True)
+                remove(path)
                 continue
             elif (
                 path.suffix == ".verified"
@@ -286,7 +295,7 @@ class ShardCache:
                 # Its copy was evicted, or its download died between the record and the rename. Not a young
                 # one: a download writes its record just before the rename, and removing it then made the
                 # node hash that copy again (seen as a rank's rehash in the shared-cache test).
-                path.unlink(missing_ok=True)
+                remove(path)
                 continue
             total += stat.st_size
         for _, size, path in sorted(files):
@@ -313,13 +322,21 @@ class ShardCache:
             if fd is None:
                 continue
             try:
-                if not lock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB):
-                    return removed  # a reader holds the copy, or a download its lock
-                target.unlink(missing_ok=True)
+                if not lock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB) or not remove(target):
+                    return removed  # a reader holds the copy, a download its lock, or another user owns it
                 removed = removed or target == path
             finally:
                 os.close(fd)
         return removed
+
+
+def remove(path: Path) -> bool:
+    """Unlinks `path`; False where it is another user's in a shared cache (a sticky folder): theirs to remove."""
+    try:
+        path.unlink(missing_ok=True)
+    except PermissionError:
+        return False
+    return True
 
 
 class CountingFile:
@@ -428,6 +445,7 @@ class ShardReader:
         shuffle_block: int = 1,
         remainder: Remainder | None = None,
         start_sample: int = 0,
+        state: Mapping[str, Any] | None = None,
         verify: bool | Literal["pages"] = True,
         storage_options: dict[str, Any] | None = None,
         cache_dir: str | Path | None = None,
@@ -439,11 +457,16 @@ class ShardReader:
     ):
         if not 0 <= rank < world_size or not 0 <= worker_id < num_workers:
             raise ValueError(f"rank {rank} of {world_size}, worker {worker_id} of {num_workers}: out of range")
-        for name, value in (("batch_size", batch_size), ("shuffle_block", shuffle_block)):
-            if value < 1:
-                raise ValueError(f"{name} must be at least 1, got {value}")
-        if start_sample < 0:
-            raise ValueError(f"start_sample must be at least 0, got {start_sample}")
+        if state is not None:
+            if epoch or start_sample:
+                raise ValueError("state= resumes at its own epoch and start_sample: give state= or those, not both")
+            epoch, start_sample = state["epoch"], state["start_sample"]
+        least = (("batch_size", batch_size, 1), ("shuffle_block", shuffle_block, 1), ("start_sample", start_sample, 0))
+        for name, value, minimum in (*least, ("epoch", epoch, 0), ("seed", 0 if seed is None else seed, 0)):
+            if value < minimum:  # a negative seed or epoch would fail later, in NumPy, with no name
+                raise ValueError(f"{name} must be at least {minimum}, got {value}")
+        if columns is not None and not columns:
+            raise ValueError("columns=[] reads no column (and yields no batch): leave columns out to read them all")
         if threads is not None and (isinstance(threads, bool) or operator.index(threads) < 0):
             raise ValueError(
                 f"threads {threads!r}: a count of at least 0 (0: in turn), or None (a thread per core, 8 at most)"
@@ -461,6 +484,10 @@ class ShardReader:
         self.manifest: dict[str, Any] = json.loads(self.fs.cat_file(manifest_path))
         if split not in self.manifest["splits"]:
             raise KeyError(f"split {split!r} not in {manifest}; it has {sorted(self.manifest['splits'])}")
+        schema = self.manifest.get("schema", {})
+        if "fields" in schema:
+            check_columns(columns, [f["name"] for f in schema["fields"]], manifest)
+        self.schema_fingerprint: str | None = schema.get("fingerprint")
         self.root = posixpath.dirname(manifest_path)
         self.split, self.rank, self.world_size = split, rank, world_size
         self.worker_id, self.num_workers = worker_id, num_workers
@@ -475,6 +502,8 @@ class ShardReader:
             raise ValueError(f"{manifest}: written before shards carried page checksums; use verify=True")
         shards = self.manifest["splits"][split]["shards"]
         self.checksums = {s["path"]: s["sha256"] for s in shards}
+        self.footers = {s["path"]: s.get("footer_sha256") for s in shards}  # from format 4
+        self.row_groups = {s["path"]: s["row_groups"] for s in shards}
         self.sizes = {s["path"]: s.get("bytes") for s in shards}  # in every manifest of format 3
         self.shard_numbers = {s["path"]: i for i, s in enumerate(shards)}
         self.groups = [RowGroup(s["path"], i, n) for s in shards for i, n in enumerate(s["row_groups"]) if n]
@@ -484,6 +513,13 @@ class ShardReader:
             raise ValueError(
                 f"split {split!r} of {manifest} has {self.total} rows, fewer than world_size {world_size}: dropping "
                 "the remainder would leave every rank with nothing; use remainder='pad'"
+            )
+        if state is not None:
+            self._check_resumable(state)
+        if start_sample > self.samples_per_rank():
+            raise ValueError(
+                f"start_sample {start_sample} is past the {self.samples_per_rank()} samples a rank has in an epoch "
+                f"of split {split!r} at world_size {world_size}: a resume point of another run or version"
             )
         if not cache and verify is True and not self.is_local:
             raise ValueError(
@@ -511,25 +547,38 @@ class ShardReader:
         return self.total // self.world_size
 
     def __len__(self) -> int:
-        """Samples this worker yields in the epoch (from `start_sample` on)."""
-        return sum(hi - lo for lo, hi in self._batches())
+        """Samples this worker yields in the epoch (from `start_sample` on): its batches, less what the first
+        one skips before `start_sample` and the last one lacks at the end of the rank's slice."""
+        mine, size = self._batch_numbers(), self.batch_size
+        if not mine:
+            return 0
+        first, end = self.start_sample // size, -(-self.samples_per_rank() // size)
+        skipped = self.start_sample - first * size if mine[0] == first else 0
+        short = end * size - self.samples_per_rank() if mine[-1] == end - 1 else 0
+        return len(mine) * size - skipped - short
+
+    def batch_count(self) -> int:
+        """Batches this worker yields in the epoch (from `start_sample` on)."""
+        return len(self._batch_numbers())
 
     def _order(self) -> list[RowGroup]:
         if not self.shuffle:
             return self.groups
         return [self.groups[i] for i in epoch_seed(self.seed, self.epoch).permutation(len(self.groups))]
 
-    def _batches(self) -> list[tuple[int, int]]:
+    def _batch_numbers(self) -> range:
+        """This worker's batches by number in the rank's epoch (batch i: its slice's rows from i * batch_size):
+        every num_workers-th from the one `start_sample` falls in. A range, never a list: batches of a row
+        over millions of rows."""
+        per_rank = self.samples_per_rank()
+        end = -(-per_rank // self.batch_size) if self.start_sample < per_rank else 0
+        return range(self.start_sample // self.batch_size + self.worker_id, end, self.num_workers)
+
+    def _batches(self) -> Iterator[tuple[int, int]]:
         """This worker's batches, as [lo, hi) positions in the rank's slice of the epoch stream."""
         per_rank = self.samples_per_rank()
-        bounds = range(0, per_rank, self.batch_size)
-        batches = [(lo, min(lo + self.batch_size, per_rank)) for lo in bounds]
-        first = self.start_sample // self.batch_size
-        mine = []
-        for i, (lo, hi) in enumerate(batches):
-            if i >= first and (i - first) % self.num_workers == self.worker_id:
-                mine.append((max(lo, self.start_sample), hi))
-        return [(lo, hi) for lo, hi in mine if lo < hi]
+        for i in self._batch_numbers():
+            yield max(i * self.batch_size, self.start_sample), min((i + 1) * self.batch_size, per_rank)
 
     def __iter__(self) -> Iterator[pa.RecordBatch]:
         """A record batch per batch, except where a text or binary column of it passes 2 GiB: Arrow's 32-bit
@@ -639,6 +688,11 @@ class ShardReader:
     def _read(self, shard: OpenShard, group: RowGroup, use_threads: bool) -> pa.Table:
         with shard.lock:
             table = shard.file.read_row_group(group.index, columns=self.columns, use_threads=use_threads)
+        if table.num_rows != group.rows:  # the plan counts on the manifest's rows: short batches, unequal ranks
+            raise ChecksumMismatch(
+                f"{self.root}/{group.shard} row group {group.index}: {table.num_rows} rows where the manifest has "
+                f"{group.rows}"
+            )
         for name in shard.dictionary:
             column = table.column(name)
             if len(column) >= REPEATS_SEEN_IN and sum(len(c.dictionary) for c in column.chunks) * 2 > len(column):
@@ -682,18 +736,19 @@ class ShardReader:
                 hashed = verify_file(Path(remote), checksum) if self.verify is True else None
                 if self.verify == "pages":
                     self._check_size(shard, Path(remote).stat().st_size)
-                opened = self._open(remote, None, hashed is not None)
+                opened = self._open(shard, remote, None, hashed is not None)
                 if hashed is None or file_stamp(Path(remote)) == hashed:
                     return opened
                 opened.file.close()  # written between its hash and its opening: what was hashed is not this
             raise OSError(f"{remote}: changed on disk {attempts} times while it was being verified")
         if self.cache is None:
             return self._open_ranges(shard)
-        return self._open_cached(self.cache, remote, checksum)
+        return self._open_cached(self.cache, shard, attempts)
 
-    def _open_cached(self, cache: ShardCache, remote: str, checksum: str, attempts: int = 3) -> OpenShard:
+    def _open_cached(self, cache: ShardCache, shard: str, attempts: int) -> OpenShard:
         """Held in use once open; between the fetch and the hold another process may evict it, and it is
         fetched again."""
+        remote, checksum = f"{self.root}/{shard}", self.checksums[shard]
         for _ in range(attempts):
             local, hashed = cache.fetch(self.fs, remote, checksum, self.verify is True)
             try:
@@ -703,7 +758,7 @@ class ShardReader:
             finally:
                 hold(str(local), -1)
             try:
-                return self._open(local, held, hashed)
+                return self._open(shard, local, held, hashed)
             except BaseException:
                 held.close()
                 raise
@@ -719,7 +774,7 @@ class ShardReader:
         try:
             if self.verify == "pages":
                 self._check_size(shard, source.size)
-            return self._open(source, source, hashed=False)
+            return self._open(shard, source, source, hashed=False)
         except BaseException:
             source.close()
             raise
@@ -729,20 +784,51 @@ class ShardReader:
             raise ChecksumMismatch(f"{self.root}/{shard}: {size} bytes where the manifest has {self.sizes[shard]}")
 
     def _open(
-        self, source: str | Path | CountingFile, held: CachedShard | CountingFile | None, hashed: bool
+        self, shard: str, source: str | Path | CountingFile, held: CachedShard | CountingFile | None, hashed: bool
     ) -> OpenShard:
-        """`hashed`: its bytes were just found to be the manifest's, which every page's CRC would check again."""
+        """`hashed`: its bytes were just found to be the manifest's, which every page's CRC (and the footer's
+        hash) would check again."""
         ranged = isinstance(held, CountingFile)
         options = {
             "memory_map": self.memory_map and not ranged,
             "page_checksum_verification": bool(self.verify) and not hashed,
             "pre_buffer": ranged,  # PyArrow's pre-buffer cache is one per file: threads would race on it
         }
-        file = pq.ParquetFile(source, **options)
+        metadata = self._verified_footer(shard, source) if self.verify and not hashed else None
+        file = pq.ParquetFile(source, metadata=metadata, **options)
+        self._check_layout(shard, file)
         dictionary = self._dictionary_columns(file)
         if dictionary:
             file = pq.ParquetFile(source, metadata=file.metadata, read_dictionary=sorted(dictionary), **options)
         return OpenShard(file, held, dictionary, threading.Lock() if ranged else contextlib.nullcontext())
+
+    def _verified_footer(self, shard: str, source: str | Path | CountingFile) -> pq.FileMetaData | None:
+        """The shard's metadata, parsed from footer bytes read once that hash to the manifest's `footer_sha256`;
+        None where the manifest predates it (PyArrow then reads the footer itself)."""
+        if self.footers[shard] is None:
+            return None
+        if isinstance(source, CountingFile):
+            footer = read_footer(source)
+        else:
+            with open(source, "rb") as f:
+                footer = read_footer(f)
+        verify_digest(hashlib.sha256(footer).hexdigest(), self.footers[shard], f"{self.root}/{shard} footer")
+        return pq.read_metadata(pa.BufferReader(footer))
+
+    def _check_layout(self, shard: str, file: pq.ParquetFile) -> None:
+        """The footer's row groups and schema against the manifest's, which the plan is made from (a footer
+        changed where no check looked would make batches short and ranks unequal); the columns asked for
+        against the schema, where the manifest has none."""
+        meta, where = file.metadata, f"{self.root}/{shard}"
+        found = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+        if found != self.row_groups[shard]:
+            raise ChecksumMismatch(
+                f"{where}: row groups of {found} rows where the manifest has {self.row_groups[shard]}"
+            )
+        schema = file.schema_arrow
+        if self.schema_fingerprint is not None and schema_fingerprint(schema) != self.schema_fingerprint:
+            raise ChecksumMismatch(f"{where}: its schema differs from the manifest's:\n{schema}")
+        check_columns(self.columns, schema.names, where)
 
     def _dictionary_columns(self, file: pq.ParquetFile) -> Dictionary:
         """Text columns stored with a dictionary (as a shard's first row group has them), unless their values
@@ -790,9 +876,33 @@ class ShardReader:
             list(pool.map(verify_file, paths, self.checksums.values()))
         return True
 
-    def state_dict(self, samples_consumed: int) -> dict[str, int]:
-        """What to save with a checkpoint: resume with `ShardReader(..., epoch=e, start_sample=s)`."""
-        return {"epoch": self.epoch, "start_sample": self.start_sample + samples_consumed}
+    def state_dict(self, samples_consumed: int) -> dict[str, Any]:
+        """What to save with a checkpoint: resume with `ShardReader(..., state=state)`. With the position, what
+        it means something under (the run's layout and sampling, the version), and the batch size, which it
+        does not depend on: a rank's stream from `start_sample` on is the same in batches of any size."""
+        start = self.start_sample + samples_consumed
+        if not 0 <= start <= self.samples_per_rank():
+            raise ValueError(
+                f"{samples_consumed} samples consumed from {self.start_sample}: a rank has {self.samples_per_rank()}"
+            )
+        return {"epoch": self.epoch, "start_sample": start, "batch_size": self.batch_size, **self._run()}
+
+    def _run(self) -> dict[str, Any]:
+        """What a resume point's `start_sample` counts within: other values send it to other rows."""
+        names = ("split", "world_size", "seed", "remainder", "shuffle", "shuffle_block")
+        return {name: getattr(self, name) for name in names} | {"version": self.manifest.get("version")}
+
+    def _check_resumable(self, state: Mapping[str, Any]) -> None:
+        """A resume point of this run; one saved before state_dict said more than its position is trusted."""
+        mine = self._run()
+        differ = [name for name in mine if name in state and state[name] != mine[name]]
+        if differ:
+            saved = ", ".join(f"{name} {state[name]!r}" for name in differ)
+            raise ValueError(
+                f"state= was saved by a run with {saved}; this reader has "
+                f"{', '.join(f'{name} {mine[name]!r}' for name in differ)}: its start_sample would resume at other "
+                "rows. Resume with the same settings and version, or start the epoch afresh (epoch=)"
+            )
 
 
 Submit = Callable[..., Future[Any]]
@@ -811,6 +921,15 @@ def run_now(fn: Callable[..., Any], *args: Any) -> Future[Any]:
     except Exception as exc:
         future.set_exception(exc)
     return future
+
+
+def check_columns(columns: list[str] | None, names: list[str], where: str) -> None:
+    """PyArrow leaves out a column it does not find, unseen: a label lost, or no column and no batch."""
+    unknown = [c for c in columns or [] if c not in names]
+    if unknown:
+        close = {c: m for c in unknown if (m := difflib.get_close_matches(c, names, 1))}
+        hint = "".join(f"; {c!r}: did you mean {m[0]!r}?" for c, m in close.items())
+        raise KeyError(f"columns {unknown} not in {where}, which has {names}{hint}")
 
 
 def is_text(kind: pa.DataType) -> bool:

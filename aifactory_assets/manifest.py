@@ -20,13 +20,14 @@ import pyarrow as pa
 from distributed import Client
 
 from aifactory_assets.catalog import Dataset, judged_suite
-from aifactory_assets.shard_layout import LATEST, MANIFEST
+from aifactory_assets.shard_layout import LATEST, MANIFEST, schema_fingerprint
 from aifactory_assets.sharding import SAMPLER
 from aifactory_assets.staging import staging_prefix
 from resources.object_store import ObjectStore
 
 RETENTION_MARK = "removing"  # under a run's staging of an old version: retention is removing it
-FORMAT_VERSION = 3  # bump whenever the layout of a version changes (3: every page carries a CRC32)
+FORMAT_VERSION = 4  # bump whenever the layout of a version changes (3: every page carries a CRC32; 4: each
+# shard's footer_sha256, which the loader checks on every open)
 # The modules that decide what a version holds (how files are read and typed, what is quarantined, the
 # verdicts, the shuffle and the bytes): their source is part of the version id, so new code never
 # re-publishes shards that older code made from the same inputs.
@@ -87,10 +88,6 @@ def git_sha() -> str:
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     return out.stdout.strip() if out.returncode == 0 else "unknown"
-
-
-def schema_fingerprint(schema: pa.Schema) -> str:
-    return hashlib.sha256(schema.remove_metadata().serialize().to_pybytes()).hexdigest()
 
 
 def schema_fields(schema: pa.Schema) -> list[dict[str, Any]]:

@@ -3,7 +3,10 @@ that generate shards without Dask or Dagster (e.g. on the GPU machine)."""
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
+from typing import BinaryIO
 
 import pyarrow as pa
 
@@ -14,6 +17,7 @@ ROW_GROUP_ROWS = (1_024, 65_536)  # bounds; a split aims at ~1,024 row groups, m
 # documents or images (100 KB each) would otherwise make row groups of gigabytes (past Arrow's 2 GiB per text
 # column).
 ROW_GROUP_BYTES = 64 * 2**20
+FOOTER_READ = 64 * 2**10  # a file's tail read at once for its footer, as PyArrow reads it
 
 
 def shard_name(split: str, index: int, count: int) -> str:
@@ -33,3 +37,21 @@ def dictionary_columns(schema: pa.Schema) -> list[str]:
     and its reads ~1.5x slower (random float32 features, zstd, measured with pyarrow 26)."""
     numeric = (pa.types.is_integer, pa.types.is_floating, pa.types.is_temporal, pa.types.is_decimal)
     return [field.name for field in schema if not any(test(field.type) for test in numeric)]
+
+
+def read_footer(file: BinaryIO) -> bytes:
+    """A Parquet file's footer as stored: its metadata, their length and the magic (the last 8 + length
+    bytes). One read of the tail where the footer fits it, as PyArrow's own (a ranged request, remotely)."""
+    size = file.seek(0, os.SEEK_END)
+    file.seek(max(0, size - FOOTER_READ))
+    tail = file.read()
+    length = int.from_bytes(tail[-8:-4], "little") + 8
+    if len(tail) < length <= size:
+        file.seek(size - length)
+        tail = file.read(length - len(tail)) + tail
+    return tail[-length:]
+
+
+def schema_fingerprint(schema: pa.Schema) -> str:
+    """The manifest's, of the shards' Arrow schema; readers check each shard's footer against it."""
+    return hashlib.sha256(schema.remove_metadata().serialize().to_pybytes()).hexdigest()

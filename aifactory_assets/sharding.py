@@ -29,7 +29,7 @@ from distributed import Client
 from aifactory_assets.catalog import Dataset
 from aifactory_assets.parquet_io import HashingFile, open_for_write, read_footers, read_parquet
 from aifactory_assets.schema import ROW, arrow_schema
-from aifactory_assets.shard_layout import dictionary_columns, row_group_rows, shard_name
+from aifactory_assets.shard_layout import dictionary_columns, read_footer, row_group_rows, shard_name
 from aifactory_assets.staging import read_batches, read_sorted_rows, write_batches, write_sorted
 from aifactory_assets.tasks import run_tasks
 from aifactory_assets.validated_rows import read_validated_part
@@ -49,7 +49,8 @@ SAMPLER = {
     "epoch": "the split's non-empty row groups in numpy.random.default_rng([seed, epoch]).permutation order, "
     "the rows of each in default_rng([seed, epoch, shard index, row group index]).permutation order (the "
     "default shuffle_block of 1); that stream cut into world_size equal contiguous slices, one per rank; a "
-    "rank's i-th batch to data-loader worker i % workers",
+    "rank's batches, counted from the one a run starts or resumes in (start_sample // batch_size), to "
+    "data-loader workers in turn: the i-th so counted to worker i % workers",
 }
 
 
@@ -182,8 +183,9 @@ def write_shard(
     slices: list[tuple[str, int, int]], url: str, group_rows: int, storage_options: dict[str, Any], schema: pa.Schema
 ) -> dict[str, Any]:
     """Runs on a worker: stream row ranges of sorted buckets into one shard, one range in memory at a time,
-    hashing the bytes on their way out (no temporary copy, no reading back). Written in place: the version
-    is invisible until its manifest is committed."""
+    hashing the bytes on their way out (no temporary copy; only the footer is read back, for its own hash,
+    which readers check on every open: page CRCs do not cover it). Written in place: the version is
+    invisible until its manifest is committed."""
     fs, path = open_for_write(url, storage_options)
     with fs.open(path, "wb") as f:
         out = HashingFile(f)
@@ -193,10 +195,13 @@ def write_shard(
             if not slices:
                 writer.write_table(schema.empty_table())
     meta = writer.writer.metadata  # the footer it wrote (how pyarrow's own metadata_collector gets it)
+    with fs.open(path, "rb") as f:
+        footer = read_footer(f)
     return {
         "rows": meta.num_rows,
         "bytes": out.size,
         "sha256": out.digest.hexdigest(),
+        "footer_sha256": hashlib.sha256(footer).hexdigest(),
         "row_groups": [meta.row_group(i).num_rows for i in range(meta.num_row_groups)],
     }
 

@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 import torch
 
 from aifactory_assets.loader import ShardReader, forget_verified
-from aifactory_assets.shard_layout import dictionary_columns, row_group_rows, shard_name
+from aifactory_assets.shard_layout import dictionary_columns, row_group_rows, schema_fingerprint, shard_name
 from aifactory_assets.torch_dataset import ShardIterableDataset, TensorLoader
 from benchmarks import code_digest
 
@@ -81,12 +81,14 @@ def generate(root: Path, rows: int, shards: int, group_rows: int | None, seed: i
                 "rows": n,
                 "bytes": len(data),
                 "sha256": hashlib.sha256(data).hexdigest(),
+                "footer_sha256": hashlib.sha256(data[-8 - int.from_bytes(data[-8:-4], "little") :]).hexdigest(),
                 "row_groups": [groups.row_group(g).num_rows for g in range(groups.num_row_groups)],
             }
         )
     manifest = {
-        "format_version": 3,
+        "format_version": 4,  # as the pipeline writes them: every open checks the footer's hash
         "dataset": "synthetic_gpu",
+        "schema": {"fingerprint": schema_fingerprint(table.schema)},
         "version": f"rows{rows}-shards{shards}-seed{seed}",
         "splits": {"train": {"rows": rows, "shards": entries}},
         "sampler": {"seed": seed, "remainder": "drop"},

@@ -4,6 +4,7 @@ epoch); exact resume; checksums; a bounded S3 cache; the torch IterableDataset; 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import io
 import itertools
 import json
@@ -189,7 +190,7 @@ def test_resume_continues_exactly_where_it_stopped(manifest_url: str, world: int
     assert len(whole) > consumed  # resumes within the epoch, at every world size
     reader = ShardReader(manifest_url, "train", rank=rank, world_size=world, epoch=2)
     state = reader.state_dict(samples_consumed=consumed)
-    assert rank_stream(manifest_url, rank, world, **state) == whole[consumed:]
+    assert rank_stream(manifest_url, rank, world, state=state) == whole[consumed:]
 
 
 def test_a_corrupted_shard_is_refused(manifest_url: str, tmp_path: Path) -> None:
@@ -212,11 +213,15 @@ def test_a_corrupted_shard_is_refused(manifest_url: str, tmp_path: Path) -> None
         {"verify": "page"},
         {"threads": -1},
         {"threads": True},  # use_threads=True renamed by hand: one thread, not one per core
+        {"seed": -1},
+        {"epoch": -1},
+        {"columns": []},
     ],
 )
 def test_options_out_of_range_are_refused(manifest_url: str, option: dict) -> None:
     """A typo'd remainder would drop where padding was meant; a negative start sends batches to the wrong
-    data-loader workers; a typo'd verify would check nothing."""
+    data-loader workers; a typo'd verify would check nothing; a negative seed or epoch failed later in NumPy,
+    unnamed; no column yielded no batch while len() counted them."""
     with pytest.raises(ValueError, match=next(iter(option))):
         ShardReader(manifest_url, "train", **option)
 
@@ -852,3 +857,266 @@ def test_shards_open_as_they_are_in_other_readers(manifest_url: str, tmp_path: P
     assert len(pd.concat(pd.read_parquet(p) for p in train)) == rows["train"]
     assert len(dd.read_parquet(f"{root}/train-*.parquet")) == rows["train"]
     assert os.path.exists(root / "manifest.json")
+
+
+def rewrite_shard(shard: Path, table: pa.Table, row_group_rows: int) -> None:
+    pq.write_table(table, shard, row_group_size=row_group_rows, compression="zstd", write_page_checksum=True)
+
+
+def test_a_footer_unlike_the_manifest_is_refused(manifest_url: str, tmp_path: Path) -> None:
+    """The plan is made from the manifest's row groups: a footer with others (rot where no page CRC looks)
+    made batches short and ranks unequal, silently. Its schema must be the manifest's too."""
+    copy = tmp_path / "copy"
+    shutil.copytree(Path(manifest_url).parent, copy)
+    shard = sorted(copy.glob("train-*.parquet"))[0]
+    table, groups = pq.read_table(shard), json.loads((copy / "manifest.json").read_text())["splits"]["train"]
+    rows = next(s["row_groups"] for s in groups["shards"] if s["path"] == shard.name)
+
+    def read() -> list:
+        return dates(ShardReader(str(copy / "manifest.json"), "train", verify=False, batch_size=7))
+
+    rewrite_shard(shard, table, max(1, rows[0] // 2))
+    with pytest.raises(ChecksumMismatch, match=f"{shard.name}: row groups of"):
+        read()
+    rewrite_shard(shard, table.rename_columns([c if c != "wind" else "Wind" for c in table.column_names]), rows[0])
+    with pytest.raises(ChecksumMismatch, match=f"{shard.name}: its schema differs"):
+        read()
+
+
+def test_a_row_group_read_short_is_refused(manifest_url: str, tmp_path: Path, monkeypatch) -> None:
+    """Past the footer's check too: each row group's rows against the manifest's, for the batches and for
+    the tensors (whose gather counts on that range)."""
+    pytest.importorskip("torch", reason="torch is an optional extra; `make test` installs the pinned CPU build")
+    from aifactory_assets import torch_dataset
+
+    copy = tmp_path / "copy"
+    shutil.copytree(Path(manifest_url).parent, copy)
+    shard = sorted(copy.glob("train-*.parquet"))[0]
+    rewrite_shard(shard, pq.read_table(shard), 10)
+    monkeypatch.setattr(ShardReader, "_check_layout", lambda *_: None)
+    reader = ShardReader(str(copy / "manifest.json"), "train", verify=False, columns=["wind"], threads=0)
+    with pytest.raises(ChecksumMismatch, match="10 rows where the manifest has"):
+        list(reader)
+    with pytest.raises(ChecksumMismatch, match="10 rows where the manifest has"):
+        list(torch_dataset.BatchGatherer(reader))
+
+
+def footer_of(data: bytes) -> bytes:
+    return data[-8 - int.from_bytes(data[-8:-4], "little") :]
+
+
+def test_the_manifest_holds_each_shards_footer_hash(manifest_url: str) -> None:
+    manifest = json.loads(Path(manifest_url).read_text())
+    assert manifest["format_version"] == 4
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            data = (Path(manifest_url).parent / shard["path"]).read_bytes()
+            assert shard["footer_sha256"] == hashlib.sha256(footer_of(data)).hexdigest()
+
+
+def flip_a_footer_byte(data: bytes) -> bytes:
+    """A letter of the writer's name in the footer: it still parses, with the same rows and schema."""
+    changed = bytearray(data)
+    changed[data.rindex(b"parquet-cpp-arrow")] ^= 0x20  # p -> P
+    return bytes(changed)
+
+
+def test_a_footer_that_rots_is_caught_where_the_shard_is_not_hashed(manifest_url: str, tmp_path: Path) -> None:
+    """Page CRCs do not cover the footer: after the first hash, every open hashes it against the manifest,
+    also read by range (cache=False)."""
+    copy = tmp_path / "copy"
+    shutil.copytree(Path(manifest_url).parent, copy)
+    url = str(copy / "manifest.json")
+    expected = dates(ShardReader(url, "train", shuffle=False))  # hashed whole
+    shard = sorted(copy.glob("train-*.parquet"))[0]
+    stat = shard.stat()
+    with shard.open("r+b") as f:  # in place: same inode, size and mtime
+        f.write(flip_a_footer_byte(shard.read_bytes()))
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    for verify in (True, "pages"):
+        with pytest.raises(ChecksumMismatch, match=f"{shard.name} footer: sha256"):
+            dates(ShardReader(url, "train", shuffle=False, verify=verify))
+    assert dates(ShardReader(url, "train", shuffle=False, verify=False)) == expected
+
+    remote = fsspec.filesystem("memory")
+    for path in copy.iterdir():
+        remote.pipe(f"/footer-rot/{path.name}", path.read_bytes())
+    try:
+        with pytest.raises(ChecksumMismatch, match=f"{shard.name} footer: sha256"):
+            dates(ShardReader("memory://footer-rot/manifest.json", "train", cache=False, verify="pages"))
+    finally:
+        remote.rm("/footer-rot", recursive=True)
+
+
+def test_columns_are_checked_against_the_schema(manifest_url: str, tmp_path: Path) -> None:
+    """PyArrow leaves out a column it does not find: a label lost, or no column and no batch, unseen."""
+    with pytest.raises(KeyError, match="did you mean 'wind'"):
+        ShardReader(manifest_url, "train", columns=["date", "wnd"])
+    url = local_split(tmp_path / "s", small_shards(2, 20), row_group_rows=10)  # a manifest without a schema
+    with pytest.raises(KeyError, match="train-00000-of-00002.parquet, which has"):
+        list(ShardReader(url, "train", columns=["id", "kinds"], shuffle=False))
+    if importlib.util.find_spec("torch") is not None:
+        from aifactory_assets.loader import ShardIterableDataset
+
+        with pytest.raises(KeyError, match="did you mean 'wind'"):
+            ShardIterableDataset(manifest_url, "train", columns=["Wind"])
+
+
+def listed_batches(per_rank: int, size: int, start: int, worker: int, workers: int) -> list[tuple[int, int]]:
+    """The plan as it was listed: every batch of the rank, then this worker's from `start`'s on."""
+    batches = [(lo, min(lo + size, per_rank)) for lo in range(0, per_rank, size)]
+    first = start // size
+    mine = [
+        (max(lo, start), hi) for i, (lo, hi) in enumerate(batches) if i >= first and (i - first) % workers == worker
+    ]
+    return [(lo, hi) for lo, hi in mine if lo < hi]
+
+
+def plan_manifest(directory: Path, row_groups: list[int]) -> str:
+    """A manifest alone (no shard is read to plan), of two shards of these row groups."""
+    shards = [{"path": f"train-{i}.parquet", "sha256": "0", "bytes": 1, "row_groups": row_groups} for i in range(2)]
+    directory.mkdir()
+    (directory / "manifest.json").write_text(
+        json.dumps({"splits": {"train": {"shards": shards}}, "sampler": {"seed": 0}})
+    )
+    return str(directory / "manifest.json")
+
+
+def test_the_plan_is_counted_not_listed(tmp_path: Path) -> None:
+    """Batches of a row over millions of rows: the plan is computed batch by batch, its length by a formula
+    (a list of every batch took 1.5 GiB over 5 M rows); the same batches as the list had."""
+    import tracemalloc
+
+    url = plan_manifest(tmp_path / "big", [50_000] * 20)
+    tracemalloc.start()
+    try:
+        reader = ShardReader(url, "train", batch_size=1, num_workers=3, worker_id=1, start_sample=5)
+        assert len(reader) == 666_665 and reader.batch_count() == 666_665
+        assert tracemalloc.get_traced_memory()[1] < 2**20
+        assert next(iter(reader._batches())) == (6, 7)
+    finally:
+        tracemalloc.stop()
+    url = plan_manifest(tmp_path / "small", [7, 13, 0, 31])
+    for world, size, workers in itertools.product((1, 3, 7), (1, 4, 7, 200), (1, 2, 3)):
+        per_rank = ShardReader(url, "train", world_size=world).samples_per_rank()
+        for start in {0, 1, size - 1, size, 3 * size + 2, per_rank - 1, per_rank} & set(range(per_rank + 1)):
+            for worker in range(workers):
+                reader = ShardReader(
+                    url,
+                    "train",
+                    world_size=world,
+                    batch_size=size,
+                    start_sample=start,
+                    worker_id=worker,
+                    num_workers=workers,
+                )
+                expected = listed_batches(per_rank, size, start, worker, workers)
+                assert list(reader._batches()) == expected
+                assert len(reader) == sum(hi - lo for lo, hi in expected) and reader.batch_count() == len(expected)
+
+
+def test_a_second_user_reads_through_a_shared_cache(tmp_path: Path, monkeypatch) -> None:
+    """Another user's copies in a shared cache (a sticky folder) can be read but not touched or removed:
+    recency and eviction skip them, as hash records already did."""
+    local_split(tmp_path / "s", small_shards(3, 300), row_group_rows=50)
+    remote = fsspec.filesystem("memory")
+    for shard in (tmp_path / "s").iterdir():
+        remote.pipe(f"/shared-cache/{shard.name}", shard.read_bytes())
+    cache = tmp_path / "cache"
+    try:
+        first = sorted(
+            ShardReader("memory://shared-cache/manifest.json", "train", cache_dir=cache).iter_rows(), key=str
+        )
+        theirs = {str(p) for p in cache.iterdir()}
+        utime, unlink = os.utime, os.unlink
+
+        def refused(call: Any) -> Any:
+            def as_another_user(path: Any, *args: Any, **kwargs: Any) -> Any:
+                if str(path) in theirs:
+                    raise PermissionError(1, "Operation not permitted", str(path))
+                return call(path, *args, **kwargs)
+
+            return as_another_user
+
+        monkeypatch.setattr(os, "utime", refused(utime))
+        monkeypatch.setattr(os, "unlink", refused(unlink))
+        with pytest.warns(UserWarning, match="more than cache_bytes"):
+            reader = ShardReader(
+                "memory://shared-cache/manifest.json", "train", cache_dir=cache, cache_bytes=1, epoch=1
+            )
+        assert sorted(reader.iter_rows(), key=str) == first
+        assert theirs <= {str(p) for p in cache.iterdir()}
+    finally:
+        remote.rm("/shared-cache", recursive=True)
+
+
+def test_a_resume_point_of_another_run_is_refused(manifest_url: str, tmp_path: Path) -> None:
+    """A checkpoint's start_sample counts within its run's slices and order: resumed at another world size,
+    seed, shuffle or version it would read other rows, silently; past a rank's slice, nothing."""
+    state = ShardReader(manifest_url, "train", rank=3, world_size=4, epoch=2).state_dict(samples_consumed=20)
+    assert state["world_size"] == 4 and state["version"] == json.loads(Path(manifest_url).read_text())["version"]
+    resumed = ShardReader(manifest_url, "train", rank=1, world_size=4, batch_size=7, state=state)
+    assert (resumed.epoch, resumed.start_sample) == (2, 20)
+    for name, other in (
+        ("world_size", {"world_size": 2, "rank": 1}),
+        ("seed", {"seed": 1}),
+        ("shuffle", {"shuffle": False}),
+    ):
+        with pytest.raises(ValueError, match=f"saved by a run with {name} "):
+            ShardReader(manifest_url, "train", state=state, **({"world_size": 4} | other))
+    copy = tmp_path / "copy"
+    shutil.copytree(Path(manifest_url).parent, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "version": "another"}))
+    with pytest.raises(ValueError, match="saved by a run with version"):
+        ShardReader(str(copy / "manifest.json"), "train", world_size=4, state=state)
+    with pytest.raises(ValueError, match="not both"):
+        ShardReader(manifest_url, "train", world_size=4, state=state, epoch=2)
+    per_rank = ShardReader(manifest_url, "train", world_size=4).samples_per_rank()
+    with pytest.raises(ValueError, match="past the"):
+        ShardReader(manifest_url, "train", world_size=4, start_sample=per_rank + 1)
+    with pytest.raises(ValueError, match="a rank has"):
+        ShardReader(manifest_url, "train", world_size=4).state_dict(per_rank + 1)
+    if importlib.util.find_spec("torch") is not None:
+        from aifactory_assets.loader import ShardIterableDataset
+
+        dataset = ShardIterableDataset(manifest_url, "train", rank=0, world_size=4, batch_size=7, state=state)
+        expected = rank_stream(manifest_url, 0, 4, workers=1, state=state)
+        assert [d for b in dataset for d in b["date"]] == expected
+        with pytest.raises(ValueError, match="saved by a run with world_size"):
+            ShardIterableDataset(manifest_url, "train", rank=0, world_size=2, state=state)
+
+
+@pytest.mark.parametrize("variable", ["WORLD_SIZE", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"])
+def test_a_dataset_made_before_init_process_group_is_refused(manifest_url: str, monkeypatch, variable: str) -> None:
+    """Whatever launched the ranks (torchrun, srun, mpirun): each would read rank 0 of 1, the same batches."""
+    pytest.importorskip("torch", reason="torch is an optional extra; `make test` installs the pinned CPU build")
+    from aifactory_assets.loader import ShardIterableDataset
+
+    for name in ("WORLD_SIZE", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(variable, "4")
+    with pytest.raises(RuntimeError, match=f"{variable} is 4 but torch.distributed is not initialised"):
+        ShardIterableDataset(manifest_url, "train", columns=["wind"])
+    assert ShardIterableDataset(manifest_url, "train", rank=2, world_size=4, columns=["wind"]).rank == 2
+
+
+def test_a_negative_epoch_is_refused_when_set(manifest_url: str) -> None:
+    pytest.importorskip("torch", reason="torch is an optional extra; `make test` installs the pinned CPU build")
+    from aifactory_assets.loader import ShardIterableDataset
+
+    with pytest.raises(ValueError, match="epoch must be at least 0"):
+        ShardIterableDataset(manifest_url, "train", columns=["wind"]).set_epoch(-1)
+
+
+def test_dataloader_workers_read_on_their_own_thread(manifest_url: str, monkeypatch) -> None:
+    """The workers are the parallelism: each decoding on every core too would oversubscribe the machine."""
+    pytest.importorskip("torch", reason="torch is an optional extra; `make test` installs the pinned CPU build")
+    from aifactory_assets import torch_dataset
+
+    dataset = torch_dataset.ShardIterableDataset(manifest_url, "train", columns=["wind"])
+    assert dataset.reader().threads > 0  # in the training process itself (num_workers=0): PyArrow's threads
+    monkeypatch.setattr(torch_dataset, "get_worker_info", lambda: type("Info", (), {"id": 1, "num_workers": 2}))
+    assert dataset.reader().threads == 0
+    given = torch_dataset.ShardIterableDataset(manifest_url, "train", columns=["wind"], threads=3)
+    assert given.reader().threads == 3

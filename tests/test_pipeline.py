@@ -19,9 +19,9 @@ import pytest
 from aifactory_assets.catalog import Catalog, Dataset
 from aifactory_assets.demo import land_demo_data
 from aifactory_assets.factory import asset_key
-from aifactory_assets.manifest import CODE_FINGERPRINT, latest_manifest, schema_fingerprint
+from aifactory_assets.manifest import CODE_FINGERPRINT, latest_manifest
 from aifactory_assets.publish import current, publish
-from aifactory_assets.shard_layout import ROW_GROUP_BYTES, row_group_rows, shard_name
+from aifactory_assets.shard_layout import ROW_GROUP_BYTES, row_group_rows, schema_fingerprint, shard_name
 from aifactory_assets.validated_rows import read_validated
 from aifactory_assets.validation import expectation_label
 from resources import DaskCluster, ObjectStore
