@@ -176,10 +176,14 @@ class ShardCache:
     def path(self, checksum: str) -> Path:
         return self.directory / f"{checksum}.parquet"
 
-    def fetch(self, fs: fsspec.AbstractFileSystem, remote: str, checksum: str, verify: bool) -> tuple[Path, bool]:
+    def fetch(
+        self, fs: fsspec.AbstractFileSystem, remote: str, checksum: str, verify: bool, size: int | None = None
+    ) -> tuple[Path, bool]:
         """The local copy, and whether this call hashed it (downloaded, or written since its last hash). It
         comes held against this process's evictions (`hold`): the caller releases it once it holds a
-        `CachedShard` of it (another process may still evict it meanwhile)."""
+        `CachedShard` of it (another process may still evict it meanwhile). Room for its `size` is made
+        before the download, so the copies on disk stay within the bound while it arrives (a node-local disk
+        sized to `max_bytes` would otherwise fill)."""
         target = self.path(checksum)
         hold(str(target), 1)
         try:
@@ -189,6 +193,8 @@ class ShardCache:
             try:
                 if (hashed := self._present(target, checksum, verify)) is not None:
                     return target, hashed
+                if size:
+                    self.evict(keep=None, room=size)
                 self._download(fs, remote, checksum, target)
             finally:
                 os.close(fd)
@@ -271,8 +277,8 @@ class ShardCache:
         finally:
             tmp.unlink(missing_ok=True)
 
-    def evict(self, keep: Path | None) -> None:
-        """Oldest used first, down to `max_bytes`, skipping copies in use; also the temporary files of
+    def evict(self, keep: Path | None, room: int = 0) -> None:
+        """Oldest used first, down to `max_bytes` less `room`, skipping copies in use; also the temporary files of
         copies that died (a copy takes seconds, so one an hour old is abandoned), while live ones count
         against the bound, and hash records an hour old whose copy is gone. Other processes may evict at
         the same time."""
@@ -299,7 +305,7 @@ class ShardCache:
                 continue
             total += stat.st_size
         for _, size, path in sorted(files):
-            if total <= self.max_bytes:
+            if total + room <= self.max_bytes:
                 break
             if path != keep and self._evict_unused(path):
                 total -= size
@@ -750,7 +756,7 @@ class ShardReader:
         fetched again."""
         remote, checksum = f"{self.root}/{shard}", self.checksums[shard]
         for _ in range(attempts):
-            local, hashed = cache.fetch(self.fs, remote, checksum, self.verify is True)
+            local, hashed = cache.fetch(self.fs, remote, checksum, self.verify is True, self.sizes[shard])
             try:
                 held = CachedShard(local)
             except FileNotFoundError:

@@ -307,13 +307,24 @@ def open_shards(under: Path) -> set[str]:
     return {t for t in targets if t.startswith(str(under)) and ".parquet" in t}
 
 
-def test_remote_shards_are_cached_within_a_size_bound(s3_manifest: tuple[str, dict], tmp_path: Path) -> None:
+def test_remote_shards_are_cached_within_a_size_bound(
+    s3_manifest: tuple[str, dict], tmp_path: Path, monkeypatch
+) -> None:
     url, options = s3_manifest
     local = dates(ShardReader(url, "train", storage_options=options, cache_dir=tmp_path / "big", shuffle=False))
     cached = list((tmp_path / "big").glob("*.parquet"))
     assert len(cached) == len(ShardReader(url, "train", storage_options=options).checksums)
     shard_size = max(p.stat().st_size for p in cached)
     small = tmp_path / "small"
+    on_disk_as_downloads_start = []
+    download = ShardCache._download
+
+    def counted(cache: ShardCache, fs, remote: str, checksum: str, target: Path) -> None:
+        arriving = (tmp_path / "big" / f"{checksum}.parquet").stat().st_size
+        on_disk_as_downloads_start.append(sum(p.stat().st_size for p in small.glob("*.parquet")) + arriving)
+        download(cache, fs, remote, checksum, target)
+
+    monkeypatch.setattr(ShardCache, "_download", counted)
     with pytest.warns(UserWarning, match="more than cache_bytes"):  # the churn below: it says so
         reader = ShardReader(
             url, "train", storage_options=options, cache_dir=small, cache_bytes=2 * shard_size, max_open_files=1
@@ -325,6 +336,8 @@ def test_remote_shards_are_cached_within_a_size_bound(s3_manifest: tuple[str, di
         assert len(held) <= 1 and not [h for h in held if h.endswith("(deleted)")]  # none evicted while in use
         assert sum(p.stat().st_size for p in small.glob("*.parquet")) <= 3 * shard_size  # bound + the one held
     assert sorted(shuffled) == sorted(local)
+    assert len(on_disk_as_downloads_start) >= len(cached)
+    assert max(on_disk_as_downloads_start) <= 2 * shard_size  # room made first: with the copy arriving, the bound
     assert not open_shards(small)  # the epoch's end released them
     assert sum(p.stat().st_size for p in small.glob("*.parquet")) <= 2 * shard_size
 
