@@ -22,7 +22,7 @@ from aifactory_assets.factory import (
     store_key,
 )
 from aifactory_assets.ingest import landed_objects, landing_prefix, reingest_needed
-from aifactory_assets.manifest import latest_version, version_for
+from aifactory_assets.manifest import latest_manifest, latest_version, version_for, version_prefix
 from aifactory_assets.publish import current
 from resources.object_store import ObjectStore
 from schedules.landing_sensor import ingested_listing, listing_digest
@@ -40,11 +40,26 @@ def needs_run(store: ObjectStore, dataset: Dataset, suite: dict) -> tuple[bool, 
         return True, f"{dataset.name}: landed files that the current raw generation did not ingest"
     latest = latest_version(store, dataset)
     wanted = version_for(dataset, suite, raw)
+    if wanted == latest and (damaged := shards_gone_or_resized(store, dataset)):
+        return (
+            True,
+            f"{dataset.name}: version {latest} has shards missing or of another size ({damaged}): a run repairs it",
+        )
     if wanted == latest:
         return False, f"{dataset.name}: up to date (version {latest})"
     if failed := verdict_stands(store, dataset, suite, raw):
         return False, f"{dataset.name}: version {wanted} failed on these files and this suite and release ({failed})"
     return True, f"{dataset.name}: its catalogue entry, suite and release give version {wanted}; latest is {latest}"
+
+
+def shards_gone_or_resized(store: ObjectStore, dataset: Dataset) -> list[str]:
+    """The latest version's shards that are missing or not of the manifest's size: one listing, where
+    hashing every shard each night would read them all (a run hashes them, and repairs what it finds)."""
+    manifest = latest_manifest(store, dataset)
+    folder = version_prefix(dataset, manifest["version"])
+    sizes = {o.key[len(folder) + 1 :]: o.size for o in store.list_objects(folder, "*.parquet")}
+    shards = [s for split in manifest["splits"].values() for s in split["shards"]]
+    return [s["path"] for s in shards if sizes.get(s["path"]) != s["bytes"]]
 
 
 def verdict_stands(store: ObjectStore, dataset: Dataset, suite: dict, raw: dict) -> str | None:

@@ -13,7 +13,7 @@ from aifactory_assets.definitions import build_definitions
 from aifactory_assets.demo import land_demo_data
 from aifactory_assets.factory import asset_key, build_catalog_assets, materialisable_keys, store_key
 from aifactory_assets.ingest import is_landed_data
-from aifactory_assets.manifest import latest_version
+from aifactory_assets.manifest import latest_manifest, latest_version
 from resources import DaskCluster, ObjectStore
 from schedules import NIGHTLY_CRON, landing_sensor, nightly_schedules
 from tests.conftest import evaluate, local_stores, materialize_all, pipeline_resources
@@ -145,7 +145,8 @@ def tick(schedule: dg.ScheduleDefinition, store: ObjectStore) -> tuple[list[dg.R
 
 def test_nightly_runs_only_what_a_run_would_change(catalog: Catalog, tmp_path, dask: DaskCluster) -> None:
     """Nothing landed is skipped, not failed every night; an up-to-date dataset is skipped (a run would
-    re-read every landed file for the same version); new files or a changed suite give a run."""
+    re-read every landed file for the same version), unless a shard of it went missing; new files or a
+    changed suite give a run."""
     stores = local_stores(catalog, tmp_path)
     store, dataset = stores["linkoping"], catalog.datasets["palmer_penguins"]
     nightly = {s.name: s for s in nightly_schedules(catalog)}["linkoping_nightly"]
@@ -161,6 +162,12 @@ def test_nightly_runs_only_what_a_run_would_change(catalog: Catalog, tmp_path, d
     requests, skipped = tick(nightly, store)
     version = latest_version(store, dataset)
     assert requests == [] and skipped == f"palmer_penguins: up to date (version {version})"
+    shard = latest_manifest(store, dataset)["splits"]["val"]["shards"][0]["path"]
+    moved = store.read_bytes(f"shards/palmer_penguins/v={version}/{shard}")
+    store.delete(f"shards/palmer_penguins/v={version}/{shard}")  # someone's clean-up
+    requests, _ = tick(nightly, store)
+    assert len(requests) == 1  # the run repairs it
+    store.write_bytes(f"shards/palmer_penguins/v={version}/{shard}", moved)
 
     suite = catalog.suites["palmer_penguins"]
     stricter = {**suite, "expectations": [*suite["expectations"], suite["expectations"][-1]]}
