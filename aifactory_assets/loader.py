@@ -239,7 +239,11 @@ class ShardCache:
         except FileNotFoundError:
             return None
         except ChecksumMismatch:
-            target.unlink(missing_ok=True)  # a damaged local copy: the remote one may be fine
+            if not remove(target):  # a damaged local copy (the remote one may be fine), but another user's
+                raise ChecksumMismatch(
+                    f"{target}: a damaged copy of another user's in a shared cache, which only they (or root) can "
+                    "remove; until then read through a cache_dir of your own"
+                ) from None
             return None
 
     @staticmethod

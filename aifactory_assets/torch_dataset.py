@@ -31,7 +31,9 @@ from aifactory_assets.loader import PAGE_CHECKSUMS, Piece, RowGroup, ShardReader
 from aifactory_assets.processes import end_with_parent
 
 # What launchers set in each of the processes they start: torchrun, srun, Open MPI's and MPICH's mpirun.
-LAUNCHER_WORLD_SIZES = ("WORLD_SIZE", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+# SLURM's step count, not SLURM_NTASKS: that is the allocation's, also set in an `sbatch -n 4` script's
+# body, where one process runs.
+LAUNCHER_WORLD_SIZES = ("WORLD_SIZE", "SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 
 
 class BatchGatherer:

@@ -1059,6 +1059,10 @@ def test_a_second_user_reads_through_a_shared_cache(tmp_path: Path, monkeypatch)
             )
         assert sorted(reader.iter_rows(), key=str) == first
         assert theirs <= {str(p) for p in cache.iterdir()}
+        damaged = next(p for p in map(Path, theirs) if p.suffix == ".parquet")
+        damaged.write_bytes(damaged.read_bytes()[:-1] + b"?")  # a copy of theirs rots: only they can remove it
+        with pytest.raises(ChecksumMismatch, match="a damaged copy of another user's"):
+            list(ShardReader("memory://shared-cache/manifest.json", "train", cache_dir=cache, epoch=2))
     finally:
         remote.rm("/shared-cache", recursive=True)
 
@@ -1100,14 +1104,20 @@ def test_a_resume_point_of_another_run_is_refused(manifest_url: str, tmp_path: P
             ShardIterableDataset(manifest_url, "train", rank=0, world_size=2, state=state)
 
 
-@pytest.mark.parametrize("variable", ["WORLD_SIZE", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"])
+LAUNCHERS = ["WORLD_SIZE", "SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"]
+
+
+@pytest.mark.parametrize("variable", LAUNCHERS)
 def test_a_dataset_made_before_init_process_group_is_refused(manifest_url: str, monkeypatch, variable: str) -> None:
-    """Whatever launched the ranks (torchrun, srun, mpirun): each would read rank 0 of 1, the same batches."""
+    """Whatever launched the ranks (torchrun, srun, mpirun): each would read rank 0 of 1, the same batches.
+    One process in an allocation of several tasks (an `sbatch -n 4` script's body) reads as one."""
     pytest.importorskip("torch", reason="torch is an optional extra; `make test` installs the pinned CPU build")
     from aifactory_assets.loader import ShardIterableDataset
 
-    for name in ("WORLD_SIZE", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+    for name in LAUNCHERS:
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    assert ShardIterableDataset(manifest_url, "train", columns=["wind"]).world_size == 1
     monkeypatch.setenv(variable, "4")
     with pytest.raises(RuntimeError, match=f"{variable} is 4 but torch.distributed is not initialised"):
         ShardIterableDataset(manifest_url, "train", columns=["wind"])
