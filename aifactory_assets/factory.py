@@ -446,7 +446,7 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
                     f"on {valid_record['rows_valid']}; version {version} is not committed"
                 )
             lineage = [
-                {**e["object"], "rows_read": e["rows_read"], "rows_valid": e["rows_valid"]}
+                {**e["object"], "sha256": e.get("sha256"), "rows_read": e["rows_read"], "rows_valid": e["rows_valid"]}
                 for e in raw_record["ledger"]
             ]
             quarantine = {

@@ -61,8 +61,14 @@ def ingest_file(
     run_id: str,
 ) -> dict[str, Any]:
     """Runs on a worker: one landed file in, one raw part and one quarantine part out."""
-    entry: dict[str, Any] = {"source": source_key, "rows_read": 0, "rows_valid": 0, "rows_quarantined": 0}
     data = read_bytes(source_url, storage_options)  # the store failing fails the run; the data failing, the file
+    entry: dict[str, Any] = {
+        "source": source_key,
+        "sha256": hashlib.sha256(data).hexdigest(),  # of what was read: the version id names these bytes
+        "rows_read": 0,
+        "rows_valid": 0,
+        "rows_quarantined": 0,
+    }
     try:
         landed = read_landed(data, dataset)
         if landed.typed is not None:
@@ -110,10 +116,15 @@ class LandedFileChanged(RuntimeError):
 
 
 def changed_since_listed(store: ObjectStore, dataset: Dataset, listed: list[ObjectInfo]) -> list[str]:
-    """The keys of `listed` whose object is not the one listed any more (or is gone): the raw part read from
-    it may hold newer bytes than the fingerprint the ledger and the version id give it."""
+    """The keys of `listed` written again since they were listed (or gone): the raw part read from one may
+    hold half of a write. A local file's inode and change time are left out: a backup's hard link or a
+    chmod during the read changes them, not the bytes."""
     now = {o.key: o for o in landed_objects(store, dataset)}
-    return [o.key for o in listed if now.get(o.key) != o]
+
+    def written(o: ObjectInfo) -> tuple[Any, ...]:
+        return (o.size, o.mtime) if store.protocol == "file" else (o.size, o.mtime, o.etag)
+
+    return [o.key for o in listed if o.key not in now or written(now[o.key]) != written(o)]
 
 
 def ingest_fingerprint(dataset: Dataset) -> str:

@@ -142,9 +142,12 @@ def workers_on_other_software(client: Client) -> dict[str, Any]:
 
 
 def version_for(dataset: Dataset, suite: dict[str, Any], raw_record: dict[str, Any]) -> str:
-    """The version the published raw generation (its landed objects' fingerprints) will shard into."""
-    inputs = [e["object"] for e in raw_record["ledger"]]
-    return version_id(dataset, suite, [f"{o['key']}|{o['size']}|{o['etag']}|{o['mtime']}" for o in inputs])
+    """The version the published raw generation will shard into: per landed file its key, its mtime (which
+    orders the files, and so decides which duplicate wins) and the sha256 of the bytes raw read. Not the
+    store's ETag, nor a local file's inode and change time, which a chmod, a hard link or a move to another
+    disk changes: those make raw read the file again, never a new version of the same bytes."""
+    inputs = [f"{e['object']['key']}|{e['object']['mtime']}|{e.get('sha256')}" for e in raw_record["ledger"]]
+    return version_id(dataset, suite, inputs)
 
 
 def dataset_prefix(dataset: Dataset) -> str:

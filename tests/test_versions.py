@@ -4,6 +4,7 @@ latest or an unfinished version; a record keeps its split when new data arrives.
 from __future__ import annotations
 
 import ast
+import hashlib
 import io
 import json
 import os
@@ -609,6 +610,34 @@ def test_a_local_file_rewritten_with_its_size_and_mtime_kept_is_read_again(setup
     assert current(store, f"raw/{DATASET}")["files_read"] == 1
     rows = all_rows(store, latest_manifest(store, dataset))
     assert set(rows.loc[pd.to_datetime(rows["date"]).dt.year == 2016, "wind"]) == {4.5}
+
+
+def test_a_chmod_or_a_backups_hard_link_reads_the_file_again_and_keeps_the_version(
+    setup, tmp_path, monkeypatch
+) -> None:
+    """A local file's inode and change time move with its metadata: raw reads it again (its bytes may have
+    changed under the same size and mtime), but the same bytes give the same version, not a re-shard that
+    would push older versions out of retention; a hard link made while raw reads is no change."""
+    from aifactory_assets import ingest
+
+    catalog, dataset, store, stores, dask = setup
+    assert run(catalog, stores, dask).success
+    first = latest_manifest(store, dataset)
+    (landed,) = [Path(store.path(o.key)) for o in store.list_objects(f"landing/{DATASET}", "*")]
+    landed.chmod(0o640)
+
+    def read_while_a_backup_links(*args, **kwargs):
+        read = run_tasks(*args, **kwargs)
+        os.link(landed, tmp_path / "backup.parquet")
+        return read
+
+    run_tasks = ingest.run_tasks
+    monkeypatch.setattr(ingest, "run_tasks", read_while_a_backup_links)
+    assert run(catalog, stores, dask).success
+    assert current(store, f"raw/{DATASET}")["files_read"] == 1
+    assert latest_manifest(store, dataset)["version"] == first["version"]
+    (source,) = first["lineage"]["inputs"]
+    assert source["sha256"] == hashlib.sha256(landed.read_bytes()).hexdigest()
 
 
 def test_a_landed_file_written_again_while_raw_reads_it_publishes_nothing(setup, monkeypatch) -> None:
