@@ -201,7 +201,7 @@ def repair_version(
     manifest: dict[str, Any],
     problems: dict[str, str],
     rebuilt: dict[str, Any],
-    staging: str,
+    rebuilt_at: str,
 ) -> None:
     """A committed version whose shards rotted, or were removed, gets them back: the same inputs and
     configuration give the same bytes, so the damaged shards are rebuilt in the staging and copied over
@@ -213,7 +213,7 @@ def repair_version(
             f"{dataset.name}: version {manifest['version']} is damaged ({problems}) and its shards, made again, "
             f"differ from its manifest: remove {store.url(prefix)}/{MANIFEST} and run again to write it anew"
         )
-    store.copy_many([(f"{staging}/rebuilt/{path}", f"{prefix}/{path}") for path in problems])
+    store.copy_many([(f"{rebuilt_at}/{path}", f"{prefix}/{path}") for path in problems])
 
 
 def _checks(dataset: Dataset, stage: str, *names: str, blocking: bool = True) -> list[dg.AssetCheckSpec]:
@@ -464,7 +464,8 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
         problems = shard_problems(store, dask.get_client(), prefix, manifest)  # before training can see it
         if problems and committed:
             context.log.warning(f"version {version} is committed but damaged, {problems}: rebuilding those shards")
-            repair_version(store, dataset, prefix, manifest, problems, shard(f"{staging}/rebuilt"), staging)
+            rebuilt_at = f"{staging}/rebuilt"
+            repair_version(store, dataset, prefix, manifest, problems, shard(rebuilt_at), rebuilt_at)
             problems = shard_problems(store, dask.get_client(), prefix, manifest)
         verified = verified_check(manifest, problems)
         if not verified.passed:
