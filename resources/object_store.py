@@ -282,6 +282,17 @@ class ObjectStore(dg.ConfigurableResource):
             time.sleep(random.uniform(0, min(1.0, 0.05 * 2**attempt)))  # writers that collided spread out
         raise RuntimeError(f"{self.url(key)} changed under each of {attempts} conditional writes")
 
+    def remove_empty_folders(self, key: str) -> None:
+        """The folders under `key` that hold nothing, deepest first, and `key` itself if it ends empty: on a
+        local store, deleting objects leaves their folders behind (S3 has no folders)."""
+        if self.protocol != "file" or not (root := Path(self.path(key))).is_dir():
+            return
+        for folder in [*sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)), root]:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty: something still in it, or just written
+                continue
+
     def delete(self, key: str) -> None:
         """Remove an object or everything under a prefix; missing is fine."""
         path = self.path(key)
