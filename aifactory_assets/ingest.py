@@ -115,16 +115,23 @@ class LandedFileChanged(RuntimeError):
     """The ledger would name a landed object the parts were not read from."""
 
 
-def changed_since_listed(store: ObjectStore, dataset: Dataset, listed: list[ObjectInfo]) -> list[str]:
+def changed_since_read(store: ObjectStore, dataset: Dataset, listed: list[ObjectInfo], read: list[dict]) -> list[str]:
     """The keys of `listed` written again since they were listed (or gone): the raw part read from one may
-    hold half of a write. A local file's inode and change time are left out: a backup's hard link or a
-    chmod during the read changes them, not the bytes."""
+    hold half of a write. A local file whose inode or change time moved but not its size and mtime (a
+    chmod, a backup's hard link, or `cp -p` over it) is hashed again: unchanged if its bytes are the ones
+    read (`read`: the ledger entries the reads returned)."""
     now = {o.key: o for o in landed_objects(store, dataset)}
 
-    def written(o: ObjectInfo) -> tuple[Any, ...]:
-        return (o.size, o.mtime) if store.protocol == "file" else (o.size, o.mtime, o.etag)
+    def same_bytes(was: ObjectInfo, entry: dict) -> bool:
+        found = now.get(was.key)
+        if found == was:
+            return True
+        if found is None or store.protocol != "file" or (found.size, found.mtime) != (was.size, was.mtime):
+            return False
+        with open(store.path(was.key), "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest() == entry["sha256"]
 
-    return [o.key for o in listed if o.key not in now or written(now[o.key]) != written(o)]
+    return [o.key for o, entry in zip(listed, read, strict=True) if not same_bytes(o, entry)]
 
 
 def ingest_fingerprint(dataset: Dataset) -> str:
@@ -225,7 +232,7 @@ def ingest_dataset(
         storage_options=store.storage_options,
         run_id=run_id,
     )
-    if changed := changed_since_listed(store, dataset, [objects[i] for i in fresh]):
+    if changed := changed_since_read(store, dataset, [objects[i] for i in fresh], read):
         raise LandedFileChanged(
             f"{dataset.name}: landed file(s) {changed} changed while raw read them (written again, or a copy "
             "still going on under the final name): nothing is published, and the next run reads them as they are"

@@ -284,8 +284,9 @@ class ShardCache:
     def evict(self, keep: Path | None, room: int = 0) -> None:
         """Oldest used first, down to `max_bytes` less `room`, skipping copies in use; also the temporary files of
         copies that died (a copy takes seconds, so one an hour old is abandoned), while live ones count
-        against the bound, and hash records an hour old whose copy is gone. Other processes may evict at
-        the same time."""
+        against the bound, and hash records an hour old whose copy is gone (records and lock files, a few
+        bytes each, count for nothing: a bound of exactly two copies would otherwise keep one). Other
+        processes may evict at the same time."""
         now, files, total = time.time(), [], 0
         for path in self.directory.iterdir():
             try:
@@ -307,7 +308,8 @@ class ShardCache:
                 # node hash that copy again (seen as a rank's rehash in the shared-cache test).
                 remove(path)
                 continue
-            total += stat.st_size
+            if path.suffix == ".parquet" or ".tmp-" in path.name:
+                total += stat.st_size
         for _, size, path in sorted(files):
             if total + room <= self.max_bytes:
                 break

@@ -24,6 +24,7 @@ from aifactory_assets.factory import (
 from aifactory_assets.ingest import landed_objects, landing_prefix, reingest_needed
 from aifactory_assets.manifest import latest_manifest, latest_version, version_for, version_prefix
 from aifactory_assets.publish import current
+from aifactory_assets.shard_layout import MANIFEST
 from resources.object_store import ObjectStore
 from schedules.landing_sensor import ingested_listing, listing_digest
 
@@ -55,7 +56,10 @@ def needs_run(store: ObjectStore, dataset: Dataset, suite: dict) -> tuple[bool, 
 def shards_gone_or_resized(store: ObjectStore, dataset: Dataset) -> list[str]:
     """The latest version's shards that are missing or not of the manifest's size: one listing, where
     hashing every shard each night would read them all (a run hashes them, and repairs what it finds)."""
-    manifest = latest_manifest(store, dataset)
+    try:
+        manifest = latest_manifest(store, dataset)
+    except FileNotFoundError:  # `_latest` names a version whose folder went
+        return [MANIFEST]
     folder = version_prefix(dataset, manifest["version"])
     sizes = {o.key[len(folder) + 1 :]: o.size for o in store.list_objects(folder, "*.parquet")}
     shards = [s for split in manifest["splits"].values() for s in split["shards"]]

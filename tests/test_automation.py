@@ -16,6 +16,7 @@ from aifactory_assets.ingest import is_landed_data
 from aifactory_assets.manifest import latest_manifest, latest_version
 from resources import DaskCluster, ObjectStore
 from schedules import NIGHTLY_CRON, landing_sensor, nightly_schedules
+from schedules.nightly import needs_run
 from tests.conftest import evaluate, local_stores, materialize_all, pipeline_resources
 
 
@@ -168,6 +169,11 @@ def test_nightly_runs_only_what_a_run_would_change(catalog: Catalog, tmp_path, d
     requests, _ = tick(nightly, store)
     assert len(requests) == 1  # the run repairs it
     store.write_bytes(f"shards/palmer_penguins/v={version}/{shard}", moved)
+    manifest = store.read_bytes(f"shards/palmer_penguins/v={version}/manifest.json")
+    store.delete(f"shards/palmer_penguins/v={version}/manifest.json")
+    due, reason = needs_run(store, dataset, catalog.suites["palmer_penguins"])
+    assert due and "has shards missing or of another size (['manifest.json'])" in reason
+    store.write_bytes(f"shards/palmer_penguins/v={version}/manifest.json", manifest)
 
     suite = catalog.suites["palmer_penguins"]
     stricter = {**suite, "expectations": [*suite["expectations"], suite["expectations"][-1]]}

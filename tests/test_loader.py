@@ -342,6 +342,23 @@ def test_remote_shards_are_cached_within_a_size_bound(
     assert sum(p.stat().st_size for p in small.glob("*.parquet")) <= 2 * shard_size
 
 
+def test_a_cache_of_two_copies_keeps_two(tmp_path: Path) -> None:
+    """Hash records and lock files (a few bytes each) count for nothing against the bound."""
+    from aifactory_assets.loader import hold
+
+    remote, size, sums = tmp_path / "remote", 2**16, []
+    remote.mkdir()
+    for i in range(3):
+        data = np.random.default_rng(i).bytes(size)
+        (remote / f"s{i}").write_bytes(data)
+        sums.append(hashlib.sha256(data).hexdigest())
+    cache = ShardCache(tmp_path / "cache", max_bytes=2 * size)
+    for i, checksum in enumerate(sums):
+        copy, _ = cache.fetch(fsspec.filesystem("file"), str(remote / f"s{i}"), checksum, True, size)
+        hold(str(copy), -1)
+    assert sorted(p.stem for p in (tmp_path / "cache").glob("*.parquet")) == sorted(sums[1:])
+
+
 def many_row_groups(catalog: Catalog, s3_endpoint: str, shards: int = 8, groups: int = 10, rows: int = 20_000) -> tuple:
     """A split laid out as a large one is (many row groups per shard), on the S3 server."""
     store = s3_stores(catalog, s3_endpoint)["kajaani"]

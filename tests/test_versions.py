@@ -665,6 +665,24 @@ def test_a_landed_file_written_again_while_raw_reads_it_publishes_nothing(setup,
     monkeypatch.undo()
     assert run(catalog, stores, dask, stages=("raw",)).success
 
+    # `cp -p` over it while it is read: the same bytes, size and mtime in the end, half of them when read
+    landed = Path(store.path(f"landing/{DATASET}/extra.parquet"))
+    whole, stamp = landed.read_bytes(), landed.stat()
+
+    def read_during_cp_p(*args, **kwargs):
+        with landed.open("r+b") as f:
+            f.truncate(len(whole) // 2)
+        read = run_tasks(*args, **kwargs)
+        with landed.open("r+b") as f:
+            f.write(whole)
+        os.utime(landed, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+        return read
+
+    landed.chmod(0o640)  # its change time moves: raw reads it again
+    monkeypatch.setattr(ingest, "run_tasks", read_during_cp_p)
+    result = run(catalog, stores, dask, stages=("raw",))
+    assert not result.success and "changed while raw read them" in failure_message(result)
+
 
 def test_validated_judges_only_the_parts_its_current_generation_did_not_judge_the_same_way(
     setup, tmp_path, monkeypatch
