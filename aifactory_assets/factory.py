@@ -476,7 +476,7 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
             )
         commit(store, dataset, manifest, context.run.run_id)
         store.delete(staging)  # kept if anything above failed: it marks the version left unfinished
-        store.remove_empty_folders(staging_prefix(dataset))  # what this run's and earlier runs' deletes left
+        store.remove_empty_folder(f"{staging_prefix(dataset)}/{version}")  # unless another run writes it too
         balance = manifest["conservation"]
         split_rows = [[s, v["rows"], len(v["shards"]), v["bytes"]] for s, v in manifest["splits"].items()]
         summary = f"Version `{version}` committed: `{store.url(prefix)}/{MANIFEST}`\n\n" + markdown_table(

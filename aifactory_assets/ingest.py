@@ -128,8 +128,11 @@ def changed_since_read(store: ObjectStore, dataset: Dataset, listed: list[Object
             return True
         if found is None or store.protocol != "file" or (found.size, found.mtime) != (was.size, was.mtime):
             return False
-        with open(store.path(was.key), "rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest() == entry["sha256"]
+        try:
+            with open(store.path(was.key), "rb") as f:
+                return hashlib.file_digest(f, "sha256").hexdigest() == entry["sha256"]
+        except FileNotFoundError:  # gone since the listing above
+            return False
 
     return [o.key for o, entry in zip(listed, read, strict=True) if not same_bytes(o, entry)]
 

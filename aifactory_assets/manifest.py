@@ -10,6 +10,7 @@ import datetime as dt
 import hashlib
 import importlib
 import json
+import posixpath
 import subprocess
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
@@ -263,7 +264,8 @@ def apply_retention(store: ObjectStore, dataset: Dataset, keep: str, run_id: str
         store.write_bytes(mark, b"")
         store.delete(f"{version_prefix(dataset, old)}/{MANIFEST}")
         store.delete(version_prefix(dataset, old))
-        store.delete(mark)
+        store.delete(posixpath.dirname(mark))  # the mark, and its run's folder
+        store.remove_empty_folder(f"{staging_prefix(dataset)}/{old}")
     return doomed
 
 
@@ -283,6 +285,7 @@ def remove_abandoned_writes(store: ObjectStore, dataset: Dataset, is_finished: C
         over = {run_id for run_id in runs if is_finished(run_id)}
         for run_id in sorted(over):
             store.delete(f"{prefix}/{version}/{run_id}")
+        store.remove_empty_folder(f"{prefix}/{version}")
         folder = version_prefix(dataset, version)
         if over == runs and not store.is_object(f"{folder}/{MANIFEST}") and store.exists(folder):
             store.delete(folder)

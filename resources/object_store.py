@@ -7,6 +7,7 @@ resource itself.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import glob
 import json
@@ -282,16 +283,13 @@ class ObjectStore(dg.ConfigurableResource):
             time.sleep(random.uniform(0, min(1.0, 0.05 * 2**attempt)))  # writers that collided spread out
         raise RuntimeError(f"{self.url(key)} changed under each of {attempts} conditional writes")
 
-    def remove_empty_folders(self, key: str) -> None:
-        """The folders under `key` that hold nothing, deepest first, and `key` itself if it ends empty: on a
-        local store, deleting objects leaves their folders behind (S3 has no folders)."""
-        if self.protocol != "file" or not (root := Path(self.path(key))).is_dir():
-            return
-        for folder in [*sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)), root]:
-            try:
-                folder.rmdir()
-            except OSError:  # not empty: something still in it, or just written
-                continue
+    def remove_empty_folder(self, key: str) -> None:
+        """The folder at `key` if it holds nothing: on a local store, deleting the objects under a prefix
+        leaves its folder behind (S3 has no folders). Best effort, that one folder alone: one that holds
+        anything, or that another run is filling, stays."""
+        if self.protocol == "file":
+            with contextlib.suppress(OSError):
+                os.rmdir(self.path(key))
 
     def delete(self, key: str) -> None:
         """Remove an object or everything under a prefix; missing is fine."""

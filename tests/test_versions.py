@@ -108,7 +108,7 @@ def test_a_failed_run_leaves_no_visible_version_and_a_rerun_completes_it(setup) 
     assert second["version"] == version != first["version"]
     assert second["conservation"]["rows_read"] == first["conservation"]["rows_read"] + 366
     assert not store.list_objects(f"shards/{DATASET}/_staging")  # the failed run's, swept; the rerun's, committed
-    assert not Path(store.path(f"shards/{DATASET}/_staging")).exists()  # nor their empty folders left
+    assert not list(Path(store.path(f"shards/{DATASET}/_staging")).iterdir())  # nor their empty folders left
 
 
 def test_retention_keeps_the_latest_and_never_an_unfinished_version(setup) -> None:
@@ -128,6 +128,7 @@ def test_retention_keeps_the_latest_and_never_an_unfinished_version(setup) -> No
     assert json.loads(store.read_bytes(f"shards/{DATASET}/_latest"))["version"] == made[-1]
     assert unfinished.exists()
     assert not store.list_objects(staging_prefix(dataset))  # the runs' own, and retention's marks
+    assert not list(Path(store.path(staging_prefix(dataset))).iterdir())  # and their folders
     for old in made[:2]:
         assert not store.exists(f"shards/{DATASET}/v={old}")
 
