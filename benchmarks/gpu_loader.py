@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import itertools
 import json
 import os
@@ -39,7 +40,13 @@ import pyarrow.parquet as pq
 import torch
 
 from aifactory_assets.loader import ShardReader, forget_verified
-from aifactory_assets.shard_layout import dictionary_columns, row_group_rows, schema_fingerprint, shard_name
+from aifactory_assets.shard_layout import (
+    dictionary_columns,
+    read_footer,
+    row_group_rows,
+    schema_fingerprint,
+    shard_name,
+)
 from aifactory_assets.torch_dataset import ShardIterableDataset, TensorLoader
 from benchmarks import code_digest
 
@@ -81,7 +88,7 @@ def generate(root: Path, rows: int, shards: int, group_rows: int | None, seed: i
                 "rows": n,
                 "bytes": len(data),
                 "sha256": hashlib.sha256(data).hexdigest(),
-                "footer_sha256": hashlib.sha256(data[-8 - int.from_bytes(data[-8:-4], "little") :]).hexdigest(),
+                "footer_sha256": hashlib.sha256(read_footer(io.BytesIO(data))).hexdigest(),
                 "row_groups": [groups.row_group(g).num_rows for g in range(groups.num_row_groups)],
             }
         )

@@ -22,7 +22,7 @@ from aifactory_assets.factory import (
     store_key,
 )
 from aifactory_assets.ingest import landed_objects, landing_prefix, reingest_needed
-from aifactory_assets.manifest import latest_manifest, latest_version, version_for, version_prefix
+from aifactory_assets.manifest import latest_version, version_for, version_prefix
 from aifactory_assets.publish import current
 from aifactory_assets.shard_layout import MANIFEST
 from resources.object_store import ObjectStore
@@ -41,7 +41,7 @@ def needs_run(store: ObjectStore, dataset: Dataset, suite: dict) -> tuple[bool, 
         return True, f"{dataset.name}: landed files that the current raw generation did not ingest"
     latest = latest_version(store, dataset)
     wanted = version_for(dataset, suite, raw)
-    if wanted == latest and (damaged := shards_gone_or_resized(store, dataset)):
+    if wanted == latest and (damaged := shards_gone_or_resized(store, dataset, latest)):
         return (
             True,
             f"{dataset.name}: version {latest} has shards missing or of another size ({damaged}): a run repairs it",
@@ -53,14 +53,14 @@ def needs_run(store: ObjectStore, dataset: Dataset, suite: dict) -> tuple[bool, 
     return True, f"{dataset.name}: its catalogue entry, suite and release give version {wanted}; latest is {latest}"
 
 
-def shards_gone_or_resized(store: ObjectStore, dataset: Dataset) -> list[str]:
-    """The latest version's shards that are missing or not of the manifest's size: one listing, where
+def shards_gone_or_resized(store: ObjectStore, dataset: Dataset, version: str) -> list[str]:
+    """A committed version's shards that are missing or not of the manifest's size: one listing, where
     hashing every shard each night would read them all (a run hashes them, and repairs what it finds)."""
+    folder = version_prefix(dataset, version)
     try:
-        manifest = latest_manifest(store, dataset)
+        manifest = store.read_json(f"{folder}/{MANIFEST}")
     except FileNotFoundError:  # `_latest` names a version whose folder went
         return [MANIFEST]
-    folder = version_prefix(dataset, manifest["version"])
     sizes = {o.key[len(folder) + 1 :]: o.size for o in store.list_objects(folder, "*.parquet")}
     shards = [s for split in manifest["splits"].values() for s in split["shards"]]
     return [s["path"] for s in shards if sizes.get(s["path"]) != s["bytes"]]
