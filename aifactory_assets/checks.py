@@ -6,7 +6,6 @@ import hashlib
 from typing import Any
 
 import dagster as dg
-import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from distributed import Client
@@ -16,7 +15,7 @@ from aifactory_assets.metadata import location, markdown_table
 from aifactory_assets.parquet_io import read_footers
 from aifactory_assets.schema import ARROW_TYPES
 from aifactory_assets.tasks import run_tasks
-from resources.object_store import ObjectStore
+from resources.object_store import ObjectStore, filesystem_of
 
 SCHEMA_CHECK, CONSERVATION_CHECK = "schema_matches_catalog", "conservation"
 CRITICAL_CHECK, WARNING_CHECK = "critical_expectations", "warning_expectations"
@@ -110,7 +109,7 @@ def conservation_check(equation: str, left: int, right: dict[str, int]) -> dg.As
 
 def shard_problem(url: str, sha256: str, rows: int, storage_options: dict[str, Any]) -> str | None:
     """Runs on a worker: what is wrong with one shard against its manifest entry, if anything."""
-    fs, path = fsspec.core.url_to_fs(url, **storage_options)
+    fs, path = filesystem_of(url, storage_options)
     if not fs.exists(path):
         return "missing"
     digest = hashlib.sha256()

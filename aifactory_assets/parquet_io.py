@@ -10,9 +10,11 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from resources.object_store import filesystem_of
+
 
 def read_bytes(url: str, storage_options: dict[str, Any]) -> bytes:
-    fs, path = fsspec.core.url_to_fs(url, **storage_options)
+    fs, path = filesystem_of(url, storage_options)
     return fs.cat_file(path)
 
 
@@ -20,7 +22,7 @@ def read_footers(urls: list[str], storage_options: dict[str, Any]) -> list[pq.Fi
     """Each Parquet object's footer (schema, row counts), read in parallel: on S3 each is a round trip."""
 
     def footer(url: str) -> pq.FileMetaData:
-        fs, path = fsspec.core.url_to_fs(url, **storage_options)
+        fs, path = filesystem_of(url, storage_options)
         with fs.open(path, "rb") as f:
             return pq.read_metadata(f)
 
@@ -30,7 +32,7 @@ def read_footers(urls: list[str], storage_options: dict[str, Any]) -> list[pq.Fi
 
 def open_for_write(url: str, storage_options: dict[str, Any]) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem and path for writing `url`, with local parent folders made (object stores have none)."""
-    fs, path = fsspec.core.url_to_fs(url, **storage_options)
+    fs, path = filesystem_of(url, storage_options)
     fs.makedirs(fs._parent(path), exist_ok=True)
     return fs, path
 
@@ -76,6 +78,6 @@ def read_parquet(
     read_dictionary: list[str] | None = None,
     columns: list[str] | None = None,
 ) -> pa.Table:
-    fs, path = fsspec.core.url_to_fs(url, **storage_options)
+    fs, path = filesystem_of(url, storage_options)
     with fs.open(path, "rb") as f:
         return pq.read_table(f, read_dictionary=read_dictionary, columns=columns)

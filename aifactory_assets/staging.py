@@ -13,17 +13,17 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-import fsspec
 import pyarrow as pa
 
 from aifactory_assets.catalog import Dataset
 from aifactory_assets.parquet_io import open_for_write
+from resources.object_store import filesystem_of
 
 BATCH_ROWS = 65_536
 
 
 def _options(url: str) -> pa.ipc.IpcWriteOptions:
-    local = fsspec.utils.get_protocol(url) in ("file", "local")
+    local = not url.startswith("s3://")
     return pa.ipc.IpcWriteOptions(compression=None if local else "lz4")
 
 
@@ -43,7 +43,7 @@ def write_sorted(url: str, table: pa.Table, storage_options: dict[str, Any]) -> 
 
 
 def read_batches(url: str, indices: list[int], storage_options: dict[str, Any]) -> pa.Table:
-    fs, path = fsspec.core.url_to_fs(url, **storage_options)
+    fs, path = filesystem_of(url, storage_options)
     with fs.open(path, "rb") as f:
         reader = pa.ipc.open_file(f)
         return pa.Table.from_batches([reader.get_batch(i) for i in indices], reader.schema)

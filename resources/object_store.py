@@ -59,6 +59,15 @@ def _filesystem(protocol: str, options: tuple[tuple[str, Any], ...]) -> fsspec.A
     return fsspec.filesystem(protocol, **_unfreeze(options))
 
 
+def filesystem_of(url: str, storage_options: dict[str, Any]) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and path of a URL that `ObjectStore.url` made (`s3://...` or a local path). Not
+    fsspec's `url_to_fs`, which reads `::` in a landed file's name (`sensor-fe80::1.csv`) as a chain of
+    filesystems."""
+    if url.startswith("s3://"):
+        return _filesystem("s3", _freeze(storage_options)), url.removeprefix("s3://")
+    return _filesystem("file", ()), url
+
+
 def _freeze(options: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
     return tuple(sorted((k, _freeze(v) if isinstance(v, dict) else v) for k, v in options.items()))
 
@@ -160,8 +169,13 @@ class ObjectStore(dg.ConfigurableResource):
         self.fs.invalidate_cache()
         base = self.path(prefix)
         found = self.fs.glob(f"{glob.escape(base)}/{pattern}", detail=True)  # a root may hold [ ] * ?
+        # An S3 key ending in "/" is a folder marker (a console's "Create folder", rclone), not a file.
         return sorted(
-            (self._info(path, info) for path, info in found.items() if info.get("type") != "directory"),
+            (
+                self._info(path, info)
+                for path, info in found.items()
+                if info.get("type") != "directory" and not path.endswith("/")
+            ),
             key=lambda o: o.key,
         )
 
@@ -292,11 +306,26 @@ class ObjectStore(dg.ConfigurableResource):
                 os.rmdir(self.path(key))
 
     def delete(self, key: str) -> None:
-        """Remove an object or everything under a prefix; missing is fine."""
+        """Remove an object or everything under a prefix; missing is fine. By name, never by fsspec's `rm`,
+        which globs the path: a root or key holding `[ ]` failed every publish on S3, and one holding `*`
+        deleted another deployment's objects."""
         path = self.path(key)
+        if self.protocol == "file":
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, onerror=_unless_missing)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+            return
         self.fs.invalidate_cache()
-        if self.fs.exists(path):
-            self.fs.rm(path, recursive=True)
+        bucket = self.fs.split_path(path)[0]
+        names = [self.fs.split_path(found)[1] for found in self.fs.find(path)]  # `path` itself, or under it
+        for start in range(0, len(names), 1000):  # DeleteObjects takes 1,000 keys at most
+            batch = [{"Key": name} for name in names[start : start + 1000]]
+            response = self.fs.call_s3("delete_objects", Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+            if errors := response.get("Errors"):
+                raise OSError(f"{self.display()}: could not delete {len(errors)} object(s) under {key}: {errors[0]}")
+        self.fs.invalidate_cache()
 
     def upload(self, local_path: str | Path, key: str) -> None:
         if self.protocol == "file":
@@ -307,6 +336,12 @@ class ObjectStore(dg.ConfigurableResource):
         """A description safe for logs and metadata: never the credentials."""
         where = f" at {self.endpoint_url}" if self.endpoint_url else ""
         return f"{self.url()}{where}"
+
+
+def _unless_missing(function: Callable[..., Any], path: str, exc_info: Any) -> None:
+    """rmtree's error handler: what another process removed meanwhile is fine."""
+    if not isinstance(exc_info[1], FileNotFoundError):
+        raise exc_info[1]
 
 
 def aifactory_home() -> Path:

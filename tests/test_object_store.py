@@ -6,6 +6,7 @@ import threading
 from pathlib import Path
 
 import dagster as dg
+import pyarrow as pa
 import pytest
 
 from aifactory_assets.catalog import Catalog
@@ -58,6 +59,62 @@ def test_a_root_with_glob_characters_lists_keys(tmp_path) -> None:
     store = ObjectStore(site="kajaani", root=str(tmp_path / "home[1]" / "kajaani"))
     store.write_bytes("landing/demo/a.csv", b"x\n1\n")
     assert [o.key for o in store.list_objects("landing/demo", "*.csv")] == ["landing/demo/a.csv"]
+
+
+def beside(store: ObjectStore, root: str) -> ObjectStore:
+    """A store like `store` (same backend, bucket, credentials) under another root beside its own."""
+    parent = store.root.rsplit("/", 1)[0]
+    return ObjectStore(
+        site=store.site,
+        protocol=store.protocol,
+        root=f"{parent}/{root}",
+        endpoint_url=store.endpoint_url,
+        access_key_id=store.access_key_id,
+        secret_access_key=store.secret_access_key,
+    )
+
+
+def test_delete_takes_root_and_key_as_written(store: ObjectStore) -> None:
+    """fsspec's rm globs its path: on S3 a root holding [ ] failed every delete (and so every publish), and
+    one holding * deleted another deployment's objects under the same names."""
+    mine, theirs = beside(store, "team*/kajaani"), beside(store, "team-b/kajaani")
+    for each in (mine, theirs):
+        each.write_bytes("shards/d/v=abc/train-00000-of-00001.parquet", b"x")
+    mine.delete("shards/d/v=abc")
+    assert not mine.exists("shards/d/v=abc/train-00000-of-00001.parquet")
+    assert theirs.read_bytes("shards/d/v=abc/train-00000-of-00001.parquet") == b"x"
+    bracketed = beside(store, "proj[1]/kajaani")
+    for key in ("raw/d/run=a/part-00000.parquet", "raw/d/run=a/w[1].csv", "raw/d/w[1].csv"):
+        bracketed.write_bytes(key, b"x")
+    bracketed.delete("raw/d/run=a")
+    bracketed.delete("raw/d/w[1].csv")
+    bracketed.delete("raw/d/never-written")
+    assert not bracketed.list_objects("raw/d")
+
+
+def test_colons_in_a_landed_name_are_part_of_the_name(store: ObjectStore) -> None:
+    """fsspec's url_to_fs read `sensor-fe80::1.csv` as a chain of filesystems: the whole raw step failed."""
+    from aifactory_assets.parquet_io import read_bytes, read_parquet, write_parquet
+
+    store.write_bytes("landing/d/sensor-fe80::1.csv", b"x\n1\n")
+    assert [o.key for o in store.list_objects("landing/d")] == ["landing/d/sensor-fe80::1.csv"]
+    assert read_bytes(store.url("landing/d/sensor-fe80::1.csv"), store.storage_options) == b"x\n1\n"
+    table = pa.table({"x": [1, 2]})
+    write_parquet(table, store.url("raw/d/fe80::1.parquet"), store.storage_options)
+    assert read_parquet(store.url("raw/d/fe80::1.parquet"), store.storage_options).equals(table)
+
+
+def test_folder_markers_are_not_landed_files(stores: dict[str, ObjectStore]) -> None:
+    """Zero-byte keys ending in "/" (a console's "Create folder", rclone) are folders, not files to read."""
+    store = stores["kajaani"]
+    if store.protocol == "s3":
+        bucket, base = store.root.split("/", 1)
+        for key in ("landing/d/", "landing/d/2024/"):
+            store.fs.call_s3("put_object", Bucket=bucket, Key=f"{base}/{key}", Body=b"")
+    else:
+        Path(store.path("landing/d/2024")).mkdir(parents=True)
+    store.write_bytes("landing/d/2024/a.csv", b"x\n1\n")
+    assert [o.key for o in store.list_objects("landing/d", "**")] == ["landing/d/2024/a.csv"]
 
 
 def test_fingerprint_changes_when_object_changes(store: ObjectStore) -> None:
