@@ -185,7 +185,8 @@ class ObjectStore(dg.ConfigurableResource):
 
     def _info(self, path: str, info: dict[str, Any]) -> ObjectInfo:
         etag = info.get("ETag") or info.get("etag") or local_identity(info)
-        mtime = info.get("mtime") or info.get("LastModified") or info.get("created")
+        # The first present, not the first true: a file dated 1970 (mtime 0) keeps its own time.
+        mtime = next((info[k] for k in ("mtime", "LastModified", "created") if info.get(k) is not None), None)
         if hasattr(mtime, "timestamp"):
             mtime = mtime.timestamp()
         return ObjectInfo(
@@ -237,11 +238,24 @@ class ObjectStore(dg.ConfigurableResource):
             return list(pool.map(copied, pairs))
 
     def _write_locally(self, key: str, write: Callable[[Path], Any]) -> None:
+        """Through a file beside the target, on disk before the rename: after a node's crash a pointer or
+        manifest holds its old bytes or its new ones, never none (XFS, unlike ext4, does not flush a file
+        renamed over another). A failed write leaves no temporary file."""
         target = Path(self.path(key))
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-        write(tmp)
-        tmp.replace(target)
+        try:
+            write(tmp)
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            tmp.replace(target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
 
     def read_json(self, key: str) -> Any:
         return json.loads(self.read_bytes(key))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -115,6 +116,22 @@ def test_folder_markers_are_not_landed_files(stores: dict[str, ObjectStore]) -> 
         Path(store.path("landing/d/2024")).mkdir(parents=True)
     store.write_bytes("landing/d/2024/a.csv", b"x\n1\n")
     assert [o.key for o in store.list_objects("landing/d", "**")] == ["landing/d/2024/a.csv"]
+
+
+def test_a_failed_local_write_leaves_no_temporary_file(tmp_path: Path) -> None:
+    store = ObjectStore(site="kajaani", root=str(tmp_path))
+    store.write_bytes("shards/d/_latest/held", b"x")  # `_latest` is a folder: the rename over it fails
+    with pytest.raises(OSError):
+        store.write_bytes("shards/d/_latest", b"{}")
+    assert sorted(p.name for p in (tmp_path / "shards" / "d").iterdir()) == ["_latest"]
+
+
+def test_a_file_dated_1970_keeps_its_time(tmp_path: Path) -> None:
+    """mtime 0 is a time: read as missing, the change time stood in, and a chmod changed the fingerprint."""
+    store = ObjectStore(site="kajaani", root=str(tmp_path))
+    store.write_bytes("landing/d/a.csv", b"x\n1\n")
+    os.utime(store.path("landing/d/a.csv"), (0, 0))
+    assert store.info("landing/d/a.csv").mtime == 0.0
 
 
 def test_fingerprint_changes_when_object_changes(store: ObjectStore) -> None:
