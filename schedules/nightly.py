@@ -4,8 +4,10 @@ It runs the site's datasets that are not up to date: files landed that the curre
 ingest (the sensor switched off, or a change it missed), or a catalogue entry, suite or release that gives
 another version than the latest committed one. A dataset with nothing landed is skipped rather than failed,
 and so is one whose latest version is what a run would commit again, or whose last run failed on the same
-files, suite and release: such a run would re-read every landed file for the same outcome. The tick says
-why for each dataset.
+files, suite and release: such a run would re-read every landed file for the same outcome; and one that a
+queued or running run already ingests (a sensor's, a person's). The tick says why for each dataset. One
+dataset whose state cannot be read (a prefix a bucket policy refuses) is run, where the run names the
+error; the tick fails only when the store refused every dataset.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from aifactory_assets.publish import current
 from aifactory_assets.shard_layout import MANIFEST
 from resources.object_store import ObjectStore
 from schedules.landing_sensor import ingested_listing, listing_digest
+from schedules.runs_in_flight import run_ingesting, unfinished_runs
 
 NIGHTLY_CRON = "0 2 * * *"
 
@@ -99,17 +102,22 @@ def nightly_schedule(catalog: Catalog, site: str) -> dg.ScheduleDefinition:
     @naming_refusals(site)
     def schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest | dg.SkipReason:
         store = getattr(context.resources, store_key(site))
-        due, reasons = [], []
+        due, reasons, refusals = [], [], []
+        in_flight = unfinished_runs(context.instance)
         for dataset in datasets:
-            try:
-                run, reason = needs_run(store, dataset, catalog.suites[dataset.name])
-            except PermissionError:
-                raise  # the store refused: named by naming_refusals
-            except Exception as exc:  # an unreadable record: the run says what is wrong, where the UI shows it
-                run, reason = True, f"{dataset.name}: state unreadable ({type(exc).__name__}: {exc})"
+            if running := run_ingesting(in_flight, dataset):
+                run, reason = False, f"{dataset.name}: run {running} is queued or running for it"
+            else:
+                try:
+                    run, reason = needs_run(store, dataset, catalog.suites[dataset.name])
+                except Exception as exc:  # an unreadable record, a refused prefix: the run says what is wrong
+                    refusals += [exc] if isinstance(exc, PermissionError) else []
+                    run, reason = True, f"{dataset.name}: state unreadable ({type(exc).__name__}: {exc})"
             due += [dataset] if run else []
             reasons.append(reason)
             context.log.info(reason)
+        if refusals and len(refusals) == len(datasets):
+            raise refusals[0]  # the whole store refused: the tick fails, the refusal named (naming_refusals)
         if not due:
             return dg.SkipReason("; ".join(reasons))
         return dg.RunRequest(

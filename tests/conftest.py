@@ -197,7 +197,12 @@ def logged(result: dg.ExecuteInProcessResult) -> str:
     return "\n".join(str(event) for event in result.all_events)
 
 
-def evaluate(sensor: dg.SensorDefinition, store: ObjectStore, cursor: str | None):
-    """The daemon's own path: `evaluate_tick`, with the site's store as the sensor's resource."""
-    with dg.build_sensor_context(cursor=cursor, resources={store_key(store.site): store}) as context:
+def evaluate(
+    sensor: dg.SensorDefinition, store: ObjectStore, cursor: str | None, instance: dg.DagsterInstance | None = None
+):
+    """The daemon's own path: `evaluate_tick`, with the site's store as the sensor's resource (and an
+    instance, whose runs the sensor looks at)."""
+    with dg.build_sensor_context(
+        cursor=cursor, resources={store_key(store.site): store}, instance=instance or dg.DagsterInstance.ephemeral()
+    ) as context:
         return sensor.evaluate_tick(context)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from functools import partial
 from pathlib import Path
 
 import dagster as dg
@@ -110,6 +112,103 @@ def test_a_run_that_ingested_another_listing_is_followed_by_one_more(
     assert none == []  # the new raw generation ingested the listing requested
 
 
+def test_a_reset_cursor_never_reuses_a_run_key(catalog: Catalog, tmp_path) -> None:
+    """Dagster drops a run whose key it has seen: after `dagster sensor cursor --delete`, a landing zone back
+    at an earlier file set (a bad file withdrawn) must still start its run."""
+    store = local_stores(catalog, tmp_path)["linkoping"]
+    sensor = landing_sensor(catalog, "linkoping")
+
+    def settle(cursor: str | None) -> tuple[str, list[str]]:
+        result = evaluate(sensor, store, evaluate(sensor, store, cursor).cursor)
+        return result.cursor, [r.run_key for r in result.run_requests]
+
+    store.write_bytes("landing/palmer_penguins/a.csv", b"record_id,species\n1,Adelie\n")
+    cursor, first = settle(None)
+    store.write_bytes("landing/palmer_penguins/b.csv", b"record_id,species\n2,Adelie\n")
+    cursor, second = settle(cursor)
+    store.delete("landing/palmer_penguins/b.csv")
+    _, after_reset = settle(None)
+    assert len(first) == len(second) == len(after_reset) == 1
+    assert after_reset[0] not in first + second
+
+
+def queued_run(instance: dg.DagsterInstance, selection: list[dg.AssetKey]) -> str:
+    """A run made and not started yet (a queued one needs a code location's origin), materialising
+    `selection`: the sensor and the nightly treat both alike."""
+    run = dg.DagsterRun(
+        job_name="__ASSET_JOB", status=dg.DagsterRunStatus.NOT_STARTED, asset_selection=frozenset(selection)
+    )
+    return instance.add_run(run).run_id
+
+
+def test_a_listing_raw_ingested_or_a_run_will_ingest_is_not_asked_again(
+    catalog: Catalog, tmp_path, dask: DaskCluster
+) -> None:
+    """Raw ingested the listing already (the nightly's run, a person's): no run. A change while a run reads:
+    one more run, not a third while that one still waits in the queue."""
+    stores = local_stores(catalog, tmp_path)
+    store, dataset = stores["linkoping"], catalog.datasets["palmer_penguins"]
+    land_demo_data(catalog, stores)
+    sensor = landing_sensor(catalog, "linkoping")
+    assets = build_catalog_assets(catalog)
+    ingest = partial(
+        dg.materialize, assets, resources=pipeline_resources(stores, dask), selection=[asset_key(dataset, "raw")]
+    )
+    ingest()  # a person materialises raw in the UI, with the sensor off
+    with dg.instance_for_test() as instance:
+
+        def tick(cursor: str | None) -> tuple[str, list[dg.RunRequest]]:
+            result = evaluate(sensor, store, cursor, instance)
+            return result.cursor, [r for r in result.run_requests if r.tags["dataset"] == dataset.name]
+
+        cursor, _ = tick(None)
+        cursor, requested = tick(cursor)
+        assert requested == []  # raw holds this listing already
+        store.write_bytes("landing/palmer_penguins/late.csv", b"record_id,species\n9001,Adelie\n")
+        cursor, _ = tick(cursor)
+        cursor, requested = tick(cursor)
+        assert len(requested) == 1
+        waiting = queued_run(instance, materialisable_keys(dataset))  # the run requested, in the queue
+        store.write_bytes("landing/palmer_penguins/later.csv", b"record_id,species\n9002,Adelie\n")
+        ingest()  # an earlier run, reading as the file lands
+        store.delete("landing/palmer_penguins/later.csv")
+        cursor, requested = tick(cursor)
+        assert requested == []  # raw changed, but the queued run will list the landing zone as it starts
+        instance.delete_run(waiting)
+        ingest()  # that run, once started
+        cursor, requested = tick(cursor)
+        assert requested == []
+
+
+def test_one_datasets_refused_landing_zone_stops_no_other(catalog: Catalog, tmp_path) -> None:
+    """A bucket policy refusing one dataset's prefix (a restricted health dataset, say): the site's other
+    datasets are still watched and run; the tick fails, naming it, only when every listing is refused."""
+    moved = catalog.datasets["wine_cultivars"].model_copy(update={"site": "linkoping"})
+    two = catalog.model_copy(update={"datasets": {**catalog.datasets, "wine_cultivars": moved}})
+    assert [d.name for d in two.datasets_of("linkoping")] == ["palmer_penguins", "wine_cultivars"]
+    store = RefusingStore(site="linkoping", root=str(tmp_path / "linkoping"), refused="landing/wine_cultivars")
+    store.write_bytes("landing/palmer_penguins/a.csv", b"record_id,species\n1,Adelie\n")
+    sensor = landing_sensor(two, "linkoping")
+    settled = evaluate(sensor, store, evaluate(sensor, store, None).cursor)
+    assert [r.tags["dataset"] for r in settled.run_requests] == ["palmer_penguins"]
+    requests, _ = tick({s.name: s for s in nightly_schedules(two)}["linkoping_nightly"], store)
+    assert [r.tags["datasets"] for r in requests] == ["palmer_penguins,wine_cultivars"]  # the run names the refusal
+    everything = RefusingStore(site="linkoping", root=store.root, refused="landing")
+    with pytest.raises(PermissionError, match="Access Denied"):
+        evaluate(sensor, everything, settled.cursor)
+
+
+class RefusingStore(ObjectStore):
+    """A local store whose listings under `refused` fail as s3fs reports an S3 AccessDenied."""
+
+    refused: str
+
+    def list_objects(self, prefix: str, pattern: str = "**") -> list:
+        if prefix.startswith(self.refused):
+            raise PermissionError("Access Denied")
+        return super().list_objects(prefix, pattern)
+
+
 def test_sensor_resolves_through_definitions(catalog: Catalog, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("AIFACTORY_HOME", str(tmp_path))
     defs = build_definitions(catalog)
@@ -137,9 +236,16 @@ def test_one_nightly_schedule_per_site_in_its_zone(catalog: Catalog) -> None:
         assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING  # nightly without a person
 
 
-def tick(schedule: dg.ScheduleDefinition, store: ObjectStore) -> tuple[list[dg.RunRequest], str | None]:
-    """The daemon's own path: `evaluate_tick`, with the site's store as the schedule's resource."""
-    with dg.build_schedule_context(resources={store_key(store.site): store}) as context:
+def tick(
+    schedule: dg.ScheduleDefinition, store: ObjectStore, instance: dg.DagsterInstance | None = None
+) -> tuple[list[dg.RunRequest], str | None]:
+    """The daemon's own path: `evaluate_tick`, with the site's store as the schedule's resource (and an
+    instance, whose runs the schedule looks at: a persistent one, as a schedule context needs)."""
+    with contextlib.ExitStack() as stack:
+        instance = instance or stack.enter_context(dg.instance_for_test())
+        context = stack.enter_context(
+            dg.build_schedule_context(resources={store_key(store.site): store}, instance=instance)
+        )
         data = schedule.evaluate_tick(context)
     return list(data.run_requests or []), data.skip_message
 
@@ -155,6 +261,10 @@ def test_nightly_runs_only_what_a_run_would_change(catalog: Catalog, tmp_path, d
     assert requests == [] and "palmer_penguins: nothing landed under" in skipped
 
     land_demo_data(catalog, stores)
+    with dg.instance_for_test() as instance:
+        waiting = queued_run(instance, [asset_key(dataset, "raw")])  # a sensor's run, waiting for a slot
+        requests, skipped = tick(nightly, store, instance)
+        assert requests == [] and skipped == f"palmer_penguins: run {waiting} is queued or running for it"
     requests, _ = tick(nightly, store)
     assert [set(r.asset_selection) for r in requests] == [set(materialisable_keys(dataset))]
     assert requests[0].tags["trigger"] == "nightly" and requests[0].tags["datasets"] == "palmer_penguins"
