@@ -214,7 +214,10 @@ class CatalogErrors(CatalogError):
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    """Strict: pydantic would otherwise read `true` as 1, 1 as true and "yes" as true, so a value written
+    as one type would mean another without a word (an int still passes as a float)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, strict=True)
 
 
 class Storage(_Model):
@@ -294,14 +297,16 @@ class TableSchema(_Model):
         """A record without its key can be neither deduplicated nor split (and a null would turn an integer
         key into floats, which hash differently): key columns are not nullable, rows without a key go to
         quarantine, and declaring a key column nullable is an error."""
-        if not isinstance(data, dict):
-            return data
-        keys, columns = {k for k in data.get("key") or [] if isinstance(k, str)}, []  # the rest: errors below
-        for column in data.get("columns") or []:
+        if not isinstance(data, dict) or not isinstance(data.get("columns"), list):
+            return data  # wrong types: pydantic names them
+        key = data.get("key")
+        keys = {k for k in key if isinstance(k, str)} if isinstance(key, list) else set()  # the rest: errors below
+        columns = []
+        for column in data["columns"]:
             if isinstance(column, dict) and isinstance(column.get("name"), str) and column["name"] in keys:
                 if column.get("nullable") is True:
                     raise ValueError(f"key column {column['name']!r} cannot be nullable: a record needs its key")
-                column = {**column, "nullable": False}
+                column = {"nullable": False, **column}  # one that is not a boolean is left for pydantic to refuse
             elif isinstance(column, Column) and column.name in keys:
                 column = column.model_copy(update={"nullable": False})
             columns.append(column)
@@ -438,9 +443,70 @@ def default_catalog_root() -> Path:
     return Path(os.environ.get("AIFACTORY_CATALOG", Path(__file__).resolve().parent.parent / "catalog"))
 
 
+_BOOL, _INT, _FLOAT = (f"tag:yaml.org,2002:{tag}" for tag in ("bool", "int", "float"))
+
+
+class _CatalogLoader(yaml.SafeLoader):
+    """YAML 1.2's core schema for booleans and numbers. PyYAML reads YAML 1.1, where `on`, `yes` and `no`
+    are booleans, `010` is 8 and `1:30` is 90: here they are text, which a boolean or number field refuses.
+    Decimals with a leading zero are text too (8 in YAML 1.1, 10 in 1.2); `0o10` is octal."""
+
+    yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_BOOL, _INT, _FLOAT)]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+
+
+_CatalogLoader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_CatalogLoader.add_implicit_resolver(
+    _INT, re.compile(r"^(?:[-+]?(?:0|[1-9][0-9]*)|0o[0-7]+|0x[0-9a-fA-F]+)$"), list("-+0123456789")
+)
+_CatalogLoader.add_implicit_resolver(  # a dot or an exponent, so that `010` is not read as 10.0 either
+    _FLOAT,
+    re.compile(
+        r"^(?:[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+|[0-9]+(?=[eE]))(?:[eE][-+]?[0-9]+)?"  # 1.5, .5, 1e3
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+.0123456789"),
+)
+_CatalogLoader.add_constructor(_INT, lambda loader, node: int(loader.construct_scalar(node), 0))
+
+
+def _refuse_repeated_keys(node: yaml.Node | None, file: Path, where: str = "", seen: set[int] | None = None) -> None:
+    """YAML keeps the last of a key given twice without a word: a second `residency:` or `pii:` would win."""
+    seen = set() if seen is None else seen
+    if node is None or id(node) in seen:  # an alias: its node was checked where it was anchored
+        return
+    seen.add(id(node))
+    children = list(enumerate(node.value)) if isinstance(node, yaml.SequenceNode) else []
+    if isinstance(node, yaml.MappingNode):
+        first: dict[tuple[str, str], yaml.Mark] = {}
+        for key, value in node.value:
+            name = key.value if isinstance(key, yaml.ScalarNode) else "<key>"
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                if (key.tag, name) in first:
+                    a, b = first[(key.tag, name)], key.start_mark
+                    raise CatalogError(
+                        file,
+                        f"{where}{name}",
+                        f"given twice (line {a.line + 1}, column {a.column + 1} and line {b.line + 1}, column "
+                        f"{b.column + 1}); YAML would keep the last without a word",
+                    )
+                first[(key.tag, name)] = key.start_mark
+            children.append((name, value))
+    for name, child in children:
+        _refuse_repeated_keys(child, file, f"{where}{name}.", seen)
+
+
 def _read_yaml(path: Path) -> Any:
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        loader = _CatalogLoader(path.read_text(encoding="utf-8"))
+        try:
+            node = loader.get_single_node()
+            _refuse_repeated_keys(node, path)
+            return None if node is None else loader.construct_document(node)
+        finally:
+            loader.dispose()
     except FileNotFoundError:
         raise CatalogError(path, "<file>", "does not exist") from None
     except UnicodeDecodeError as exc:
@@ -458,6 +524,8 @@ def _parse(model: type[BaseModel], data: Any, path: Path, prefix: str = "") -> A
         err = min(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
         field = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "") or "<root>"
         message = err["msg"].removeprefix("Value error, ")
+        if err["type"].endswith("_type") and isinstance(err["input"], str | int | float):  # e.g. `on`, read as text
+            message += f", got {err['input']!r}"
         if err["type"] == "extra_forbidden":
             known = _fields_at(model, [p for p in err["loc"][:-1] if isinstance(p, str)])
             if meant := difflib.get_close_matches(str(err["loc"][-1]), known, n=1):
@@ -496,12 +564,32 @@ def load_sites(path: Path) -> dict[str, Site]:
     return sites
 
 
+class RepeatedKey(ValueError):
+    """A key a JSON object gives twice."""
+
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's pairs, refused where a key comes twice (`"mostly"` in one expectation, say)."""
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise RepeatedKey(key)
+        seen.add(key)
+    return dict(pairs)
+
+
 def load_suite(path: Path, dataset: Dataset, dataset_file: Path) -> dict[str, Any]:
     """Parse a GX 1.x suite JSON and check it against the dataset's schema (without importing GX)."""
     if not path.is_file():
         raise CatalogError(dataset_file, "suite", f"suite file {path} does not exist")
     try:
-        suite = json.loads(path.read_text(encoding="utf-8"))
+        suite = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
+    except RepeatedKey as exc:
+        raise CatalogError(path, exc.key, "given twice in one object; JSON keeps the last without a word") from None
     except json.JSONDecodeError as exc:
         raise CatalogError(path, "<file>", f"suite is not valid JSON: {exc}") from None
     except UnicodeDecodeError as exc:
@@ -578,10 +666,9 @@ def check_arguments(path: Path, where: str, kind: str, kwargs: dict[str, Any]) -
     for name in ("column", "column_A", "column_B"):
         if name in kwargs and not isinstance(kwargs[name], str):
             raise CatalogError(path, f"{field}.{name}", "must be a column name")
-    if "column_list" in kwargs and not (
-        isinstance(kwargs["column_list"], list) and all(isinstance(c, str) for c in kwargs["column_list"])
-    ):
-        raise CatalogError(path, f"{field}.column_list", "must be a list of column names")
+    for name in ("column_list", "column_set"):
+        if name in kwargs and not (isinstance(kwargs[name], list) and all(isinstance(c, str) for c in kwargs[name])):
+            raise CatalogError(path, f"{field}.{name}", "must be a list of column names")
     mostly = kwargs.get("mostly")
     if mostly is not None and (isinstance(mostly, bool) or not isinstance(mostly, int | float) or not 0 <= mostly <= 1):
         raise CatalogError(path, f"{field}.mostly", f"must be a share between 0 and 1, got {mostly!r}")
@@ -725,7 +812,8 @@ def load_catalog(root: Path | str | None = None) -> Catalog:
     files: dict[str, Path] = {}
     suites: dict[str, dict[str, Any]] = {}
     errors: list[CatalogError] = []
-    for path in sorted((root / "datasets").glob("*.y*ml")):
+    # Hidden files are not datasets: an editor's lock (`.#x.yaml`, a dangling link), macOS's `._x.yaml`.
+    for path in sorted(p for p in (root / "datasets").glob("*.y*ml") if not p.name.startswith(".")):
         try:
             dataset, suite = load_dataset(path, root, sites)
             if dataset.name in datasets:

@@ -133,6 +133,10 @@ DATASET_ERRORS = {
         "format is for date and timestamp columns; 'record_id' is int64",
     ),
     "two shard targets": (lambda d: d["shards"].update(target_rows=1000), "shards", "not both"),
+    # Wrong types where a validator looks before pydantic does: named, not a TypeError.
+    "key a number": (lambda d: d["schema"].update(key=5), "schema.key", "valid list"),
+    "key a boolean": (lambda d: d["schema"].update(key=True), "schema.key", "valid list"),
+    "columns a number": (lambda d: d["schema"].update(columns=5), "schema.columns", "valid list"),
 }
 
 
@@ -148,6 +152,93 @@ def test_dataset_error_names_file_and_field(tmp_catalog: Path, case: str) -> Non
     assert message in str(err.value)
     assert str(path) in str(err.value)
     assert "Value error" not in str(err.value)  # pydantic's wording, not the catalogue's
+
+
+PENGUINS = "datasets/palmer_penguins.yaml"
+# Edits of the YAML text itself (a YAML round trip would hide them): (file, text, its replacement, field, message).
+TEXT_ERRORS = {
+    # YAML keeps the last of a key given twice, without a word.
+    "key given twice": (
+        PENGUINS,
+        "max_quarantined_fraction:",
+        "residency: [linkoping]\nmax_quarantined_fraction:",
+        "residency",
+        "given twice (line 34, column 1 and line 35, column 1)",
+    ),
+    "key given twice in a flow mapping": (
+        PENGUINS,
+        'nullable: true, pii: false, description: "Sex',
+        'nullable: true, pii: true, pii: false, description: "Sex',
+        "schema.columns.7.pii",
+        "given twice (line 25, column 49 and line 25, column 60)",
+    ),
+    "key given twice in sites.yaml": (
+        "sites.yaml",
+        "    timezone: Europe/Madrid\n",
+        "    timezone: Europe/Madrid\n    timezone: America/New_York\n",
+        "sites.0.timezone",
+        "given twice",
+    ),
+    # YAML 1.1 numbers and booleans, and pydantic's conversions: another meaning than the one written.
+    "leading-zero (octal) seed": (PENGUINS, "seed: 20241210", "seed: 010", "shards.seed", "valid integer, got '010'"),
+    "sexagesimal seed": (PENGUINS, "seed: 20241210", "seed: 1:30", "shards.seed", "valid integer, got '1:30'"),
+    "retention: yes": (PENGUINS, "retention: 3", "retention: yes", "shards.retention", "valid integer, got 'yes'"),
+    "target_bytes: true": (PENGUINS, "target_bytes: 134217728", "target_bytes: true", "shards.target_bytes", "integer"),
+    "fraction: on": (PENGUINS, "fraction: 0.05", "fraction: on", "max_quarantined_fraction", "valid number, got 'on'"),
+    "split ratio yes": (PENGUINS, "{train: 0.8, val: 0.1, test: 0.1}", "{train: yes}", "shards.splits.train", "number"),
+    "nullable text on a key": (
+        PENGUINS,
+        "int64, nullable: false",
+        'int64, nullable: "yes"',
+        "schema.columns.0.nullable",
+        "valid boolean, got 'yes'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", TEXT_ERRORS, ids=list(TEXT_ERRORS))
+def test_yaml_text_error_names_file_and_field(tmp_catalog: Path, case: str) -> None:
+    file, old, new, field, message = TEXT_ERRORS[case]
+    path = tmp_catalog / file
+    assert old in path.read_text()
+    path.write_text(path.read_text().replace(old, new, 1))
+    with pytest.raises(CatalogError) as err:
+        load_catalog(tmp_catalog)
+    assert (err.value.file, err.value.field) == (str(path), field)
+    assert message in str(err.value)
+
+
+def test_a_key_given_twice_in_a_suite_is_named(tmp_catalog: Path) -> None:
+    """JSON, like YAML, keeps the last of a key given twice: a second `mostly` would loosen a check unseen."""
+    path = tmp_catalog / "suites" / "palmer_penguins.json"
+    text = path.read_text()
+    assert '"kwargs": {' in text
+    path.write_text(text.replace('"kwargs": {', '"kwargs": {"mostly": 0.5, "mostly": 0.9, ', 1))
+    with pytest.raises(CatalogError) as err:
+        load_catalog(tmp_catalog)
+    assert (err.value.file, err.value.field) == (str(path), "mostly")
+    assert "given twice" in str(err.value)
+
+
+def test_yaml_is_read_as_yaml_1_2(tmp_catalog: Path) -> None:
+    """`on`, `yes` and `no` are text, `0o` is octal, and a share may be written as a whole number."""
+    path = tmp_catalog / PENGUINS
+    text = path.read_text().replace('null_values: ["", "NA"]', 'null_values: ["", NA, no, on]')
+    text = text.replace("seed: 20241210", "seed: 0o17").replace("fraction: 0.05", "fraction: 0")
+    path.write_text(text.replace("{train: 0.8, val: 0.1, test: 0.1}", "{train: 1}"))
+    dataset = load_catalog(tmp_catalog).datasets["palmer_penguins"]
+    assert dataset.source.options.null_values == ["", "NA", "no", "on"]
+    assert (dataset.shards.seed, dataset.shards.splits, dataset.max_quarantined_fraction) == (15, {"train": 1.0}, 0.0)
+
+
+def test_hidden_files_beside_the_datasets_are_skipped(tmp_catalog: Path) -> None:
+    """An Emacs lock (a dangling link, while someone edits the file) and a macOS AppleDouble file."""
+    datasets = tmp_catalog / "datasets"
+    (datasets / ".#palmer_penguins.yaml").symlink_to("alice@login1.12345:1700000000")
+    (datasets / "._palmer_penguins.yaml").write_bytes(
+        b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        \x00\x02\xff\xfe"
+    )
+    assert len(load_catalog(tmp_catalog).datasets) == len(list(CATALOG.glob("datasets/*.yaml")))
 
 
 def test_key_columns_are_never_nullable(catalog: Catalog) -> None:
@@ -325,6 +416,16 @@ def test_suite_that_does_not_parse(tmp_catalog: Path) -> None:
             {"expectation_type": "expect_column_values_to_not_be_null", "kwargs": {"column": "species"}},
             "expectations.0.type",
             "GX 0.x's 'expectation_type' is 'type' in GX 1.x",
+        ),
+        (
+            {"type": "expect_table_columns_to_match_set", "kwargs": {"column_set": 5}},
+            "expectations.0.kwargs.column_set",
+            "list of column names",
+        ),
+        (
+            {"type": "expect_table_columns_to_match_set", "kwargs": {"column_set": [["species"]]}},
+            "expectations.0.kwargs.column_set",
+            "list of column names",
         ),
         (
             {"type": "expect_table_row_count_to_equal", "kwargs": {"value": "344"}},
