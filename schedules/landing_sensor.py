@@ -1,24 +1,23 @@
 """Landing-zone sensors: one per site; a change under `landing/<dataset>/` (a file new, changed or removed)
 starts one run of that dataset's assets once the listing has stayed the same for one tick, so a file still
 being copied in, or a drop of many files, is ingested once, whole. A settled listing that the current raw
-generation already ingested (the nightly's run, or a person's) starts nothing. The cursor holds, per
-dataset, the listing last seen, the one last requested, the raw pointer last looked at, a count of
-requests and a token made with the state. The run key names the listing, the token and the count, so
-returning to an earlier file set is a new run, not one Dagster drops as a repeat, also after the cursor
-is reset.
+generation already ingested (the nightly's run, or a person's) starts nothing, unless a run would still
+change what is committed. The cursor holds, per dataset, the listing last seen, the one last requested,
+the raw pointer last looked at, a count of requests and a token made with the state. The run key names
+the listing, the token and the count, so returning to an earlier file set is a new run, not one Dagster
+drops as a repeat, also after the cursor is reset.
 Listings are kept as digests: Dagster stores the cursor with every tick, and a landing zone can hold many
 thousands of files.
 
 A run lists the landing zone when it starts, not when it was requested: if the files changed in between
 and changed back (a file dropped and removed while the run waited), the run ingested another listing than
 the one requested. Once raw is published again (its pointer changes: a HEAD request per tick), the sensor
-compares the listing with what that generation ingested and asks again if they differ, unless a run that
-ingests the dataset is still queued or running (it will list the landing zone itself). An empty landing
+compares the listing with what that generation ingested and asks again if they differ; while another run
+that ingests the dataset is queued or running, it waits for that run (`decide`). An empty landing
 zone starts nothing: the latest version stays until files land again. A landing zone that cannot be
 listed (a bucket policy refusing one dataset's prefix) is logged and listed again next tick; the site's
 other datasets go on, and the tick fails, naming the refusal, only when every dataset's listing failed."""
 
-import hashlib
 import json
 from secrets import token_hex
 from typing import Any
@@ -31,6 +30,8 @@ from aifactory_assets.ingest import landed_objects, landing_prefix
 from aifactory_assets.metadata import location
 from aifactory_assets.publish import POINTER, current
 from resources.object_store import ObjectInfo, ObjectStore
+from schedules.listings import ingested_listing, listing_digest
+from schedules.nightly import needs_run
 from schedules.runs_in_flight import run_ingesting, unfinished_runs
 
 MINIMUM_INTERVAL_SECONDS = 30
@@ -70,14 +71,15 @@ def landing_sensor(catalog: Catalog, site: str) -> dg.SensorDefinition:
             if listing is not None and listing == state.get("seen"):  # settled
                 try:
                     pointer = raw_pointer(store, dataset)
-                    ask = should_ask(context, store, dataset, listing, pointer, now)
+                    decision = decide(context, store, dataset, catalog.suites[dataset.name], listing, pointer, now)
                 except Exception as exc:  # one dataset's unreadable raw record must not stop the site's others
                     context.log.warning(f"{dataset.name}: raw record or runs unreadable, checked next tick: {exc}")
                 else:
-                    if ask:
+                    if decision == ASK:
                         now["requests"] += 1
                         requests.append(_run_request(dataset, listing, f"{now['since']}-{now['requests']}"))
-                    now["requested"], now["raw_pointer"] = listing, pointer
+                    now["requested"] = listing
+                    now["raw_pointer"] = now["raw_pointer"] if decision == WAIT else pointer
             cursor[dataset.name] = now
         if unlisted and len(unlisted) == len(datasets):
             raise unlisted[0]  # nothing listed at all: the tick fails, the refusal named (naming_refusals)
@@ -88,27 +90,36 @@ def landing_sensor(catalog: Catalog, site: str) -> dg.SensorDefinition:
     return sensor
 
 
-def should_ask(
+ASK, NO, WAIT = "ask", "no", "wait"
+
+
+def decide(
     context: dg.SensorEvaluationContext,
     store: ObjectStore,
     dataset: Dataset,
+    suite: dict[str, Any],
     listing: str,
     pointer: str | None,
     state: dict[str, Any],
-) -> bool:
-    """Whether a settled listing needs a run: it is not the one last requested, or raw was published since
-    and ingested another; and the current raw generation has not ingested it already (the nightly's run, a
-    person's). After a publish, not while a run that ingests the dataset is queued or running: it lists the
-    landing zone as it starts."""
+) -> str:
+    """For a settled listing: ASK for a run, NO run, or WAIT (look again next tick, this raw pointer not
+    taken as seen). A run where the listing is not the one last requested, unless the current raw
+    generation ingested it already and a run would change nothing committed (the nightly's run, a
+    person's); or where raw was published since and ingested another listing, unless a run that ingests
+    the dataset is queued or running, other than the one that published: it lists the landing zone as it
+    starts (a cancelled one stops the wait)."""
     changed = listing != state["requested"]
     if not changed and pointer == state["raw_pointer"]:
-        return False
-    if ingested_listing(current(store, f"raw/{dataset.name}")) == listing:
-        return False
-    if not changed and (run := run_ingesting(unfinished_runs(context.instance), dataset)):
-        context.log.info(f"{dataset.name}: run {run} will ingest the landing zone as it starts; not asked again")
-        return False
-    return True
+        return NO
+    raw = current(store, f"raw/{dataset.name}")
+    if ingested_listing(raw) == listing:  # shards never made from it (raw alone, a failed run): nightly's reasons
+        return ASK if changed and needs_run(store, dataset, suite)[0] else NO
+    if not changed:
+        published_by = (raw or {}).get("run_id")
+        if run := run_ingesting(unfinished_runs(context.instance), dataset, besides=published_by):
+            context.log.info(f"{dataset.name}: run {run} will ingest the landing zone as it starts; waiting for it")
+            return WAIT
+    return ASK
 
 
 def landing_observation(store: ObjectStore, dataset: Dataset, landed: list[ObjectInfo]) -> dg.AssetObservation:
@@ -125,25 +136,12 @@ def landing_observation(store: ObjectStore, dataset: Dataset, landed: list[Objec
     )
 
 
-def listing_digest(fingerprints: list[str]) -> str:
-    """A landing zone's listing in 16 hex digits (each fingerprint names its key, size and version)."""
-    return hashlib.sha256("\n".join(sorted(fingerprints)).encode()).hexdigest()[:16]
-
-
 def raw_pointer(store: ObjectStore, dataset: Dataset) -> str | None:
     """The raw generation pointer's fingerprint (one HEAD request): it changes when raw is published."""
     try:
         return store.info(f"raw/{dataset.name}/{POINTER}").fingerprint()
     except FileNotFoundError:
         return None
-
-
-def ingested_listing(raw: dict[str, Any] | None) -> str | None:
-    """The digest of the listing a raw record ingested (every landed file is in its ledger)."""
-    objects = [entry.get("object") for entry in (raw or {}).get("ledger", [])]
-    if not objects or None in objects:
-        return None
-    return listing_digest([ObjectInfo(**o).fingerprint() for o in objects])
 
 
 def _run_request(dataset: Dataset, listing: str, request: str) -> dg.RunRequest:

@@ -28,7 +28,7 @@ from aifactory_assets.manifest import latest_version, version_for, version_prefi
 from aifactory_assets.publish import current
 from aifactory_assets.shard_layout import MANIFEST
 from resources.object_store import ObjectStore
-from schedules.landing_sensor import ingested_listing, listing_digest
+from schedules.listings import ingested_listing, listing_digest
 from schedules.runs_in_flight import run_ingesting, unfinished_runs
 
 NIGHTLY_CRON = "0 2 * * *"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import dagster as dg
 
 from aifactory_assets.catalog import Dataset
@@ -15,15 +17,21 @@ UNFINISHED = [
 ]
 
 
+STUCK_AFTER = timedelta(days=1)  # the default run launcher cannot see a run worker die: its run stays STARTED
+
+
 def unfinished_runs(instance: dg.DagsterInstance) -> dict[str, frozenset[dg.AssetKey]]:
     """Each queued or running run's id and the assets it materialises (any trigger: a sensor, the nightly,
-    a person's "Materialize" in the UI)."""
-    runs = instance.get_runs(dg.RunsFilter(statuses=UNFINISHED))
+    a person's "Materialize" in the UI). Not runs made more than STUCK_AFTER ago: one whose worker was
+    killed would otherwise hold its datasets back every night until someone ends it in the UI."""
+    since = datetime.now(UTC) - STUCK_AFTER
+    runs = instance.get_runs(dg.RunsFilter(statuses=UNFINISHED, created_after=since))
     return {run.run_id: frozenset(run.asset_selection or ()) for run in runs}
 
 
-def run_ingesting(runs: dict[str, frozenset[dg.AssetKey]], dataset: Dataset) -> str | None:
+def run_ingesting(runs: dict[str, frozenset[dg.AssetKey]], dataset: Dataset, besides: str | None = None) -> str | None:
     """A queued or running run that materialises `dataset`'s raw asset, which lists the landing zone as it
-    starts and ingests what it finds: the id of one, or None."""
+    starts and ingests what it finds: the id of one, or None. `besides`: a run that has listed already (the
+    one that published raw, still running its later steps)."""
     raw = asset_key(dataset, "raw")
-    return next((run_id for run_id, selection in runs.items() if raw in selection), None)
+    return next((run for run, selection in runs.items() if raw in selection and run != besides), None)

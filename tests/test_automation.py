@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from aifactory_assets.factory import asset_key, build_catalog_assets, materialis
 from aifactory_assets.ingest import is_landed_data
 from aifactory_assets.manifest import latest_manifest, latest_version
 from resources import DaskCluster, ObjectStore
-from schedules import NIGHTLY_CRON, landing_sensor, nightly_schedules
+from schedules import NIGHTLY_CRON, landing_sensor, nightly_schedules, runs_in_flight
 from schedules.nightly import needs_run
 from tests.conftest import evaluate, local_stores, materialize_all, pipeline_resources
 
@@ -144,40 +145,58 @@ def queued_run(instance: dg.DagsterInstance, selection: list[dg.AssetKey]) -> st
 def test_a_listing_raw_ingested_or_a_run_will_ingest_is_not_asked_again(
     catalog: Catalog, tmp_path, dask: DaskCluster
 ) -> None:
-    """Raw ingested the listing already (the nightly's run, a person's): no run. A change while a run reads:
-    one more run, not a third while that one still waits in the queue."""
+    """Raw ingested the listing already (the nightly's run, a person's): no run, unless shards were never
+    made from it. A change while a run reads: one more run, not a third while that one still waits in the
+    queue; but the run that published is no reason to wait, nor is a cancelled one."""
     stores = local_stores(catalog, tmp_path)
     store, dataset = stores["linkoping"], catalog.datasets["palmer_penguins"]
     land_demo_data(catalog, stores)
     sensor = landing_sensor(catalog, "linkoping")
-    assets = build_catalog_assets(catalog)
-    ingest = partial(
-        dg.materialize, assets, resources=pipeline_resources(stores, dask), selection=[asset_key(dataset, "raw")]
-    )
-    ingest()  # a person materialises raw in the UI, with the sensor off
+    resources = pipeline_resources(stores, dask)
+    ingest = partial(dg.materialize, build_catalog_assets(catalog), resources=resources)
     with dg.instance_for_test() as instance:
 
         def tick(cursor: str | None) -> tuple[str, list[dg.RunRequest]]:
             result = evaluate(sensor, store, cursor, instance)
             return result.cursor, [r for r in result.run_requests if r.tags["dataset"] == dataset.name]
 
-        cursor, _ = tick(None)
-        cursor, requested = tick(cursor)
-        assert requested == []  # raw holds this listing already
+        def settle() -> list[dg.RunRequest]:
+            nonlocal cursor
+            cursor, _ = tick(cursor)
+            cursor, requested = tick(cursor)
+            return requested
+
+        cursor = None
+        ingest(selection=[asset_key(dataset, "raw")])  # a person materialises raw in the UI, sensor off
+        assert len(settle()) == 1  # the listing is ingested, but nothing was sharded from it
+        assert ingest(selection=materialisable_keys(dataset)).success  # that run
+        cursor = None  # `dagster sensor cursor --delete`
+        assert settle() == []  # raw holds this listing, and the version a run would commit is the latest
+
         store.write_bytes("landing/palmer_penguins/late.csv", b"record_id,species\n9001,Adelie\n")
-        cursor, _ = tick(cursor)
-        cursor, requested = tick(cursor)
-        assert len(requested) == 1
+        assert len(settle()) == 1
         waiting = queued_run(instance, materialisable_keys(dataset))  # the run requested, in the queue
         store.write_bytes("landing/palmer_penguins/later.csv", b"record_id,species\n9002,Adelie\n")
-        ingest()  # an earlier run, reading as the file lands
+        ingest(selection=[asset_key(dataset, "raw")])  # an earlier run, reading as the file lands
         store.delete("landing/palmer_penguins/later.csv")
         cursor, requested = tick(cursor)
         assert requested == []  # raw changed, but the queued run will list the landing zone as it starts
-        instance.delete_run(waiting)
-        ingest()  # that run, once started
+        instance.report_run_canceled(instance.get_run_by_id(waiting))
         cursor, requested = tick(cursor)
-        assert requested == []
+        assert len(requested) == 1  # cancelled: raw still holds later.csv, withdrawn
+
+        store.write_bytes("landing/palmer_penguins/later.csv", b"record_id,species\n9002,Adelie\n")
+        publishing = ingest(selection=[asset_key(dataset, "raw")])  # its raw step, reading as the file lands...
+        publisher = dg.DagsterRun(
+            job_name="__ASSET_JOB",
+            run_id=publishing.run_id,
+            status=dg.DagsterRunStatus.STARTED,  # ...its validated and shards steps still to go
+            asset_selection=frozenset(materialisable_keys(dataset)),
+        )
+        instance.add_run(publisher)
+        store.delete("landing/palmer_penguins/later.csv")  # ...and the file withdrawn
+        cursor, requested = tick(cursor)
+        assert len(requested) == 1  # the run still running published already: it will not list again
 
 
 def test_one_datasets_refused_landing_zone_stops_no_other(catalog: Catalog, tmp_path) -> None:
@@ -265,6 +284,9 @@ def test_nightly_runs_only_what_a_run_would_change(catalog: Catalog, tmp_path, d
         waiting = queued_run(instance, [asset_key(dataset, "raw")])  # a sensor's run, waiting for a slot
         requests, skipped = tick(nightly, store, instance)
         assert requests == [] and skipped == f"palmer_penguins: run {waiting} is queued or running for it"
+        with pytest.MonkeyPatch.context() as patch:  # a run made longer ago than that is taken as stuck
+            patch.setattr(runs_in_flight, "STUCK_AFTER", timedelta(0))
+            assert len(tick(nightly, store, instance)[0]) == 1
     requests, _ = tick(nightly, store)
     assert [set(r.asset_selection) for r in requests] == [set(materialisable_keys(dataset))]
     assert requests[0].tags["trigger"] == "nightly" and requests[0].tags["datasets"] == "palmer_penguins"
