@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import traceback
 import weakref
 from collections import OrderedDict
@@ -209,13 +210,37 @@ class ShardIterableDataset(IterableDataset):
 
 
 def worker_threads(num_workers: int, cores: int | None = None) -> int:
-    """A DataLoader worker's `threads` by default: its share of the cores where that is two or more, so that
-    PyArrow decodes its row groups on its pool, else 0, one row group at a time on the worker's own thread
-    (the workers then are the parallelism; on PyArrow's pools too, each would decode on every core). On the
-    lent H100's 16 vCPUs, 4 workers read 5.6-5.9 M rows/s on their own threads and 9.7-10.4 on PyArrow's;
-    8 workers 10.5-10.8 either way (`benchmarks/README.md`)."""
-    share = (available_cores() if cores is None else cores) // max(num_workers, 1)
+    """A DataLoader worker's `threads` by default: where its share of the rank's cores (`rank_cores`) is two
+    or more, PyArrow decodes its row groups on its pool, else it decodes one row group at a time on its own
+    thread (the workers then are the parallelism; on PyArrow's pools too, each would decode on every core).
+    In this path `threads` only chooses between the two. On the lent H100's 16 vCPUs, 4 workers read 5.6-5.9
+    M rows/s on their own threads and 9.7-10.4 on PyArrow's; 8 workers 10.5-10.8 either way
+    (`benchmarks/README.md`)."""
+    share = (rank_cores() if cores is None else cores) // max(num_workers, 1)
     return min(READ_THREADS, share) if share >= 2 else 0
+
+
+# What launchers set to the number of processes they started on this node: torchrun, Open MPI, MPICH, srun.
+LAUNCHER_LOCAL_SIZES = (
+    "LOCAL_WORLD_SIZE",
+    "OMPI_COMM_WORLD_LOCAL_SIZE",
+    "MPI_LOCALNRANKS",
+    "SLURM_STEP_TASKS_PER_NODE",
+)
+
+
+def rank_cores(affinity: int | None = None, node: int | None = None) -> int:
+    """The cores this rank may count on: its affinity where that is narrower than the node (a launcher that
+    binds ranks to cores), else the node's cores shared among the ranks its launcher started there (with
+    torchrun's 8 ranks on a node, each would otherwise take every core for its own workers)."""
+    affinity = available_cores() if affinity is None else affinity
+    node = (os.cpu_count() or affinity) if node is None else node
+    if affinity < node:
+        return affinity
+    for name in LAUNCHER_LOCAL_SIZES:  # srun's is per node, e.g. "4(x2)": the first node's count
+        if (count := re.match(r"\d+", os.environ.get(name, ""))) and int(count.group()) > 1:
+            return max(1, affinity // int(count.group()))
+    return affinity
 
 
 class TensorLoader:

@@ -1149,6 +1149,28 @@ def test_a_negative_epoch_is_refused_when_set(manifest_url: str) -> None:
         ShardIterableDataset(manifest_url, "train", columns=["wind"]).set_epoch(-1)
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "affinity", "cores"),
+    [
+        (None, None, 16, 16),  # one rank: the node's cores
+        ("LOCAL_WORLD_SIZE", "8", 16, 2),  # torchrun's 8 ranks share the node
+        ("SLURM_STEP_TASKS_PER_NODE", "4(x2)", 16, 4),  # srun without binding: 4 tasks on each of 2 nodes
+        ("OMPI_COMM_WORLD_LOCAL_SIZE", "32", 16, 1),
+        ("LOCAL_WORLD_SIZE", "8", 4, 4),  # bound to 4 cores by the launcher: those are the rank's
+    ],
+)
+def test_ranks_on_one_node_share_its_cores(monkeypatch, variable, value, affinity: int, cores: int) -> None:
+    """With 8 ranks on a node and no binding, each rank's workers took every core for themselves."""
+    pytest.importorskip("torch", reason="torch is an optional extra; `make test` installs the pinned CPU build")
+    from aifactory_assets.torch_dataset import LAUNCHER_LOCAL_SIZES, rank_cores
+
+    for name in LAUNCHER_LOCAL_SIZES:
+        monkeypatch.delenv(name, raising=False)
+    if variable:
+        monkeypatch.setenv(variable, value)
+    assert rank_cores(affinity=affinity, node=16) == cores
+
+
 def test_dataloader_workers_take_their_share_of_the_cores(manifest_url: str) -> None:
     """A worker with two cores or more to itself decodes on PyArrow's pool (4 workers on 16 cores: 5.6-5.9
     M rows/s on their own threads, 9.7-10.4 on the pool); with fewer, on its own thread, the workers being
