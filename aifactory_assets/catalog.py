@@ -469,7 +469,19 @@ _CatalogLoader.add_implicit_resolver(  # a dot or an exponent, so that `010` is 
     ),
     list("-+.0123456789"),
 )
-_CatalogLoader.add_constructor(_INT, lambda loader, node: int(loader.construct_scalar(node), 0))
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    """An int as YAML 1.2 writes it; a `!!int` tag on anything else (`!!int 010`) is an error at its line."""
+    try:
+        return int(loader.construct_scalar(node), 0)
+    except ValueError:
+        raise yaml.constructor.ConstructorError(
+            None, None, f"{node.value!r} is not a YAML 1.2 integer", node.start_mark
+        ) from None
+
+
+_CatalogLoader.add_constructor(_INT, _construct_int)
 
 
 def _refuse_repeated_keys(node: yaml.Node | None, file: Path, where: str = "", seen: set[int] | None = None) -> None:
@@ -524,7 +536,7 @@ def _parse(model: type[BaseModel], data: Any, path: Path, prefix: str = "") -> A
         err = min(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
         field = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "") or "<root>"
         message = err["msg"].removeprefix("Value error, ")
-        if err["type"].endswith("_type") and isinstance(err["input"], str | int | float):  # e.g. `on`, read as text
+        if err["type"].endswith("_type") and isinstance(err["input"], str | int | float | None):  # `on`: text
             message += f", got {err['input']!r}"
         if err["type"] == "extra_forbidden":
             known = _fields_at(model, [p for p in err["loc"][:-1] if isinstance(p, str)])

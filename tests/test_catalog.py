@@ -186,6 +186,14 @@ TEXT_ERRORS = {
     "target_bytes: true": (PENGUINS, "target_bytes: 134217728", "target_bytes: true", "shards.target_bytes", "integer"),
     "fraction: on": (PENGUINS, "fraction: 0.05", "fraction: on", "max_quarantined_fraction", "valid number, got 'on'"),
     "split ratio yes": (PENGUINS, "{train: 0.8, val: 0.1, test: 0.1}", "{train: yes}", "shards.splits.train", "number"),
+    "a YAML 1.1 integer tagged !!int": (PENGUINS, "seed: 20241210", "seed: !!int 010", "<file>", "YAML 1.2 integer"),
+    "nullable null on a key": (
+        PENGUINS,
+        "int64, nullable: false",
+        "int64, nullable: null",
+        "schema.columns.0.nullable",
+        "valid boolean, got None",
+    ),
     "nullable text on a key": (
         PENGUINS,
         "int64, nullable: false",

@@ -91,6 +91,22 @@ def test_delete_takes_root_and_key_as_written(store: ObjectStore) -> None:
     bracketed.delete("raw/d/w[1].csv")
     bracketed.delete("raw/d/never-written")
     assert not bracketed.list_objects("raw/d")
+    if store.protocol == "s3":  # an object whose key is also a prefix (local files cannot be both)
+        store.write_bytes("raw/both", b"x")
+        store.write_bytes("raw/both/child", b"x")
+        store.delete("raw/both")
+        assert not store.list_objects("raw")
+
+
+def test_deleting_a_local_root_that_is_a_link_keeps_the_link(tmp_path: Path) -> None:
+    """AIFACTORY_HOME linked to a bigger disk: emptying the store empties that disk's folder, and later
+    writes still go there (removing the link made a plain folder in its place)."""
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "home").symlink_to(tmp_path / "disk")
+    store = ObjectStore(site="kajaani", root=str(tmp_path / "home"))
+    store.write_bytes("landing/d/a.csv", b"x\n1\n")
+    store.delete("")
+    assert (tmp_path / "home").is_symlink() and list((tmp_path / "disk").iterdir()) == []
 
 
 def test_colons_in_a_landed_name_are_part_of_the_name(store: ObjectStore) -> None:
