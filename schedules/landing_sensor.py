@@ -1,6 +1,7 @@
 """Landing-zone sensors: one per site; a change under `landing/<dataset>/` (a file new, changed or removed)
 starts one run of that dataset's assets once the listing has stayed the same for one tick, so a file still
-being copied in, or a drop of many files, is ingested once, whole. A settled listing that the current raw
+being copied in, or a drop of many files, is ingested once, whole (or once it has kept changing for
+UNSETTLED_AT_MOST seconds: a landing zone that never holds still). A settled listing that the current raw
 generation already ingested (the nightly's run, or a person's) starts nothing, unless a run would still
 change what is committed. The cursor holds, per dataset, the listing last seen, the one last requested,
 the raw pointer last looked at, a count of requests and a token made with the state. The run key names
@@ -19,6 +20,7 @@ listed (a bucket policy refusing one dataset's prefix) is logged and listed agai
 other datasets go on, and the tick fails, naming the refusal, only when every dataset's listing failed."""
 
 import json
+import time
 from secrets import token_hex
 from typing import Any
 
@@ -35,6 +37,7 @@ from schedules.nightly import needs_run
 from schedules.runs_in_flight import run_ingesting, unfinished_runs
 
 MINIMUM_INTERVAL_SECONDS = 30
+UNSETTLED_AT_MOST = 600  # seconds a listing may keep changing before it is taken as it is
 
 
 def landing_sensor(catalog: Catalog, site: str) -> dg.SensorDefinition:
@@ -66,21 +69,8 @@ def landing_sensor(catalog: Catalog, site: str) -> dg.SensorDefinition:
             listing = listing_digest([o.fingerprint() for o in landed]) if landed else None
             if listing != state.get("seen"):
                 observations.append(landing_observation(store, dataset, landed))
-            now = {key: state.get(key) for key in ("requested", "raw_pointer")}
-            now |= {"seen": listing, "requests": state.get("requests", 0), "since": state.get("since") or token_hex(4)}
-            if listing is not None and listing == state.get("seen"):  # settled
-                try:
-                    pointer = raw_pointer(store, dataset)
-                    decision = decide(context, store, dataset, catalog.suites[dataset.name], listing, pointer, now)
-                except Exception as exc:  # one dataset's unreadable raw record must not stop the site's others
-                    context.log.warning(f"{dataset.name}: raw record or runs unreadable, checked next tick: {exc}")
-                else:
-                    if decision == ASK:
-                        now["requests"] += 1
-                        requests.append(_run_request(dataset, listing, f"{now['since']}-{now['requests']}"))
-                    now["requested"] = listing
-                    now["raw_pointer"] = now["raw_pointer"] if decision == WAIT else pointer
-            cursor[dataset.name] = now
+            cursor[dataset.name], request = step(context, store, dataset, catalog.suites[dataset.name], listing, state)
+            requests += [request] if request else []
         if unlisted and len(unlisted) == len(datasets):
             raise unlisted[0]  # nothing listed at all: the tick fails, the refusal named (naming_refusals)
         return dg.SensorResult(
@@ -91,6 +81,43 @@ def landing_sensor(catalog: Catalog, site: str) -> dg.SensorDefinition:
 
 
 ASK, NO, WAIT = "ask", "no", "wait"
+
+
+def step(
+    context: dg.SensorEvaluationContext,
+    store: ObjectStore,
+    dataset: Dataset,
+    suite: dict[str, Any],
+    listing: str | None,
+    state: dict[str, Any],
+) -> tuple[dict[str, Any], dg.RunRequest | None]:
+    """A dataset's next cursor state, and its run request if one is due. A listing is acted on once it has
+    held for a tick, or once it has kept changing for UNSETTLED_AT_MOST seconds (a partner landing a file
+    before every tick would otherwise never be ingested); then the clock starts again."""
+    clock = time.time()
+    now = {key: state.get(key) for key in ("requested", "raw_pointer")}
+    now |= {"seen": listing, "requests": state.get("requests", 0), "since": state.get("since") or token_hex(4)}
+    if listing is None:
+        return now, None
+    if listing != state.get("seen"):
+        now["changing_since"] = state.get("changing_since") or clock
+        if clock - now["changing_since"] < UNSETTLED_AT_MOST:
+            return now, None
+        context.log.info(f"{dataset.name}: landing zone changing for {clock - state['changing_since']:.0f} s; as it is")
+        now["changing_since"] = clock
+    try:
+        pointer = raw_pointer(store, dataset)
+        decision = decide(context, store, dataset, suite, listing, pointer, now)
+    except Exception as exc:  # one dataset's unreadable raw record must not stop the site's others
+        context.log.warning(f"{dataset.name}: raw record or runs unreadable, checked next tick: {exc}")
+        return now, None
+    request = None
+    if decision == ASK:
+        now["requests"] += 1
+        request = _run_request(dataset, listing, f"{now['since']}-{now['requests']}")
+    now["requested"] = listing
+    now["raw_pointer"] = now["raw_pointer"] if decision == WAIT else pointer
+    return now, request
 
 
 def decide(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from datetime import timedelta
 from functools import partial
@@ -19,6 +20,7 @@ from aifactory_assets.ingest import is_landed_data
 from aifactory_assets.manifest import latest_manifest, latest_version
 from resources import DaskCluster, ObjectStore
 from schedules import NIGHTLY_CRON, landing_sensor, nightly_schedules, runs_in_flight
+from schedules.landing_sensor import UNSETTLED_AT_MOST
 from schedules.nightly import needs_run
 from tests.conftest import evaluate, local_stores, materialize_all, pipeline_resources
 
@@ -131,6 +133,26 @@ def test_a_reset_cursor_never_reuses_a_run_key(catalog: Catalog, tmp_path) -> No
     _, after_reset = settle(None)
     assert len(first) == len(second) == len(after_reset) == 1
     assert after_reset[0] not in first + second
+
+
+def test_a_landing_zone_that_never_holds_still_is_taken_as_it_is(catalog: Catalog, tmp_path) -> None:
+    """A partner landing a file before every tick: the listing never holds for a tick, and was never ingested.
+    After UNSETTLED_AT_MOST seconds of changes it is taken as it is, then at most once per that time."""
+    store = local_stores(catalog, tmp_path)["linkoping"]
+    sensor = landing_sensor(catalog, "linkoping")
+    cursor, requested = None, []
+    for minute in range(4):  # a new file each tick
+        store.write_bytes(f"landing/palmer_penguins/{minute:02d}.csv", b"record_id,species\n1,Adelie\n")
+        result = evaluate(sensor, store, cursor)
+        cursor, requested = result.cursor, requested + result.run_requests
+    assert requested == []
+    state = json.loads(cursor)  # the changes began longer ago than that (the cursor is plain data)
+    state["palmer_penguins"]["changing_since"] -= UNSETTLED_AT_MOST
+    for minute in range(4, 6):
+        store.write_bytes(f"landing/palmer_penguins/{minute:02d}.csv", b"record_id,species\n1,Adelie\n")
+        result = evaluate(sensor, store, json.dumps(state) if minute == 4 else cursor)
+        cursor, requested = result.cursor, requested + result.run_requests
+    assert len(requested) == 1  # once, and the clock starts again
 
 
 def queued_run(instance: dg.DagsterInstance, selection: list[dg.AssetKey]) -> str:
