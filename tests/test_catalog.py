@@ -154,6 +154,14 @@ def test_dataset_error_names_file_and_field(tmp_catalog: Path, case: str) -> Non
     assert "Value error" not in str(err.value)  # pydantic's wording, not the catalogue's
 
 
+def assert_refused(root: Path, file: Path, field: str, message: str) -> None:
+    """Loading the catalogue at `root` fails on `file`'s `field`, saying `message`."""
+    with pytest.raises(CatalogError) as err:
+        load_catalog(root)
+    assert (err.value.file, err.value.field) == (str(file), field)
+    assert message in str(err.value)
+
+
 PENGUINS = "datasets/palmer_penguins.yaml"
 # Edits of the YAML text itself (a YAML round trip would hide them): (file, text, its replacement, field, message).
 TEXT_ERRORS = {
@@ -210,10 +218,7 @@ def test_yaml_text_error_names_file_and_field(tmp_catalog: Path, case: str) -> N
     path = tmp_catalog / file
     assert old in path.read_text()
     path.write_text(path.read_text().replace(old, new, 1))
-    with pytest.raises(CatalogError) as err:
-        load_catalog(tmp_catalog)
-    assert (err.value.file, err.value.field) == (str(path), field)
-    assert message in str(err.value)
+    assert_refused(tmp_catalog, path, field, message)
 
 
 def test_a_key_given_twice_in_a_suite_is_named(tmp_catalog: Path) -> None:
@@ -222,10 +227,7 @@ def test_a_key_given_twice_in_a_suite_is_named(tmp_catalog: Path) -> None:
     text = path.read_text()
     assert '"kwargs": {' in text
     path.write_text(text.replace('"kwargs": {', '"kwargs": {"mostly": 0.5, "mostly": 0.9, ', 1))
-    with pytest.raises(CatalogError) as err:
-        load_catalog(tmp_catalog)
-    assert (err.value.file, err.value.field) == (str(path), "mostly")
-    assert "given twice" in str(err.value)
+    assert_refused(tmp_catalog, path, "mostly", "given twice")
 
 
 def test_yaml_is_read_as_yaml_1_2(tmp_catalog: Path) -> None:
@@ -258,9 +260,7 @@ def test_key_columns_are_never_nullable(catalog: Catalog) -> None:
 def test_duplicate_dataset_name(tmp_catalog: Path) -> None:
     copy = tmp_catalog / "datasets" / "zz_penguins_again.yaml"
     shutil.copy(tmp_catalog / "datasets" / "palmer_penguins.yaml", copy)
-    with pytest.raises(CatalogError, match="duplicate dataset name 'palmer_penguins'") as err:
-        load_catalog(tmp_catalog)
-    assert (err.value.file, err.value.field) == (str(copy), "name")
+    assert_refused(tmp_catalog, copy, "name", "duplicate dataset name 'palmer_penguins'")
 
 
 def test_suite_that_does_not_parse(tmp_catalog: Path) -> None:
@@ -453,10 +453,7 @@ def test_suite_that_does_not_parse(tmp_catalog: Path) -> None:
 def test_suite_errors_name_the_expectation(tmp_catalog: Path, expectation: dict, field: str, message: str) -> None:
     suite = tmp_catalog / "suites" / "palmer_penguins.json"
     suite.write_text(json.dumps({"name": "palmer_penguins", "expectations": [expectation]}))
-    with pytest.raises(CatalogError) as err:
-        load_catalog(tmp_catalog)
-    assert (err.value.file, err.value.field) == (str(suite), field)
-    assert message in str(err.value)
+    assert_refused(tmp_catalog, suite, field, message)
 
 
 def test_unreadable_catalogue_files_name_the_file(tmp_catalog: Path) -> None:
@@ -480,9 +477,7 @@ def test_unreadable_catalogue_files_name_the_file(tmp_catalog: Path) -> None:
 def test_site_errors(tmp_catalog: Path, zone: str) -> None:
     sites = tmp_catalog / "sites.yaml"
     edit_yaml(sites, lambda d: d["sites"][2].update(timezone=zone))
-    with pytest.raises(CatalogError, match="unknown IANA time zone") as err:
-        load_catalog(tmp_catalog)
-    assert (err.value.file, err.value.field) == (str(sites), "sites.2.timezone")
+    assert_refused(tmp_catalog, sites, "sites.2.timezone", "unknown IANA time zone")
 
 
 def test_dates_as_bounds_compare_as_instants(tmp_catalog: Path) -> None:
