@@ -697,6 +697,9 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+QUANTILE_METHODS = ("linear", "lower", "higher", "midpoint", "nearest")  # pandas' interpolations, as GX takes them
+
+
 def check_types(path: Path, where: str, kind: str, kwargs: dict[str, Any], types: dict[str, str]) -> None:
     """The column's type against what the expectation judges, and the types of the arguments we judge
     ourselves (GX converts "100" to 100 where our comparison would fail the step)."""
@@ -726,6 +729,11 @@ def check_types(path: Path, where: str, kind: str, kwargs: dict[str, Any], types
             raise CatalogError(path, f"{field}.{name}", f"must be true or false, got {kwargs[name]!r}")
     if "value" in kwargs and not (isinstance(kwargs["value"], int) and not isinstance(kwargs["value"], bool)):
         raise CatalogError(path, f"{field}.value", f"must be a whole number, got {kwargs['value']!r}")
+    method = kwargs.get("allow_relative_error")
+    if method not in (None, False, *QUANTILE_METHODS):  # GX fails on another; a share (SQL's meaning) too
+        raise CatalogError(
+            path, f"{field}.allow_relative_error", f"must be one of {', '.join(QUANTILE_METHODS)}, got {method!r}"
+        )
     if "threshold" in kwargs and not _is_number(kwargs["threshold"]):
         raise CatalogError(path, f"{field}.threshold", f"must be a number, got {kwargs['threshold']!r}")
     if "quantile_ranges" in kwargs:

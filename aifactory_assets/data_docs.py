@@ -8,7 +8,9 @@ and render it with the same renderer and view as `context.build_data_docs()`.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import sys
+from html import escape
 from typing import Any
 
 
@@ -31,6 +33,25 @@ def observed_value(result: dict[str, Any]) -> Any:
     return _plain(observed)
 
 
+# GX's defaults that its own models require where our judgement supplies them (GX never judges these).
+GX_DEFAULTS = {"expect_column_value_z_scores_to_be_less_than": {"double_sided": True}}
+
+
+def unrenderable_section(results: list[dict[str, Any]]) -> str:
+    """Expectations aifactory judges that GX's page cannot show (text bounds of a text column's min or max,
+    which GX's models refuse), as a plain table after GX's own."""
+    rows = "".join(
+        f"<tr><td>{escape(r['label'])}</td><td>{escape(json.dumps(r['kwargs'], default=str))}</td>"
+        f"<td>{'passed' if r['success'] else 'failed'}</td><td>{escape(str(r.get('observed', '')))}</td></tr>"
+        for r in results
+    )
+    return (
+        '<div class="container"><h4>Judged by aifactory, beyond what GX\'s page shows</h4>'
+        '<table class="table"><tr><th>expectation</th><th>arguments</th><th>result</th><th>observed</th></tr>'
+        f"{rows}</table></div>"
+    )
+
+
 def render_data_docs(suite_name: str, results: list[dict[str, Any]], run_id: str) -> str:
     from great_expectations.core import ExpectationSuiteValidationResult, ExpectationValidationResult
     from great_expectations.core.run_identifier import RunIdentifier
@@ -38,7 +59,7 @@ def render_data_docs(suite_name: str, results: list[dict[str, Any]], run_id: str
     from great_expectations.render.renderer import ValidationResultsPageRenderer
     from great_expectations.render.view import DefaultJinjaPageView
 
-    gx_results = []
+    gx_results, beyond = [], []
     for r in results:
         result: dict[str, Any] = {"observed_value": observed_value(r)} if "observed" in r else {}
         if "element_count" in r:
@@ -51,8 +72,15 @@ def render_data_docs(suite_name: str, results: list[dict[str, Any]], run_id: str
                 "partial_unexpected_list": r.get("sample", []),
             }
         config = ExpectationConfiguration(
-            type=r["type"], kwargs=r["kwargs"], meta={"severity": r["severity"], "scope": r["scope"]}
+            type=r["type"],
+            kwargs=GX_DEFAULTS.get(r["type"], {}) | r["kwargs"],
+            meta={"severity": r["severity"], "scope": r["scope"]},
         )
+        try:
+            config.to_domain_obj()  # GX's model of the expectation, which its page renderer builds
+        except Exception:  # its validation error: the page would fail whole
+            beyond.append(r)
+            continue
         gx_results.append(ExpectationValidationResult(success=r["success"], expectation_config=config, result=result))
     passed = sum(r["success"] for r in results)
     validation = ExpectationSuiteValidationResult(
@@ -70,4 +98,5 @@ def render_data_docs(suite_name: str, results: list[dict[str, Any]], run_id: str
             "active_batch_definition": None,
         },
     )
-    return DefaultJinjaPageView().render(ValidationResultsPageRenderer().render(validation))
+    page = DefaultJinjaPageView().render(ValidationResultsPageRenderer().render(validation))
+    return page.replace("</body>", f"{unrenderable_section(beyond)}</body>", 1) if beyond else page

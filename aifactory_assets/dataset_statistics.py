@@ -89,14 +89,22 @@ def _statistic(frame: dd.DataFrame, kind: str, kwargs: dict[str, Any]) -> Statis
         meta = pd.DataFrame({"first": [], "last": [], "bad": [], "count": [], "rows": []}, dtype=object)
         return series.map_partitions(_order_violations, decreasing, kwargs.get("strictly", False), meta=meta)
     if kind == "expect_column_value_z_scores_to_be_less_than":
-        return series.mean(), series.std(), series.count(), series.size
+        return _floats(series).mean(), _floats(series).std(), series.count(), series.size
     reducer = {"mean": "mean", "stdev": "std", "min": "min", "max": "max", "sum": "sum"}
     name = reducer[kind.removeprefix("expect_column_").removesuffix("_to_be_between")]
-    if _temporal(series):  # dates and timestamps: as datetime64 (Dask cannot reduce Arrow dates)
-        series = series.astype("datetime64[ns]")
-        if name == "mean":  # in ns as floats: an int64 sum of ns since 1970 overflows past ~5 values
+    if _temporal(series):  # dates and timestamps: as datetime64 (Dask cannot reduce Arrow dates), in raw's
+        series = series.astype("datetime64[us]")  # unit: in ns, a date past 2262 (9999-12-31) fails the step
+        if name == "mean":  # in us as floats: an int64 sum of us since 1970 overflows past a few thousand values
             return series.dropna().astype("int64").astype("float64").mean()
-    return getattr(series, name)()
+    return getattr(_floats(series) if name in ("mean", "std") else series, name)()
+
+
+def _floats(series: dd.Series) -> dd.Series:
+    """Integers as floats for a mean or a deviation, as pandas (and so GX) sums them: Dask sums int64 per
+    partition and wraps around (10,000 epoch microseconds gave a negative mean)."""
+    if not pd.api.types.is_integer_dtype(series.dtype):
+        return series
+    return series.astype("float64[pyarrow]" if isinstance(series.dtype, pd.ArrowDtype) else "float64")
 
 
 QUANTILE_KINDS = ("expect_column_median_to_be_between", "expect_column_quantile_values_to_be_between")
@@ -215,8 +223,8 @@ def _verdict(kind: str, kwargs: dict[str, Any], value: Any, temporal: bool) -> d
     if kind == "expect_column_value_z_scores_to_be_less_than":
         return {}  # needs a second pass: see judge_global
     observed = value.item() if hasattr(value, "item") else value
-    if kind == "expect_column_mean_to_be_between" and temporal:  # computed in ns since the epoch
-        observed = pd.Timestamp(int(observed)) if observed == observed else None
+    if kind == "expect_column_mean_to_be_between" and temporal:  # computed in us since the epoch
+        observed = pd.Timestamp(int(observed), unit="us") if observed == observed else None
     return {"success": between(observed, kwargs), "observed": observed}
 
 

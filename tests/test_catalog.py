@@ -426,6 +426,18 @@ def test_suite_that_does_not_parse(tmp_catalog: Path) -> None:
             "GX 0.x's 'expectation_type' is 'type' in GX 1.x",
         ),
         (
+            {
+                "type": "expect_column_quantile_values_to_be_between",
+                "kwargs": {
+                    "column": "body_mass_g",
+                    "quantile_ranges": {"quantiles": [0.5], "value_ranges": [[3000, 5000]]},
+                    "allow_relative_error": 0.01,
+                },
+            },
+            "expectations.0.kwargs.allow_relative_error",
+            "must be one of linear, lower, higher, midpoint, nearest, got 0.01",
+        ),
+        (
             {"type": "expect_table_columns_to_match_set", "kwargs": {"column_set": 5}},
             "expectations.0.kwargs.column_set",
             "list of column names",

@@ -3,6 +3,8 @@ non-decomposable expectations over the whole dataset."""
 
 from __future__ import annotations
 
+import datetime as dt
+
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
@@ -336,6 +338,45 @@ def test_dataset_expectations_read_from_parquet_agree_with_gx(tmp_path, dask: Da
     assert {r["success"] for r in ours} == {True, False}
 
 
+def test_statistics_of_large_integers_and_far_dates(tmp_path, dask: DaskCluster) -> None:
+    """Dask sums int64 per partition and wraps around: epoch microseconds gave a negative mean and every row
+    an outlier. A date past 2262 (the usual open end, 9999-12-31) failed the step when cast to ns."""
+    import pyarrow.parquet as pq
+
+    dask.get_client()
+    stamps = 1_700_000_000_000_000 + np.arange(10_000, dtype=np.int64) * 1_000_000
+    files = []
+    for i, part in enumerate(np.array_split(stamps, 2)):
+        at = pa.array(part, pa.timestamp("us")).to_pylist()[:-1] + [dt.datetime(9999, 12, 31) if i else None]
+        until = pa.array([d and d.date() for d in at], pa.date32())
+        table = pa.table({"us": part, "until": until, "at": pa.array(at, pa.timestamp("us"))})
+        files.append(str(tmp_path / f"part-{i}.parquet"))
+        pq.write_table(table, files[-1])
+    mean = float(stamps.mean())
+    integer_cases = [
+        {
+            "type": "expect_column_mean_to_be_between",
+            "kwargs": {"column": "us", "min_value": mean - 1, "max_value": mean + 1},
+        },
+        {
+            "type": "expect_column_value_z_scores_to_be_less_than",
+            "kwargs": {"column": "us", "threshold": 3, "double_sided": True},
+        },
+    ]
+    far_cases = [
+        {"type": "expect_column_max_to_be_between", "kwargs": {"column": "until", "max_value": "2100-01-01"}},
+        {"type": "expect_column_min_to_be_between", "kwargs": {"column": "until", "min_value": "2023-01-01"}},
+        {"type": "expect_column_mean_to_be_between", "kwargs": {"column": "at", "min_value": "2023-01-01T00:00:00"}},
+    ]
+    ours = judge_global(dd.read_parquet(files), integer_cases + far_cases)
+    reference = gx_whole_table(pd.DataFrame({"us": stamps}), integer_cases)
+    assert [o["success"] for o in ours[:2]] == [r.success for r in reference] == [True, True]
+    assert ours[1]["unexpected_count"] == reference[1].result["unexpected_count"] == 0
+    assert [o["success"] for o in ours[2:]] == [False, True, True]
+    assert ours[2]["observed"] == pd.Timestamp("9999-12-31")
+    assert ours[4]["observed"] > pd.Timestamp("2024-01-01")  # the rest lie in 2023: pulled up by the one dated 9999
+
+
 def test_data_docs_show_the_observed_quantiles_and_shares() -> None:
     """GX's renderer shows "--" for quantiles not given as {quantiles, values}, and for NumPy numbers."""
     from aifactory_assets.data_docs import render_data_docs
@@ -358,3 +399,34 @@ def test_data_docs_show_the_observed_quantiles_and_shares() -> None:
     ]
     page = render_data_docs("readings", results, "r1")
     assert "3.25" in page and "0.8765" in page
+
+
+def test_data_docs_show_what_gx_models_refuse() -> None:
+    """The catalogue takes a z-score expectation without `double_sided` (we default it, as GX does) and text
+    bounds for a text column's min, which GX's models refuse: the whole page failed, and with it every
+    validated run after its record was published."""
+    from aifactory_assets.data_docs import render_data_docs
+
+    common = {"severity": "critical", "scope": "dataset", "success": True}
+    results = [
+        {
+            "type": "expect_column_value_z_scores_to_be_less_than",
+            "label": "expect_column_value_z_scores_to_be_less_than(x)",
+            "kwargs": {"column": "x", "threshold": 4},
+            "element_count": 10,
+            "missing_count": 0,
+            "unexpected_count": 0,
+            **common,
+        },
+        {
+            "type": "expect_column_min_to_be_between",
+            "label": "expect_column_min_to_be_between(species)",
+            "kwargs": {"column": "species", "min_value": "Adelie"},
+            "observed": "Adelie",
+            **common,
+        },
+    ]
+    page = render_data_docs("penguins", results, "r1")
+    assert "z-score" in page.lower() or "z_score" in page  # GX's own rendering of the first
+    appendix = page[page.index("beyond what GX") :]
+    assert "expect_column_min_to_be_between(species)" in appendix and "passed" in appendix
