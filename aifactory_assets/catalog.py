@@ -458,9 +458,8 @@ class _CatalogLoader(yaml.SafeLoader):
 
 
 _CatalogLoader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
-_CatalogLoader.add_implicit_resolver(
-    _INT, re.compile(r"^(?:[-+]?(?:0|[1-9][0-9]*)|0o[0-7]+|0x[0-9a-fA-F]+)$"), list("-+0123456789")
-)
+YAML_1_2_INT = re.compile(r"^(?:[-+]?(?:0|[1-9][0-9]*)|0o[0-7]+|0x[0-9a-fA-F]+)$")
+_CatalogLoader.add_implicit_resolver(_INT, YAML_1_2_INT, list("-+0123456789"))
 _CatalogLoader.add_implicit_resolver(  # a dot or an exponent, so that `010` is not read as 10.0 either
     _FLOAT,
     re.compile(
@@ -473,12 +472,10 @@ _CatalogLoader.add_implicit_resolver(  # a dot or an exponent, so that `010` is 
 
 def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
     """An int as YAML 1.2 writes it; a `!!int` tag on anything else (`!!int 010`) is an error at its line."""
-    try:
-        return int(loader.construct_scalar(node), 0)
-    except ValueError:
-        raise yaml.constructor.ConstructorError(
-            None, None, f"{node.value!r} is not a YAML 1.2 integer", node.start_mark
-        ) from None
+    text = loader.construct_scalar(node)
+    if not YAML_1_2_INT.match(text):  # Python's int() also takes 1_000, 0b101, 0X1F and other scripts' digits
+        raise yaml.constructor.ConstructorError(None, None, f"{text!r} is not a YAML 1.2 integer", node.start_mark)
+    return int(text, 0)
 
 
 _CatalogLoader.add_constructor(_INT, _construct_int)

@@ -69,7 +69,7 @@ def render_data_docs(suite_name: str, results: list[dict[str, Any]], run_id: str
                 "missing_count": r.get("missing_count", 0),
                 "unexpected_count": r.get("unexpected_count", 0),
                 "unexpected_percent": 100.0 * r.get("unexpected_count", 0) / judged if judged else 0.0,
-                "partial_unexpected_list": r.get("sample", []),
+                "partial_unexpected_list": [escape(str(v)) for v in r.get("sample", [])],  # GX writes them raw
             }
         config = ExpectationConfiguration(
             type=r["type"],
@@ -99,4 +99,5 @@ def render_data_docs(suite_name: str, results: list[dict[str, Any]], run_id: str
         },
     )
     page = DefaultJinjaPageView().render(ValidationResultsPageRenderer().render(validation))
-    return page.replace("</body>", f"{unrenderable_section(beyond)}</body>", 1) if beyond else page
+    end = page.rfind("</body>")  # the page's own, after any a sample value may hold
+    return f"{page[:end]}{unrenderable_section(beyond)}{page[end:]}" if beyond else page

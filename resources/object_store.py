@@ -339,9 +339,10 @@ class ObjectStore(dg.ConfigurableResource):
             return
         self.fs.invalidate_cache()
         bucket, name, _ = self.fs.split_path(path)
-        # What is under `path/`, and the object at `path` itself (find lists it only where nothing is under it).
-        names = list(dict.fromkeys([self.fs.split_path(found)[1] for found in self.fs.find(path)] + [name]))
-        names = [n for n in names if n]  # the bucket itself is no key
+        # What is under `path/`, and the object at `path` itself (find lists it only where nothing is under
+        # it); for the root, only what is under it: an object named as the root is beside the store.
+        itself = [name] if key.strip("/") else []
+        names = [n for n in dict.fromkeys([self.fs.split_path(f)[1] for f in self.fs.find(path)] + itself) if n]
         for start in range(0, len(names), 1000):  # DeleteObjects takes 1,000 keys at most
             batch = [{"Key": name} for name in names[start : start + 1000]]
             response = self.fs.call_s3("delete_objects", Bucket=bucket, Delete={"Objects": batch, "Quiet": True})

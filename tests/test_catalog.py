@@ -195,6 +195,7 @@ TEXT_ERRORS = {
     "fraction: on": (PENGUINS, "fraction: 0.05", "fraction: on", "max_quarantined_fraction", "valid number, got 'on'"),
     "split ratio yes": (PENGUINS, "{train: 0.8, val: 0.1, test: 0.1}", "{train: yes}", "shards.splits.train", "number"),
     "a YAML 1.1 integer tagged !!int": (PENGUINS, "seed: 20241210", "seed: !!int 010", "<file>", "YAML 1.2 integer"),
+    "digits grouped, tagged !!int": (PENGUINS, "seed: 20241210", "seed: !!int 1_000", "<file>", "YAML 1.2 integer"),
     "nullable null on a key": (
         PENGUINS,
         "int64, nullable: false",

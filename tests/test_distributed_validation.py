@@ -426,7 +426,9 @@ def test_data_docs_show_what_gx_models_refuse() -> None:
             **common,
         },
     ]
+    results[0] |= {"sample": ["</body><script>alert(1)</script>"]}  # a landed value, shown as a sample
     page = render_data_docs("penguins", results, "r1")
     assert "z-score" in page.lower() or "z_score" in page  # GX's own rendering of the first
     appendix = page[page.index("beyond what GX") :]
     assert "expect_column_min_to_be_between(species)" in appendix and "passed" in appendix
+    assert "<script>alert" not in page and page.count("</body>") == 1 and appendix.rstrip().endswith("</html>")

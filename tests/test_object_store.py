@@ -96,6 +96,11 @@ def test_delete_takes_root_and_key_as_written(store: ObjectStore) -> None:
         store.write_bytes("raw/both/child", b"x")
         store.delete("raw/both")
         assert not store.list_objects("raw")
+        beside_root = beside(store, "")  # the bucket's own root: an object named as this store's root
+        beside_root.write_bytes(store.root.rsplit("/", 1)[1], b"not the store's")
+        store.write_bytes("raw/d/a", b"x")
+        store.delete("")
+        assert not store.list_objects("") and beside_root.read_bytes(store.root.rsplit("/", 1)[1])
 
 
 def test_deleting_a_local_root_that_is_a_link_keeps_the_link(tmp_path: Path) -> None:
