@@ -1,10 +1,12 @@
 """Landing-zone sensors: one per site; a change under `landing/<dataset>/` (a file new, changed or removed)
 starts one run of that dataset's assets once the listing has stayed the same for one tick, so a file still
 being copied in, or a drop of many files, is ingested once, whole (or once it has kept changing for
-UNSETTLED_AT_MOST seconds: a landing zone that never holds still). A settled listing that the current raw
-generation already ingested (the nightly's run, or a person's) starts nothing, unless a run would still
-change what is committed. The cursor holds, per dataset, the listing last seen, the one last requested,
-the raw pointer last looked at, a count of requests and a token made with the state. The run key names
+UNSETTLED_AT_MOST seconds: a landing zone that never holds still). A listing other than the one last
+requested starts nothing while a queued run ingests the dataset (it lists the landing zone as it starts),
+nor where the current raw generation already ingested it (the nightly's run, or a person's) and a run
+under way carries it on or a run would change nothing committed. The cursor holds, per dataset, the
+listing last seen, the one last requested, the raw pointer last looked at, when the listing began to
+change, a count of requests and a token made with the state. The run key names
 the listing, the token and the count, so returning to an earlier file set is a new run, not one Dagster
 drops as a repeat, also after the cursor is reset.
 Listings are kept as digests: Dagster stores the cursor with every tick, and a landing zone can hold many
@@ -14,7 +16,8 @@ A run lists the landing zone when it starts, not when it was requested: if the f
 and changed back (a file dropped and removed while the run waited), the run ingested another listing than
 the one requested. Once raw is published again (its pointer changes: a HEAD request per tick), the sensor
 compares the listing with what that generation ingested and asks again if they differ; while another run
-that ingests the dataset is queued or running, it waits for that run (`decide`). An empty landing
+that ingests the dataset is queued or running, it waits for that run (`decide`; runs made more than a
+day ago are taken as stuck, `runs_in_flight`). An empty landing
 zone starts nothing: the latest version stays until files land again. A landing zone that cannot be
 listed (a bucket policy refusing one dataset's prefix) is logged and listed again next tick; the site's
 other datasets go on, and the tick fails, naming the refusal, only when every dataset's listing failed."""
@@ -93,30 +96,34 @@ def step(
 ) -> tuple[dict[str, Any], dg.RunRequest | None]:
     """A dataset's next cursor state, and its run request if one is due. A listing is acted on once it has
     held for a tick, or once it has kept changing for UNSETTLED_AT_MOST seconds (a partner landing a file
-    before every tick would otherwise never be ingested); then the clock starts again."""
+    before every tick would otherwise never be ingested); then the clock starts again. An error or a WAIT
+    leaves the state as it was: looked at again next tick."""
     clock = time.time()
     now = {key: state.get(key) for key in ("requested", "raw_pointer")}
     now |= {"seen": listing, "requests": state.get("requests", 0), "since": state.get("since") or token_hex(4)}
     if listing is None:
         return now, None
-    if listing != state.get("seen"):
-        now["changing_since"] = state.get("changing_since") or clock
+    unsettled = listing != state.get("seen")
+    if unsettled:  # a clock that went back (another host's cursor) does not hold the change off
+        now["changing_since"] = min(state.get("changing_since") or clock, clock)
         if clock - now["changing_since"] < UNSETTLED_AT_MOST:
             return now, None
-        context.log.info(f"{dataset.name}: landing zone changing for {clock - state['changing_since']:.0f} s; as it is")
-        now["changing_since"] = clock
     try:
         pointer = raw_pointer(store, dataset)
         decision = decide(context, store, dataset, suite, listing, pointer, now)
     except Exception as exc:  # one dataset's unreadable raw record must not stop the site's others
         context.log.warning(f"{dataset.name}: raw record or runs unreadable, checked next tick: {exc}")
         return now, None
+    if decision == WAIT:
+        return now, None
+    if unsettled:
+        context.log.info(f"{dataset.name}: landing zone changing for {clock - now['changing_since']:.0f} s; as it is")
+        now["changing_since"] = clock
     request = None
     if decision == ASK:
         now["requests"] += 1
         request = _run_request(dataset, listing, f"{now['since']}-{now['requests']}")
-    now["requested"] = listing
-    now["raw_pointer"] = now["raw_pointer"] if decision == WAIT else pointer
+    now["requested"], now["raw_pointer"] = listing, pointer
     return now, request
 
 
@@ -129,23 +136,30 @@ def decide(
     pointer: str | None,
     state: dict[str, Any],
 ) -> str:
-    """For a settled listing: ASK for a run, NO run, or WAIT (look again next tick, this raw pointer not
-    taken as seen). A run where the listing is not the one last requested, unless the current raw
-    generation ingested it already and a run would change nothing committed (the nightly's run, a
-    person's); or where raw was published since and ingested another listing, unless a run that ingests
-    the dataset is queued or running, other than the one that published: it lists the landing zone as it
-    starts (a cancelled one stops the wait)."""
+    """For a listing to act on: ASK for a run, NO run, or WAIT (nothing taken as seen: look again next tick).
+    - Not the listing last requested: a run, unless one that ingests the dataset is queued (it lists the
+      landing zone as it starts); or, where the current raw generation ingested it already, unless a run
+      that ingests the dataset is under way (the one that published, say) or a run would change nothing
+      committed (the nightly's `needs_run`: raw alone, shards never made from it).
+    - The listing last requested, raw published since: a run if raw ingested another listing, unless
+      another run that ingests the dataset is queued or running (not the one that published: it has
+      listed already); a cancelled one ends the wait."""
     changed = listing != state["requested"]
     if not changed and pointer == state["raw_pointer"]:
         return NO
-    raw = current(store, f"raw/{dataset.name}")
-    if ingested_listing(raw) == listing:  # shards never made from it (raw alone, a failed run): nightly's reasons
-        return ASK if changed and needs_run(store, dataset, suite)[0] else NO
-    if not changed:
-        published_by = (raw or {}).get("run_id")
-        if run := run_ingesting(unfinished_runs(context.instance), dataset, besides=published_by):
-            context.log.info(f"{dataset.name}: run {run} will ingest the landing zone as it starts; waiting for it")
-            return WAIT
+    raw, runs = current(store, f"raw/{dataset.name}"), unfinished_runs(context.instance)
+    if ingested_listing(raw) == listing:
+        if not changed or run_ingesting(runs, dataset):
+            return NO
+        try:
+            return ASK if needs_run(store, dataset, suite)[0] else NO
+        except Exception as exc:  # as the nightly does: the run says what is wrong, where the UI shows it
+            context.log.warning(f"{dataset.name}: state unreadable, a run will say why: {exc}")
+            return ASK
+    besides = None if changed else (raw or {}).get("run_id")
+    if run := run_ingesting(runs, dataset, besides=besides, not_started=changed):
+        context.log.info(f"{dataset.name}: run {run} will ingest the landing zone; waiting for it")
+        return WAIT
     return ASK
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import dagster as dg
@@ -20,18 +21,49 @@ UNFINISHED = [
 STUCK_AFTER = timedelta(days=1)  # the default run launcher cannot see a run worker die: its run stays STARTED
 
 
-def unfinished_runs(instance: dg.DagsterInstance) -> dict[str, frozenset[dg.AssetKey]]:
-    """Each queued or running run's id and the assets it materialises (any trigger: a sensor, the nightly,
-    a person's "Materialize" in the UI). Not runs made more than STUCK_AFTER ago: one whose worker was
-    killed would otherwise hold its datasets back every night until someone ends it in the UI."""
+ASSET_JOB = "__ASSET_JOB"  # Dagster's job of every asset: a run of it without a selection runs them all
+
+
+@dataclass(frozen=True)
+class UnfinishedRun:
+    run_id: str
+    selection: frozenset[dg.AssetKey] | None  # None: every asset (the whole asset job, `make materialize`)
+    started: bool  # starting or running: it may have listed the landing zone already
+
+
+def unfinished_runs(instance: dg.DagsterInstance) -> list[UnfinishedRun]:
+    """Each queued or running run and the assets it materialises (any trigger: a sensor, the nightly, a
+    person's "Materialize" in the UI). Not runs made more than STUCK_AFTER ago: one whose worker was killed
+    would otherwise hold its datasets back every night until someone ends it in the UI."""
     since = datetime.now(UTC) - STUCK_AFTER
-    runs = instance.get_runs(dg.RunsFilter(statuses=UNFINISHED, created_after=since))
-    return {run.run_id: frozenset(run.asset_selection or ()) for run in runs}
+    started = (dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED)
+    return [
+        UnfinishedRun(run.run_id, selected(run), run.status in started)
+        for run in instance.get_runs(dg.RunsFilter(statuses=UNFINISHED, created_after=since))
+    ]
 
 
-def run_ingesting(runs: dict[str, frozenset[dg.AssetKey]], dataset: Dataset, besides: str | None = None) -> str | None:
-    """A queued or running run that materialises `dataset`'s raw asset, which lists the landing zone as it
-    starts and ingests what it finds: the id of one, or None. `besides`: a run that has listed already (the
-    one that published raw, still running its later steps)."""
+def selected(run: dg.DagsterRun) -> frozenset[dg.AssetKey] | None:
+    """The assets a run materialises; None for all (a run of the whole asset job has no selection)."""
+    if run.asset_selection:
+        return frozenset(run.asset_selection)
+    return None if run.job_name == ASSET_JOB else frozenset()
+
+
+def run_ingesting(
+    runs: list[UnfinishedRun], dataset: Dataset, besides: str | None = None, not_started: bool = False
+) -> str | None:
+    """The id of a queued or running run that materialises `dataset`'s raw asset, which lists the landing
+    zone as it starts and ingests what it finds, or None. `besides`: a run that has listed already (the one
+    that published raw, still running its later steps); `not_started`: only runs yet to list."""
     raw = asset_key(dataset, "raw")
-    return next((run for run, selection in runs.items() if raw in selection and run != besides), None)
+    return next(
+        (
+            run.run_id
+            for run in runs
+            if (run.selection is None or raw in run.selection)
+            and run.run_id != besides
+            and not (not_started and run.started)
+        ),
+        None,
+    )

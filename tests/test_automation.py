@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
@@ -155,6 +156,35 @@ def test_a_landing_zone_that_never_holds_still_is_taken_as_it_is(catalog: Catalo
     assert len(requested) == 1  # once, and the clock starts again
 
 
+def test_a_forced_look_waits_for_a_queued_run_and_for_no_clock(catalog: Catalog, tmp_path) -> None:
+    """Taken as it is after UNSETTLED_AT_MOST, a listing still waits for a queued run of the dataset (it
+    lists the landing zone as it starts: one run per 10 minutes would pile up behind it); a `changing_since`
+    from a clock ahead of this one does not hold the change off."""
+    store = local_stores(catalog, tmp_path)["linkoping"]
+    sensor = landing_sensor(catalog, "linkoping")
+    dataset = catalog.datasets["palmer_penguins"]
+    with dg.instance_for_test() as instance:
+
+        def land_and_tick(minute: int, cursor: str | None, since: float | None = None) -> tuple[str, list]:
+            store.write_bytes(f"landing/palmer_penguins/{minute:02d}.csv", b"record_id,species\n1,Adelie\n")
+            if since is not None:
+                state = json.loads(cursor)
+                state["palmer_penguins"]["changing_since"] = since
+                cursor = json.dumps(state)
+            result = evaluate(sensor, store, cursor, instance)
+            return result.cursor, result.run_requests
+
+        cursor, _ = land_and_tick(0, None)
+        waiting = queued_run(instance, materialisable_keys(dataset))
+        cursor, requested = land_and_tick(1, cursor, since=time.time() - UNSETTLED_AT_MOST - 1)
+        assert requested == []
+        instance.report_run_canceled(instance.get_run_by_id(waiting))
+        cursor, requested = land_and_tick(2, cursor)
+        assert len(requested) == 1  # the wait kept the clock: asked at the next tick
+        cursor, _ = land_and_tick(3, cursor, since=time.time() + 86_400)
+        assert json.loads(cursor)["palmer_penguins"]["changing_since"] <= time.time()
+
+
 def queued_run(instance: dg.DagsterInstance, selection: list[dg.AssetKey]) -> str:
     """A run made and not started yet (a queued one needs a code location's origin), materialising
     `selection`: the sensor and the nightly treat both alike."""
@@ -189,11 +219,32 @@ def test_a_listing_raw_ingested_or_a_run_will_ingest_is_not_asked_again(
             return requested
 
         cursor = None
-        ingest(selection=[asset_key(dataset, "raw")])  # a person materialises raw in the UI, sensor off
+        published = ingest(selection=[asset_key(dataset, "raw")])  # a person's run, sensor off: its raw step
+        running = dg.DagsterRun(
+            job_name="__ASSET_JOB",
+            run_id=published.run_id,
+            status=dg.DagsterRunStatus.STARTED,  # its validated and shards steps to go
+            asset_selection=frozenset(materialisable_keys(dataset)),
+        )
+        instance.add_run(running)
+        assert settle() == []  # that run carries the listing on
+        instance.report_run_canceled(instance.get_run_by_id(running.run_id))
+        whole = instance.add_run(dg.DagsterRun(job_name="__ASSET_JOB", status=dg.DagsterRunStatus.NOT_STARTED))
+        cursor = None
+        assert settle() == []  # `make materialize`: the whole asset job, with no selection, is on its way
+        instance.report_run_canceled(whole)
+        cursor = None
         assert len(settle()) == 1  # the listing is ingested, but nothing was sharded from it
         assert ingest(selection=materialisable_keys(dataset)).success  # that run
         cursor = None  # `dagster sensor cursor --delete`
         assert settle() == []  # raw holds this listing, and the version a run would commit is the latest
+        manifest = f"shards/palmer_penguins/v={latest_version(store, dataset)}/manifest.json"
+        kept = store.read_bytes(manifest)
+        store.write_bytes(manifest, b"{not json")
+        cursor = None
+        assert len(settle()) == 1  # state unreadable: a run says why, as the nightly's does...
+        assert settle() == []  # ...once, not every tick
+        store.write_bytes(manifest, kept)
 
         store.write_bytes("landing/palmer_penguins/late.csv", b"record_id,species\n9001,Adelie\n")
         assert len(settle()) == 1
