@@ -17,6 +17,7 @@ import traceback
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -220,27 +221,52 @@ def worker_threads(num_workers: int, cores: int | None = None) -> int:
     return min(READ_THREADS, share) if share >= 2 else 0
 
 
-# What launchers set to the number of processes they started on this node: torchrun, Open MPI, MPICH, srun.
-LAUNCHER_LOCAL_SIZES = (
-    "LOCAL_WORLD_SIZE",
-    "OMPI_COMM_WORLD_LOCAL_SIZE",
-    "MPI_LOCALNRANKS",
-    "SLURM_STEP_TASKS_PER_NODE",
-)
+# What launchers set to the number of processes they started on this node: torchrun, Open MPI, MPICH.
+LAUNCHER_LOCAL_SIZES = ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS")
 
 
 def rank_cores(affinity: int | None = None, node: int | None = None) -> int:
-    """The cores this rank may count on: its affinity where that is narrower than the node (a launcher that
-    binds ranks to cores), else the node's cores shared among the ranks its launcher started there (with
-    torchrun's 8 ranks on a node, each would otherwise take every core for its own workers)."""
+    """The cores this rank may count on. Ranks on one node share what their job may use (its cgroup's
+    cpuset: a Slurm job's, a container's; else the machine's cores): each takes its own affinity where the
+    launcher bound it to a share that small, else an equal share of the job's (torchrun's 8 ranks in a
+    16-core allocation each took all 16 for their workers; Open MPI binds 8 ranks to two 8-core packages)."""
     affinity = available_cores() if affinity is None else affinity
-    node = (os.cpu_count() or affinity) if node is None else node
-    if affinity < node:
-        return affinity
-    for name in LAUNCHER_LOCAL_SIZES:  # srun's is per node, e.g. "4(x2)": the first node's count
-        if (count := re.match(r"\d+", os.environ.get(name, ""))) and int(count.group()) > 1:
-            return max(1, affinity // int(count.group()))
-    return affinity
+    node = (cgroup_cores() or os.cpu_count() or affinity) if node is None else node
+    ranks = local_ranks()
+    return affinity if ranks <= 1 or affinity * ranks <= node else min(affinity, max(1, node // ranks))
+
+
+def local_ranks() -> int:
+    """How many processes the launcher started on this node (1 where none says)."""
+    for name in LAUNCHER_LOCAL_SIZES:
+        if (value := os.environ.get(name, "")).isdigit():
+            return max(1, int(value))
+    # srun: a count per node in node order, runs written "4(x2)": "4(x2),1" is 4, 4 and 1
+    counts = [
+        int(count)
+        for count, times in re.findall(r"(\d+)(?:\(x(\d+)\))?", os.environ.get("SLURM_STEP_TASKS_PER_NODE", ""))
+        for _ in range(int(times or 1))
+    ]
+    node = int(os.environ.get("SLURM_NODEID", "0") or 0)
+    return counts[node] if node < len(counts) else 1
+
+
+def cgroup_cores() -> int | None:
+    """The cores this process's cgroup may use (v2's cpuset.cpus.effective, v1's cpuset.effective_cpus),
+    where it says; None where it does not."""
+    try:
+        groups = dict(line.split(":", 2)[1:] for line in Path("/proc/self/cgroup").read_text().splitlines())
+    except (OSError, ValueError):
+        return None
+    for controller, folder, name in (("", "", "cpuset.cpus.effective"), ("cpuset", "cpuset", "cpuset.effective_cpus")):
+        if controller in groups:
+            try:
+                cpus = Path("/sys/fs/cgroup", folder, groups[controller].lstrip("/"), name).read_text().strip()
+            except OSError:
+                continue
+            spans = [span.split("-") for span in cpus.split(",") if span]
+            return sum(int(span[-1]) - int(span[0]) + 1 for span in spans) or None
+    return None
 
 
 class TensorLoader:
