@@ -17,7 +17,6 @@ import traceback
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -172,6 +171,7 @@ class ShardIterableDataset(IterableDataset):
         # the dataset they were started with).
         self._epoch = torch.tensor(probe.epoch, dtype=torch.int64).share_memory_()
         self.resume = (probe.epoch, probe.start_sample)  # a resume point belongs to its epoch
+        self.rank_cores = rank_cores()  # here, in the rank: its workers' parent is the rank, not the launcher
         if probe.verify_local_shards():  # hashed whole here; the workers still check each page's CRC as they read
             self.options["verify"] = "pages" if probe.manifest.get("format_version", 0) >= PAGE_CHECKSUMS else False
 
@@ -190,10 +190,11 @@ class ShardIterableDataset(IterableDataset):
         self, worker_id: int | None = None, num_workers: int | None = None, epoch: int | None = None
     ) -> ShardReader:
         """The reader of one worker; by default the calling DataLoader worker's, for the current epoch. In a
-        DataLoader worker, `threads` is `worker_threads(num_workers)` unless given."""
+        DataLoader worker, `threads` is `worker_threads(num_workers, rank's cores)` unless given."""
         info = get_worker_info()
         epoch = self.epoch if epoch is None else epoch
-        options = self.options if info is None else {"threads": worker_threads(info.num_workers)} | self.options
+        threads = {} if info is None else {"threads": worker_threads(info.num_workers, self.rank_cores)}
+        options = threads | self.options
         return ShardReader(
             self.manifest,
             self.split,
@@ -225,15 +226,26 @@ def worker_threads(num_workers: int, cores: int | None = None) -> int:
 LAUNCHER_LOCAL_SIZES = ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS")
 
 
-def rank_cores(affinity: int | None = None, node: int | None = None) -> int:
-    """The cores this rank may count on. Ranks on one node share what their job may use (its cgroup's
-    cpuset: a Slurm job's, a container's; else the machine's cores): each takes its own affinity where the
-    launcher bound it to a share that small, else an equal share of the job's (torchrun's 8 ranks in a
-    16-core allocation each took all 16 for their workers; Open MPI binds 8 ranks to two 8-core packages)."""
+def rank_cores(affinity: int | None = None, launcher: int | None = None) -> int:
+    """The cores this rank may count on. The ranks a launcher started on one node share what the launcher
+    may use (its affinity: a Slurm job's cores, a container's cpuset, a user's taskset): each takes its own
+    affinity where the launcher bound it to a share that small, else an equal share of the launcher's
+    (torchrun's 8 ranks under a 16-core mask each counted all 16; Open MPI binds 8 ranks to two 8-core
+    packages). Call it in the rank itself: a DataLoader worker's parent is the rank, not the launcher."""
     affinity = available_cores() if affinity is None else affinity
-    node = (cgroup_cores() or os.cpu_count() or affinity) if node is None else node
     ranks = local_ranks()
-    return affinity if ranks <= 1 or affinity * ranks <= node else min(affinity, max(1, node // ranks))
+    if ranks <= 1:
+        return affinity
+    launcher = launcher_cores() if launcher is None else launcher
+    return affinity if affinity * ranks <= launcher else min(affinity, max(1, launcher // ranks))
+
+
+def launcher_cores() -> int:
+    """The cores the process that started this one may use (torchrun's agent, slurmstepd, Open MPI's prted)."""
+    try:
+        return len(os.sched_getaffinity(os.getppid()))
+    except (AttributeError, OSError):  # no affinity on this OS, or not ours to read
+        return os.cpu_count() or 1
 
 
 def local_ranks() -> int:
@@ -249,24 +261,6 @@ def local_ranks() -> int:
     ]
     node = int(os.environ.get("SLURM_NODEID", "0") or 0)
     return counts[node] if node < len(counts) else 1
-
-
-def cgroup_cores() -> int | None:
-    """The cores this process's cgroup may use (v2's cpuset.cpus.effective, v1's cpuset.effective_cpus),
-    where it says; None where it does not."""
-    try:
-        groups = dict(line.split(":", 2)[1:] for line in Path("/proc/self/cgroup").read_text().splitlines())
-    except (OSError, ValueError):
-        return None
-    for controller, folder, name in (("", "", "cpuset.cpus.effective"), ("cpuset", "cpuset", "cpuset.effective_cpus")):
-        if controller in groups:
-            try:
-                cpus = Path("/sys/fs/cgroup", folder, groups[controller].lstrip("/"), name).read_text().strip()
-            except OSError:
-                continue
-            spans = [span.split("-") for span in cpus.split(",") if span]
-            return sum(int(span[-1]) - int(span[0]) + 1 for span in spans) or None
-    return None
 
 
 class TensorLoader:

@@ -2,9 +2,9 @@
 starts one run of that dataset's assets once the listing has stayed the same for one tick, so a file still
 being copied in, or a drop of many files, is ingested once, whole (or once it has kept changing for
 UNSETTLED_AT_MOST seconds: a landing zone that never holds still). A listing other than the one last
-requested starts nothing while a queued run ingests the dataset (it lists the landing zone as it starts),
-nor where the current raw generation already ingested it (the nightly's run, or a person's) and a run
-under way carries it on or a run would change nothing committed. The cursor holds, per dataset, the
+requested waits while a run that ingests the dataset is queued or running, and starts nothing where the
+current raw generation already ingested it (the nightly's run, or a person's) and a run would change
+nothing committed. The cursor holds, per dataset, the
 listing last seen, the one last requested, the raw pointer last looked at, when the listing began to
 change, a count of requests and a token made with the state. The run key names
 the listing, the token and the count, so returning to an earlier file set is a new run, not one Dagster
@@ -136,31 +136,30 @@ def decide(
     pointer: str | None,
     state: dict[str, Any],
 ) -> str:
-    """For a listing to act on: ASK for a run, NO run, or WAIT (nothing taken as seen: look again next tick).
-    - Not the listing last requested: a run, unless one that ingests the dataset is queued (it lists the
-      landing zone as it starts); or, where the current raw generation ingested it already, unless a run
-      that ingests the dataset is under way (the one that published, say) or a run would change nothing
-      committed (the nightly's `needs_run`: raw alone, shards never made from it).
-    - The listing last requested, raw published since: a run if raw ingested another listing, unless
-      another run that ingests the dataset is queued or running (not the one that published: it has
-      listed already); a cancelled one ends the wait."""
+    """For a listing to act on: ASK for a run, NO run, or WAIT (nothing taken as seen: decided again next
+    tick). A listing other than the one last requested, or the one last requested where raw was published
+    since: WAIT while a run that ingests the dataset is queued or running (it lists the landing zone as it
+    starts, or carries on what its raw step ingested; with one run of a dataset at a time a second would
+    wait behind it anyway), the one that published raw aside where the listing is the one requested; then
+    a run if raw ingested another listing, or for a new listing that raw already holds, where a run would
+    change what is committed (the nightly's `needs_run`: shards never made from it, say)."""
     changed = listing != state["requested"]
     if not changed and pointer == state["raw_pointer"]:
         return NO
-    raw, runs = current(store, f"raw/{dataset.name}"), unfinished_runs(context.instance)
-    if ingested_listing(raw) == listing:
-        if not changed or run_ingesting(runs, dataset):
-            return NO
-        try:
-            return ASK if needs_run(store, dataset, suite)[0] else NO
-        except Exception as exc:  # as the nightly does: the run says what is wrong, where the UI shows it
-            context.log.warning(f"{dataset.name}: state unreadable, a run will say why: {exc}")
-            return ASK
-    besides = None if changed else (raw or {}).get("run_id")
-    if run := run_ingesting(runs, dataset, besides=besides, not_started=changed):
-        context.log.info(f"{dataset.name}: run {run} will ingest the landing zone; waiting for it")
+    raw = current(store, f"raw/{dataset.name}")
+    besides = None if changed else (raw or {}).get("run_id")  # it has listed already
+    if run := run_ingesting(unfinished_runs(context.instance), dataset, besides=besides):
+        context.log.info(f"{dataset.name}: run {run} is queued or running for it; decided once it ends")
         return WAIT
-    return ASK
+    if ingested_listing(raw) != listing:
+        return ASK
+    if not changed:
+        return NO
+    try:
+        return ASK if needs_run(store, dataset, suite)[0] else NO
+    except Exception as exc:  # as the nightly does: the run says what is wrong, where the UI shows it
+        context.log.warning(f"{dataset.name}: state unreadable, a run will say why: {exc}")
+        return ASK
 
 
 def landing_observation(store: ObjectStore, dataset: Dataset, landed: list[ObjectInfo]) -> dg.AssetObservation:

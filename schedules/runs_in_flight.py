@@ -28,7 +28,6 @@ ASSET_JOB = "__ASSET_JOB"  # Dagster's job of every asset: a run of it without a
 class UnfinishedRun:
     run_id: str
     selection: frozenset[dg.AssetKey] | None  # None: every asset (the whole asset job, `make materialize`)
-    started: bool  # starting or running: it may have listed the landing zone already
 
 
 def unfinished_runs(instance: dg.DagsterInstance) -> list[UnfinishedRun]:
@@ -36,9 +35,8 @@ def unfinished_runs(instance: dg.DagsterInstance) -> list[UnfinishedRun]:
     person's "Materialize" in the UI). Not runs made more than STUCK_AFTER ago: one whose worker was killed
     would otherwise hold its datasets back every night until someone ends it in the UI."""
     since = datetime.now(UTC) - STUCK_AFTER
-    started = (dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED)
     return [
-        UnfinishedRun(run.run_id, selected(run), run.status in started)
+        UnfinishedRun(run.run_id, selected(run))
         for run in instance.get_runs(dg.RunsFilter(statuses=UNFINISHED, created_after=since))
     ]
 
@@ -50,20 +48,12 @@ def selected(run: dg.DagsterRun) -> frozenset[dg.AssetKey] | None:
     return None if run.job_name == ASSET_JOB else frozenset()
 
 
-def run_ingesting(
-    runs: list[UnfinishedRun], dataset: Dataset, besides: str | None = None, not_started: bool = False
-) -> str | None:
-    """The id of a queued or running run that materialises `dataset`'s raw asset, which lists the landing
-    zone as it starts and ingests what it finds, or None. `besides`: a run that has listed already (the one
-    that published raw, still running its later steps); `not_started`: only runs yet to list."""
+def run_ingesting(runs: list[UnfinishedRun], dataset: Dataset, besides: str | None = None) -> str | None:
+    """The id of a queued or running run that materialises `dataset`'s raw asset (which lists the landing
+    zone as it starts and ingests what it finds), or None. `besides`: a run that has listed already (the
+    one that published raw, still running its later steps)."""
     raw = asset_key(dataset, "raw")
     return next(
-        (
-            run.run_id
-            for run in runs
-            if (run.selection is None or raw in run.selection)
-            and run.run_id != besides
-            and not (not_started and run.started)
-        ),
+        (run.run_id for run in runs if (run.selection is None or raw in run.selection) and run.run_id != besides),
         None,
     )

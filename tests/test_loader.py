@@ -1150,38 +1150,32 @@ def test_a_negative_epoch_is_refused_when_set(manifest_url: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("variables", "affinity", "node", "cores"),
+    ("variables", "affinity", "launcher", "cores"),
     [
-        ({}, 16, 16, 16),  # one rank: the node's cores
-        ({"LOCAL_WORLD_SIZE": "8"}, 16, 16, 2),  # torchrun's 8 ranks share the node
-        ({"LOCAL_WORLD_SIZE": "8"}, 2, 16, 2),  # each bound to 2 cores by the launcher: those are the rank's
+        ({}, 16, 128, 16),  # one rank: its own cores
+        ({"LOCAL_WORLD_SIZE": "8"}, 16, 16, 2),  # torchrun's 8 ranks share the launcher's 16 cores (a job, a mask)
+        ({"LOCAL_WORLD_SIZE": "8"}, 16, 128, 16),  # each bound to 16 of the node's 128 by the launcher
+        ({"LOCAL_WORLD_SIZE": "8"}, 4, 4, 1),  # a container's 4 cores for 8 ranks
         ({"OMPI_COMM_WORLD_LOCAL_SIZE": "8"}, 8, 16, 2),  # Open MPI binds 4 ranks to each 8-core package
         ({"OMPI_COMM_WORLD_LOCAL_SIZE": "4"}, 8, 16, 4),  # ...and 2 ranks to each
-        ({"OMPI_COMM_WORLD_LOCAL_SIZE": "32"}, 16, 16, 1),
         ({"SLURM_STEP_TASKS_PER_NODE": "4(x2),1", "SLURM_NODEID": "1"}, 16, 16, 4),  # srun, no binding
         ({"SLURM_STEP_TASKS_PER_NODE": "4(x2),1", "SLURM_NODEID": "2"}, 16, 16, 16),  # the node with one task
         ({"SLURM_STEP_TASKS_PER_NODE": "1,4", "SLURM_NODEID": "1"}, 16, 16, 4),
     ],
 )
-def test_ranks_on_one_node_share_its_cores(monkeypatch, variables: dict, affinity: int, node: int, cores: int) -> None:
-    """With 8 ranks on a node and no binding, each rank's workers took every core for themselves."""
+def test_ranks_on_one_node_share_its_cores(
+    monkeypatch, variables: dict, affinity: int, launcher: int, cores: int
+) -> None:
+    """With 8 ranks under one launcher's cores and no binding, each rank's workers took every core."""
     pytest.importorskip("torch", reason="torch is an optional extra; `make test` installs the pinned CPU build")
-    from aifactory_assets.torch_dataset import LAUNCHER_LOCAL_SIZES, rank_cores
+    from aifactory_assets.torch_dataset import LAUNCHER_LOCAL_SIZES, launcher_cores, rank_cores
 
     for name in (*LAUNCHER_LOCAL_SIZES, "SLURM_STEP_TASKS_PER_NODE", "SLURM_NODEID"):
         monkeypatch.delenv(name, raising=False)
     for name, value in variables.items():
         monkeypatch.setenv(name, value)
-    assert rank_cores(affinity=affinity, node=node) == cores  # node: the job's cgroup (16 of 128 cores, say)
-
-
-def test_the_cgroup_says_how_many_cores_the_job_may_use() -> None:
-    pytest.importorskip("torch", reason="torch is an optional extra; `make test` installs the pinned CPU build")
-    from aifactory_assets.loader import available_cores
-    from aifactory_assets.torch_dataset import cgroup_cores
-
-    cores = cgroup_cores()  # None where /proc and /sys say nothing (another OS, no cpuset controller)
-    assert cores is None or available_cores() <= cores <= (os.cpu_count() or cores)
+    assert rank_cores(affinity=affinity, launcher=launcher) == cores
+    assert 1 <= launcher_cores() <= (os.cpu_count() or 1)  # this process's parent: pytest's shell, say
 
 
 def test_dataloader_workers_take_their_share_of_the_cores(manifest_url: str) -> None:
