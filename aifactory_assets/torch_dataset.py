@@ -212,7 +212,8 @@ class ShardIterableDataset(IterableDataset):
 
 
 def worker_threads(num_workers: int, cores: int | None = None) -> int:
-    """A DataLoader worker's `threads` by default: where its share of the rank's cores (`rank_cores`) is two
+    """A DataLoader worker's `threads` by default: where its share of the rank's `cores` (`rank_cores()`,
+    counted in the rank, by default here: call it there, not in a worker, whose parent is the rank) is two
     or more, PyArrow decodes its row groups on its pool, else it decodes one row group at a time on its own
     thread (the workers then are the parallelism; on PyArrow's pools too, each would decode on every core).
     In this path `threads` only chooses between the two. On the lent H100's 16 vCPUs, 4 workers read 5.6-5.9
@@ -236,16 +237,19 @@ def rank_cores(affinity: int | None = None, launcher: int | None = None) -> int:
     ranks = local_ranks()
     if ranks <= 1:
         return affinity
-    launcher = launcher_cores() if launcher is None else launcher
+    launcher = launcher_cores(affinity) if launcher is None else launcher
     return affinity if affinity * ranks <= launcher else min(affinity, max(1, launcher // ranks))
 
 
-def launcher_cores() -> int:
-    """The cores the process that started this one may use (torchrun's agent, slurmstepd, Open MPI's prted)."""
+def launcher_cores(own: int) -> int:
+    """The cores the process that started this one may use (torchrun's agent, slurmstepd, Open MPI's prted);
+    where that cannot be read, this rank's own (`own`): a share counted too small, never one too large.
+    Behind a wrapper (`srun ./train.sh`) the parent is the wrapper, whose cores are the rank's own: a rank
+    bound to its own share then counts its share of that share."""
     try:
         return len(os.sched_getaffinity(os.getppid()))
-    except (AttributeError, OSError):  # no affinity on this OS, or not ours to read
-        return os.cpu_count() or 1
+    except (AttributeError, OSError):  # no affinity on this OS; the parent gone or not ours to read
+        return own
 
 
 def local_ranks() -> int:

@@ -24,6 +24,8 @@ other datasets go on, and the tick fails, naming the refusal, only when every da
 
 import json
 import time
+from collections.abc import Callable
+from functools import cache, partial
 from secrets import token_hex
 from typing import Any
 
@@ -37,7 +39,7 @@ from aifactory_assets.publish import POINTER, current
 from resources.object_store import ObjectInfo, ObjectStore
 from schedules.listings import ingested_listing, listing_digest
 from schedules.nightly import needs_run
-from schedules.runs_in_flight import run_ingesting, unfinished_runs
+from schedules.runs_in_flight import UnfinishedRun, run_ingesting, unfinished_runs
 
 MINIMUM_INTERVAL_SECONDS = 30
 UNSETTLED_AT_MOST = 600  # seconds a listing may keep changing before it is taken as it is
@@ -60,6 +62,7 @@ def landing_sensor(catalog: Catalog, site: str) -> dg.SensorDefinition:
         store = getattr(context.resources, store_key(site))
         before: dict[str, Any] = json.loads(context.cursor) if context.cursor else {}
         requests, observations, cursor, unlisted = [], [], {}, []
+        runs = cache(partial(unfinished_runs, context.instance))  # read once a tick, where a decision needs them
         for dataset in datasets:
             state = before.get(dataset.name, {})
             try:
@@ -72,7 +75,8 @@ def landing_sensor(catalog: Catalog, site: str) -> dg.SensorDefinition:
             listing = listing_digest([o.fingerprint() for o in landed]) if landed else None
             if listing != state.get("seen"):
                 observations.append(landing_observation(store, dataset, landed))
-            cursor[dataset.name], request = step(context, store, dataset, catalog.suites[dataset.name], listing, state)
+            suite = catalog.suites[dataset.name]
+            cursor[dataset.name], request = step(context, store, dataset, suite, listing, state, runs)
             requests += [request] if request else []
         if unlisted and len(unlisted) == len(datasets):
             raise unlisted[0]  # nothing listed at all: the tick fails, the refusal named (naming_refusals)
@@ -93,6 +97,7 @@ def step(
     suite: dict[str, Any],
     listing: str | None,
     state: dict[str, Any],
+    runs: Callable[[], list[UnfinishedRun]],
 ) -> tuple[dict[str, Any], dg.RunRequest | None]:
     """A dataset's next cursor state, and its run request if one is due. A listing is acted on once it has
     held for a tick, or once it has kept changing for UNSETTLED_AT_MOST seconds (a partner landing a file
@@ -110,7 +115,7 @@ def step(
             return now, None
     try:
         pointer = raw_pointer(store, dataset)
-        decision = decide(context, store, dataset, suite, listing, pointer, now)
+        decision = decide(context, store, dataset, suite, listing, pointer, now, runs)
     except Exception as exc:  # one dataset's unreadable raw record must not stop the site's others
         context.log.warning(f"{dataset.name}: raw record or runs unreadable, checked next tick: {exc}")
         return now, None
@@ -135,22 +140,25 @@ def decide(
     listing: str,
     pointer: str | None,
     state: dict[str, Any],
+    runs: Callable[[], list[UnfinishedRun]],
 ) -> str:
     """For a listing to act on: ASK for a run, NO run, or WAIT (nothing taken as seen: decided again next
     tick). A listing other than the one last requested, or the one last requested where raw was published
     since: WAIT while a run that ingests the dataset is queued or running (it lists the landing zone as it
-    starts, or carries on what its raw step ingested; with one run of a dataset at a time a second would
-    wait behind it anyway), the one that published raw aside where the listing is the one requested; then
-    a run if raw ingested another listing, or for a new listing that raw already holds, where a run would
-    change what is committed (the nightly's `needs_run`: shards never made from it, say)."""
+    starts, or carries on what its raw step ingested), the one that published raw aside where the listing
+    is the one requested; then a run if raw ingested another listing, or for a new listing that raw already
+    holds, where a run would change what is committed (the nightly's `needs_run`: shards never made from
+    it, say). A run that fails after its raw step is not asked for again for the listing it ingested: the
+    nightly's rules decide (they skip one failing again on the same files, suite and release)."""
     changed = listing != state["requested"]
     if not changed and pointer == state["raw_pointer"]:
         return NO
-    raw = current(store, f"raw/{dataset.name}")
-    besides = None if changed else (raw or {}).get("run_id")  # it has listed already
-    if run := run_ingesting(unfinished_runs(context.instance), dataset, besides=besides):
+    raw = None if changed else current(store, f"raw/{dataset.name}")  # read once, only where it matters:
+    besides = None if changed else (raw or {}).get("run_id")  # the publisher has listed already
+    if run := run_ingesting(runs(), dataset, besides=besides):  # (the record holds a ledger entry per file)
         context.log.info(f"{dataset.name}: run {run} is queued or running for it; decided once it ends")
         return WAIT
+    raw = current(store, f"raw/{dataset.name}") if changed else raw
     if ingested_listing(raw) != listing:
         return ASK
     if not changed:
