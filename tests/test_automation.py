@@ -9,6 +9,7 @@ import time
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import pytest
@@ -192,6 +193,35 @@ def test_a_forced_look_waits_for_a_queued_run_and_for_no_clock(catalog: Catalog,
         assert len(requested) == 1  # the wait kept the clock: asked at the next tick
         cursor, _ = land_and_tick(4, cursor, since=time.time() + 86_400)
         assert json.loads(cursor)["palmer_penguins"]["changing_since"] <= time.time()
+
+
+def test_a_waiting_listing_reads_no_raw_record(catalog: Catalog, tmp_path) -> None:
+    """The raw record holds a ledger entry per landed file (5.5 MB at 10,000 files): a new listing that
+    waits for a run reads it on no tick, and unfinished runs are read once a tick."""
+    store = ReadCountingStore(site="linkoping", root=str(tmp_path / "linkoping"))
+    sensor = landing_sensor(catalog, "linkoping")
+    JSON_READS.clear()
+    store.write_bytes("raw/palmer_penguins/_current.json", b"{}")  # a raw generation, as far as reads go
+    with dg.instance_for_test() as instance:
+        queued_run(instance, materialisable_keys(catalog.datasets["palmer_penguins"]))
+        store.write_bytes("landing/palmer_penguins/a.csv", b"record_id,species\n1,Adelie\n")
+        cursor = evaluate(sensor, store, None, instance).cursor
+        for _ in range(3):
+            result = evaluate(sensor, store, cursor, instance)
+            assert result.run_requests == []
+            cursor = result.cursor
+    assert JSON_READS == []
+
+
+JSON_READS: list[str] = []  # outside the resource, which Dagster copies for the sensor
+
+
+class ReadCountingStore(ObjectStore):
+    """A local store that records the JSON objects read through it."""
+
+    def read_json(self, key: str) -> Any:
+        JSON_READS.append(key)
+        return super().read_json(key)
 
 
 def queued_run(instance: dg.DagsterInstance, selection: list[dg.AssetKey]) -> str:
