@@ -153,12 +153,14 @@ def decide(
     changed = listing != state["requested"]
     if not changed and pointer == state["raw_pointer"]:
         return NO
-    raw = None if changed else current(store, f"raw/{dataset.name}")  # read once, only where it matters:
-    besides = None if changed else (raw or {}).get("run_id")  # the publisher has listed already
-    if run := run_ingesting(runs(), dataset, besides=besides):  # (the record holds a ledger entry per file)
+    # The raw record (a ledger entry per landed file) is read once a decision, and not while a new listing
+    # waits: only the listing last requested needs it first, to leave out the run that published it.
+    raw = None if changed else current(store, f"raw/{dataset.name}")
+    if run := run_ingesting(runs(), dataset, besides=(raw or {}).get("run_id")):
         context.log.info(f"{dataset.name}: run {run} is queued or running for it; decided once it ends")
         return WAIT
-    raw = current(store, f"raw/{dataset.name}") if changed else raw
+    if changed:
+        raw = current(store, f"raw/{dataset.name}")
     if ingested_listing(raw) != listing:
         return ASK
     if not changed:
