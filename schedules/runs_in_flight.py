@@ -10,12 +10,9 @@ import dagster as dg
 from aifactory_assets.catalog import Dataset
 from aifactory_assets.factory import asset_key
 
-UNFINISHED = [
-    dg.DagsterRunStatus.QUEUED,
-    dg.DagsterRunStatus.NOT_STARTED,
-    dg.DagsterRunStatus.STARTING,
-    dg.DagsterRunStatus.STARTED,
-]
+FINISHED = {dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}
+# Every other status, CANCELING included: a run being cancelled may still be writing its raw step.
+UNFINISHED = [status for status in dg.DagsterRunStatus if status not in FINISHED]
 
 
 STUCK_AFTER = timedelta(days=1)  # the default run launcher cannot see a run worker die: its run stays STARTED

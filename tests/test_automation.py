@@ -271,7 +271,9 @@ def test_a_listing_raw_ingested_or_a_run_will_ingest_is_not_asked_again(
         whole = instance.add_run(dg.DagsterRun(job_name="__ASSET_JOB", status=dg.DagsterRunStatus.NOT_STARTED))
         cursor = None
         assert settle() == []  # `make materialize`: the whole asset job, with no selection, is on its way
-        instance.report_run_canceled(whole)
+        instance.report_run_canceling(whole)
+        assert settle() == []  # still ending: its raw step may yet publish
+        instance.report_run_canceled(instance.get_run_by_id(whole.run_id))
         cursor, requested = tick(cursor)
         assert len(requested) == 1  # decided again once no run carries it: nothing was sharded from it
         assert ingest(selection=materialisable_keys(dataset)).success  # that run
