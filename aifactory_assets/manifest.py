@@ -143,11 +143,13 @@ def workers_on_other_software(client: Client) -> dict[str, Any]:
 
 
 def version_for(dataset: Dataset, suite: dict[str, Any], raw_record: dict[str, Any]) -> str:
-    """The version the published raw generation will shard into: per landed file its key, its mtime (which
-    orders the files, and so decides which duplicate wins) and the sha256 of the bytes raw read. Not the
-    store's ETag, nor a local file's inode and change time, which a chmod, a hard link or a move to another
-    disk changes: those make raw read the file again, never a new version of the same bytes."""
-    inputs = [f"{e['object']['key']}|{e['object']['mtime']}|{e.get('sha256')}" for e in raw_record["ledger"]]
+    """The version the published raw generation will shard into: per landed file its place in the landing
+    order (which decides which duplicate wins), its key and the sha256 of the bytes raw read. Not its mtime,
+    which orders the files but is no byte of the shards: a sync tool that uploads the same bytes again makes
+    no new version (which retention would count against the real ones). Nor the store's ETag, nor a local
+    file's inode and change time, which a chmod, a hard link or a move to another disk changes: those make
+    raw read the file again, never a new version of the same bytes."""
+    inputs = [f"{i}|{e['object']['key']}|{e.get('sha256')}" for i, e in enumerate(raw_record["ledger"])]
     return version_id(dataset, suite, inputs)
 
 

@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import time
 from pathlib import Path
 
 import dagster as dg
@@ -612,6 +613,28 @@ def test_a_local_file_rewritten_with_its_size_and_mtime_kept_is_read_again(setup
     assert current(store, f"raw/{DATASET}")["files_read"] == 1
     rows = all_rows(store, latest_manifest(store, dataset))
     assert set(rows.loc[pd.to_datetime(rows["date"]).dt.year == 2016, "wind"]) == {4.5}
+
+
+def test_the_same_bytes_uploaded_again_keep_the_version_and_another_landing_order_does_not(setup) -> None:
+    """A sync tool uploading unchanged files again gives them new mtimes: the same shards, the same version
+    (a new one would push real ones out of retention). The landing order decides which duplicate wins, so
+    files landed in another order make another version."""
+    catalog, dataset, store, stores, dask = setup
+    (demo,) = [store.path(o.key) for o in store.list_objects(f"landing/{DATASET}", "*")]
+    land_more(store, 2016)
+    extra, now = store.path(f"landing/{DATASET}/extra.parquet"), time.time()
+    os.utime(demo, (now - 100, now - 100))
+    os.utime(extra, (now - 50, now - 50))
+    assert run(catalog, stores, dask).success
+    first = latest_manifest(store, dataset)["version"]
+
+    os.utime(extra, (now, now))  # uploaded again, still the later of the two
+    assert run(catalog, stores, dask).success
+    assert latest_manifest(store, dataset)["version"] == first
+
+    os.utime(demo, (now + 50, now + 50))  # now the later one
+    assert run(catalog, stores, dask).success
+    assert latest_manifest(store, dataset)["version"] != first
 
 
 def test_a_chmod_or_a_backups_hard_link_reads_the_file_again_and_keeps_the_version(
