@@ -37,6 +37,8 @@ from aifactory_assets.manifest import (
     MANIFEST,
     build_manifest,
     commit,
+    keep_quarantine,
+    lineage_inputs,
     output_software,
     remove_abandoned_writes,
     version_for,
@@ -445,17 +447,15 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
                     f"{dataset.name}: the shuffle read {sharded['rows_in']} validated rows where validated passed "
                     f"on {valid_record['rows_valid']}; version {version} is not committed"
                 )
-            lineage = [
-                {**e["object"], "sha256": e.get("sha256"), "rows_read": e["rows_read"], "rows_valid": e["rows_valid"]}
-                for e in raw_record["ledger"]
-            ]
+            lineage = lineage_inputs(raw_record, valid_record)
+            kept = {"raw": raw_record["quarantine"], "validated": valid_record["quarantine"]}
             quarantine = {
                 "rows_read": raw_record["rows_read"],
                 "rows": raw_record["rows_quarantined"] + valid_record["rows_quarantined"],
                 "at_ingest": raw_record["rows_quarantined"],
                 "at_validation": valid_record["rows_quarantined"],
                 "files_refused": raw_record["files_refused"],
-                "locations": [raw_record["quarantine"], valid_record["quarantine"]],
+                "locations": keep_quarantine(store, dataset, version, kept),
             }
             validation = {"success": valid_record["success"], "results": valid_record["results"]}
             manifest = build_manifest(

@@ -27,8 +27,8 @@ from aifactory_assets.staging import staging_prefix
 from resources.object_store import ObjectStore
 
 RETENTION_MARK = "removing"  # under a run's staging of an old version: retention is removing it
-FORMAT_VERSION = 4  # bump whenever the layout of a version changes (3: every page carries a CRC32; 4: each
-# shard's footer_sha256, which the loader checks on every open)
+FORMAT_VERSION = 5  # bump whenever the layout of a version changes (3: every page carries a CRC32; 4: each
+# shard's footer_sha256, which the loader checks on every open; 5: a version keeps its quarantine)
 # The modules that decide what a version holds (how files are read and typed, what is quarantined, the
 # verdicts, the shuffle and the bytes): their source is part of the version id, so new code never
 # re-publishes shards that older code made from the same inputs.
@@ -161,6 +161,37 @@ def version_prefix(dataset: Dataset, version: str) -> str:
     return f"{dataset_prefix(dataset)}/v={version}"
 
 
+def lineage_inputs(raw_record: dict[str, Any], valid_record: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per landed object: what raw read (key, size, etag, mtime, sha256) and what became of its rows, as
+    validation counted them (raw's own counts stop at ingest)."""
+    counted = {e["source"]: e for e in valid_record["ledger"]}
+    rows = ("rows_read", "rows_valid", "quarantined_at_ingest", "quarantined_at_validation")
+    return [
+        {**e["object"], "sha256": e.get("sha256"), **{k: counted[e["source"]][k] for k in rows}}
+        for e in raw_record["ledger"]
+    ]
+
+
+def kept_quarantine_prefix(dataset: Dataset, version: str) -> str:
+    """The quarantine a version was made with, kept as long as the version. Beside the stages' own
+    quarantine, not in the version's folder, which any Parquet reader must be able to open as it is."""
+    return f"quarantine/{dataset.name}/v={version}"
+
+
+def keep_quarantine(store: ObjectStore, dataset: Dataset, version: str, generations: dict[str, str]) -> list[str]:
+    """Copies each stage's quarantine generation for the version: the next run of the stage replaces the
+    generation, and a version's manifest must still lead to the rows it left out. Returns the copies' keys."""
+    kept = {stage: f"{kept_quarantine_prefix(dataset, version)}/{stage}" for stage in generations}
+    pairs = [
+        (info.key, f"{kept[stage]}/{posixpath.basename(info.key)}")
+        for stage, generation in generations.items()
+        for info in store.list_objects(generation)
+    ]
+    if missing := [source for (source, _), copied in zip(pairs, store.copy_many(pairs), strict=True) if not copied]:
+        raise FileNotFoundError(f"quarantine part(s) {missing} went while the version was written: run it again")
+    return list(kept.values())
+
+
 def build_manifest(
     dataset: Dataset,
     version: str,
@@ -265,7 +296,7 @@ def apply_retention(store: ObjectStore, dataset: Dataset, keep: str, run_id: str
         mark = f"{staging_prefix(dataset)}/{old}/{run_id}/{RETENTION_MARK}"
         store.write_bytes(mark, b"")
         store.delete(f"{version_prefix(dataset, old)}/{MANIFEST}")
-        store.delete(version_prefix(dataset, old))
+        remove_version(store, dataset, old)
         store.delete(posixpath.dirname(mark))  # the mark, and its run's folder
         store.remove_empty_folder(f"{staging_prefix(dataset)}/{old}")
     return doomed
@@ -288,11 +319,18 @@ def remove_abandoned_writes(store: ObjectStore, dataset: Dataset, is_finished: C
         for run_id in sorted(over):
             store.delete(f"{prefix}/{version}/{run_id}")
         store.remove_empty_folder(f"{prefix}/{version}")
-        folder = version_prefix(dataset, version)
-        if over == runs and not store.is_object(f"{folder}/{MANIFEST}") and store.exists(folder):
-            store.delete(folder)
+        committed = store.is_object(f"{version_prefix(dataset, version)}/{MANIFEST}")
+        if over == runs and not committed and remove_version(store, dataset, version):
             removed.append(version)
     return removed
+
+
+def remove_version(store: ObjectStore, dataset: Dataset, version: str) -> bool:
+    """A version's folder, then the quarantine kept for it; whether there was anything to remove."""
+    found = [p for p in (version_prefix(dataset, version), kept_quarantine_prefix(dataset, version)) if store.exists(p)]
+    for prefix in found:
+        store.delete(prefix)
+    return bool(found)
 
 
 def latest_manifest(store: ObjectStore, dataset: Dataset) -> dict[str, Any] | None:

@@ -95,6 +95,11 @@ def assert_manifest_describes_its_making(
     """Lineage, producer, sampler and the validation and quarantine summaries, against the things they name."""
     inputs = manifest["lineage"]["inputs"]
     assert inputs and sum(i["rows_read"] for i in inputs) == manifest["conservation"]["rows_read"]
+    balance = manifest["conservation"]
+    for landed in inputs:  # what became of each file's rows, validation's quarantine included
+        at = (landed["rows_valid"], landed["quarantined_at_ingest"], landed["quarantined_at_validation"])
+        assert landed["rows_read"] == sum(at)
+    assert sum(i["rows_valid"] for i in inputs) == balance["rows_sharded"] + balance["duplicates_dropped"]
     for landed in inputs:
         info = store.info(landed["key"])
         assert (landed["size"], landed["etag"], landed["mtime"]) == (info.size, info.etag, info.mtime)
@@ -242,6 +247,7 @@ def test_bad_rows_are_quarantined_with_reasons_and_counted(catalog: Catalog, tmp
     assert "drift.csv" in " ".join(quarantine.loc[quarantine["_row"].isna(), "_source"])
 
     manifest = latest_manifest(store, dataset)
+    assert_manifest_describes_its_making(manifest, dataset, catalog, store, result.run_id)
     balance = manifest["conservation"]
     assert balance == {"rows_read": 351, "rows_quarantined": 5, "duplicates_dropped": 1, "rows_sharded": 345}
     prefix = f"shards/palmer_penguins/v={manifest['version']}"
@@ -264,6 +270,13 @@ def test_bad_rows_are_quarantined_with_reasons_and_counted(catalog: Catalog, tmp
     assert passed.merge(dropped, on=["_source", "_row"]).empty
     raw_stage, _, _ = stages(dataset)
     assert materialize_all(catalog, stores, dask, selection=[raw_stage]).success  # raw again, validated not
+    assert materialize_all(catalog, stores, dask, selection=[raw_stage]).success  # replaced twice: gone
+    # The version still leads to the rows it left out, though raw's quarantine generation went.
+    assert not store.exists(raw["quarantine"])
+    kept = pd.concat(pd.read_parquet(store.url(at)) for at in manifest["quarantine"]["locations"])
+    by_row = ["_source", "_row", "reason"]
+    in_order = [frame[by_row].sort_values(by_row).reset_index(drop=True) for frame in (kept, quarantine)]
+    pd.testing.assert_frame_equal(*in_order)
     with pytest.raises(FileNotFoundError, match="validated was made from .*materialise validated first"):
         read_validated(store, dataset)  # its parts are gone or going, not a half-read frame
 

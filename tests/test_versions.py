@@ -132,6 +132,8 @@ def test_retention_keeps_the_latest_and_never_an_unfinished_version(setup) -> No
     assert not list(Path(store.path(staging_prefix(dataset))).iterdir())  # and their folders
     for old in made[:2]:
         assert not store.exists(f"shards/{DATASET}/v={old}")
+        assert not store.exists(f"quarantine/{DATASET}/v={old}")  # the quarantine kept for it goes with it
+    assert all(store.list_objects(f"quarantine/{DATASET}/v={v}/raw") for v in kept)
 
 
 def test_retention_counts_a_version_made_latest_again_as_recent(setup) -> None:
@@ -215,19 +217,24 @@ def test_a_publish_removes_what_it_replaces_and_leaves_generations_being_written
         assert store.read_bytes(f"{stage}/{DATASET}/run={elsewhere}/part-00000.parquet") == b"being written"
 
 
-@pytest.mark.parametrize("dies_at", ["v=ver0/manifest.json", "v=ver0"])
+@pytest.mark.parametrize(
+    "dies_at", [f"shards/{DATASET}/v=ver0/manifest.json", f"shards/{DATASET}/v=ver0", f"quarantine/{DATASET}/v=ver0"]
+)
 def test_a_retention_cut_short_is_finished_by_the_next_run(setup, dies_at: str) -> None:
-    """Killed after the manifest went, the folder is an abandoned write that the next run removes; killed
-    before, the version stays committed, whole, for the next commit's retention."""
+    """Killed after the manifest went, the folder and the quarantine kept for the version are an abandoned
+    write that the next run removes; killed before, the version stays committed, whole, for the next
+    commit's retention."""
     _, dataset, store, *_ = setup  # retention 2
     for i in range(2):
         store.write_bytes(f"shards/{DATASET}/v=ver{i}/train-00000-of-00001.parquet", b"a shard")
+        store.write_bytes(f"quarantine/{DATASET}/v=ver{i}/raw/part-00000.parquet", b"its quarantine")
         commit(store, dataset, {"version": f"ver{i}", "created_at": f"2026-01-0{i + 1}"}, f"run{i}")
-    dying = DiesDeleting(site=store.site, root=store.root, dies_at=f"shards/{DATASET}/{dies_at}")
+    dying = DiesDeleting(site=store.site, root=store.root, dies_at=dies_at)
     with pytest.raises(KeyboardInterrupt):
         commit(dying, dataset, {"version": "ver2", "created_at": "2026-01-03"}, "run2")
-    manifest_gone = dies_at == "v=ver0"
-    assert store.exists(f"shards/{DATASET}/v=ver0/train-00000-of-00001.parquet")
+    manifest_gone = not dies_at.endswith("manifest.json")
+    assert store.exists(f"shards/{DATASET}/v=ver0/train-00000-of-00001.parquet") is not dies_at.startswith("quar")
+    assert store.exists(f"quarantine/{DATASET}/v=ver0/raw/part-00000.parquet")
     assert [v for _, v in committed_versions(store, dataset)] == (
         ["ver1", "ver2"] if manifest_gone else ["ver0", "ver1", "ver2"]
     )
@@ -236,6 +243,7 @@ def test_a_retention_cut_short_is_finished_by_the_next_run(setup, dies_at: str) 
     removed = remove_abandoned_writes(store, dataset, lambda run_id: run_id == "run2")
     assert removed == (["ver0"] if manifest_gone else [])
     assert store.exists(f"shards/{DATASET}/v=ver0") is not manifest_gone
+    assert store.exists(f"quarantine/{DATASET}/v=ver0") is not manifest_gone
     assert not store.list_objects(staging_prefix(dataset))
 
 
