@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ from aifactory_assets.catalog import Dataset, ReaderOptions
 from aifactory_assets.schema import ARROW_TYPES, FALSE_WORDS, TRUE_WORDS, arrow_schema
 
 MAX_BLOCK = 2**31 - 1  # pyarrow's CSV block size limit; a row (e.g. a 10 MB field) must fit in one block
+csv.field_size_limit(MAX_BLOCK)  # Python's reader too: its default, 128 KiB, gives up on a long field
 
 
 @dataclass(frozen=True)
@@ -69,14 +71,16 @@ def refuse_binary(data: bytes, fmt: str) -> None:
         raise UnreadableFile(f"{kind} content, not a {fmt.upper()} file")
 
 
-def check_columns(found: list[str], dataset: Dataset) -> list[str]:
+def check_columns(found: list[str], dataset: Dataset, omitted_nulls: bool = False) -> list[str]:
     """Schema drift: a declared column missing refuses the file; an undeclared one too, unless the
-    catalogue says `extra_columns: ignore`. Returns the undeclared columns that are ignored."""
+    catalogue says `extra_columns: ignore`. Returns the undeclared columns that are ignored.
+    `omitted_nulls`: the format's writers leave null fields out (JSONL's do), so only a non-nullable
+    column is missing."""
     counts = Counter(found)
     duplicated = [c for c in dataset.table.names if counts[c] > 1]
     if duplicated:  # a reader keeps one of them, silently
         raise UnreadableFile(f"column name(s) {duplicated} appear more than once in the header; found {found}")
-    missing = [c for c in dataset.table.names if c not in found]
+    missing = [c.name for c in dataset.table.columns if c.name not in found and not (omitted_nulls and c.nullable)]
     if missing:
         raise UnreadableFile(f"schema drift: declared column(s) {missing} missing; found {found}")
     extra = [c for c in found if c not in dataset.table.names]
@@ -106,20 +110,58 @@ def _read_csv(data: bytes, dataset: Dataset, fast: bool) -> LandedRows:
         raise UnreadableFile(f"header line is not CSV ({exc}); lines must end in LF or CRLF") from None
     extra = check_columns(header, dataset)
     fast = _typed_csv(data, dataset) if fast else None
-    table, bad = fast or _parse_csv(data, dataset, {name: pa.binary() for name in header}, text=False)
+    table, bad = fast or _robust_csv(data, dataset, header)
     newlines = _newlines(table)
     counted = 1 + table.num_rows + len(bad) + int(np.sum(newlines)) + sum(b.text.count("\n") for b in bad)
     # Every other newline is a blank line or inside a column pyarrow dropped: its numbering missed them.
-    starts = record_starts(data, options) if data.count(b"\n") > counted else None
+    lines = data.count(b"\n") + (not data.endswith(b"\n"))  # the last line may lack its newline
+    starts = record_starts(data, options) if lines > counted else None
     rows, bad = record_lines(table.num_rows, newlines, bad, starts)
     if fast is not None:
         return LandedRows(None, rows, bad, extra, typed=table)
-    values, undecodable = _text_columns(table)
+    values, undecodable = _text_columns(table, options.encoding)
     for i, reason in sorted(undecodable.items()):
         text = options.delimiter.join(_decode(table.column(c)[i].as_py(), "utf-8") for c in table.column_names)
         bad.append(BadRow(rows[i], reason, text))
     keep = np.array([i not in undecodable for i in range(table.num_rows)], dtype=bool)
     return LandedRows(values[keep].reset_index(drop=True), rows[keep], bad, extra)
+
+
+def _robust_csv(data: bytes, dataset: Dataset, header: list[str]) -> tuple[pa.Table, list[BadRow]]:
+    """Every cell as bytes. pyarrow refuses the whole file when a row with the wrong field count is not
+    valid text (it decodes the row for its handler, strictly), as when the declared encoding lacks a byte:
+    Python's reader then reads it, such rows quarantined one by one."""
+    try:
+        return _parse_csv(data, dataset, {name: pa.binary() for name in header}, text=False)
+    except UnreadableFile:
+        return _python_csv(data, dataset, header)
+
+
+def _python_csv(data: bytes, dataset: Dataset, header: list[str]) -> tuple[pa.Table, list[BadRow]]:
+    """What `_parse_csv` gives (records numbered as pyarrow does), read by Python's csv reader: slower,
+    but bytes that are not valid text stay in their cells, for `_text_columns` to judge."""
+    options = dataset.source.options
+    # newline="": a lone CR ends a line outside quotes, as in pyarrow
+    reader = csv.reader(io.StringIO(_text(data, options), newline=""), delimiter=options.delimiter)
+    next(reader)  # the header
+    records: list[list[bytes]] = []
+    bad: list[BadRow] = []
+    for record in reader:
+        if not record:  # a blank line, uncounted as pyarrow does
+            continue
+        cells = [cell.encode("utf-8", "surrogateescape") for cell in record]
+        if len(cells) == len(header):
+            records.append(cells)
+            continue
+        text = options.delimiter.encode().join(cells).decode("utf-8", "backslashreplace")
+        bad.append(BadRow(2 + len(records) + len(bad), f"expected {len(header)} fields, found {len(cells)}", text))
+    kept = {name: header.index(name) for name in dataset.table.names}
+    return pa.table({name: pa.array([r[i] for r in records], pa.binary()) for name, i in kept.items()}), bad
+
+
+def _text(data: bytes, options: ReaderOptions) -> str:
+    """The file for Python's csv reader, bytes the encoding lacks kept (as surrogates)."""
+    return data.decode(options.encoding, "surrogateescape").lstrip("\ufeff")
 
 
 def _parse_csv(
@@ -162,9 +204,11 @@ def _parse_csv(
 def _typed_csv(data: bytes, dataset: Dataset) -> tuple[pa.Table, list[BadRow]] | None:
     """The fast path for clean files: pyarrow parses straight into the declared types. Any value the
     robust path would judge differently (unparseable, non-finite, padded null, null in a non-nullable
-    column, a custom date format, timestamps and their zones) sends the file down the robust path."""
+    column, a custom date format, timestamps and their zones, hex) sends the file down the robust path."""
     columns = dataset.table.columns
     if any(c.type == "timestamp" or c.format for c in columns):
+        return None
+    if any(c.type.startswith("int") for c in columns) and _may_hold_hex(data):
         return None
     try:
         table, bad = _parse_csv(data, dataset, {c.name: ARROW_TYPES[c.type] for c in columns}, text=True)
@@ -182,6 +226,12 @@ def _typed_csv(data: bytes, dataset: Dataset) -> tuple[pa.Table, list[BadRow]] |
             if pc.any(padded).as_py():
                 return None
     return table.cast(arrow_schema(dataset, provenance=False)), bad
+
+
+def _may_hold_hex(data: bytes) -> bool:
+    """pyarrow reads 0x1F into integers (0xFFFFFFFFFFFFFFFF as -1). Most files hold no x at all, which a
+    byte scan finds at memory speed; the rest pay a regex."""
+    return (b"x" in data or b"X" in data) and re.search(rb"0[xX]", data) is not None
 
 
 def _newlines(table: pa.Table) -> np.ndarray | int:
@@ -216,10 +266,8 @@ def record_starts(data: bytes, options: ReaderOptions) -> np.ndarray | None:
     """The line each non-empty record starts on, counted by Python's csv reader, which sees blank lines and
     every column (pyarrow skips blank lines uncounted, and counts quoted newlines only in the columns it
     keeps). Slower than pyarrow, so only for files that need it; None if the reader cannot follow the file."""
-    csv.field_size_limit(MAX_BLOCK)  # its default, 128 KiB, gives up on a long field (pyarrow reads it)
-    reader = csv.reader(
-        io.StringIO(_decode(data, options.encoding).lstrip("\ufeff"), newline=""), delimiter=options.delimiter
-    )
+    # newline="\n": lines as an editor counts them; a lone CR in a quoted value is no line end
+    reader = csv.reader(io.StringIO(_text(data, options), newline="\n"), delimiter=options.delimiter)
     starts = []
     try:
         next(reader)  # the header
@@ -235,8 +283,9 @@ def record_starts(data: bytes, options: ReaderOptions) -> np.ndarray | None:
     return np.array(starts, dtype=np.int64)
 
 
-def _text_columns(table: pa.Table) -> tuple[pd.DataFrame, dict[int, str]]:
-    """Binary CSV cells as text; the positions of rows with a cell that is not valid UTF-8, and why."""
+def _text_columns(table: pa.Table, encoding: str) -> tuple[pd.DataFrame, dict[int, str]]:
+    """Binary CSV cells (UTF-8, transcoded from `encoding`) as text; the positions of rows with a cell that
+    is not valid UTF-8 (bytes `encoding` lacks), and why."""
     columns, undecodable = {}, {}
     for name in table.column_names:
         column = table.column(name)
@@ -251,7 +300,7 @@ def _text_columns(table: pa.Table) -> tuple[pd.DataFrame, dict[int, str]]:
                 texts.append(cell.decode("utf-8"))
             except UnicodeDecodeError as exc:
                 texts.append(None)
-                undecodable.setdefault(i, f"{name}: bytes {cell[exc.start : exc.end]!r} are not valid UTF-8")
+                undecodable.setdefault(i, f"{name}: bytes {cell[exc.start : exc.end]!r} are not valid {encoding}")
         columns[name] = pd.Series(texts, dtype=object)
     return pd.DataFrame(columns), undecodable
 
@@ -264,7 +313,9 @@ def _read_jsonl(data: bytes, dataset: Dataset) -> LandedRows:
             continue
         try:
             line = raw.decode(encoding).lstrip("\ufeff")
-            record = json.loads(line, parse_constant=str)  # NaN / Infinity stay text, judged as CSV's are
+            # Numbers with a fraction or an exponent stay text, as NaN / Infinity do, judged as CSV's are:
+            # through float64, 9007199254740993.0 would reach an integer column as ...992.
+            record = json.loads(line, parse_float=str, parse_constant=str)
         except UnicodeDecodeError as exc:
             bad.append(
                 BadRow(number, f"bytes {raw[exc.start : exc.end]!r} are not valid {encoding}", _decode(raw, encoding))
@@ -279,7 +330,7 @@ def _read_jsonl(data: bytes, dataset: Dataset) -> LandedRows:
         records.append(record)
         rows.append(number)
     found = list(dict.fromkeys(k for r in records for k in r))
-    extra = check_columns(found, dataset) if records else []
+    extra = check_columns(found, dataset, omitted_nulls=True) if records else []
     # Python objects as parsed: inferring dtypes would turn an integer column with a null into floats
     # (digits past 2**53 lost) and the numbers of a text column into "1234.0".
     values = pd.DataFrame(
@@ -290,16 +341,28 @@ def _read_jsonl(data: bytes, dataset: Dataset) -> LandedRows:
 
 def _read_parquet(data: bytes, dataset: Dataset) -> LandedRows:
     try:
-        table = pq.read_table(io.BytesIO(data))
+        # Legacy INT96 timestamps (Spark, Impala, Hive) in raw's unit: as nanoseconds, past 2262 wraps.
+        table = pq.read_table(io.BytesIO(data), coerce_int96_timestamp_unit="us")
     except (pa.ArrowInvalid, OSError) as exc:
         raise UnreadableFile(f"not a readable Parquet file ({len(data)} bytes): {exc}") from None
     extra = check_columns(table.column_names, dataset)
-    table = table.select(dataset.table.names)
+    table = _decoded(table.select(dataset.table.names))
     values = table.to_pandas(integer_object_nulls=True)  # exact, nulls or not
     for name, column in zip(table.column_names, table.columns, strict=True):
-        if pa.types.is_floating(column.type):
+        if pa.types.is_nested(column.type):  # lists, structs, maps as Python's, written as JSON (not numpy's repr)
+            values[name] = pd.Series(column.to_pylist(), dtype=object)
+        elif pa.types.is_floating(column.type):
             # pandas would make a NaN a null; it is a value, judged as the CSV text "NaN" is.
             nan = pc.fill_null(pc.is_nan(column), False).to_numpy(zero_copy_only=False)
             if nan.any():
                 values[name] = pd.Series(np.where(nan, "NaN", values[name].to_numpy(dtype=object)), dtype=object)
     return LandedRows(values, np.arange(1, table.num_rows + 1, dtype=np.int64), [], extra)
+
+
+def _decoded(table: pa.Table) -> pa.Table:
+    """Dictionary-encoded columns (pandas' Categorical) as their values: as categories, pandas hides them
+    from null_values and the non-nullable check."""
+    for i, column in enumerate(table.columns):
+        if pa.types.is_dictionary(column.type):
+            table = table.set_column(i, table.field(i).name, column.cast(column.type.value_type))
+    return table

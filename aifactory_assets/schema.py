@@ -33,6 +33,7 @@ ARROW_TYPES: dict[str, pa.DataType] = {
 }
 # A date's own offset is dropped, not converted: "2024-01-05T00:00:00+14:00" is the 5th, as written.
 OFFSET = r"(\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?)\s*(?:Z|[+-]\d{2}(?::?\d{2})?)$"  # after a time of day
+REDUCED_ISO = r"\s*[0-9]{4}(?:-[0-9]{1,2})?\s*"  # a year, a month: pandas' ISO8601 takes them as its first day
 TRUE_WORDS = frozenset({"true", "t", "yes", "y", "1"})
 FALSE_WORDS = frozenset({"false", "f", "no", "n", "0"})
 
@@ -70,7 +71,7 @@ def _as_text(value: object) -> str | None:
         except UnicodeDecodeError:
             return None
     if isinstance(value, dict | list | bool):
-        return json.dumps(value, ensure_ascii=False)
+        return json.dumps(value, ensure_ascii=False, default=str)  # Parquet's nested dates and times as text
     return str(value)
 
 
@@ -85,7 +86,14 @@ def _wall_clock(values: pd.Series, column: Column) -> pd.Series:
         text = text.str.replace(OFFSET, r"\1", regex=True)
     elif "%z" in column.format:  # the offset read by the format, then dropped
         return pd.to_datetime(text.map(lambda t: _strptime_as_written(t, column.format)), errors="coerce")
-    return pd.to_datetime(text, errors="coerce", format=column.format or "ISO8601")
+    return pd.to_datetime(_days_only(text, column), errors="coerce", format=column.format or "ISO8601")
+
+
+def _days_only(text: pd.Series, column: Column) -> pd.Series:
+    """ISO text without a day (a year, a month) as unparseable: it names no date."""
+    if column.format not in (None, "ISO8601"):
+        return text
+    return text.where(~text.str.fullmatch(REDUCED_ISO).fillna(False).to_numpy(dtype=bool))
 
 
 def _strptime_as_written(text: str, format: str) -> dt.datetime | None:
@@ -98,7 +106,7 @@ def _strptime_as_written(text: str, format: str) -> dt.datetime | None:
 def _parse(values: pd.Series, column: Column) -> pd.Series:
     """Parse non-null values; unparseable ones become NaN/NaT (detected by the caller)."""
     kind = column.type
-    if pd.api.types.is_bool_dtype(values.dtype) and kind != "bool":
+    if pd.api.types.is_bool_dtype(values.dtype) and kind not in ("bool", "string"):
         return pd.Series([None] * len(values), index=values.index, dtype=object)
     if kind.startswith("int"):
         return _parse_int(values, kind)
@@ -123,11 +131,12 @@ def _parse(values: pd.Series, column: Column) -> pd.Series:
         # values without one are taken as UTC.
         if pd.api.types.is_datetime64_any_dtype(values.dtype) or values.map(lambda v: hasattr(v, "year")).all():
             return pd.to_datetime(values, errors="coerce", utc=True)
-        return pd.to_datetime(values.astype("str"), errors="coerce", utc=True, format=column.format or "ISO8601")
+        text = _days_only(values.astype("str"), column)
+        return pd.to_datetime(text, errors="coerce", utc=True, format=column.format or "ISO8601")
     return values.map(_as_text)  # string
 
 
-INT_TEXT = r"[+-]?[0-9]{1,19}"  # ASCII digits: Python's \d (and int()) also read Arabic-Indic ones
+INT_TEXT = r"[+-]?0*[0-9]{1,19}"  # ASCII digits: Python's \d (and int()) also read Arabic-Indic ones
 INT_RANGES = {"int32": (-(2**31), 2**31 - 1), "int64": (-(2**63), 2**63 - 1)}
 INT64_LOW, INT64_HIGH = INT_RANGES["int64"]
 
@@ -141,7 +150,7 @@ def _int_or_none(value: object) -> int | None:
     elif isinstance(value, float):
         number = int(value) if value.is_integer() else None
     else:
-        text = str(value).strip()
+        text = (_as_text(value) or "").strip()  # Parquet's binary text decoded, not "b'5'"
         number = int(text) if re.fullmatch(INT_TEXT, text) else None
     return number if number is not None and INT64_LOW <= number <= INT64_HIGH else None
 
@@ -158,9 +167,10 @@ def _parse_int(values: pd.Series, kind: str) -> pd.Series:
         exact = np.isfinite(values) & (values == np.round(values)) & (values.abs() < 2.0**63)
         ints = values.where(exact).astype("Int64")
     elif pd.api.types.is_string_dtype(values.dtype) and values.dtype != object:
-        text = values.str.strip().str.removeprefix("+")
+        text = values.str.strip()
         whole = text.str.fullmatch(INT_TEXT).fillna(False).to_numpy(dtype=bool).copy()  # pandas' is read-only
-        long = whole & (text.str.lstrip("-").str.len() == 19).fillna(False).to_numpy(dtype=bool)
+        text = text.str.removeprefix("+")  # after the match: "+-5" is no number
+        long = whole & (text.str.lstrip("-0").str.len() == 19).fillna(False).to_numpy(dtype=bool)
         whole[long] = [_int_or_none(t) is not None for t in text[long]]  # 19 digits: past int64 or not
         ints = text.where(whole).astype("Int64")
     else:

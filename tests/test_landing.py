@@ -3,7 +3,9 @@ and steps aside whenever the robust path would judge a value differently."""
 
 from __future__ import annotations
 
+import datetime as dt
 import io
+import json
 
 import numpy as np
 import pandas as pd
@@ -59,6 +61,7 @@ HEADER = b"id,name,amount,day,flag\n"
         b'1,"two\nlines",1.5,2024-01-05,YES\n2,b,2,2024-01-06,n\n',  # quoted newline, bool words
         b"1,a,1.5,2024-01-05,true\n2,b,2.0\n3,c,3,2024-01-07,false\n",  # a short row: quarantined, rest fast
         b" 4 ,a, 1.0 ,2024-01-05,true\n",  # padded numbers: both paths read them
+        b"00000000000000000004,a,1.0,2024-01-05,true\n",  # zero-padded past 19 characters
     ],
 )
 def test_fast_path_agrees_on_clean_values(body: bytes) -> None:
@@ -77,6 +80,7 @@ def test_fast_path_agrees_on_clean_values(body: bytes) -> None:
         b",a,1.0,2024-01-05,true\n",  # null in a non-nullable column
         b"1,a,1.0,01/05/2024,true\n",  # not ISO
         b"1,Jos\xe9,1.0,2024-01-05,true\n",  # not UTF-8
+        b"0x10,a,1.0,2024-01-05,true\n",  # pyarrow reads hex (0xFFFFFFFFFFFFFFFF as -1); we refuse it
     ],
 )
 def test_anything_doubtful_takes_the_robust_path(body: bytes) -> None:
@@ -96,6 +100,40 @@ def test_rows_keep_their_lines_past_blank_lines_and_ignored_columns(fast: bool) 
         b"3,c,3.5,2024-01-07,true,y\n"
     )
     assert list(read_landed(data, ignoring, fast=fast).rows) == [2, 6, 8]
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize(
+    "data",
+    [
+        HEADER + b"1,a,1.5,2024-01-05,true\n\n2,b,2.5,2024-01-06,false",  # no newline after the last line
+        HEADER + b'1,"a\rb",1.5,2024-01-05,true\n\n2,b,2.5,2024-01-06,false\n',  # a lone CR is inside a line
+    ],
+)
+def test_rows_keep_their_lines_past_a_blank_line_whatever_ends_the_lines(fast: bool, data: bytes) -> None:
+    assert list(read_landed(data, CORPUS, fast=fast).rows) == [2, 4]
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_row_with_the_wrong_field_count_and_bytes_that_are_not_text_is_quarantined_alone(fast: bool) -> None:
+    """pyarrow decodes such a row for its handler, strictly, and would refuse the whole file."""
+    data = HEADER + b"1,a,1.5,2024-01-05,true\n2,Jos\xe9,2.0\n3,c,3,2024-01-07,false\n"
+    landed = read_landed(data, CORPUS, fast=fast)
+    assert list(landed.rows) == [2, 4]
+    assert [(b.row, b.reason, b.text) for b in landed.bad] == [(3, "expected 5 fields, found 3", "2,Jos\\xe9,2.0")]
+
+
+@pytest.mark.parametrize(
+    ("encoding", "name", "bad"), [("cp1252", b"Jos\xe9", b"\x81"), ("utf-8-sig", b"Jos\xc3\xa9", b"\xe9")]
+)
+def test_a_byte_the_declared_encoding_lacks_quarantines_its_row_only(encoding: str, name: bytes, bad: bytes) -> None:
+    """Python transcodes such files for pyarrow, strictly: one such byte refused the whole file."""
+    options = CORPUS.source.options.model_copy(update={"encoding": encoding})
+    declared = CORPUS.model_copy(update={"source": CORPUS.source.model_copy(update={"options": options})})
+    data = HEADER + b"1," + name + b",1.5,2024-01-05,true\n2,x" + bad + b",2.0,2024-01-05,true\n3,c,3,2024-01-07,\n"
+    landed = read_landed(data, declared)
+    assert list(landed.values["name"]) == ["Jos\u00e9", "c"] and list(landed.rows) == [2, 4]
+    assert [(b.row, b.reason) for b in landed.bad] == [(3, f"name: bytes {bad!r} are not valid {encoding}")]
 
 
 @pytest.mark.parametrize("fast", [True, False])
@@ -144,11 +182,13 @@ def test_integer_text_is_read_vectorised_to_the_last_int64() -> None:
     """The vectorised path itself (a failure there sends the column down the halving fallback):
     a plus sign, 19 digits, past int64, and digits other than ASCII's."""
     values = pd.Series(
-        ["+400", "1234567890123456789", "9223372036854775808", "-9223372036854775808", "١٢"], dtype="str"
+        ["+400", "1234567890123456789", "9223372036854775808", "-9223372036854775808", "١٢"]
+        + ["+-5", "-00000000000000000001", "09223372036854775808"],
+        dtype="str",
     )
     _, failed, array = coerce_column(values, Column(name="id", type="int64"), frozenset({""}))
-    assert array.to_pylist() == [400, 1234567890123456789, None, -(2**63), None]
-    assert failed.tolist() == [False, False, True, False, True]
+    assert array.to_pylist() == [400, 1234567890123456789, None, -(2**63), None, None, -1, None]
+    assert failed.tolist() == [False, False, True, False, True, True, False, True]
 
 
 def test_dates_with_a_zone_format_are_taken_as_written() -> None:
@@ -210,3 +250,91 @@ def test_dates_with_mixed_offsets_are_read_as_written_whatever_the_iso_format(fo
     _, failed, array = coerce_column(values, Column(name="day", type="date", format=format), frozenset({""}))
     assert failed.tolist() == [False, False, False, True]
     assert [str(d) for d in array.to_pylist()[:3]] == ["2024-01-01", "2024-01-02", "2024-01-03"]
+
+
+def test_a_json_fraction_is_judged_as_its_text_is_in_csv() -> None:
+    """Through float64, 9007199254740993.0 would reach an integer column as ...992."""
+    jsonl = CORPUS.model_copy(update={"source": CORPUS.source.model_copy(update={"format": "jsonl"})})
+    lines = [
+        '{"id": 9007199254740993.0, "name": "a", "amount": 1.5, "day": null, "flag": null}',
+        '{"id": 2, "name": 2.50, "amount": 1e2, "day": null, "flag": null}',
+    ]
+    typed, reasons = coerce_frame(read_landed("\n".join(lines).encode(), jsonl).values, jsonl)
+    assert "id: '9007199254740993.0' is not a valid int64" in reasons.iloc[0]
+    assert reasons.iloc[1] is None
+    assert typed.column("amount").to_pylist() == [1.5, 100.0] and typed.column("name")[1].as_py() == "2.50"
+
+
+def test_jsonl_writers_may_omit_a_nullable_column_but_not_a_required_one() -> None:
+    """Spark, Go's omitempty and pydantic's exclude_none leave null fields out, in every record if need be."""
+    jsonl = CORPUS.model_copy(update={"source": CORPUS.source.model_copy(update={"format": "jsonl"})})
+    landed = read_landed(b'{"id": 1, "name": "a"}\n{"id": 2, "name": "b"}\n', jsonl)
+    typed, reasons = coerce_frame(landed.values, jsonl)
+    assert reasons.isna().all() and typed.column("amount").to_pylist() == [None, None]
+    with pytest.raises(UnreadableFile, match=r"\['name'\] missing"):
+        read_landed(b'{"id": 1}\n', jsonl)
+
+
+def read_parquet(table: pa.Table, columns: list[dict], null_values: tuple[str, ...] = ("",), **write: bool):
+    """`table` written as Parquet (with `write`'s options) and read as `columns`: typed, each row's reason."""
+    options = CORPUS.source.options.model_copy(update={"null_values": list(null_values)})
+    source = CORPUS.source.model_copy(update={"format": "parquet", "options": options})
+    schema = CORPUS.table.model_validate({"key": ["id"], "columns": [{"name": "id", "type": "int64"}, *columns]})
+    dataset = CORPUS.model_copy(update={"source": source, "table": schema})
+    data = io.BytesIO()
+    pq.write_table(table, data, **write)
+    typed, reasons = coerce_frame(read_landed(data.getvalue(), dataset).values, dataset)
+    return typed, reasons.tolist()
+
+
+def test_parquet_int96_timestamps_past_2262_keep_their_year() -> None:
+    """Spark's and Hive's legacy INT96 stamps, read as nanoseconds, wrapped 9999-12-31 (an SCD's end of time)."""
+    far = pa.array([dt.datetime(9999, 12, 31)], pa.timestamp("us"))
+    typed, reasons = read_parquet(
+        pa.table({"id": [1], "at": far, "day": far}),
+        [{"name": "at", "type": "timestamp"}, {"name": "day", "type": "date"}],
+        use_deprecated_int96_timestamps=True,
+    )
+    assert reasons == [None]
+    assert typed.to_pylist() == [{"id": 1, "at": dt.datetime(9999, 12, 31), "day": dt.date(9999, 12, 31)}]
+
+
+def test_parquet_values_declared_text_are_written_as_jsonl_gives_them() -> None:
+    """Lists and structs as JSON (numpy's repr cut a list at 1000 items), booleans as JSON's true/false."""
+    many = [str(i) for i in range(2000)]
+    struct = pa.array([{"k": ["x"], "n": 1}, None, {"k": [], "n": 2}])
+    typed, reasons = read_parquet(
+        pa.table({"id": [1, 2, 3], "tags": [["a", "b"], many, None], "meta": struct, "ok": [True, False, True]}),
+        [{"name": c, "type": "string"} for c in ("tags", "meta", "ok")],
+    )
+    assert reasons == [None, None, None]
+    assert typed.column("tags").to_pylist() == ['["a", "b"]', json.dumps(many), None]
+    assert typed.column("meta").to_pylist() == ['{"k": ["x"], "n": 1}', None, '{"k": [], "n": 2}']
+    assert typed.column("ok").to_pylist() == ["true", "false", "true"]
+
+
+def test_parquet_dictionary_text_meets_null_values_and_the_non_nullable_check() -> None:
+    """pandas' Categorical lands dictionary-encoded."""
+    text = pa.array(["ok", "NA", ""]).dictionary_encode()
+    _, reasons = read_parquet(
+        pa.table({"id": [1, 2, 3], "s": text}), [{"name": "s", "type": "string", "nullable": False}], ("", "NA")
+    )
+    assert reasons == [None, "s: null in a non-nullable column", "s: null in a non-nullable column"]
+
+
+def test_parquet_binary_text_is_read_as_text_in_an_integer_column_too() -> None:
+    """Hive writes text without its UTF-8 annotation."""
+    typed, reasons = read_parquet(
+        pa.table({"id": [1, 2], "n": pa.array([b"5", b"x"], pa.binary())}), [{"name": "n", "type": "int64"}]
+    )
+    assert typed.column("n").to_pylist() == [5, None]
+    assert reasons == [None, "n: \"b'x'\" is not a valid int64"]
+
+
+@pytest.mark.parametrize("format", [None, "ISO8601"])
+@pytest.mark.parametrize("kind", ["date", "timestamp"])
+def test_a_year_or_a_month_alone_is_no_date(format: str | None, kind: str) -> None:
+    """pandas' ISO8601 reads them as their first day."""
+    values = pd.Series(["2024", "2024-03", " 2024-3 ", "2024-03-05"])
+    _, failed, _ = coerce_column(values, Column(name="day", type=kind, format=format), frozenset({""}))
+    assert failed.tolist() == [True, True, True, False]
