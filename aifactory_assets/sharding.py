@@ -263,11 +263,12 @@ def plan_shards(part_rows: list[tuple[str, int]], shards: int) -> list[list[tupl
 
 def shard_count(rows: int, bytes_per_row: float, dataset: Dataset) -> int:
     """Shards of `target_rows`, or of about `target_bytes` on disk, estimated from samples of the split's
-    gathered buckets written as shards."""
+    gathered buckets written as shards; never more shards than rows (a target below a file's own overhead
+    of a few KB would make empty ones)."""
     settings = dataset.shards
     if settings.target_rows:
         return max(1, math.ceil(rows / settings.target_rows))
-    return max(1, math.ceil(rows * bytes_per_row / settings.target_bytes))
+    return max(1, min(rows, math.ceil(rows * bytes_per_row / settings.target_bytes)))
 
 
 def shard_dataset(

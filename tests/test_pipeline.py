@@ -22,6 +22,7 @@ from aifactory_assets.factory import asset_key
 from aifactory_assets.manifest import CODE_FINGERPRINT, latest_manifest
 from aifactory_assets.publish import current, publish
 from aifactory_assets.shard_layout import ROW_GROUP_BYTES, row_group_rows, schema_fingerprint, shard_name
+from aifactory_assets.sharding import shard_count
 from aifactory_assets.validated_rows import read_validated
 from aifactory_assets.validation import expectation_label
 from resources import DaskCluster, ObjectStore
@@ -177,6 +178,15 @@ def test_shards_aim_at_the_target_bytes(catalog: Catalog, tmp_path, dask: DaskCl
     assert len(train["shards"]) >= 3
     assert 0.5 * target < train["bytes"] / len(train["shards"]) <= 1.1 * target
     assert max(s["rows"] for s in train["shards"]) - min(s["rows"] for s in train["shards"]) <= 1
+
+
+def test_a_byte_target_below_a_files_overhead_makes_no_empty_shard(catalog: Catalog) -> None:
+    """Five rows of a sample whose footer alone outweighs the target: five shards of one row, not 250."""
+    penguins = catalog.datasets["palmer_penguins"]
+    tiny = penguins.model_copy(update={"shards": penguins.shards.model_copy(update={"target_bytes": 100})})
+    assert shard_count(5, bytes_per_row=5_000.0, dataset=tiny) == 5
+    assert shard_count(0, bytes_per_row=0.0, dataset=tiny) == 1  # an empty split: one empty shard
+    assert shard_count(10**6, bytes_per_row=50.0, dataset=penguins) == 1  # 50 MB for a 128 MiB target
 
 
 PENGUIN_HEADER = "record_id,species,island,bill_length_mm,bill_depth_mm,flipper_length_mm,body_mass_g,sex,year\n"
