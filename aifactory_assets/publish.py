@@ -29,17 +29,19 @@ def publish(
     """Point `prefix` at this run's generation, by a conditional write (what it replaces is what was there),
     then drop the generations of runs `is_finished` says are over, and the one the previous publish
     replaced."""
-    generation, replaced = generation_prefix(prefix, run_id), []
+    generation, graced = generation_prefix(prefix, run_id), []
 
     def pointed(previous: dict[str, Any] | None) -> dict[str, Any]:
         previous = previous or {}
-        replaced[:] = [previous]
         retried = previous.get("generation") == generation  # a step's retry replaces what its first try did
         replaces = previous.get("replaces" if retried else "generation")
+        # What the previous publish replaced has had its publish of grace. On a retry that publish is this
+        # run's first try, which removed its own; the one it replaced has had none yet.
+        graced[:] = [None if retried else previous.get("replaces")]
         return {**record, "run_id": run_id, "generation": generation, "replaces": replaces, "published_at": time.time()}
 
     written = store.update_json(f"{prefix}/{POINTER}", pointed)
-    replaced_before = posixpath.basename(replaced[0].get("replaces") or "")
+    replaced_before = posixpath.basename(graced[0] or "")
     if store.exists(prefix):
         for path in store.fs.ls(store.path(prefix), detail=False):
             name = posixpath.basename(path.rstrip("/"))

@@ -30,7 +30,7 @@ from aifactory_assets.manifest import (
     version_for,
     version_id,
 )
-from aifactory_assets.publish import current
+from aifactory_assets.publish import current, publish
 from aifactory_assets.staging import staging_prefix
 from aifactory_assets.validation import suite_fingerprint
 from resources import DaskCluster, ObjectStore
@@ -215,6 +215,17 @@ def test_a_publish_removes_what_it_replaces_and_leaves_generations_being_written
     assert kept(second) == [False] * 3 and kept(third) == [True] * 3
     for stage in ("raw", "validated"):
         assert store.read_bytes(f"{stage}/{DATASET}/run={elsewhere}/part-00000.parquet") == b"being written"
+
+
+def test_a_retried_publish_keeps_the_grace_of_what_it_replaced(tmp_path: Path) -> None:
+    """A step retried in its run (a RetryPolicy) publishes again under the same run id: the generation its
+    first try replaced was replaced once only, and a reader of another deployment may still follow it."""
+    store, unknown = ObjectStore(site="kajaani", root=str(tmp_path)), lambda run_id: False
+    for run_id in ("first", "second", "third", "third"):
+        store.write_bytes(f"raw/{DATASET}/run={run_id}/part-00000.parquet", b"rows")
+        publish(store, f"raw/{DATASET}", run_id, {}, unknown)
+    assert current(store, f"raw/{DATASET}")["replaces"] == f"raw/{DATASET}/run=second"
+    assert [store.exists(f"raw/{DATASET}/run={r}") for r in ("first", "second", "third")] == [False, True, True]
 
 
 @pytest.mark.parametrize(
