@@ -197,13 +197,14 @@ def expectation_group_check(results: list[dict[str, Any]], severity: str) -> dg.
     )
 
 
-def ledger_check(ledger: list[dict[str, Any]]) -> dg.AssetCheckResult:
-    """Per landed object: rows read = valid + quarantined at ingest + quarantined at validation."""
-    off = [
-        e["source"]
-        for e in ledger
-        if e["rows_read"] != e["rows_valid"] + e["quarantined_at_ingest"] + e["quarantined_at_validation"]
-    ]
+def ledger_check(ledger: list[dict[str, Any]], record_url: str) -> dg.AssetCheckResult:
+    """Per landed object: rows read = valid + quarantined at ingest + quarantined at validation. The table
+    shows unbalanced objects first, then those with rows left out (all of them are in `record_url`)."""
+
+    def balances(e: dict[str, Any]) -> bool:
+        return e["rows_read"] == e["rows_valid"] + e["quarantined_at_ingest"] + e["quarantined_at_validation"]
+
+    off = [e["source"] for e in ledger if not balances(e)]
     rows = [
         [
             f"`{e['source']}`",
@@ -213,7 +214,7 @@ def ledger_check(ledger: list[dict[str, Any]]) -> dg.AssetCheckResult:
             e["quarantined_at_validation"],
             e["file_error"] or "",
         ]
-        for e in ledger
+        for e in sorted(ledger, key=lambda e: (balances(e), e["rows_valid"] == e["rows_read"]))
     ]
     return dg.AssetCheckResult(
         check_name=LEDGER_CHECK,
@@ -222,7 +223,9 @@ def ledger_check(ledger: list[dict[str, Any]]) -> dg.AssetCheckResult:
         metadata={
             "ledger": dg.MetadataValue.md(
                 markdown_table(
-                    ["source", "read", "valid", "quarantined (ingest)", "quarantined (suite)", "refused"], rows
+                    ["source", "read", "valid", "quarantined (ingest)", "quarantined (suite)", "refused"],
+                    rows,
+                    f": every object is in `{record_url}`",
                 )
             )
         },

@@ -285,19 +285,25 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
         record = ingest_dataset(
             store, dask.get_client(), dataset, context.run.run_id, partial(run_finished, context.instance)
         )
-        refused = [f"- `{e['source']}`: {e['file_error']}" for e in record["ledger"] if "file_error" in e]
+        refused = [e for e in record["ledger"] if "file_error" in e]
+        # This run's files and the ones with rows quarantined first: past TABLE_ROWS only those are shown.
+        ledger = sorted(
+            record["ledger"], key=lambda e: (e["ingested_by"] != context.run.run_id, not e["rows_quarantined"])
+        )
         rows = [
             [f"`{e['source']}`", e["rows_read"], e["rows_valid"], e["rows_quarantined"], e["ingested_by"][:8]]
-            for e in record["ledger"]
+            for e in ledger
         ]
-        summary = markdown_table(["source", "read", "valid", "quarantined", "read by run"], rows)
+        every_file = f": every file is in `{store.url(f'raw/{dataset.name}/{POINTER}')}`"
+        summary = markdown_table(["source", "read", "valid", "quarantined", "read by run"], rows, every_file)
         if record["files_read"] < len(record["ledger"]):
             summary += (
                 f"\n\nThis run read {record['files_read']} of {len(record['ledger'])} files; the others are the same "
                 "objects, ingested the same way by the runs named, and their parts were copied."
             )
         if refused:
-            summary += "\n\n**Refused files**\n" + "\n".join(refused)
+            reasons = [[f"`{e['source']}`", e["file_error"]] for e in refused]
+            summary += "\n\n**Refused files**\n\n" + markdown_table(["source", "why"], reasons, every_file)
         for entry in record["ledger"]:
             if entry.get("extra_columns"):
                 context.log.warning(f"{entry['source']}: undeclared column(s) {entry['extra_columns']} ignored")
@@ -406,7 +412,7 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
                 ),
                 expectation_group_check(results, "critical"),
                 expectation_group_check(results, "warning"),
-                ledger_check(record["ledger"]),
+                ledger_check(record["ledger"], store.url(f"validated/{dataset.name}/{POINTER}")),
             ],
         )
 

@@ -68,7 +68,14 @@ def markdown_cell(value: Any) -> str:
     return str(value).replace("|", "\\|").replace("\r", "\\r").replace("\n", "\\n")
 
 
-def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+TABLE_ROWS = 100  # per table in the UI: a dataset of years of daily drops lists thousands of files
+
+
+def markdown_table(header: list[str], rows: list[list[Any]], rest: str = "") -> str:
+    """The first TABLE_ROWS rows (callers put first what a person should see), then how many are left out
+    and `rest`, where all of them are."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(markdown_cell(c) for c in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(markdown_cell(c) for c in row) + " |" for row in rows[:TABLE_ROWS]]
+    if len(rows) > TABLE_ROWS:
+        lines.append(f"\n{len(rows) - TABLE_ROWS} more not shown{rest}")
     return "\n".join(lines)

@@ -291,6 +291,31 @@ def test_bad_rows_are_quarantined_with_reasons_and_counted(catalog: Catalog, tmp
         read_validated(store, dataset)  # its parts are gone or going, not a half-read frame
 
 
+def test_tables_of_landed_files_show_what_matters_first_and_say_where_the_rest_is(
+    catalog: Catalog, tmp_path, dask: DaskCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Years of daily drops make thousands of landed files: the UI's tables stop at TABLE_ROWS (1 here),
+    the files with rows left out first."""
+    from aifactory_assets import metadata
+
+    monkeypatch.setattr(metadata, "TABLE_ROWS", 1)
+    stores, store = penguins_with_drop(catalog, tmp_path)
+    store.write_bytes("landing/palmer_penguins/drift.csv", b"record_id,species\n7,Adelie\n")  # refused
+    dataset = catalog.datasets["palmer_penguins"]
+    raw, validated, _ = stages(dataset)
+    result = materialize_all(catalog, stores, dask, selection=[raw, validated])
+    assert result.success
+    summary = result.asset_materializations_for_node(raw.to_python_identifier())[0].metadata["summary"].value
+    raw_record = store.url("raw/palmer_penguins/_current.json")
+    assert summary.count("| `landing/") == 2  # one file, one refused file
+    assert "| `landing/palmer_penguins/drop-2.csv` | 7 | 4 | 3 |" in summary  # the one with rows quarantined
+    assert f"2 more not shown: every file is in `{raw_record}`" in summary
+    ledger = next(e for e in result.get_asset_check_evaluations() if e.check_name == "ledger_per_source")
+    table = ledger.metadata["ledger"].value
+    assert table.count("| `landing/") == 1 and "| `landing/palmer_penguins/drop-2.csv` | 7 | 2 | 3 | 2 |" in table
+    assert f"2 more not shown: every object is in `{store.url('validated/palmer_penguins/_current.json')}`" in table
+
+
 def test_a_validated_step_killed_between_its_two_pointers_leaves_its_delete_files(
     catalog: Catalog, tmp_path, dask: DaskCluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
