@@ -1,10 +1,15 @@
-# Two commands: `make dev` (UI on the demo catalogue) and `make test`. Everything installs from the lock.
+# Four commands: `make dev` (UI on the demo catalogue), `make test`, `make materialize` (every asset, headless)
+# and `make bench` (benchmarks). Everything installs from the lock.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # The loader's torch extra, pinned to the release that lies on the build machines' disk (a CPU build).
 TORCH := torch==2.13.0
+# The repo's instance even where the shell exports another DAGSTER_HOME: its dagster.yaml holds what the
+# pipeline relies on (one step at a time per dataset pool, 2 runs at once that `auto` Dask memory is shared
+# by, run monitoring that frees a killed run's slots), which a user's other instance would silently drop.
+# Another on purpose: `make dev DAGSTER_HOME=/path` (with those settings in its dagster.yaml).
 export DAGSTER_HOME := $(CURDIR)/dagster_home
 export AIFACTORY_HOME ?= $(CURDIR)/.aifactory
 

@@ -19,6 +19,7 @@ from dask.utils import format_bytes
 from distributed import Client, LocalCluster, Worker, WorkerPlugin
 from distributed.security import Security
 from distributed.system import MEMORY_LIMIT
+from distributed.worker_memory import parse_memory_limit
 from pydantic import Field, PrivateAttr
 
 # P2P shuffles (dataset statistics) log every start and stop at WARNING; they are routine here.
@@ -245,6 +246,23 @@ class DaskCluster(dg.ConfigurableResource):
                 cluster.close()
 
 
+def memory_limit_from_env() -> str:
+    """AIFACTORY_DASK_MEMORY_LIMIT, checked at load: unchecked, a typo loaded fine and then failed every run's
+    first step without naming the variable. 0 is refused: Dask reads it as no limit, and workers without one
+    never spill or pause before the kernel kills one; `1`, all of this host's memory, is the most there is."""
+    value = os.environ.get("AIFACTORY_DASK_MEMORY_LIMIT") or "auto"
+    try:  # as each worker reads it
+        limit = parse_memory_limit(value, nthreads=1, total_cores=1, logger=logging.getLogger(__name__))
+    except (ValueError, OverflowError):  # not a size; inf
+        limit = None
+    if limit is None or limit < 1:
+        raise ValueError(
+            f"AIFACTORY_DASK_MEMORY_LIMIT={value!r}: a per-worker memory limit is auto (the default), a size such "
+            "as 4GiB, or a share of this host's memory such as 0.25; not 0, which Dask reads as no limit at all"
+        )
+    return value
+
+
 def dask_cluster_from_env() -> DaskCluster:
     """`AIFACTORY_DASK_SCHEDULER` points at a shared cluster; else `AIFACTORY_DASK_WORKERS` and
     `AIFACTORY_DASK_MEMORY_LIMIT` size the run's own."""
@@ -254,5 +272,5 @@ def dask_cluster_from_env() -> DaskCluster:
     return DaskCluster(
         scheduler_address=os.environ.get("AIFACTORY_DASK_SCHEDULER") or None,
         n_workers=int(workers) if workers else None,
-        memory_limit=os.environ.get("AIFACTORY_DASK_MEMORY_LIMIT", "auto"),
+        memory_limit=memory_limit_from_env(),
     )

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import threading
 import time
@@ -371,6 +372,11 @@ def aifactory_home() -> Path:
     return Path(os.environ.get("AIFACTORY_HOME", ".aifactory")).resolve()
 
 
+def _levels(site: str) -> tuple[str, str]:
+    """The prefixes of a site's S3 variables: its own level, then the shared one."""
+    return f"AIFACTORY_{site.upper()}_S3_", "AIFACTORY_S3_"
+
+
 def _env(site: str, name: str) -> str | None:
     """The site-specific variable `AIFACTORY_<SITE>_<NAME>` if set, else the shared `AIFACTORY_<NAME>`."""
     for var in (f"AIFACTORY_{site.upper()}_{name}", f"AIFACTORY_{name}"):
@@ -385,7 +391,7 @@ def credential_vars(site: str, endpoint_var: str | None) -> tuple[str | None, st
     names as its own (where it would fail mid-run, or work where no one meant it to, and hand that server
     the key id and requests signed with it), and a key never goes with another level's secret. Neither
     level set: none, and the endpoint's client looks for its own (an IAM role, say)."""
-    levels = (f"AIFACTORY_{site.upper()}_S3_", "AIFACTORY_S3_")
+    levels = _levels(site)
     for level in levels:
         names = (f"{level}KEY", f"{level}SECRET")
         present = [name for name in names if os.environ.get(name)]
@@ -424,16 +430,57 @@ def _same_server(endpoint_var: str) -> bool:
     return bool(shared) and os.environ[endpoint_var].rstrip("/") == shared.rstrip("/")
 
 
+SETTINGS = ("ENDPOINT", "BUCKET", "PREFIX", "KEY", "SECRET", "REGION")
+# A name of either level, the shared AIFACTORY_S3_<SETTING> or a site's AIFACTORY_<SITE>_S3_<SETTING> (a site
+# id may be `s3` or begin with `s3_`: AIFACTORY_S3_S3_KEY is a site's key, not a misspelling).
+_S3_VARIABLE = re.compile(rf"AIFACTORY_(?:[A-Z][A-Z0-9_]*_)?S3_(?:{'|'.join(SETTINGS)})")
+_S3_STORE = re.compile(r"AIFACTORY_(?:[A-Z][A-Z0-9_]*_)?S3_(?:ENDPOINT|BUCKET)")
+
+
+def refuse_unknown_s3_variables(site: str) -> None:
+    """A misspelt setting (AIFACTORY_S3_ENDPOINT_URL) would be ignored and the site's data go elsewhere
+    unsaid: a set name under the site's or the shared prefix that names no setting fails the load."""
+    unknown = sorted(
+        name
+        for name, value in os.environ.items()
+        if value and name.startswith(_levels(site)) and not _S3_VARIABLE.fullmatch(name)
+    )
+    if unknown:
+        raise ValueError(
+            f"{', '.join(unknown)}: no such setting of the {site} site's store; it reads "
+            f"AIFACTORY_{site.upper()}_S3_<SETTING> and AIFACTORY_S3_<SETTING>, <SETTING> one of {', '.join(SETTINGS)}"
+        )
+
+
+def refuse_settings_of_a_local_store(site: str) -> None:
+    """For a site with neither endpoint nor bucket (a local store): its own S3 settings, which would be
+    ignored, fail the load. So do shared ones that no site's store uses (no endpoint or bucket is set at
+    all); where some site names its own, the shared key, prefix or region may be that site's."""
+    site_level, shared = _levels(site)
+    ignored = [f"{site_level}{s}" for s in SETTINGS if os.environ.get(f"{site_level}{s}")]
+    if not any(value and _S3_STORE.fullmatch(name) for name, value in os.environ.items()):
+        ignored += [f"{shared}{s}" for s in SETTINGS if os.environ.get(f"{shared}{s}")]
+    if ignored:
+        raise ValueError(
+            f"{', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} set, but no endpoint ({site_level}ENDPOINT "
+            f"or {shared}ENDPOINT) or bucket ({site_level}BUCKET or {shared}BUCKET) is: the {site} site's store "
+            f"would be the local directory {aifactory_home() / site}, ignoring them. Set the endpoint or bucket, "
+            "or unset them"
+        )
+
+
 def object_store_for(site: str, bucket: str) -> ObjectStore:
     """The store the environment configures for `site`: S3 when an endpoint or bucket is set, else local.
 
     Variables (site-specific `AIFACTORY_<SITE>_...` wins over the shared `AIFACTORY_...`):
     `S3_ENDPOINT`, `S3_BUCKET` (default: the catalogue's bucket), `S3_PREFIX`, `S3_KEY`, `S3_SECRET`,
     `S3_REGION`. Credentials go in as `dg.EnvVar`, so the UI and the run config show only their names;
-    see `credential_vars` for where they may come from.
+    see `credential_vars` for where they may come from. A setting the store would ignore fails instead.
     """
+    refuse_unknown_s3_variables(site)
     endpoint, bucket_var = _env(site, "S3_ENDPOINT"), _env(site, "S3_BUCKET")
     if not (endpoint or bucket_var):
+        refuse_settings_of_a_local_store(site)
         return ObjectStore(site=site, root=str(aifactory_home() / site))
     bucket = os.environ[bucket_var] if bucket_var else bucket
     prefix_var = _env(site, "S3_PREFIX")

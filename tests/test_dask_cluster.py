@@ -200,6 +200,21 @@ def test_the_environment_sizes_the_runs_own_cluster(monkeypatch: pytest.MonkeyPa
     assert dask_cluster_from_env().n_workers is None  # one per core, as memory allows
 
 
+@pytest.mark.parametrize("limit", ["auto", "3GiB", "2 GB", "4e9", "0.25", "1"])
+def test_memory_limits_as_a_local_cluster_reads_them_load(monkeypatch: pytest.MonkeyPatch, limit: str) -> None:
+    monkeypatch.setenv("AIFACTORY_DASK_MEMORY_LIMIT", limit)
+    assert dask_cluster_from_env().memory_limit == limit  # a number up to 1: that share of the host, per worker
+
+
+@pytest.mark.parametrize("wrong", ["lots", "AUTO", "0", "0GB", "0.0", "-1GB", "-0.5", "inf", "nan"])
+def test_a_memory_limit_dask_cannot_keep_fails_the_load(monkeypatch: pytest.MonkeyPatch, wrong: str) -> None:
+    """Unchecked, `lots` loaded fine and failed every run's first step without naming the variable, and `0`
+    (Dask's "no limit") left workers to the kernel's OOM killer."""
+    monkeypatch.setenv("AIFACTORY_DASK_MEMORY_LIMIT", wrong)
+    with pytest.raises(ValueError, match=f"AIFACTORY_DASK_MEMORY_LIMIT='{wrong}': a per-worker memory limit is"):
+        dask_cluster_from_env()
+
+
 def test_runs_at_once_follows_the_instances_run_coordinator() -> None:
     assert runs_at_once(dg.DagsterInstance.ephemeral()) == 1  # in the caller's process, one at a time
     default = {"module": "dagster._core.run_coordinator", "class": "DefaultRunCoordinator"}

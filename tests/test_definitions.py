@@ -42,13 +42,15 @@ def test_every_dataset_has_its_assets_grouped_by_sector(catalog: Catalog) -> Non
     assert graph.get(shards).parent_keys == {asset_key(catalog.datasets["stock_prices"], "validated")}
 
 
-def test_one_step_at_a_time_writes_a_datasets_data(catalog: Catalog) -> None:
-    """Each dataset's steps share a pool of their own, limited to one by the instance `make dev` uses."""
+def test_one_step_at_a_time_writes_a_datasets_data(catalog: Catalog, tmp_path: Path) -> None:
+    """Each dataset's steps share a pool of their own, limited to one by the instance `make dev` uses (read
+    from a copy: opening dagster_home/ itself writes its storage there, beside a running `make dev`)."""
     defs = build_definitions(catalog)
     for dataset in catalog.datasets.values():
         pools = {defs.resolve_assets_def(asset_key(dataset, s)).op.pool for s in ("raw", "validated", "shards")}
         assert pools == {f"aifactory/{dataset.name}"}
-    instance = dg.DagsterInstance.from_config(str(Path(__file__).parents[1] / "dagster_home"))
+    shutil.copy(REPO / "dagster_home" / "dagster.yaml", tmp_path)
+    instance = dg.DagsterInstance.from_config(str(tmp_path))
     assert instance.get_concurrency_config().pool_config.default_pool_limit == 1
 
 

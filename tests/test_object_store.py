@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pyarrow as pa
 import pytest
 
 from aifactory_assets.catalog import Catalog
+from aifactory_assets.definitions import build_definitions
 from aifactory_assets.factory import naming_refusals, store_key
 from resources import ObjectStore, object_store_for
 from resources.object_store import credentials_named
@@ -227,6 +229,42 @@ def test_credentials_stay_with_their_endpoint(monkeypatch: pytest.MonkeyPatch) -
     assert credentials_named("bologna").startswith("unclear (AIFACTORY_S3_KEY is set but")  # an error's aside
     with pytest.raises(ValueError, match="AIFACTORY_S3_KEY is set but AIFACTORY_S3_SECRET is not"):
         object_store_for("bologna", "b")
+
+
+IGNORED = "are set, but no endpoint (AIFACTORY_ATHENS_S3_ENDPOINT or AIFACTORY_S3_ENDPOINT) or bucket"
+
+
+@pytest.mark.parametrize(
+    ("environment", "refusal"),
+    [
+        ({"AIFACTORY_ATHENS_S3_KEY": "key-id-1", "AIFACTORY_ATHENS_S3_SECRET": S3_SECRET}, f"_S3_SECRET {IGNORED}"),
+        ({"AIFACTORY_S3_PREFIX": "pre-1", "AIFACTORY_S3_REGION": "eu-1"}, "_S3_PREFIX, AIFACTORY_S3_REGION are set"),
+        ({"AIFACTORY_S3_ENDPOINT_URL": "http://s3:9000", "AIFACTORY_S3_SECRET": S3_SECRET}, "ENDPOINT_URL: no such"),
+        ({"AIFACTORY_S3_ENDPOINT": "http://s3:9000", "AIFACTORY_S3_REGOIN": "eu-1"}, "_REGOIN: no such setting"),
+        ({"AIFACTORY_KAJAANI_S3_BUKCET": "bucket-1"}, "AIFACTORY_KAJAANI_S3_BUKCET: no such setting of the kajaani"),
+    ],
+)
+def test_settings_the_store_would_ignore_fail_the_load(
+    monkeypatch: pytest.MonkeyPatch, catalog: Catalog, environment: dict[str, str], refusal: str
+) -> None:
+    """A key without an endpoint, or a misspelt name, would leave a site on the local disk unsaid: the code
+    location refuses to load, naming the variables, never their values."""
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=re.escape(refusal)) as refused:
+        build_definitions(catalog)
+    assert not any(value in str(refused.value) for value in environment.values())
+
+
+def test_shared_settings_a_site_of_its_own_bucket_uses_load(monkeypatch: pytest.MonkeyPatch, catalog: Catalog) -> None:
+    """The shared key may serve one site's own bucket while the others stay local; AIFACTORY_S3_S3_KEY is the
+    key of a site `s3`, not a misspelling."""
+    for name in ("AIFACTORY_S3_KEY", "AIFACTORY_S3_SECRET", "AIFACTORY_S3_REGION", "AIFACTORY_S3_S3_KEY"):
+        monkeypatch.setenv(name, "x")
+    monkeypatch.setenv("AIFACTORY_KAJAANI_S3_BUCKET", "kajaani-own")
+    defs = build_definitions(catalog)
+    kajaani, athens = (defs.resources[store_key(site)] for site in ("kajaani", "athens"))
+    assert (kajaani.protocol, kajaani.secret_access_key, athens.protocol) == ("s3", "AIFACTORY_S3_SECRET", "file")
 
 
 def test_copy_is_whole_and_takes_keys_as_written(store: ObjectStore) -> None:
