@@ -50,8 +50,8 @@ def test_one_step_at_a_time_writes_a_datasets_data(catalog: Catalog, tmp_path: P
         pools = {defs.resolve_assets_def(asset_key(dataset, s)).op.pool for s in ("raw", "validated", "shards")}
         assert pools == {f"aifactory/{dataset.name}"}
     shutil.copy(REPO / "dagster_home" / "dagster.yaml", tmp_path)
-    instance = dg.DagsterInstance.from_config(str(tmp_path))
-    assert instance.get_concurrency_config().pool_config.default_pool_limit == 1
+    with dg.DagsterInstance.from_config(str(tmp_path)) as instance:  # disposed: its SQLite closed in order
+        assert instance.get_concurrency_config().pool_config.default_pool_limit == 1
 
 
 def test_a_headless_run_names_the_pool_slots_others_hold(catalog: Catalog, tmp_path: Path) -> None:
