@@ -115,6 +115,7 @@ def epoch_seed(seed: int, epoch: int, *more: int) -> np.random.Generator:
 # descriptor would drop the hold.
 _HELD: Counter[str] = Counter()
 _HELD_LOCK = threading.RLock()  # reentrant: a CachedShard's finaliser may run on a thread inside it
+_ROOM_LOCK = threading.Lock()  # with a cache's `.room.lock`: on NFS a flock is the process's, not the thread's
 
 
 def hold(path: str, count: int) -> None:
@@ -160,10 +161,11 @@ class ShardCache:
     mtime and inode); a reader that verifies trusts a copy that still matches that record and hashes one
     written since (fetching it again if damaged), so a node's ranks and data-loader workers, however often
     restarted, hash each copy once between them. One process downloads a shard while the others wait for
-    it; a copy in use (`CachedShard`) is never evicted, so the cache exceeds `max_bytes` only by the copies
-    readers hold open (at most MAX_HELD_COPIES per reader by default); readers holding more than
-    `max_bytes` between them leave room for nothing else, and every other copy is fetched again. Files
-    that another process evicts meanwhile are fetched again.
+    it; a copy arriving counts whole from its start, and a copy in use (`CachedShard`) is never evicted, so
+    the cache exceeds `max_bytes` only by the copies readers hold open (at most MAX_HELD_COPIES per reader
+    by default); readers holding more than `max_bytes` between them leave room for nothing else, and every
+    other copy is fetched again. Files that another process evicts meanwhile are fetched again, and so are
+    copies that fail a check after their hash (`discard`).
     """
 
     def __init__(self, directory: str | Path, max_bytes: int = DEFAULT_CACHE_BYTES):
@@ -181,9 +183,9 @@ class ShardCache:
     ) -> tuple[Path, bool]:
         """The local copy, and whether this call hashed it (downloaded, or written since its last hash). It
         comes held against this process's evictions (`hold`): the caller releases it once it holds a
-        `CachedShard` of it (another process may still evict it meanwhile). Room for its `size` is made
-        before the download, so the copies on disk stay within the bound while it arrives (a node-local disk
-        sized to `max_bytes` would otherwise fill)."""
+        `CachedShard` of it (another process may still evict it meanwhile). Room for its `size` is made and
+        claimed before the download (`_reserve`), so the copies on disk, this one and others arriving, stay
+        within the bound while it arrives (a node-local disk sized to `max_bytes` would otherwise fill)."""
         target = self.path(checksum)
         hold(str(target), 1)
         try:
@@ -193,9 +195,7 @@ class ShardCache:
             try:
                 if (hashed := self._present(target, checksum, verify)) is not None:
                     return target, hashed
-                if size:
-                    self.evict(keep=None, room=size)
-                self._download(fs, remote, checksum, target)
+                self._download(fs, remote, checksum, target, size or 0)
             finally:
                 os.close(fd)
             self.evict(keep=target)
@@ -206,8 +206,9 @@ class ShardCache:
 
     @staticmethod
     def _lock_download(path: Path) -> int:
-        """The shard's lock file, locked: waits for another process downloading the same shard. Locked, it
-        must still be the file at `path` (an eviction may have removed it while we waited)."""
+        """A lock file, locked: a shard's waits for another process downloading the same shard (and
+        `.room.lock` for one making room). Locked, it must still be the file at `path` (an eviction may have
+        removed a shard's while we waited)."""
         while True:
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -240,11 +241,27 @@ class ShardCache:
             return None
         except ChecksumMismatch:
             if not remove(target):  # a damaged local copy (the remote one may be fine), but another user's
-                raise ChecksumMismatch(
-                    f"{target}: a damaged copy of another user's in a shared cache, which only they (or root) can "
-                    "remove; until then read through a cache_dir of your own"
-                ) from None
+                raise not_ours(target) from None
             return None
+
+    @staticmethod
+    def discard(copy: CachedShard) -> None:
+        """Removes a copy that failed a check after its hash, and its `.verified` record: bytes that rot in
+        place keep the size, mtime and inode the record vouches for, so every reader would go on trusting
+        the copy and failing on it. The next fetch downloads it afresh. Under its download lock, and only
+        while it is still the file at its path: another process may have fetched a fresh one meanwhile."""
+        target = Path(copy.path)
+        fd = ShardCache._lock_download(target.with_suffix(".lock"))
+        try:
+            if os.fstat(copy.fd).st_ino != target.stat().st_ino:
+                return
+            if not remove(target):
+                raise not_ours(target)
+            remove(target.with_suffix(".verified"))
+        except FileNotFoundError:  # removed already
+            pass
+        finally:
+            os.close(fd)
 
     @staticmethod
     def _hashed_as_is(target: Path) -> bool:
@@ -259,14 +276,16 @@ class ShardCache:
         with contextlib.suppress(OSError):
             target.with_suffix(".verified").write_text(_record_text(stamp))
 
-    def _download(self, fs: fsspec.AbstractFileSystem, remote: str, checksum: str, target: Path) -> None:
+    def _download(self, fs: fsspec.AbstractFileSystem, remote: str, checksum: str, target: Path, size: int) -> None:
         tmp = target.with_suffix(f".tmp-{os.getpid()}-{threading.get_ident()}")
         try:
+            self._reserve(tmp, size)
             digest = hashlib.sha256()
-            with fs.open(remote, "rb") as source, tmp.open("wb") as copy:
+            with fs.open(remote, "rb") as source, tmp.open("r+b") as copy:
                 while chunk := source.read(COPY_CHUNK):
                     digest.update(chunk)
                     copy.write(chunk)
+                copy.truncate()  # to the bytes that came: a shard of another size fails its hash below
                 copy.flush()
                 os.fsync(copy.fileno())
                 with self._counting:
@@ -277,16 +296,38 @@ class ShardCache:
             # Hashed on the way in; recorded before the rename (which keeps the inode), so a reader that
             # finds the copy finds its record.
             self._record_hash(target, file_stamp(tmp))
-            tmp.replace(target)
+            with self._room():  # an eviction counting meanwhile sees the copy under one name or the other
+                tmp.replace(target)
         finally:
             tmp.unlink(missing_ok=True)
+
+    def _reserve(self, tmp: Path, size: int) -> None:
+        """Makes room for a copy of `size` bytes (0: a manifest without sizes, room made after) and claims it:
+        `tmp` at that size (sparse) from the start, which every eviction counts whole. One process at a
+        time: two making room at once each counted the other's copy at the few bytes it had so far, and the
+        disk filled past the bound."""
+        with self._room():
+            if size:
+                self.evict(keep=None, room=size)
+            with tmp.open("wb") as claimed:
+                claimed.truncate(size)
+
+    @contextlib.contextmanager
+    def _room(self) -> Iterator[None]:
+        """The cache's lock on room made and claimed, across processes and this process's threads."""
+        with _ROOM_LOCK:
+            fd = self._lock_download(self.directory / ".room.lock")
+            try:
+                yield
+            finally:
+                os.close(fd)
 
     def evict(self, keep: Path | None, room: int = 0) -> None:
         """Oldest used first, down to `max_bytes` less `room`, skipping copies in use; also the temporary files of
         copies that died (a copy takes seconds, so one an hour old is abandoned), while live ones count
-        against the bound, and hash records an hour old whose copy is gone (records and lock files, a few
-        bytes each, count for nothing: a bound of exactly two copies would otherwise keep one). Other
-        processes may evict at the same time."""
+        against the bound (whole: `_reserve`), and hash records an hour old whose copy is gone (records and
+        lock files, a few bytes each, count for nothing: a bound of exactly two copies would otherwise keep
+        one). Other processes may evict at the same time."""
         now, files, total = time.time(), [], 0
         for path in self.directory.iterdir():
             try:
@@ -340,6 +381,14 @@ class ShardCache:
             finally:
                 os.close(fd)
         return removed
+
+
+def not_ours(copy: Path) -> ChecksumMismatch:
+    """A damaged copy this user cannot remove."""
+    return ChecksumMismatch(
+        f"{copy}: a damaged copy of another user's in a shared cache, which only they (or root) can remove; "
+        "until then read through a cache_dir of your own"
+    )
 
 
 def remove(path: Path) -> bool:
@@ -698,8 +747,13 @@ class ShardReader:
         return as_stored(self._read(shard, group, self.threads > 0), shard.dictionary)
 
     def _read(self, shard: OpenShard, group: RowGroup, use_threads: bool) -> pa.Table:
-        with shard.lock:
-            table = shard.file.read_row_group(group.index, columns=self.columns, use_threads=use_threads)
+        try:
+            with shard.lock:
+                table = shard.file.read_row_group(group.index, columns=self.columns, use_threads=use_threads)
+        except OSError as exc:
+            if "CRC checksum verification failed" not in str(exc):
+                raise
+            raise self._damaged(shard, f"{self.root}/{group.shard} row group {group.index}: {exc}") from exc
         if table.num_rows != group.rows:  # the plan counts on the manifest's rows: short batches, unequal ranks
             raise ChecksumMismatch(
                 f"{self.root}/{group.shard} row group {group.index}: {table.num_rows} rows where the manifest has "
@@ -710,6 +764,18 @@ class ShardReader:
             if len(column) >= REPEATS_SEEN_IN and sum(len(c.dictionary) for c in column.chunks) * 2 > len(column):
                 self._plain_text.add(name)  # shards opened (or reopened) from now on read it as text
         return table
+
+    @staticmethod
+    def _damaged(shard: OpenShard, failure: str) -> ChecksumMismatch:
+        """A page that failed its CRC (PyArrow's error names no file). A cached copy is removed, not fetched
+        again mid-epoch: reads of its other row groups may be in flight on the copy that failed."""
+        if not isinstance(shard.held, CachedShard):
+            return ChecksumMismatch(failure)
+        ShardCache.discard(shard.held)
+        return ChecksumMismatch(
+            f"{failure}; its cached copy {shard.held.path} rotted after it was hashed and is removed: this reader "
+            "stops, and the next one (a restarted run) downloads the shard afresh"
+        )
 
     def permutation(self, group: RowGroup) -> np.ndarray | None:
         """This epoch's order of a row group's rows, None when not shuffling."""
@@ -759,7 +825,8 @@ class ShardReader:
 
     def _open_cached(self, cache: ShardCache, shard: str, attempts: int) -> OpenShard:
         """Held in use once open; between the fetch and the hold another process may evict it, and it is
-        fetched again."""
+        fetched again, as is a copy whose footer or layout rotted since it was hashed (a copy hashed just now
+        holds the manifest's bytes: a layout unlike the manifest's is then no rot, and refused as it is)."""
         remote, checksum = f"{self.root}/{shard}", self.checksums[shard]
         for _ in range(attempts):
             local, hashed = cache.fetch(self.fs, remote, checksum, self.verify is True, self.sizes[shard])
@@ -771,9 +838,11 @@ class ShardReader:
                 hold(str(local), -1)
             try:
                 return self._open(shard, local, held, hashed)
-            except BaseException:
-                held.close()
-                raise
+            except BaseException as exc:
+                with contextlib.closing(held):
+                    if hashed or not isinstance(exc, ChecksumMismatch):
+                        raise
+                    cache.discard(held)  # rotted since its hash: the next attempt downloads it afresh
         raise OSError(
             f"{remote}: evicted from {cache.directory} {attempts} times before it could be opened; "
             f"cache_bytes ({cache.max_bytes}) is too small for the readers sharing it"

@@ -15,7 +15,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -269,7 +272,7 @@ def test_pages_mode_checks_every_page_read_and_each_size(manifest_url: str, tmp_
     shard = next(copy.glob("train-*.parquet"))
     pristine = shard.read_bytes()
     flip_a_page_byte(shard)
-    with pytest.raises(OSError, match="CRC checksum verification failed"):
+    with pytest.raises(ChecksumMismatch, match=f"{shard.name} row group 0: .*CRC checksum verification failed"):
         read()
     shard.write_bytes(pristine + b"\0")
     with pytest.raises(ChecksumMismatch, match="bytes where the manifest has"):
@@ -317,14 +320,16 @@ def test_remote_shards_are_cached_within_a_size_bound(
     shard_size = max(p.stat().st_size for p in cached)
     small = tmp_path / "small"
     on_disk_as_downloads_start = []
-    download = ShardCache._download
+    reserve = ShardCache._reserve
 
-    def counted(cache: ShardCache, fs, remote: str, checksum: str, target: Path) -> None:
-        arriving = (tmp_path / "big" / f"{checksum}.parquet").stat().st_size
-        on_disk_as_downloads_start.append(sum(p.stat().st_size for p in small.glob("*.parquet")) + arriving)
-        download(cache, fs, remote, checksum, target)
+    def counted(cache: ShardCache, tmp: Path, size: int) -> None:
+        reserve(cache, tmp, size)
+        assert tmp.stat().st_size == size  # the copy arriving, claimed whole
+        on_disk_as_downloads_start.append(
+            sum(p.stat().st_size for p in small.iterdir() if p.suffix == ".parquet" or ".tmp-" in p.name)
+        )
 
-    monkeypatch.setattr(ShardCache, "_download", counted)
+    monkeypatch.setattr(ShardCache, "_reserve", counted)
     with pytest.warns(UserWarning, match="more than cache_bytes"):  # the churn below: it says so
         reader = ShardReader(
             url, "train", storage_options=options, cache_dir=small, cache_bytes=2 * shard_size, max_open_files=1
@@ -357,6 +362,71 @@ def test_a_cache_of_two_copies_keeps_two(tmp_path: Path) -> None:
         copy, _ = cache.fetch(fsspec.filesystem("file"), str(remote / f"s{i}"), checksum, True, size)
         hold(str(copy), -1)
     assert sorted(p.stem for p in (tmp_path / "cache").glob("*.parquet")) == sorted(sums[1:])
+
+
+class Overlapping:
+    """A remote (all `ShardCache.fetch` asks of a filesystem: `open`) whose downloads overlap: each begins
+    (`begun`) and waits for the others before its bytes come, and once every one has written its bytes,
+    before any is renamed into place, `arrived` runs."""
+
+    def __init__(self, downloads: int, arrived: Callable[[], None]):
+        self.begun = threading.Semaphore(0)
+        self.go = threading.Barrier(downloads, timeout=10)
+        self.written = threading.Barrier(downloads, action=arrived, timeout=10)
+
+    def open(self, path: str, mode: str) -> io.BytesIO:
+        return OverlappingFile(Path(path).read_bytes(), self)
+
+
+class OverlappingFile(io.BytesIO):
+    def __init__(self, data: bytes, remote: Overlapping):
+        super().__init__(data)
+        self.remote, self.reads = remote, 0
+
+    def read(self, size: int | None = -1) -> bytes:
+        self.reads += 1
+        if self.reads == 1:
+            self.remote.begun.release()
+            self.remote.go.wait()
+        else:
+            self.remote.written.wait()
+        return super().read(size)
+
+
+def test_downloads_at_once_keep_the_cache_within_its_bound(tmp_path: Path) -> None:
+    """Each download makes room for its copy and claims it whole before the bytes come: one making room
+    while another's copy arrived counted that copy at the bytes it had so far (none), and copies arriving at
+    once passed the bound. Threads stand for a node's processes (a ShardCache each; the holds they share
+    are only on the copies they fetch), started in turn so that each makes room after the one before."""
+    from aifactory_assets.loader import hold
+
+    size, downloads = 2**16, 3
+    remote, cache_dir, sums = tmp_path / "remote", tmp_path / "cache", []
+    remote.mkdir()
+    for i in range(2 * downloads):
+        data = np.random.default_rng(i).bytes(size)
+        (remote / f"s{i}").write_bytes(data)
+        sums.append(hashlib.sha256(data).hexdigest())
+    bound = downloads * size
+    for i in range(downloads):  # the cache at its bound, with copies no reader holds
+        copy, _ = ShardCache(cache_dir, bound).fetch(fsspec.filesystem("file"), str(remote / f"s{i}"), sums[i], True)
+        hold(str(copy), -1)
+
+    def on_disk() -> int:
+        return sum(p.stat().st_size for p in cache_dir.iterdir() if p.suffix == ".parquet" or ".tmp-" in p.name)
+
+    most: list[int] = []
+    slow = Overlapping(downloads, arrived=lambda: most.append(on_disk()))
+    with ThreadPoolExecutor(downloads) as pool:
+        fetched = []
+        for i in range(downloads, 2 * downloads):
+            cache = ShardCache(cache_dir, bound)
+            fetched.append(pool.submit(cache.fetch, slow, str(remote / f"s{i}"), sums[i], True, size))
+            assert slow.begun.acquire(timeout=10)  # its room made (and claimed) before the next one's
+        copies = [future.result()[0] for future in fetched]
+    assert len(most) == 1 and most[0] <= bound
+    assert [hashlib.sha256(copy.read_bytes()).hexdigest() for copy in copies] == sums[downloads:]
+    assert on_disk() <= bound
 
 
 def many_row_groups(catalog: Catalog, s3_endpoint: str, shards: int = 8, groups: int = 10, rows: int = 20_000) -> tuple:
@@ -834,7 +904,7 @@ def test_pages_are_checked_where_a_shard_is_not_hashed_again(manifest_url: str, 
     stat = shard.stat()
     flip_a_page_byte(shard)  # in place: same inode and size
     os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    with pytest.raises(OSError, match="CRC checksum verification failed"):
+    with pytest.raises(ChecksumMismatch, match=f"{shard.name} row group 0: .*CRC checksum verification failed"):
         dates(ShardReader(url, "train", shuffle=False))
 
 
@@ -937,7 +1007,7 @@ def footer_of(data: bytes) -> bytes:
 
 def test_the_manifest_holds_each_shards_footer_hash(manifest_url: str) -> None:
     manifest = json.loads(Path(manifest_url).read_text())
-    assert manifest["format_version"] == 4
+    assert manifest["format_version"] >= 4  # footer_sha256 since 4
     for split in manifest["splits"].values():
         for shard in split["shards"]:
             data = (Path(manifest_url).parent / shard["path"]).read_bytes()
@@ -976,6 +1046,90 @@ def test_a_footer_that_rots_is_caught_where_the_shard_is_not_hashed(manifest_url
             dates(ShardReader("memory://footer-rot/manifest.json", "train", cache=False, verify="pages"))
     finally:
         remote.rm("/footer-rot", recursive=True)
+
+
+@pytest.fixture
+def memory_copy(manifest_url: str, tmp_path: Path) -> Iterator[str]:
+    """The version in fsspec's in-memory filesystem (a remote as fast as memory): its manifest's URL."""
+    remote, folder = fsspec.filesystem("memory"), f"/{tmp_path.name}"
+    for path in Path(manifest_url).parent.iterdir():
+        remote.pipe(f"{folder}/{path.name}", path.read_bytes())
+    try:
+        yield f"memory://{folder}/manifest.json"
+    finally:
+        remote.rm(folder, recursive=True)
+
+
+def rot(copy: Path, change: Callable[[Path], None]) -> None:
+    """Bit rot: the copy's bytes change in place, its size, mtime and inode (its hash record) do not."""
+    stat = copy.stat()
+    change(copy)
+    assert copy.stat().st_ino == stat.st_ino
+    os.utime(copy, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+@pytest.mark.parametrize("verify", [True, "pages"])
+def test_a_cached_copy_whose_pages_rot_is_refused_then_fetched_afresh(
+    memory_copy: str, tmp_path: Path, verify: bool | str
+) -> None:
+    """The copy's hash record still vouched for it: every reader on the node failed on it, though the remote
+    shard is sound. Its page's CRC failure names the shard and removes the copy; the next reader downloads it."""
+    cache = tmp_path / "cache"
+
+    def reader() -> ShardReader:
+        return ShardReader(memory_copy, "train", cache_dir=cache, shuffle=False, verify=verify)
+
+    expected = dates(reader())
+    shard, checksum = next(iter(reader().checksums.items()))
+    copy = cache / f"{checksum}.parquet"
+    rot(copy, flip_a_page_byte)
+    with pytest.raises(ChecksumMismatch, match=f"{shard} row group 0: .*CRC.*{copy.name} rotted after it was hashed"):
+        dates(reader())
+    assert not copy.exists() and not copy.with_suffix(".verified").exists()
+    again = reader()
+    assert dates(again) == expected
+    assert again.cache is not None and again.cache.downloads == 1
+    assert hashlib.sha256(copy.read_bytes()).hexdigest() == checksum
+
+
+@pytest.mark.parametrize("verify", [True, "pages"])
+def test_a_cached_copy_whose_footer_rots_is_fetched_afresh_as_it_opens(
+    memory_copy: str, tmp_path: Path, verify: bool | str
+) -> None:
+    """A footer is checked as its shard opens, before any row is read: that reader fetches the copy afresh."""
+    cache = tmp_path / "cache"
+    expected = dates(ShardReader(memory_copy, "train", cache_dir=cache, shuffle=False))
+    reader = ShardReader(memory_copy, "train", cache_dir=cache, shuffle=False, verify=verify)
+    checksum = next(iter(reader.checksums.values()))
+    copy = cache / f"{checksum}.parquet"
+
+    def footer_rots(path: Path) -> None:
+        with path.open("r+b") as f:
+            f.write(flip_a_footer_byte(path.read_bytes()))
+
+    rot(copy, footer_rots)
+    assert dates(reader) == expected
+    assert reader.cache is not None and reader.cache.downloads == 1
+    assert hashlib.sha256(copy.read_bytes()).hexdigest() == checksum
+
+
+def test_a_rotted_copy_is_discarded_only_while_it_is_still_the_cached_one(tmp_path: Path) -> None:
+    """Another process may have fetched a fresh copy since this one failed its check: that one stays."""
+    from aifactory_assets.loader import CachedShard
+
+    copy, fresh = ShardCache(tmp_path).path("a" * 64), tmp_path / "fresh"
+    copy.write_bytes(b"rotted")
+    copy.with_suffix(".verified").write_text("its record")
+    rotted = CachedShard(copy)
+    fresh.write_bytes(b"fresh")
+    fresh.replace(copy)
+    ShardCache.discard(rotted)
+    assert copy.read_bytes() == b"fresh" and copy.with_suffix(".verified").exists()
+    current = CachedShard(copy)
+    ShardCache.discard(current)
+    assert not copy.exists() and not copy.with_suffix(".verified").exists()
+    rotted.close()
+    current.close()
 
 
 def test_columns_are_checked_against_the_schema(manifest_url: str, tmp_path: Path) -> None:
