@@ -69,6 +69,7 @@ from aifactory_assets.shard_layout import LATEST, MANIFEST, read_footer, schema_
 DEFAULT_CACHE_BYTES = 20 * 2**30
 COPY_CHUNK = 8 * 2**20  # a download is streamed to disk, never held whole
 ABANDONED_S = 3_600
+STALLED_S = 60  # a download writes a chunk every few seconds: a copy silent this long is no longer arriving
 Remainder = Literal["drop", "pad"]
 PAGE_CHECKSUMS = 3  # the manifest format from which every shard's pages carry a CRC32
 MAX_OPEN_FILES = 64  # shards a reader keeps open: a split of thousands would exhaust descriptors; reopening
@@ -116,6 +117,9 @@ def epoch_seed(seed: int, epoch: int, *more: int) -> np.random.Generator:
 _HELD: Counter[str] = Counter()
 _HELD_LOCK = threading.RLock()  # reentrant: a CachedShard's finaliser may run on a thread inside it
 _ROOM_LOCK = threading.Lock()  # with a cache's `.room.lock`: on NFS a flock is the process's, not the thread's
+# Never fork while a thread holds the room (a DataLoader's workers): the child would inherit its flock, and
+# every download on the node would wait for that worker to exit.
+os.register_at_fork(before=_ROOM_LOCK.acquire, after_in_parent=_ROOM_LOCK.release, after_in_child=_ROOM_LOCK.release)
 
 
 def hold(path: str, count: int) -> None:
@@ -325,9 +329,10 @@ class ShardCache:
     def evict(self, keep: Path | None, room: int = 0) -> None:
         """Oldest used first, down to `max_bytes` less `room`, skipping copies in use; also the temporary files of
         copies that died (a copy takes seconds, so one an hour old is abandoned), while live ones count
-        against the bound (whole: `_reserve`), and hash records an hour old whose copy is gone (records and
-        lock files, a few bytes each, count for nothing: a bound of exactly two copies would otherwise keep
-        one). Other processes may evict at the same time."""
+        against the bound (whole while they arrive: `_reserve`; a killed rank's, silent for STALLED_S, only
+        by the bytes it wrote, or its claim would shrink the cache for the hour), and hash records an hour
+        old whose copy is gone (records and lock files, a few bytes each, count for nothing: a bound of
+        exactly two copies would otherwise keep one). Other processes may evict at the same time."""
         now, files, total = time.time(), [], 0
         for path in self.directory.iterdir():
             try:
@@ -349,8 +354,11 @@ class ShardCache:
                 # node hash that copy again (seen as a rank's rehash in the shared-cache test).
                 remove(path)
                 continue
-            if path.suffix == ".parquet" or ".tmp-" in path.name:
+            if path.suffix == ".parquet":
                 total += stat.st_size
+            elif ".tmp-" in path.name:
+                stalled = now - stat.st_mtime >= STALLED_S
+                total += min(stat.st_size, stat.st_blocks * 512) if stalled else stat.st_size
         for _, size, path in sorted(files):
             if total + room <= self.max_bytes:
                 break

@@ -429,6 +429,61 @@ def test_downloads_at_once_keep_the_cache_within_its_bound(tmp_path: Path) -> No
     assert on_disk() <= bound
 
 
+def test_a_killed_downloads_claim_stops_counting_once_it_stalls(tmp_path: Path) -> None:
+    """A rank killed mid-download leaves its claim (a sparse file of the shard's size): counted whole for
+    the hour it stays, it shrank the cache of the restarted job, which then fetched every shard again."""
+    from aifactory_assets.loader import STALLED_S, hold
+
+    size, cache_dir = 2**16, tmp_path / "cache"
+    remote = tmp_path / "remote"
+    remote.write_bytes(np.random.default_rng(0).bytes(size))
+    checksum = hashlib.sha256(remote.read_bytes()).hexdigest()
+    cache = ShardCache(cache_dir, 2 * size + 8192)  # two copies, and the few bytes a dead claim holds
+    copy, _ = cache.fetch(fsspec.filesystem("file"), str(remote), checksum, True)
+    hold(str(copy), -1)
+    claim = cache_dir / f"{'0' * 64}.tmp-999999-1"
+    with claim.open("wb") as f:
+        f.write(b"x" * 4096)  # the bytes it wrote before it was killed
+        f.truncate(size)
+    cache.evict(keep=None, room=size)
+    assert not copy.exists()  # an arriving copy (just written to) counts whole: the old copy made room
+    copy, _ = cache.fetch(fsspec.filesystem("file"), str(remote), checksum, True)
+    hold(str(copy), -1)
+    stalled = time.time() - STALLED_S - 1
+    os.utime(claim, (stalled, stalled))
+    cache.evict(keep=None, room=size)
+    assert copy.exists()  # a stalled one counts its 4 KiB: the cache still holds a copy and room for one more
+
+
+def test_a_fork_never_takes_the_caches_room_with_it(tmp_path: Path) -> None:
+    """A DataLoader forks its workers while another reader's thread may be making room: a worker that
+    inherited the room's flock held every download on the node until it exited."""
+    import threading
+
+    cache = ShardCache(tmp_path / "cache", 2**20)
+    inside, leave = threading.Event(), threading.Event()
+
+    def make_room() -> None:
+        with cache._room():
+            inside.set()
+            leave.wait(10)
+
+    maker = threading.Thread(target=make_room)
+    maker.start()
+    assert inside.wait(10)
+    threading.Timer(0.5, leave.set).start()  # the room is let go while the fork waits for it
+    worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(20,))
+    worker.start()
+    try:
+        maker.join(10)
+        taken = time.monotonic()
+        with ShardCache(tmp_path / "cache", 2**20)._room():
+            assert time.monotonic() - taken < 5  # not held by the worker, alive for 20 s
+    finally:
+        worker.kill()
+        worker.join()
+
+
 def many_row_groups(catalog: Catalog, s3_endpoint: str, shards: int = 8, groups: int = 10, rows: int = 20_000) -> tuple:
     """A split laid out as a large one is (many row groups per shard), on the S3 server."""
     store = s3_stores(catalog, s3_endpoint)["kajaani"]
