@@ -6,12 +6,13 @@ import dagster as dg
 
 from aifactory_assets.catalog import Catalog, load_catalog
 from aifactory_assets.factory import build_catalog_assets, store_key
-from resources import dask_cluster_from_env, object_store_for
+from resources import dask_cluster_from_env, object_stores_for
 from schedules import landing_sensors, nightly_schedules
 
 
 def site_stores(catalog: Catalog) -> dict[str, dg.ConfigurableResource]:
-    return {store_key(site.id): object_store_for(site.id, site.storage.bucket) for site in catalog.sites.values()}
+    stores = object_stores_for({site.id: site.storage.bucket for site in catalog.sites.values()})
+    return {store_key(site): store for site, store in stores.items()}
 
 
 def build_definitions(catalog: Catalog) -> dg.Definitions:

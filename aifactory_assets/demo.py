@@ -14,7 +14,7 @@ import pandas as pd
 from aifactory_assets.catalog import Catalog, Dataset, load_catalog
 from aifactory_assets.demo_sources import DEMO_SOURCES
 from aifactory_assets.ingest import landing_prefix
-from resources.object_store import ObjectStore, object_store_for
+from resources.object_store import ObjectStore, object_stores_for
 
 
 def encode(frame: pd.DataFrame, dataset: Dataset) -> bytes:
@@ -55,10 +55,8 @@ def land_demo_data(catalog: Catalog, stores: dict[str, ObjectStore], overwrite: 
 
 def stores_from_env(catalog: Catalog) -> dict[str, ObjectStore]:
     """Each site's store as the environment configures it, with secrets resolved (outside Dagster)."""
-    return {
-        site.id: object_store_for(site.id, site.storage.bucket).process_config_and_initialize()
-        for site in catalog.sites.values()
-    }
+    stores = object_stores_for({site.id: site.storage.bucket for site in catalog.sites.values()})
+    return {site: store.process_config_and_initialize() for site, store in stores.items()}
 
 
 def main() -> None:

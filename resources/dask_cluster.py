@@ -246,6 +246,9 @@ class DaskCluster(dg.ConfigurableResource):
                 cluster.close()
 
 
+LEAST_WORKER_MEMORY = 512 * 2**20  # a worker's imports take about 330 MiB: below this it restarts on every task
+
+
 def memory_limit_from_env() -> str:
     """AIFACTORY_DASK_MEMORY_LIMIT, checked at load: unchecked, a typo loaded fine and then failed every run's
     first step without naming the variable. 0 is refused: Dask reads it as no limit, and workers without one
@@ -255,10 +258,11 @@ def memory_limit_from_env() -> str:
         limit = parse_memory_limit(value, nthreads=1, total_cores=1, logger=logging.getLogger(__name__))
     except (ValueError, OverflowError):  # not a size; inf
         limit = None
-    if limit is None or limit < 1:
+    if limit is None or limit < LEAST_WORKER_MEMORY:
         raise ValueError(
             f"AIFACTORY_DASK_MEMORY_LIMIT={value!r}: a per-worker memory limit is auto (the default), a size such "
-            "as 4GiB, or a share of this host's memory such as 0.25; not 0, which Dask reads as no limit at all"
+            f"as 4GiB, or a share of this host's memory such as 0.25, of {format_bytes(LEAST_WORKER_MEMORY)} at "
+            "least (a bare number above 1 is bytes); not 0, which Dask reads as no limit at all"
         )
     return value
 

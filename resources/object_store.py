@@ -435,6 +435,29 @@ SETTINGS = ("ENDPOINT", "BUCKET", "PREFIX", "KEY", "SECRET", "REGION")
 # id may be `s3` or begin with `s3_`: AIFACTORY_S3_S3_KEY is a site's key, not a misspelling).
 _S3_VARIABLE = re.compile(rf"AIFACTORY_(?:[A-Z][A-Z0-9_]*_)?S3_(?:{'|'.join(SETTINGS)})")
 _S3_STORE = re.compile(r"AIFACTORY_(?:[A-Z][A-Z0-9_]*_)?S3_(?:ENDPOINT|BUCKET)")
+_SITE_S3_VARIABLE = re.compile(rf"AIFACTORY_(.+)_S3_(?:{'|'.join(SETTINGS)})")  # a site's own, not the shared
+
+
+def refuse_s3_variables_of_no_site(sites: list[str]) -> None:
+    """A site's settings under a misspelt site id (AIFACTORY_LINKOEPING_S3_BUCKET) are read by no store: the
+    site meant stays on the local disk unsaid, and the name counted as a site on S3 where shared settings
+    are judged. Any AIFACTORY_<X>_S3_<SETTING> whose X is no site of the catalogue fails the load."""
+    strays = sorted(
+        name
+        for name, value in os.environ.items()
+        if value and (found := _SITE_S3_VARIABLE.fullmatch(name)) and found[1].lower() not in sites
+    )
+    if strays:
+        raise ValueError(
+            f"{', '.join(strays)}: no site of the catalogue is named so (its sites: {', '.join(sorted(sites))}); "
+            "a store reads AIFACTORY_<SITE>_S3_<SETTING>"
+        )
+
+
+def object_stores_for(buckets: dict[str, str]) -> dict[str, ObjectStore]:
+    """Every site's store, by site id (`buckets`: each site's bucket in the catalogue)."""
+    refuse_s3_variables_of_no_site(list(buckets))
+    return {site: object_store_for(site, bucket) for site, bucket in buckets.items()}
 
 
 def refuse_unknown_s3_variables(site: str) -> None:

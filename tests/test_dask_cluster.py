@@ -206,10 +206,13 @@ def test_memory_limits_as_a_local_cluster_reads_them_load(monkeypatch: pytest.Mo
     assert dask_cluster_from_env().memory_limit == limit  # a number up to 1: that share of the host, per worker
 
 
-@pytest.mark.parametrize("wrong", ["lots", "AUTO", "0", "0GB", "0.0", "-1GB", "-0.5", "inf", "nan"])
+@pytest.mark.parametrize(
+    "wrong", ["lots", "AUTO", "0", "0GB", "0.0", "-1GB", "-0.5", "inf", "nan", "16", "1.5", "256MiB"]
+)
 def test_a_memory_limit_dask_cannot_keep_fails_the_load(monkeypatch: pytest.MonkeyPatch, wrong: str) -> None:
-    """Unchecked, `lots` loaded fine and failed every run's first step without naming the variable, and `0`
-    (Dask's "no limit") left workers to the kernel's OOM killer."""
+    """Unchecked, `lots` loaded fine and failed every run's first step without naming the variable, `0`
+    (Dask's "no limit") left workers to the kernel's OOM killer, and `16` (bytes) restarted a worker on every
+    task."""
     monkeypatch.setenv("AIFACTORY_DASK_MEMORY_LIMIT", wrong)
     with pytest.raises(ValueError, match=f"AIFACTORY_DASK_MEMORY_LIMIT='{wrong}': a per-worker memory limit is"):
         dask_cluster_from_env()

@@ -242,6 +242,14 @@ IGNORED = "are set, but no endpoint (AIFACTORY_ATHENS_S3_ENDPOINT or AIFACTORY_S
         ({"AIFACTORY_S3_ENDPOINT_URL": "http://s3:9000", "AIFACTORY_S3_SECRET": S3_SECRET}, "ENDPOINT_URL: no such"),
         ({"AIFACTORY_S3_ENDPOINT": "http://s3:9000", "AIFACTORY_S3_REGOIN": "eu-1"}, "_REGOIN: no such setting"),
         ({"AIFACTORY_KAJAANI_S3_BUKCET": "bucket-1"}, "AIFACTORY_KAJAANI_S3_BUKCET: no such setting of the kajaani"),
+        (  # a misspelt site: its store would stay local, and the shared key unused
+            {"AIFACTORY_LINKOEPING_S3_BUCKET": "b-1", "AIFACTORY_S3_KEY": "key-1", "AIFACTORY_S3_SECRET": S3_SECRET},
+            "AIFACTORY_LINKOEPING_S3_BUCKET: no site of the catalogue is named so",
+        ),
+        (
+            {"AIFACTORY_LINKOEPING_S3_ENDPOINT": "http://s3:9000", "AIFACTORY_LINKOEPING_S3_BUCKET": "bucket-1"},
+            "AIFACTORY_LINKOEPING_S3_BUCKET, AIFACTORY_LINKOEPING_S3_ENDPOINT: no site",
+        ),
     ],
 )
 def test_settings_the_store_would_ignore_fail_the_load(
@@ -257,9 +265,8 @@ def test_settings_the_store_would_ignore_fail_the_load(
 
 
 def test_shared_settings_a_site_of_its_own_bucket_uses_load(monkeypatch: pytest.MonkeyPatch, catalog: Catalog) -> None:
-    """The shared key may serve one site's own bucket while the others stay local; AIFACTORY_S3_S3_KEY is the
-    key of a site `s3`, not a misspelling."""
-    for name in ("AIFACTORY_S3_KEY", "AIFACTORY_S3_SECRET", "AIFACTORY_S3_REGION", "AIFACTORY_S3_S3_KEY"):
+    """The shared key may serve one site's own bucket while the others stay local."""
+    for name in ("AIFACTORY_S3_KEY", "AIFACTORY_S3_SECRET", "AIFACTORY_S3_REGION"):
         monkeypatch.setenv(name, "x")
     monkeypatch.setenv("AIFACTORY_KAJAANI_S3_BUCKET", "kajaani-own")
     defs = build_definitions(catalog)
