@@ -454,7 +454,10 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
                     f"on {valid_record['rows_valid']}; version {version} is not committed"
                 )
             lineage = lineage_inputs(raw_record, valid_record)
-            kept = {"raw": raw_record["quarantine"], "validated": valid_record["quarantine"]}
+            kept = {  # each stage's quarantine generation, and its parts: one per landed file, per raw part
+                "raw": (raw_record["quarantine"], len(raw_record["ledger"])),
+                "validated": (valid_record["quarantine"], len(valid_record["excluded"])),
+            }
             quarantine = {
                 "rows_read": raw_record["rows_read"],
                 "rows": raw_record["rows_quarantined"] + valid_record["rows_quarantined"],

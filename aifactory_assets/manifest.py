@@ -181,17 +181,21 @@ def kept_quarantine_prefix(dataset: Dataset, version: str) -> str:
     return f"quarantine/{dataset.name}/v={version}"
 
 
-def keep_quarantine(store: ObjectStore, dataset: Dataset, version: str, generations: dict[str, str]) -> list[str]:
-    """Copies each stage's quarantine generation for the version: the next run of the stage replaces the
-    generation, and a version's manifest must still lead to the rows it left out. Returns the copies' keys."""
+def keep_quarantine(
+    store: ObjectStore, dataset: Dataset, version: str, generations: dict[str, tuple[str, int]]
+) -> list[str]:
+    """Copies each stage's quarantine generation (its prefix, and the parts it holds) for the version: the
+    next run of the stage replaces the generation, and a version's manifest must still lead to the rows it
+    left out. Returns the copies' keys."""
     kept = {stage: f"{kept_quarantine_prefix(dataset, version)}/{stage}" for stage in generations}
-    pairs = [
-        (info.key, f"{kept[stage]}/{posixpath.basename(info.key)}")
-        for stage, generation in generations.items()
-        for info in store.list_objects(generation)
-    ]
-    if missing := [source for (source, _), copied in zip(pairs, store.copy_many(pairs), strict=True) if not copied]:
-        raise FileNotFoundError(f"quarantine part(s) {missing} went while the version was written: run it again")
+    listed = {stage: store.list_objects(generation) for stage, (generation, _) in generations.items()}
+    pairs = [(info.key, f"{kept[stage]}/{posixpath.basename(info.key)}") for stage in listed for info in listed[stage]]
+    copied = store.copy_many(pairs)
+    if not all(copied) or any(len(listed[stage]) != parts for stage, (_, parts) in generations.items()):
+        raise FileNotFoundError(
+            f"{dataset.name}: quarantine parts of {[g for g, _ in generations.values()]} went while version "
+            f"{version} was written (another deployment's publish): run it again"
+        )
     return list(kept.values())
 
 

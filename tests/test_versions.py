@@ -282,6 +282,17 @@ def failure_message(result: dg.ExecuteInJobResult) -> str:
     return "\n".join(messages)
 
 
+def test_a_version_whose_quarantine_went_meanwhile_is_not_committed(setup) -> None:
+    """The version keeps a copy of its quarantine: a generation removed while the shards were written
+    (another deployment's publishes) would be copied as nothing, and the manifest lead to no rows."""
+    catalog, dataset, store, stores, dask = setup
+    assert run(catalog, stores, dask, stages=("raw", "validated")).success
+    store.delete(current(store, f"raw/{DATASET}")["quarantine"])
+    failed = run(catalog, stores, dask, stages=("shards",))
+    assert not failed.success and "quarantine parts of" in failure_message(failed)
+    assert latest_manifest(store, dataset) is None
+
+
 def test_shards_refuse_validated_rows_of_an_older_raw_generation(setup) -> None:
     catalog, dataset, store, stores, dask = setup
     assert run(catalog, stores, dask).success
