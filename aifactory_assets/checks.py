@@ -150,6 +150,7 @@ def verified_check(manifest: dict, problems: dict[str, str]) -> dg.AssetCheckRes
 
 
 def expectations_table(results: list[dict[str, Any]]) -> str:
+    """Failed expectations first (a suite past TABLE_ROWS shows those); every one is in the Data Docs."""
     return markdown_table(
         ["expectation", "severity", "scope", "ok", "unexpected", "of", "observed / sample"],
         [
@@ -166,8 +167,9 @@ def expectations_table(results: list[dict[str, Any]]) -> str:
                     else ", ".join(r.get("sample", [])) or str(r.get("observed", ""))
                 )[:80],
             ]
-            for r in results
+            for r in sorted(results, key=lambda r: r["success"])
         ],
+        ": every expectation is in the validation's Data Docs report (`data_docs`)",
     )
 
 
@@ -199,7 +201,8 @@ def expectation_group_check(results: list[dict[str, Any]], severity: str) -> dg.
 
 def ledger_check(ledger: list[dict[str, Any]], record_url: str) -> dg.AssetCheckResult:
     """Per landed object: rows read = valid + quarantined at ingest + quarantined at validation. The table
-    shows unbalanced objects first, then those with rows left out (all of them are in `record_url`)."""
+    shows unbalanced objects first, then refused ones, then those with rows left out (all of them are in
+    `record_url`)."""
 
     def balances(e: dict[str, Any]) -> bool:
         return e["rows_read"] == e["rows_valid"] + e["quarantined_at_ingest"] + e["quarantined_at_validation"]
@@ -214,7 +217,7 @@ def ledger_check(ledger: list[dict[str, Any]], record_url: str) -> dg.AssetCheck
             e["quarantined_at_validation"],
             e["file_error"] or "",
         ]
-        for e in sorted(ledger, key=lambda e: (balances(e), e["rows_valid"] == e["rows_read"]))
+        for e in sorted(ledger, key=lambda e: (balances(e), not e["file_error"], e["rows_valid"] == e["rows_read"]))
     ]
     return dg.AssetCheckResult(
         check_name=LEDGER_CHECK,

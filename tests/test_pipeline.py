@@ -312,8 +312,11 @@ def test_tables_of_landed_files_show_what_matters_first_and_say_where_the_rest_i
     assert f"2 more not shown: every file is in `{raw_record}`" in summary
     ledger = next(e for e in result.get_asset_check_evaluations() if e.check_name == "ledger_per_source")
     table = ledger.metadata["ledger"].value
-    assert table.count("| `landing/") == 1 and "| `landing/palmer_penguins/drop-2.csv` | 7 | 2 | 3 | 2 |" in table
+    assert table.count("| `landing/") == 1 and "| `landing/palmer_penguins/drift.csv` | 0 | 0 | 0 | 0 |" in table
     assert f"2 more not shown: every object is in `{store.url('validated/palmer_penguins/_current.json')}`" in table
+    judged = result.asset_materializations_for_node(validated.to_python_identifier())[0].metadata["summary"].value
+    assert judged.count(" | ❌ | ") == 1 and " | ✅ | " not in judged  # a failed expectation first
+    assert "more not shown: every expectation is in the validation's Data Docs report" in judged
 
 
 def test_a_validated_step_killed_between_its_two_pointers_leaves_its_delete_files(
