@@ -24,8 +24,9 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from aifactory_assets.catalog import Dataset, ReaderOptions
-from aifactory_assets.schema import ARROW_TYPES, FALSE_WORDS, TRUE_WORDS, arrow_schema
+from aifactory_assets.schema import ARROW_TYPES, FALSE_WORDS, TRUE_WORDS, JsonNumber, arrow_schema
 
+HEX_LOOKBACK = 64  # bytes before a 0x searched for the start of its field
 MAX_BLOCK = 2**31 - 1  # pyarrow's CSV block size limit; a row (e.g. a 10 MB field) must fit in one block
 csv.field_size_limit(MAX_BLOCK)  # Python's reader too: its default, 128 KiB, gives up on a long field
 
@@ -75,15 +76,17 @@ def check_columns(found: list[str], dataset: Dataset, omitted_nulls: bool = Fals
     """Schema drift: a declared column missing refuses the file; an undeclared one too, unless the
     catalogue says `extra_columns: ignore`. Returns the undeclared columns that are ignored.
     `omitted_nulls`: the format's writers leave null fields out (JSONL's do), so only a non-nullable
-    column is missing."""
+    column is missing, unless the file holds undeclared ones: then a nullable one in no record was
+    likely renamed, and would land as nulls."""
     counts = Counter(found)
     duplicated = [c for c in dataset.table.names if counts[c] > 1]
     if duplicated:  # a reader keeps one of them, silently
         raise UnreadableFile(f"column name(s) {duplicated} appear more than once in the header; found {found}")
-    missing = [c.name for c in dataset.table.columns if c.name not in found and not (omitted_nulls and c.nullable)]
+    extra = [c for c in found if c not in dataset.table.names]
+    may_omit = omitted_nulls and not extra
+    missing = [c.name for c in dataset.table.columns if c.name not in found and not (may_omit and c.nullable)]
     if missing:
         raise UnreadableFile(f"schema drift: declared column(s) {missing} missing; found {found}")
-    extra = [c for c in found if c not in dataset.table.names]
     if extra and dataset.source.extra_columns == "refuse":
         raise UnreadableFile(
             f"schema drift: undeclared column(s) {extra}; declare them, or set source.extra_columns: ignore"
@@ -110,12 +113,13 @@ def _read_csv(data: bytes, dataset: Dataset, fast: bool) -> LandedRows:
         raise UnreadableFile(f"header line is not CSV ({exc}); lines must end in LF or CRLF") from None
     extra = check_columns(header, dataset)
     fast = _typed_csv(data, dataset) if fast else None
-    table, bad = fast or _robust_csv(data, dataset, header)
+    table, bad, by_python = (*fast, False) if fast else _robust_csv(data, dataset, header)
     newlines = _newlines(table)
     counted = 1 + table.num_rows + len(bad) + int(np.sum(newlines)) + sum(b.text.count("\n") for b in bad)
     # Every other newline is a blank line or inside a column pyarrow dropped: its numbering missed them.
+    # Python's reader keeps the last newline in a quote left open to the end: its rows are always counted.
     lines = data.count(b"\n") + (not data.endswith(b"\n"))  # the last line may lack its newline
-    starts = record_starts(data, options) if lines > counted else None
+    starts = record_starts(data, options) if lines > counted or by_python else None
     rows, bad = record_lines(table.num_rows, newlines, bad, starts)
     if fast is not None:
         return LandedRows(None, rows, bad, extra, typed=table)
@@ -127,14 +131,14 @@ def _read_csv(data: bytes, dataset: Dataset, fast: bool) -> LandedRows:
     return LandedRows(values[keep].reset_index(drop=True), rows[keep], bad, extra)
 
 
-def _robust_csv(data: bytes, dataset: Dataset, header: list[str]) -> tuple[pa.Table, list[BadRow]]:
-    """Every cell as bytes. pyarrow refuses the whole file when a row with the wrong field count is not
-    valid text (it decodes the row for its handler, strictly), as when the declared encoding lacks a byte:
-    Python's reader then reads it, such rows quarantined one by one."""
+def _robust_csv(data: bytes, dataset: Dataset, header: list[str]) -> tuple[pa.Table, list[BadRow], bool]:
+    """Every cell as bytes, and whether Python's reader read them. pyarrow refuses the whole file when a row
+    with the wrong field count is not valid text (it decodes the row for its handler, strictly), as when
+    the declared encoding lacks a byte: Python's reader then reads it, such rows quarantined one by one."""
     try:
-        return _parse_csv(data, dataset, {name: pa.binary() for name in header}, text=False)
+        return (*_parse_csv(data, dataset, {name: pa.binary() for name in header}, text=False), False)
     except UnreadableFile:
-        return _python_csv(data, dataset, header)
+        return (*_python_csv(data, dataset, header), True)
 
 
 def _python_csv(data: bytes, dataset: Dataset, header: list[str]) -> tuple[pa.Table, list[BadRow]]:
@@ -153,10 +157,20 @@ def _python_csv(data: bytes, dataset: Dataset, header: list[str]) -> tuple[pa.Ta
         if len(cells) == len(header):
             records.append(cells)
             continue
-        text = options.delimiter.encode().join(cells).decode("utf-8", "backslashreplace")
+        text = (
+            _written(record, options.delimiter).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        )
         bad.append(BadRow(2 + len(records) + len(bad), f"expected {len(header)} fields, found {len(cells)}", text))
     kept = {name: header.index(name) for name in dataset.table.names}
     return pa.table({name: pa.array([r[i] for r in records], pa.binary()) for name, i in kept.items()}), bad
+
+
+def _written(record: list[str], delimiter: str) -> str:
+    """A record as CSV again, quoted where its cells need it (a line break too): a quarantined row's text as
+    it was landed."""
+    line = io.StringIO()
+    csv.writer(line, delimiter=delimiter, lineterminator="\r\n").writerow(record)
+    return line.getvalue().removesuffix("\r\n")
 
 
 def _text(data: bytes, options: ReaderOptions) -> str:
@@ -208,7 +222,7 @@ def _typed_csv(data: bytes, dataset: Dataset) -> tuple[pa.Table, list[BadRow]] |
     columns = dataset.table.columns
     if any(c.type == "timestamp" or c.format for c in columns):
         return None
-    if any(c.type.startswith("int") for c in columns) and _may_hold_hex(data):
+    if any(c.type.startswith("int") for c in columns) and _may_hold_hex(data, dataset.source.options.delimiter):
         return None
     try:
         table, bad = _parse_csv(data, dataset, {c.name: ARROW_TYPES[c.type] for c in columns}, text=True)
@@ -228,10 +242,18 @@ def _typed_csv(data: bytes, dataset: Dataset) -> tuple[pa.Table, list[BadRow]] |
     return table.cast(arrow_schema(dataset, provenance=False)), bad
 
 
-def _may_hold_hex(data: bytes) -> bool:
-    """pyarrow reads 0x1F into integers (0xFFFFFFFFFFFFFFFF as -1). Most files hold no x at all, which a
-    byte scan finds at memory speed; the rest pay a regex."""
-    return (b"x" in data or b"X" in data) and re.search(rb"0[xX]", data) is not None
+def _may_hold_hex(data: bytes, delimiter: str) -> bool:
+    """pyarrow reads a field that starts 0x1F (after spaces or a quote) into an integer (0xFFFFFFFFFFFFFFFF
+    as -1). Most files hold no x at all, which a byte scan finds at memory speed; in the rest each 0x is
+    judged by what precedes it, so text such as 1920x1080, or a hash inside a field, costs no robust read."""
+    if b"x" not in data and b"X" not in data:
+        return False
+    field_ends = (b"\n", b"\r", delimiter.encode())
+    for found in re.finditer(rb"0[xX]", data):
+        before = data[max(0, found.start() - HEX_LOOKBACK) : found.start()].rstrip(b' \t"')
+        if not before or before[-1:] in field_ends:  # the file's start (or a long run of blanks): a field's
+            return True
+    return False
 
 
 def _newlines(table: pa.Table) -> np.ndarray | int:
@@ -313,9 +335,9 @@ def _read_jsonl(data: bytes, dataset: Dataset) -> LandedRows:
             continue
         try:
             line = raw.decode(encoding).lstrip("\ufeff")
-            # Numbers with a fraction or an exponent stay text, as NaN / Infinity do, judged as CSV's are:
+            # Numbers with a fraction or an exponent stay as written (JsonNumber), as NaN / Infinity do:
             # through float64, 9007199254740993.0 would reach an integer column as ...992.
-            record = json.loads(line, parse_float=str, parse_constant=str)
+            record = json.loads(line, parse_float=JsonNumber, parse_constant=str)
         except UnicodeDecodeError as exc:
             bad.append(
                 BadRow(number, f"bytes {raw[exc.start : exc.end]!r} are not valid {encoding}", _decode(raw, encoding))

@@ -8,6 +8,7 @@ judged again in halves, down to the values that break it.
 from __future__ import annotations
 
 import datetime as dt
+import decimal
 import json
 import re
 
@@ -33,7 +34,8 @@ ARROW_TYPES: dict[str, pa.DataType] = {
 }
 # A date's own offset is dropped, not converted: "2024-01-05T00:00:00+14:00" is the 5th, as written.
 OFFSET = r"(\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?)\s*(?:Z|[+-]\d{2}(?::?\d{2})?)$"  # after a time of day
-REDUCED_ISO = r"\s*[0-9]{4}(?:-[0-9]{1,2})?\s*"  # a year, a month: pandas' ISO8601 takes them as its first day
+# A year, or a year and a month (either way round): pandas takes them as their first day.
+NO_DAY = r"\s*(?:[0-9]{4}(?:[-/. ][0-9]{1,2})?|[0-9]{1,2}[-/. ][0-9]{4})\s*"
 TRUE_WORDS = frozenset({"true", "t", "yes", "y", "1"})
 FALSE_WORDS = frozenset({"false", "f", "no", "n", "0"})
 
@@ -90,10 +92,11 @@ def _wall_clock(values: pd.Series, column: Column) -> pd.Series:
 
 
 def _days_only(text: pd.Series, column: Column) -> pd.Series:
-    """ISO text without a day (a year, a month) as unparseable: it names no date."""
-    if column.format not in (None, "ISO8601"):
+    """Text without a day (a year, a month) as unparseable: it names no date. Not where the column's own
+    format reads such text on purpose (`%Y-%m`)."""
+    if column.format not in (None, "ISO8601", "mixed"):
         return text
-    return text.where(~text.str.fullmatch(REDUCED_ISO).fillna(False).to_numpy(dtype=bool))
+    return text.where(~text.str.fullmatch(NO_DAY).fillna(False).to_numpy(dtype=bool))
 
 
 def _strptime_as_written(text: str, format: str) -> dt.datetime | None:
@@ -141,6 +144,17 @@ INT_RANGES = {"int32": (-(2**31), 2**31 - 1), "int64": (-(2**63), 2**63 - 1)}
 INT64_LOW, INT64_HIGH = INT_RANGES["int64"]
 
 
+class JsonNumber(str):
+    """A JSON number with a fraction or an exponent, as written: text to a text column, and to an integer
+    column the integer it is exactly, if it is one (pandas writes an integer column with nulls as 5.0;
+    through float64, 9007199254740993.0 would lose its last digit)."""
+
+    def as_int(self) -> int | None:
+        exact = decimal.Decimal(self)
+        whole = exact.is_finite() and abs(exact) <= INT64_HIGH + 1 and exact == exact.to_integral_value()
+        return int(exact) if whole else None  # bounded first: int() of 1e999999999 would take forever
+
+
 def _int_or_none(value: object) -> int | None:
     """An exact integer within int64, or None."""
     if isinstance(value, bool | np.bool_):
@@ -149,6 +163,8 @@ def _int_or_none(value: object) -> int | None:
         number = int(value)
     elif isinstance(value, float):
         number = int(value) if value.is_integer() else None
+    elif isinstance(value, JsonNumber):
+        number = value.as_int()
     else:
         text = (_as_text(value) or "").strip()  # Parquet's binary text decoded, not "b'5'"
         number = int(text) if re.fullmatch(INT_TEXT, text) else None

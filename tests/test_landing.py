@@ -62,6 +62,7 @@ HEADER = b"id,name,amount,day,flag\n"
         b"1,a,1.5,2024-01-05,true\n2,b,2.0\n3,c,3,2024-01-07,false\n",  # a short row: quarantined, rest fast
         b" 4 ,a, 1.0 ,2024-01-05,true\n",  # padded numbers: both paths read them
         b"00000000000000000004,a,1.0,2024-01-05,true\n",  # zero-padded past 19 characters
+        b"1,1920x1080,1.0,2024-01-05,true\n2,ab0x1f,2.0,2024-01-06,false\n",  # 0x inside text: no hex
     ],
 )
 def test_fast_path_agrees_on_clean_values(body: bytes) -> None:
@@ -81,6 +82,7 @@ def test_fast_path_agrees_on_clean_values(body: bytes) -> None:
         b"1,a,1.0,01/05/2024,true\n",  # not ISO
         b"1,Jos\xe9,1.0,2024-01-05,true\n",  # not UTF-8
         b"0x10,a,1.0,2024-01-05,true\n",  # pyarrow reads hex (0xFFFFFFFFFFFFFFFF as -1); we refuse it
+        b'1,a,1.0,2024-01-05,true\n 0X10,b,1.0,2024-01-05,true\n"0x10",c,1.0,2024-01-05,true\n',  # as it does these
     ],
 )
 def test_anything_doubtful_takes_the_robust_path(body: bytes) -> None:
@@ -121,6 +123,10 @@ def test_a_row_with_the_wrong_field_count_and_bytes_that_are_not_text_is_quarant
     landed = read_landed(data, CORPUS, fast=fast)
     assert list(landed.rows) == [2, 4]
     assert [(b.row, b.reason, b.text) for b in landed.bad] == [(3, "expected 5 fields, found 3", "2,Jos\\xe9,2.0")]
+    # Its text keeps its quotes; one left open to the end still starts on its own line.
+    data = HEADER + b'1,a,1.5,2024-01-05,true\n2,"Jos\xe9, Jr.","say ""hi"""\n\n3,b,"open\n'
+    landed = read_landed(data, CORPUS, fast=fast)
+    assert [(b.row, b.text) for b in landed.bad] == [(3, '2,"Jos\\xe9, Jr.","say ""hi"""'), (5, '3,b,"open\n"')]
 
 
 @pytest.mark.parametrize(
@@ -252,17 +258,24 @@ def test_dates_with_mixed_offsets_are_read_as_written_whatever_the_iso_format(fo
     assert [str(d) for d in array.to_pylist()[:3]] == ["2024-01-01", "2024-01-02", "2024-01-03"]
 
 
-def test_a_json_fraction_is_judged_as_its_text_is_in_csv() -> None:
-    """Through float64, 9007199254740993.0 would reach an integer column as ...992."""
+def test_a_json_number_with_a_fraction_is_read_exactly() -> None:
+    """pandas writes an integer column with nulls as 5.0: a whole number goes into an integer column, and
+    exactly (through float64, 9007199254740993.0 would reach it as ...992); 1.5 does not, nor 1e400, whose
+    digits are never spelt out. Text columns take the number as written."""
     jsonl = CORPUS.model_copy(update={"source": CORPUS.source.model_copy(update={"format": "jsonl"})})
     lines = [
         '{"id": 9007199254740993.0, "name": "a", "amount": 1.5, "day": null, "flag": null}',
-        '{"id": 2, "name": 2.50, "amount": 1e2, "day": null, "flag": null}',
+        '{"id": 5.0, "name": 2.50, "amount": 1e2, "day": null, "flag": null}',
+        '{"id": 1.5, "name": "c", "amount": null, "day": null, "flag": null}',
+        '{"id": 1e999999999, "name": "d", "amount": null, "day": null, "flag": null}',
     ]
     typed, reasons = coerce_frame(read_landed("\n".join(lines).encode(), jsonl).values, jsonl)
-    assert "id: '9007199254740993.0' is not a valid int64" in reasons.iloc[0]
-    assert reasons.iloc[1] is None
-    assert typed.column("amount").to_pylist() == [1.5, 100.0] and typed.column("name")[1].as_py() == "2.50"
+    assert reasons.iloc[:2].isna().all()
+    assert typed.column("id").to_pylist()[:2] == [9007199254740993, 5]
+    assert (
+        reasons.iloc[2] == "id: '1.5' is not a valid int64" and "'1e999999999' is not a valid int64" in reasons.iloc[3]
+    )
+    assert typed.column("amount").to_pylist()[:2] == [1.5, 100.0] and typed.column("name")[1].as_py() == "2.50"
 
 
 def test_jsonl_writers_may_omit_a_nullable_column_but_not_a_required_one() -> None:
@@ -273,6 +286,9 @@ def test_jsonl_writers_may_omit_a_nullable_column_but_not_a_required_one() -> No
     assert reasons.isna().all() and typed.column("amount").to_pylist() == [None, None]
     with pytest.raises(UnreadableFile, match=r"\['name'\] missing"):
         read_landed(b'{"id": 1}\n', jsonl)
+    ignoring = jsonl.model_copy(update={"source": jsonl.source.model_copy(update={"extra_columns": "ignore"})})
+    with pytest.raises(UnreadableFile, match=r"\['amount'\] missing"):  # renamed: it would land as nulls
+        read_landed(b'{"id": 1, "name": "a", "amt": 2.0, "day": null, "flag": null}\n', ignoring)
 
 
 def read_parquet(table: pa.Table, columns: list[dict], null_values: tuple[str, ...] = ("",), **write: bool):
@@ -331,10 +347,16 @@ def test_parquet_binary_text_is_read_as_text_in_an_integer_column_too() -> None:
     assert reasons == [None, "n: \"b'x'\" is not a valid int64"]
 
 
-@pytest.mark.parametrize("format", [None, "ISO8601"])
+@pytest.mark.parametrize("format", [None, "ISO8601", "mixed"])
 @pytest.mark.parametrize("kind", ["date", "timestamp"])
 def test_a_year_or_a_month_alone_is_no_date(format: str | None, kind: str) -> None:
-    """pandas' ISO8601 reads them as their first day."""
-    values = pd.Series(["2024", "2024-03", " 2024-3 ", "2024-03-05"])
+    """pandas reads them as their first day, whatever the separator."""
+    values = pd.Series(["2024", "2024-03", " 2024-3 ", "2024/03", "2024.03", "03/2024", "2024-03-05"])
     _, failed, _ = coerce_column(values, Column(name="day", type=kind, format=format), frozenset({""}))
-    assert failed.tolist() == [True, True, True, False]
+    assert failed.tolist() == [True] * 6 + [False]
+
+
+def test_a_format_that_names_no_day_reads_months() -> None:
+    """A column whose own format is a month reads them on purpose."""
+    _, failed, _ = coerce_column(pd.Series(["2024-03"]), Column(name="m", type="date", format="%Y-%m"), frozenset())
+    assert failed.tolist() == [False]
