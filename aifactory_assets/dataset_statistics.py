@@ -22,7 +22,7 @@ Statistic = Any  # a lazy Dask value, or a tuple of them
 
 
 def between(value: Any, kwargs: dict[str, Any]) -> bool:
-    if value is None or value is pd.NaT or (isinstance(value, float) and np.isnan(value)):
+    if pd.isna(value):  # None, NaN, NaT, and pandas' NA (the min of an all-null column of nullable integers)
         return False
     low, high = kwargs.get("min_value"), kwargs.get("max_value")
     if isinstance(value, (dt.date, np.datetime64)):  # a date or timestamp: bounds are written as text, as GX reads them
@@ -130,9 +130,10 @@ def _bracket(grids: pd.DataFrame, rank: int) -> tuple[float, float]:
 
 
 def exact_quantiles(series: dd.Series, grids: pd.DataFrame, quantiles: list[float], method: str) -> list[float]:
-    """The quantiles pandas would give on the whole column (`method` as pandas' `interpolation`). Each rank
-    needed is found inside its own bracket: the values below it and equal to either end are counted, and
-    only those strictly inside (about 1/500 of the column) reach this process."""
+    """The quantiles pandas would give on the whole column (`method` as pandas' `interpolation`, or "median"
+    for pandas' median, which takes the middle differently). Each rank needed is found inside its own
+    bracket: the values below it and equal to either end are counted, and only those strictly inside (about
+    1/500 of the column) reach this process."""
     total = int(grids["n"].sum())
     if total == 0:
         return [float("nan")] * len(quantiles)
@@ -160,18 +161,25 @@ def exact_quantiles(series: dd.Series, grids: pd.DataFrame, quantiles: list[floa
 
 
 def _interpolate(at: dict[int, Any], position: float, method: str) -> Any:
-    """numpy's (and so pandas') interpolation between the values at the ranks around `position`."""
+    """As pandas computes it from the values at the ranks around `position`, to the last bit (a verdict at
+    an exact bound turns on it): the median as numpy's mean of the middle value(s), quantiles by numpy's
+    interpolation. Arithmetic on the values' own numpy types, as numpy's (float32 stays float32)."""
     below, above = int(np.floor(position)), int(np.ceil(position))
-    low, high = (np.asarray(at[below]).item(), np.asarray(at[above]).item())
+    low, high = at[below], at[above]
+    if method == "median":
+        return np.mean(np.array([low] if below == above else [low, high])).item()
     if method == "nearest":
         return np.asarray(at[int(np.around(position))]).item()
-    if method == "lower":
-        return low
-    if method == "higher":
-        return high
-    if method == "midpoint":
-        return (low + high) / 2
-    return low + (position - below) * (high - low)
+    if method in ("lower", "higher"):
+        return np.asarray(low if method == "lower" else high).item()
+    weight = (above - below) / 2 if method == "midpoint" else position - below
+    return _lerp(low, high, np.float64(weight)).item()
+
+
+def _lerp(low: Any, high: Any, weight: np.float64) -> Any:
+    """numpy's linear interpolation: from the nearer end, so that a weight of 1 gives `high` exactly."""
+    step = high - low
+    return high - step * (1 - weight) if weight >= 0.5 else low + step * weight
 
 
 def _ordered(partials: pd.DataFrame, kwargs: dict[str, Any], decreasing: bool) -> tuple[int, int]:
@@ -259,10 +267,10 @@ def judge_global(frame: dd.DataFrame, expectations: list[dict[str, Any]]) -> lis
         kind, kwargs = expectation["type"], expectation.get("kwargs", {})
         if kind == "expect_column_value_z_scores_to_be_less_than":
             results.append(_z_scores(frame, kwargs, value))
-        elif kind in QUANTILE_KINDS:  # as GX asks pandas: the median interpolates, quantiles the nearest by default
+        elif kind in QUANTILE_KINDS:  # as GX asks pandas: its median; quantiles the nearest by default
             median = kind == "expect_column_median_to_be_between"
             levels = [0.5] if median else kwargs["quantile_ranges"]["quantiles"]
-            method = "linear" if median else kwargs.get("allow_relative_error") or "nearest"
+            method = "median" if median else kwargs.get("allow_relative_error") or "nearest"
             observed = exact_quantiles(frame[kwargs["column"]], value, levels, method)
             results.append(_verdict(kind, kwargs, observed[0] if median else observed, False))
         else:

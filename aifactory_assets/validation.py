@@ -14,11 +14,12 @@ import hashlib
 import json
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
 import dask.dataframe as dd
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -69,13 +70,15 @@ def _batch_definition() -> Any:
     return _GX.batch_definition
 
 
-def pandas_for_gx(table: pa.Table) -> pd.DataFrame:
+def pandas_for_gx(table: pa.Table, compared: Collection[str] = ()) -> pd.DataFrame:
     """Temporal columns as datetime64[ns]: GX 1.x vectorises its range checks only at that unit (pandas 3
     gives us/ms and GX then checks one value at a time). Values outside 1677-2262 keep their unit.
     Integer columns with a value past 2**53 as pandas' nullable integers: plain pandas makes a column with
-    a null float64, which loses such digits. Within 2**53 a null makes the column float64 (exact there):
-    GX's column-pair and multicolumn-sum expectations cannot compare pandas' NA ("boolean value of NA is
-    ambiguous"). GX still turns a bound into a float, so a bound past 2**53 is judged through floats."""
+    a null float64, which loses such digits. Those GX compares with other columns (`compared`: pair and
+    multicolumn expectations) as Python ints with NaN for nulls instead: GX cannot compare pandas' NA there
+    ("boolean value of NA is ambiguous"), and judges NaN as in a float column. Within 2**53 a null makes
+    the column float64 (exact there). GX turns a bound (and a sum's total) into a float: past 2**53 it is
+    judged through floats against nullable integers, exactly against Python ints."""
     table = table.replace_schema_metadata(None)  # pandas' own metadata would bring its nullable types back
     try:
         frame = table.to_pandas(date_as_object=False, coerce_temporal_nanoseconds=True)
@@ -83,14 +86,32 @@ def pandas_for_gx(table: pa.Table) -> pd.DataFrame:
         frame = table.to_pandas(date_as_object=False)
     for name, column in zip(table.column_names, table.columns, strict=True):
         if pa.types.is_integer(column.type) and past_float_precision(column):
-            frame[name] = column.to_pandas(types_mapper=pd.ArrowDtype).astype(f"Int{column.type.bit_width}")
+            frame[name] = (
+                python_ints(column)
+                if name in compared
+                else column.to_pandas(types_mapper=pd.ArrowDtype).astype(f"Int{column.type.bit_width}")
+            )
     return frame
+
+
+def python_ints(column: pa.ChunkedArray) -> np.ndarray:
+    """Exact integers that GX's comparisons take: Python ints (converted by numpy, not row by row in
+    Python), NaN for nulls."""
+    values = column.fill_null(0).to_numpy().astype(object)
+    values[column.is_null().to_numpy()] = np.nan
+    return values
 
 
 def past_float_precision(column: pa.ChunkedArray) -> bool:
     bounds = pc.min_max(column)
     low, high = bounds["min"].as_py(), bounds["max"].as_py()
     return low is not None and (low < -(2**53) or high > 2**53)
+
+
+def compared_columns(expectations: list[dict[str, Any]]) -> set[str]:
+    """The columns pair and multicolumn expectations compare with each other."""
+    kwargs = [e.get("kwargs") or {} for e in expectations]
+    return {c for k in kwargs for c in [k.get("column_A"), k.get("column_B"), *(k.get("column_list") or [])] if c}
 
 
 def referenced_columns(expectations: list[dict[str, Any]]) -> list[str]:
@@ -131,6 +152,24 @@ def _row_counts(outcome: Any, rows: int) -> dict[str, Any]:
     }
 
 
+def gx_outcomes(frame: pd.DataFrame, suite: dict[str, Any], expectations: list[dict[str, Any]]) -> list[Any]:
+    """GX's result for each of `expectations` on `frame`, in their order. GX's and pydantic's errors come
+    back as plain ones: a pydantic error's message fails to print once Dask has pickled it."""
+    import great_expectations as gx
+    from great_expectations.compatibility.pydantic import ValidationError
+    from great_expectations.exceptions import GreatExpectationsError
+
+    tagged = [{**e, "meta": {**(e.get("meta") or {}), POSITION: i}} for i, e in enumerate(expectations)]
+    try:
+        gx_suite = gx.ExpectationSuite(name=suite["name"], expectations=tagged)
+        batch = _batch_definition().get_batch(batch_parameters={"dataframe": frame})
+        result = batch.validate(gx_suite, result_format={"result_format": "COMPLETE"})
+    except (ValidationError, GreatExpectationsError) as exc:
+        raise RuntimeError(f"GX refused suite {suite['name']!r}: {type(exc).__name__}: {exc}") from None
+    # GX groups results by column, not in suite order: match them back by the position we tagged.
+    return sorted(result.results, key=lambda o: o.expectation_config.meta[POSITION])
+
+
 def validate_part(
     part_url: str,
     source: str,
@@ -141,23 +180,14 @@ def validate_part(
 ) -> dict[str, Any]:
     """Runs on a worker: validate one raw part (one landed file) and write its failing rows to quarantine;
     the rows that pass stay where they are (validated_rows.py)."""
-    import great_expectations as gx
-
     table = read_parquet(part_url, storage_options)
     row_expectations = [e for e in suite["expectations"] if e["type"] in ROW_EXPECTATIONS]
     failures: dict[int, list[str]] = {}
     counts = []
     if row_expectations and table.num_rows:
         # Only the columns the expectations name go to pandas and GX (which also hashes the whole frame).
-        frame = pandas_for_gx(
-            table.select([c for c in referenced_columns(row_expectations) if c in table.column_names])
-        )
-        tagged = [{**e, "meta": {**(e.get("meta") or {}), POSITION: i}} for i, e in enumerate(row_expectations)]
-        gx_suite = gx.ExpectationSuite(name=suite["name"], expectations=tagged)
-        batch = _batch_definition().get_batch(batch_parameters={"dataframe": frame})
-        result = batch.validate(gx_suite, result_format={"result_format": "COMPLETE"})
-        # GX groups results by column, not in suite order: match them back by the position we tagged.
-        outcomes = sorted(result.results, key=lambda o: o.expectation_config.meta[POSITION])
+        named = table.select([c for c in referenced_columns(row_expectations) if c in table.column_names])
+        outcomes = gx_outcomes(pandas_for_gx(named, compared_columns(row_expectations)), suite, row_expectations)
         for expectation, outcome in zip(row_expectations, outcomes, strict=True):
             for index in outcome.result.get("unexpected_index_list") or []:
                 failures.setdefault(int(index), []).append(expectation_label(expectation))
@@ -365,6 +395,14 @@ def judged_parts(
     }
 
 
+def nullable_integer(kind: pa.DataType) -> pd.api.extensions.ExtensionDtype | None:
+    """Integer columns of the whole dataset as pandas' nullable integers: plain pandas makes a file's with a
+    null float64, where ids past 2**53 collide (false duplicates, rounded min, max and sum)."""
+    if not pa.types.is_integer(kind):
+        return None
+    return pd.api.types.pandas_dtype(f"{'U' if pa.types.is_unsigned_integer(kind) else ''}Int{kind.bit_width}")
+
+
 def validate_dataset(
     store: ObjectStore,
     client: Client,
@@ -417,7 +455,11 @@ def validate_dataset(
 
     def whole_dataset() -> dd.DataFrame:
         if parts:
-            return dd.read_parquet([store.url(p) for p in parts], storage_options=store.storage_options)
+            return dd.read_parquet(
+                [store.url(p) for p in parts],
+                storage_options=store.storage_options,
+                arrow_to_pandas={"types_mapper": nullable_integer},
+            )
         # every file refused: judge the suite on an empty table of the right schema, typed as read_parquet
         # types it (plain to_pandas makes a date column one of objects, whose mean fails)
         empty = arrow_schema(dataset).empty_table().to_pandas(types_mapper=pd.ArrowDtype)

@@ -461,12 +461,47 @@ def test_suite_that_does_not_parse(tmp_catalog: Path) -> None:
             "expectations.0.kwargs.quantile_ranges",
             "one range each",
         ),
+        # What GX's own model of a row expectation refuses: every validated run failed on the workers.
+        (
+            {"type": "expect_column_values_to_be_between", "kwargs": {"column": "year", "min_value": "a"}},
+            "expectations.0.kwargs.min_value",
+            "GX's expect_column_values_to_be_between refuses 'a': value is not a valid float",
+        ),
+        (
+            {
+                "type": "expect_column_values_to_be_between",
+                "kwargs": {"column": "species", "min_value": "Adelie", "max_value": "Gentoo"},
+            },
+            "expectations.0.kwargs.min_value",
+            "refuses 'Adelie'",
+        ),
+        (
+            {"type": "expect_column_values_to_be_in_set", "kwargs": {"column": "species", "value_set": "Adelie"}},
+            "expectations.0.kwargs.value_set",
+            "value is not a valid list",
+        ),
+        (
+            {
+                "type": "expect_column_pair_values_to_be_in_set",
+                "kwargs": {"column_A": "species", "column_B": "island", "value_pairs_set": [["Adelie"]]},
+            },
+            "expectations.0.kwargs.value_pairs_set",
+            "wrong tuple length 1, expected 2",
+        ),
     ],
 )
 def test_suite_errors_name_the_expectation(tmp_catalog: Path, expectation: dict, field: str, message: str) -> None:
     suite = tmp_catalog / "suites" / "palmer_penguins.json"
     suite.write_text(json.dumps({"name": "palmer_penguins", "expectations": [expectation]}))
     assert_refused(tmp_catalog, suite, field, message)
+
+
+@pytest.mark.parametrize("name", ["<script>alert(1)</script>", "Palmer Penguins", 7])
+def test_a_suite_is_named_as_an_identifier(tmp_catalog: Path, name: Any) -> None:
+    """The name goes into the data docs page as it is."""
+    suite = tmp_catalog / "suites" / "palmer_penguins.json"
+    suite.write_text(json.dumps({**json.loads(suite.read_text()), "name": name}))
+    assert_refused(tmp_catalog, suite, "name", f"must be lower_snake_case, got {name!r}")
 
 
 def test_unreadable_catalogue_files_name_the_file(tmp_catalog: Path) -> None:
