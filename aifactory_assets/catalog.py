@@ -336,6 +336,15 @@ class ReaderOptions(_Model):
     encoding: str = "utf-8"
     null_values: list[str] = Field(default_factory=lambda: [""])
 
+    @field_validator("delimiter")
+    @classmethod
+    def _one_byte(cls, value: str) -> str:
+        """pyarrow splits on one byte: `¦` failed every run with a bare ValueError; a quote or a line break
+        cannot separate fields."""
+        if not value.isascii() or value in '"\r\n':
+            raise ValueError(f"{value!r}: a delimiter is one ASCII character, not a quote or a line break")
+        return value
+
     @field_validator("encoding")
     @classmethod
     def _known_encoding(cls, value: str) -> str:

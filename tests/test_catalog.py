@@ -120,6 +120,11 @@ DATASET_ERRORS = {
         "source.options.encoding",
         "unknown text encoding 'base64'",
     ),
+    "delimiter of two bytes": (
+        lambda d: d["source"]["options"].update(delimiter="¦"),
+        "source.options.delimiter",
+        "a delimiter is one ASCII character",
+    ),
     "encoding the readers cannot read": (
         lambda d: d["source"]["options"].update(encoding="utf-16"),
         "source.options.encoding",
