@@ -38,6 +38,7 @@ from aifactory_assets.manifest import (
     build_manifest,
     commit,
     keep_quarantine,
+    landing_order,
     lineage_inputs,
     output_software,
     remove_abandoned_writes,
@@ -183,7 +184,7 @@ def shard_version(
 ) -> dict[str, Any]:
     """The validated rows shuffled into shards under `into`, by workers on this process's software (which
     the version id names)."""
-    rank = {e["source"]: i for i, e in enumerate(raw_record["ledger"])}
+    rank = {e["source"]: i for i, e in enumerate(landing_order(raw_record["ledger"]))}
     seqs = [rank[source] for source in raw_record["part_sources"]]
     sharded = shard_dataset(
         store, client, dataset, valid_record["raw_parts"], valid_record["excluded"], seqs, into, staging

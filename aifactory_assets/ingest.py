@@ -215,7 +215,13 @@ def ingest_dataset(
     q_parts = [f"{q_gen}/part-{i:05d}.parquet" for i in range(len(objects))]
     # Parts written by workers on other code or libraries are not this release's: none of them are lent on.
     fingerprint = None if workers_on_other_software(client) else ingest_fingerprint(dataset)
-    done = ingested_files(current(store, f"raw/{dataset.name}"), fingerprint, run_id)
+    previous = current(store, f"raw/{dataset.name}")
+    done = ingested_files(previous, fingerprint, run_id)
+    first_landed = {  # by name and bytes: when the current generation's files first landed
+        (e["source"], e["sha256"]): e.get("landed_at", e["object"]["mtime"])
+        for e in (previous or {}).get("ledger", [])
+        if e.get("sha256")
+    }
     ledger: list[dict[str, Any] | None] = [None] * len(objects)
     lent = {i: done[o.fingerprint()] for i, o in enumerate(objects) if o.fingerprint() in done}
     pairs = {i: lent_parts(file, raw_parts[i], q_parts[i]) for i, file in lent.items()}
@@ -241,7 +247,8 @@ def ingest_dataset(
             "still going on under the final name): nothing is published, and the next run reads them as they are"
         )
     for i, entry in zip(fresh, read, strict=True):
-        ledger[i] = {**entry, "object": asdict(objects[i]), "ingested_by": run_id}
+        landed_at = first_landed.get((entry["source"], entry.get("sha256")), objects[i].mtime)
+        ledger[i] = {**entry, "object": asdict(objects[i]), "ingested_by": run_id, "landed_at": landed_at}
     parts = [(raw_parts[i], e["source"]) for i, e in enumerate(ledger) if "file_error" not in e]
     totals = {k: sum(e[k] for e in ledger) for k in ("rows_read", "rows_valid", "rows_quarantined")}
     # The record first, then the quarantine pointer, whose publish deletes the older quarantine: a step that

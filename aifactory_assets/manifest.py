@@ -145,6 +145,13 @@ def workers_on_other_software(client: Client) -> dict[str, Any]:
     }
 
 
+def landing_order(ledger: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ledger's files in the order that decides which duplicate wins (the later one): by when each
+    file's bytes first landed under its name, then by name. A file uploaded again unchanged keeps its place:
+    a sync tool's re-upload of an older file would otherwise undo the updates of every file after it."""
+    return sorted(ledger, key=lambda e: (e.get("landed_at", e["object"]["mtime"]) or 0, e["source"]))
+
+
 def version_for(dataset: Dataset, suite: dict[str, Any], raw_record: dict[str, Any]) -> str:
     """The version the published raw generation will shard into: per landed file its place in the landing
     order (which decides which duplicate wins), its key and the sha256 of the bytes raw read. Not its mtime,
@@ -152,7 +159,7 @@ def version_for(dataset: Dataset, suite: dict[str, Any], raw_record: dict[str, A
     no new version (which retention would count against the real ones). Nor the store's ETag, nor a local
     file's inode and change time, which a chmod, a hard link or a move to another disk changes: those make
     raw read the file again, never a new version of the same bytes."""
-    inputs = [f"{i}|{e['object']['key']}|{e.get('sha256')}" for i, e in enumerate(raw_record["ledger"])]
+    inputs = [f"{i}|{e['object']['key']}|{e.get('sha256')}" for i, e in enumerate(landing_order(raw_record["ledger"]))]
     return version_id(dataset, suite, inputs)
 
 

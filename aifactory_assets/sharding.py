@@ -42,8 +42,8 @@ SAMPLER = {
     "split": "the key hashed by pandas.util.hash_pandas_object (siphash-2-4 for text, its 64-bit mix for "
     "numbers), mapped to [0, 1) and cut by the cumulative split ratios",
     "shuffle": "rows sorted by splitmix64(key hash XOR the first 8 bytes of sha256(seed))",
-    "dedup": "by key among the validated rows, the record from the latest landed file (mtime, then name) and its "
-    "last row wins",
+    "dedup": "by key among the validated rows, the record from the latest landed file (by when its bytes first "
+    "landed under its name, then by name) and its last row wins",
     # What aifactory_assets.loader does with it per epoch (NumPy's Generator streams, the release in the
     # producer's libraries): how another reader can reproduce, or resume, a training run's order.
     "epoch": "the split's non-empty row groups in numpy.random.default_rng([seed, epoch]).permutation order, "

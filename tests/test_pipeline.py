@@ -19,7 +19,7 @@ import pytest
 from aifactory_assets.catalog import Catalog, Dataset
 from aifactory_assets.demo import land_demo_data
 from aifactory_assets.factory import asset_key
-from aifactory_assets.manifest import CODE_FINGERPRINT, latest_manifest
+from aifactory_assets.manifest import CODE_FINGERPRINT, latest_manifest, latest_version
 from aifactory_assets.publish import current, publish
 from aifactory_assets.shard_layout import ROW_GROUP_BYTES, row_group_rows, schema_fingerprint, shard_name
 from aifactory_assets.sharding import shard_count
@@ -212,6 +212,38 @@ def penguins_with_drop(catalog: Catalog, tmp_path) -> tuple[dict[str, ObjectStor
     later = os.path.getmtime(store.path("landing/palmer_penguins/palmer_penguins.csv")) + 60
     os.utime(store.path("landing/palmer_penguins/drop-2.csv"), (later, later))
     return stores, store
+
+
+def test_a_file_uploaded_again_unchanged_keeps_its_place_in_the_landing_order(
+    catalog: Catalog, tmp_path, dask: DaskCluster
+) -> None:
+    """A sync tool uploading an older file again gives it the newest mtime: by mtime alone its records would
+    win again over the updates landed after it. Its bytes keep the place they first landed at; the old
+    record landed anew is a new drop, and wins."""
+    stores, store = penguins_with_drop(catalog, tmp_path)
+    dataset = catalog.datasets["palmer_penguins"]
+
+    def record_1() -> str:
+        assert materialize_all(catalog, stores, dask, selection=stages(dataset)).success
+        shards = pd.concat(
+            pd.read_parquet(store.url(f"shards/palmer_penguins/v={latest_version(store, dataset)}/{s['path']}"))
+            for split in latest_manifest(store, dataset)["splits"].values()
+            for s in split["shards"]
+        )
+        return shards.loc[shards["record_id"] == 1, "_source"].item()
+
+    assert record_1() == "landing/palmer_penguins/drop-2.csv"
+    first = latest_version(store, dataset)
+    demo = Path(store.path("landing/palmer_penguins/palmer_penguins.csv"))
+    later = os.path.getmtime(store.path("landing/palmer_penguins/drop-2.csv")) + 60
+    os.utime(demo, (later, later))  # uploaded again, unchanged
+    assert record_1() == "landing/palmer_penguins/drop-2.csv"
+    assert latest_version(store, dataset) == first
+    header, *rows = demo.read_text().splitlines()
+    old = next(row for row in rows if row.startswith("1,"))
+    store.write_bytes("landing/palmer_penguins/again.csv", f"{header}\n{old}\n".encode())  # the old record, anew
+    os.utime(store.path("landing/palmer_penguins/again.csv"), (later + 60, later + 60))
+    assert record_1() == "landing/palmer_penguins/again.csv"
 
 
 def test_bad_rows_are_quarantined_with_reasons_and_counted(catalog: Catalog, tmp_path, dask: DaskCluster) -> None:
