@@ -626,8 +626,10 @@ def load_suite(path: Path, dataset: Dataset, dataset_file: Path) -> dict[str, An
             renamed = " (GX 0.x's 'expectation_type' is 'type' in GX 1.x)" if gx0 else ""
             raise CatalogError(path, f"{where}.type", f"each expectation needs a 'type'{renamed}")
         if exp["type"] not in SUPPORTED_EXPECTATIONS:
+            meant = difflib.get_close_matches(str(exp["type"]), sorted(SUPPORTED_EXPECTATIONS), n=1)
+            hint = f"; did you mean {meant[0]!r}?" if meant else ""
             raise CatalogError(
-                path, f"{where}.type", f"{exp['type']!r} is not a supported expectation for distributed runs"
+                path, f"{where}.type", f"{exp['type']!r} is not a supported expectation for distributed runs{hint}"
             )
         kwargs = exp.get("kwargs", {})
         if not isinstance(kwargs, dict):

@@ -21,7 +21,7 @@ from aifactory_assets.catalog import Dataset
 from aifactory_assets.landing import UnreadableFile, read_landed
 from aifactory_assets.manifest import CODE_FINGERPRINT, LIBRARY_VERSIONS, workers_on_other_software
 from aifactory_assets.parquet_io import read_bytes, write_parquet
-from aifactory_assets.publish import current, generation_prefix, publish
+from aifactory_assets.publish import current, generation_prefix, part_key, publish
 from aifactory_assets.quarantine import quarantine_rows
 from aifactory_assets.schema import ROW, SOURCE, arrow_schema, coerce_frame
 from aifactory_assets.tasks import run_tasks
@@ -187,7 +187,7 @@ def ingested_files(previous: dict[str, Any] | None, fingerprint: str | None, run
     raw_parts = dict(zip(previous["part_sources"], previous["parts"], strict=True))
     return {
         ObjectInfo(**entry["object"]).fingerprint(): IngestedFile(
-            entry, raw_parts.get(entry["source"]), f"{previous['quarantine']}/part-{i:05d}.parquet"
+            entry, raw_parts.get(entry["source"]), part_key(previous["quarantine"], i)
         )
         for i, entry in enumerate(previous["ledger"])
     }
@@ -211,8 +211,8 @@ def ingest_dataset(
         raise FileNotFoundError(f"no files match {dataset.source.landing!r} under {store.url(landing_prefix(dataset))}")
     raw_gen = generation_prefix(f"raw/{dataset.name}", run_id)
     q_gen = generation_prefix(f"quarantine/{dataset.name}/raw", run_id)
-    raw_parts = [f"{raw_gen}/part-{i:05d}.parquet" for i in range(len(objects))]
-    q_parts = [f"{q_gen}/part-{i:05d}.parquet" for i in range(len(objects))]
+    raw_parts = [part_key(raw_gen, i) for i in range(len(objects))]
+    q_parts = [part_key(q_gen, i) for i in range(len(objects))]
     # Parts written by workers on other code or libraries are not this release's: none of them are lent on.
     fingerprint = None if workers_on_other_software(client) else ingest_fingerprint(dataset)
     previous = current(store, f"raw/{dataset.name}")

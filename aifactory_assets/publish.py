@@ -23,6 +23,11 @@ def generation_prefix(prefix: str, run_id: str) -> str:
     return f"{prefix}/run={run_id}"
 
 
+def part_key(generation: str, index: int) -> str:
+    """A generation's `index`-th part: a raw or quarantine part per landed file, in the ledger's order."""
+    return f"{generation}/part-{index:05d}.parquet"
+
+
 def publish(
     store: ObjectStore, prefix: str, run_id: str, record: dict[str, Any], is_finished: Callable[[str], bool]
 ) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from aifactory_assets.dataset_statistics import between, judge_global
 from aifactory_assets.ingest import ingest_fingerprint
 from aifactory_assets.manifest import workers_on_other_software
 from aifactory_assets.parquet_io import read_parquet, write_parquet
-from aifactory_assets.publish import current, generation_prefix, publish, require_current
+from aifactory_assets.publish import current, generation_prefix, part_key, publish, require_current
 from aifactory_assets.quarantine import quarantine_rows
 from aifactory_assets.schema import PROVENANCE, ROW, SOURCE, arrow_schema
 from aifactory_assets.tasks import run_tasks
@@ -420,7 +420,7 @@ def validate_dataset(
     generation = generation_prefix(f"validated/{dataset.name}", run_id)
     q_gen = generation_prefix(f"quarantine/{dataset.name}/validated", run_id)
     parts = raw["parts"]
-    q_parts = [f"{q_gen}/part-{i:05d}.parquet" for i in range(len(parts))]
+    q_parts = [part_key(q_gen, i) for i in range(len(parts))]
     objects = {e["source"]: ObjectInfo(**e["object"]).fingerprint() for e in raw["ledger"] if "object" in e}
     part_objects = [objects.get(source) for source in raw["part_sources"]]
     vouched = None not in part_objects and not workers_on_other_software(client)

@@ -282,6 +282,11 @@ def test_suite_that_does_not_parse(tmp_catalog: Path) -> None:
     [
         ({"type": "expect_the_moon", "kwargs": {}}, "expectations.0.type", "not a supported expectation"),
         (
+            {"type": "expect_column_values_to_be_uniq", "kwargs": {"column": "record_id"}},
+            "expectations.0.type",
+            "did you mean 'expect_column_values_to_be_unique'?",
+        ),
+        (
             {"type": "expect_column_values_to_not_be_null", "kwargs": {"column": "wingspan"}},
             "expectations.0.kwargs",
             "wingspan",

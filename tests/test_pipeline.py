@@ -451,6 +451,11 @@ def test_quarantined_fraction_above_the_catalogue_threshold_fails_the_run(
     assert "palmer_penguins: 1.4% of rows quarantined (5 of 351)" in message
     assert "max_quarantined_fraction 1.0%" in message
     assert "expect_column_values_to_be_between(bill_length_mm) (1 rows)" in message
+    # Where they went, and why: ingest's reasons without the values (which may be personal data); only
+    # the expectations that failed.
+    assert "3 at ingest, e.g. " in message and "body_mass_g: … is not a valid float64 (1 rows)" in message
+    assert "'heavy'" not in message and "2 at validation, failing most: " in message
+    assert "(0 rows)" not in message
     assert latest_manifest(stores[dataset.site], dataset) is None
 
 
