@@ -32,7 +32,7 @@ dev: demo
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
 materialize: demo
-	$(BIN)/python -m aifactory_assets.materialize_all
+	$(BIN)/python -m aifactory_assets.materialize_all $(DATASETS)
 
 test: setup
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH)"

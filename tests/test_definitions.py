@@ -18,6 +18,7 @@ import yaml
 
 from aifactory_assets.catalog import Catalog, load_catalog
 from aifactory_assets.definitions import build_definitions
+from aifactory_assets.demo import land_demo_data
 from aifactory_assets.factory import asset_key, dataset_pool
 from aifactory_assets.manifest import latest_manifest
 from aifactory_assets.materialize_all import held_pools
@@ -95,6 +96,30 @@ BARLEY_SUITE = {
         {"type": "expect_column_values_to_be_in_set", "kwargs": {"column": "year", "value_set": [1931, 1932]}},
     ],
 }
+
+
+def test_a_headless_run_of_one_dataset_says_what_failed_and_why(
+    catalog: Catalog, tmp_path: Path, dask_address: str, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """`make materialize DATASETS=...` runs those datasets alone and prints, per failed check, its severity
+    and why (a refused file's reason), not only the check's name; an unknown name is refused."""
+    from aifactory_assets import materialize_all
+
+    monkeypatch.setenv("AIFACTORY_HOME", str(tmp_path))
+    monkeypatch.setenv("AIFACTORY_DASK_SCHEDULER", dask_address)
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    stores = local_stores(catalog, tmp_path)
+    land_demo_data(catalog, stores)
+    stores["linkoping"].write_bytes("landing/palmer_penguins/drift.csv", b"record_id,species\n7,Adelie\n")
+    assert materialize_all.main(["palmer_penguins"]) == 0  # a refused file only warns
+    shown = capsys.readouterr().out
+    assert "warn: life_sciences/palmer_penguins/raw:landed_files_read: landing/palmer_penguins/drift.csv: " in shown
+    assert "schema drift" in shown
+    table = shown.split("manifest\n", 1)[1].split("\nwarn:", 1)[0].splitlines()
+    assert [row.split()[0] for row in table] == ["palmer_penguins"]
+    assert not stores["bologna"].exists("raw")  # no other dataset ran
+    assert materialize_all.main(["palmer_pengiuns"]) == 2
+    assert "no dataset(s) ['palmer_pengiuns'] in the catalogue" in capsys.readouterr().err
 
 
 def test_a_dataset_added_as_yaml_becomes_assets_with_no_code(tmp_path: Path, dask) -> None:
