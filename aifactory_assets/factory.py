@@ -121,6 +121,16 @@ def _resources(context: dg.AssetExecutionContext, dataset: Dataset) -> tuple[Obj
     return getattr(context.resources, store_key(dataset.site)), context.resources.dask
 
 
+def same_bytes(ledger: list[dict[str, Any]]) -> list[list[str]]:
+    """Landed files whose bytes are the same (a copy under another name, a drop sent twice), in groups:
+    all their rows are duplicates, and the later file's win, silently but for this."""
+    by_hash: dict[str, list[str]] = {}
+    for entry in ledger:
+        if entry.get("sha256") and "file_error" not in entry:
+            by_hash.setdefault(entry["sha256"], []).append(entry["source"])
+    return [sources for sources in by_hash.values() if len(sources) > 1]
+
+
 def quarantine_causes(
     store: ObjectStore, raw_record: dict[str, Any], valid_record: dict[str, Any], results: list[dict[str, Any]]
 ) -> str:
@@ -336,6 +346,12 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
         for entry in record["ledger"]:
             if entry.get("extra_columns"):
                 context.log.warning(f"{entry['source']}: undeclared column(s) {entry['extra_columns']} ignored")
+        if copies := same_bytes(record["ledger"]):
+            said = "; ".join(" = ".join(f"`{source}`" for source in group) for group in copies)
+            context.log.warning(f"landed files with the same bytes (every row a duplicate of the other's): {said}")
+            summary += (
+                f"\n\n**Landed files with the same bytes** (their rows are duplicates; the later file's win): {said}"
+            )
         written = footers(store, record["parts"])
         return dg.MaterializeResult(
             metadata={

@@ -246,6 +246,23 @@ def test_a_file_uploaded_again_unchanged_keeps_its_place_in_the_landing_order(
     assert record_1() == "landing/palmer_penguins/again.csv"
 
 
+def test_landed_files_with_the_same_bytes_are_said(catalog: Catalog, tmp_path, dask: DaskCluster) -> None:
+    """A copy under another name makes every row a duplicate, silently but for the shards' count."""
+    from tests.conftest import local_stores
+
+    stores = local_stores(catalog, tmp_path)
+    land_demo_data(catalog, stores)
+    store, dataset = stores["linkoping"], catalog.datasets["palmer_penguins"]
+    store.write_bytes(
+        "landing/palmer_penguins/copy.csv", store.read_bytes("landing/palmer_penguins/palmer_penguins.csv")
+    )
+    raw, _, _ = stages(dataset)
+    result = materialize_all(catalog, stores, dask, selection=[raw])
+    summary = result.asset_materializations_for_node(raw.to_python_identifier())[0].metadata["summary"].value
+    pair = "`landing/palmer_penguins/palmer_penguins.csv` = `landing/palmer_penguins/copy.csv`"  # landing order
+    assert result.success and "**Landed files with the same bytes**" in summary and pair in summary
+
+
 def test_bad_rows_are_quarantined_with_reasons_and_counted(catalog: Catalog, tmp_path, dask: DaskCluster) -> None:
     stores, store = penguins_with_drop(catalog, tmp_path)
     dataset = catalog.datasets["palmer_penguins"]
