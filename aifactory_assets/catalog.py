@@ -694,6 +694,12 @@ def check_arguments(path: Path, where: str, kind: str, kwargs: dict[str, Any]) -
     for name in ("column_list", "column_set"):
         if name in kwargs and not (isinstance(kwargs[name], list) and all(isinstance(c, str) for c in kwargs[name])):
             raise CatalogError(path, f"{field}.{name}", "must be a list of column names")
+    if parameters := [name for name, value in kwargs.items() if isinstance(value, dict) and "$PARAMETER" in value]:
+        raise CatalogError(
+            path, f"{field}.{parameters[0]}", "suite parameters ($PARAMETER) are not supported: write the value"
+        )
+    if "value_set" in kwargs and not isinstance(kwargs["value_set"], list):
+        raise CatalogError(path, f"{field}.value_set", "must be a list of values")
     mostly = kwargs.get("mostly")
     if mostly is not None and (isinstance(mostly, bool) or not isinstance(mostly, int | float) or not 0 <= mostly <= 1):
         raise CatalogError(path, f"{field}.mostly", f"must be a share between 0 and 1, got {mostly!r}")

@@ -4,7 +4,6 @@ Assets read and write the site's store directly with Dask and return `Materializ
 no DataFrame goes through an IO manager. Checks are computed in the same step from what was written.
 """
 
-import re
 from collections import Counter
 from collections.abc import Callable
 from functools import partial, wraps
@@ -55,7 +54,7 @@ from aifactory_assets.schema import arrow_schema
 from aifactory_assets.sharding import shard_dataset
 from aifactory_assets.staging import staging_prefix
 from aifactory_assets.validated_rows import stale_validation
-from aifactory_assets.validation import suite_fingerprint, validate_dataset
+from aifactory_assets.validation import QUOTED, suite_fingerprint, validate_dataset
 from resources.dask_cluster import DaskCluster
 from resources.object_store import ObjectStore, credentials_named
 
@@ -126,9 +125,12 @@ def same_bytes(ledger: list[dict[str, Any]]) -> list[list[str]]:
     all their rows are duplicates, and the later file's win, silently but for this."""
     by_hash: dict[str, list[str]] = {}
     for entry in ledger:
-        if entry.get("sha256") and "file_error" not in entry:
+        if entry.get("sha256") and entry["rows_read"]:  # not refused files, nor header-only ones
             by_hash.setdefault(entry["sha256"], []).append(entry["source"])
     return [sources for sources in by_hash.values() if len(sources) > 1]
+
+
+CAUSE_PARTS = 20  # quarantine parts a failure's message samples its reasons from (one read each)
 
 
 def quarantine_causes(
@@ -140,13 +142,12 @@ def quarantine_causes(
     causes = []
     if raw_record["rows_quarantined"]:
         reasons: Counter[str] = Counter()
-        for i, entry in enumerate(raw_record["ledger"]):
-            if entry["rows_quarantined"] and len(reasons) < 3:
-                part = read_parquet(
-                    store.url(part_key(raw_record["quarantine"], i)), store.storage_options, columns=["reason"]
-                )
-                # Values left out: they vary row by row, and may be personal data.
-                reasons.update(re.sub(r"'.*?' is", "… is", r) for r in part.column("reason").to_pylist())
+        sampled = [i for i, entry in enumerate(raw_record["ledger"]) if entry["rows_quarantined"]][:CAUSE_PARTS]
+        for i in sampled:
+            part_url = store.url(part_key(raw_record["quarantine"], i))
+            # Values left out: they vary row by row, and may be personal data.
+            found = read_parquet(part_url, store.storage_options, columns=["reason"]).column("reason")
+            reasons.update(QUOTED.sub("…", reason) for reason in found.to_pylist())
         common = "; ".join(f"{reason} ({n} rows)" for reason, n in reasons.most_common(3))
         causes.append(f"{raw_record['rows_quarantined']} at ingest, e.g. {common}")
     failed = sorted((r for r in results if r.get("unexpected_count")), key=lambda r: -r["unexpected_count"])[:3]

@@ -249,8 +249,9 @@ def _may_hold_hex(data: bytes, delimiter: str) -> bool:
     if b"x" not in data and b"X" not in data:
         return False
     field_ends = (b"\n", b"\r", delimiter.encode())
+    blanks = bytes(set(b' \t"') - set(delimiter.encode()))  # a tab or a space may be the delimiter itself
     for found in re.finditer(rb"0[xX]", data):
-        before = data[max(0, found.start() - HEX_LOOKBACK) : found.start()].rstrip(b' \t"')
+        before = data[max(0, found.start() - HEX_LOOKBACK) : found.start()].rstrip(blanks)
         if not before or before[-1:] in field_ends:  # the file's start (or a long run of blanks): a field's
             return True
     return False

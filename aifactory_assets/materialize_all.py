@@ -12,20 +12,20 @@ import sys
 
 import dagster as dg
 
-from aifactory_assets.catalog import Catalog, load_catalog
+from aifactory_assets.catalog import Dataset, load_catalog
 from aifactory_assets.definitions import build_definitions
 from aifactory_assets.demo import stores_from_env
 from aifactory_assets.factory import dataset_pool, materialisable_keys
 from aifactory_assets.manifest import latest_manifest
 
 
-def held_pools(instance: dg.DagsterInstance, catalog: Catalog) -> list[str]:
+def held_pools(instance: dg.DagsterInstance, datasets: list[Dataset]) -> list[str]:
     """The datasets' pool slots other runs hold, said before this run waits on them: silently, and for
     good when the holder was killed outright (it stays STARTED until terminated in the UI)."""
     if not instance.event_log_storage.supports_global_concurrency_limits:
         return []
     held = []
-    for dataset in catalog.datasets.values():
+    for dataset in datasets:
         pool = dataset_pool(dataset)
         for slot in instance.event_log_storage.get_concurrency_info(pool).claimed_slots:
             run = instance.get_run_by_id(slot.run_id)
@@ -67,7 +67,7 @@ def main(names: list[str]) -> int:
     chosen = [catalog.datasets[name] for name in names] or list(catalog.datasets.values())
     defs = build_definitions(catalog)
     instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
-    for message in held_pools(instance, catalog):
+    for message in held_pools(instance, chosen):
         print(message, file=sys.stderr)
     job = defs.resolve_implicit_global_asset_job_def()
     quiet = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}

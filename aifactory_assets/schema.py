@@ -150,7 +150,10 @@ class JsonNumber(str):
     through float64, 9007199254740993.0 would lose its last digit)."""
 
     def as_int(self) -> int | None:
-        exact = decimal.Decimal(self)
+        try:
+            exact = decimal.Decimal(self)
+        except decimal.InvalidOperation:  # an exponent past Decimal's range (1e1000000000000000000)
+            return None
         whole = exact.is_finite() and abs(exact) <= INT64_HIGH + 1 and exact == exact.to_integral_value()
         return int(exact) if whole else None  # bounded first: int() of 1e999999999 would take forever
 

@@ -286,6 +286,19 @@ def test_suite_that_does_not_parse(tmp_catalog: Path) -> None:
             "expectations.0.type",
             "did you mean 'expect_column_values_to_be_unique'?",
         ),
+        (  # GX's model takes it; every validated run would fail on its missing value
+            {
+                "type": "expect_column_values_to_be_in_set",
+                "kwargs": {"column": "sex", "value_set": {"$PARAMETER": "s"}},
+            },
+            "expectations.0.kwargs.value_set",
+            "suite parameters ($PARAMETER) are not supported",
+        ),
+        (
+            {"type": "expect_column_values_to_be_in_set", "kwargs": {"column": "sex", "value_set": {"male": 1}}},
+            "expectations.0.kwargs.value_set",
+            "must be a list of values",
+        ),
         (
             {"type": "expect_column_values_to_not_be_null", "kwargs": {"column": "wingspan"}},
             "expectations.0.kwargs",
@@ -488,7 +501,7 @@ def test_suite_that_does_not_parse(tmp_catalog: Path) -> None:
         (
             {"type": "expect_column_values_to_be_in_set", "kwargs": {"column": "species", "value_set": "Adelie"}},
             "expectations.0.kwargs.value_set",
-            "value is not a valid list",
+            "must be a list of values",
         ),
         (
             {

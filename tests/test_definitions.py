@@ -59,15 +59,16 @@ def test_a_headless_run_names_the_pool_slots_others_hold(catalog: Catalog, tmp_p
     """A run killed outright keeps its slot: `make materialize` says so instead of waiting in silence."""
     shutil.copy(Path(__file__).parents[1] / "dagster_home" / "dagster.yaml", tmp_path)
     instance = dg.DagsterInstance.from_config(str(tmp_path))
-    assert held_pools(instance, catalog) == []
+    assert held_pools(instance, list(catalog.datasets.values())) == []
     dataset = catalog.datasets["stock_prices"]
     storage = instance.event_log_storage
     storage.initialize_concurrency_limit_to_default(dataset_pool(dataset))
     assert storage.claim_concurrency_slot(dataset_pool(dataset), "killed-run", "stock_prices__raw").is_claimed
-    [message] = held_pools(instance, catalog)
+    [message] = held_pools(instance, list(catalog.datasets.values()))
     assert "aifactory/stock_prices" in message and "killed-run" in message and "terminate it" in message
+    assert held_pools(instance, [catalog.datasets["palmer_penguins"]]) == []  # DATASETS=palmer_penguins waits not
     storage.free_concurrency_slots_for_run("killed-run")
-    assert held_pools(instance, catalog) == []
+    assert held_pools(instance, list(catalog.datasets.values())) == []
 
 
 BARLEY_YAML = {

@@ -17,7 +17,7 @@ from aifactory_assets.catalog import Catalog, Column, Dataset
 from aifactory_assets.demo import encode
 from aifactory_assets.demo_sources import DEMO_SOURCES
 from aifactory_assets.landing import UnreadableFile, read_landed
-from aifactory_assets.schema import coerce_column, coerce_frame
+from aifactory_assets.schema import JsonNumber, coerce_column, coerce_frame
 from tests.bad_inputs import COLUMNS
 
 
@@ -87,6 +87,18 @@ def test_fast_path_agrees_on_clean_values(body: bytes) -> None:
 )
 def test_anything_doubtful_takes_the_robust_path(body: bytes) -> None:
     assert read_landed(HEADER + body, CORPUS).typed is None
+
+
+@pytest.mark.parametrize("delimiter", ["\t", " ", ";"])
+def test_hex_after_any_delimiter_takes_the_robust_path(delimiter: str) -> None:
+    """A tab or a space delimiter is also a blank that may pad a field: it still ends the field before (the
+    integer column second here, so that a delimiter, not a line's start, comes before it)."""
+    options = CORPUS.source.options.model_copy(update={"delimiter": delimiter})
+    declared = CORPUS.model_copy(update={"source": CORPUS.source.model_copy(update={"options": options})})
+    lines = [["name", "id", "amount", "day", "flag"], ["a", "1", "1.0", "2024-01-05", "true"]]
+    lines.append(["b", "0x10", "1.0", "2024-01-05", "true"])
+    data = "".join(delimiter.join(line) + "\n" for line in lines).encode()
+    assert read_landed(data, declared).typed is None
 
 
 @pytest.mark.parametrize("fast", [True, False])
@@ -268,13 +280,15 @@ def test_a_json_number_with_a_fraction_is_read_exactly() -> None:
         '{"id": 5.0, "name": 2.50, "amount": 1e2, "day": null, "flag": null}',
         '{"id": 1.5, "name": "c", "amount": null, "day": null, "flag": null}',
         '{"id": 1e999999999, "name": "d", "amount": null, "day": null, "flag": null}',
+        '{"id": 1e1000000000000000000, "name": "e", "amount": null, "day": null, "flag": null}',  # past Decimal's
     ]
     typed, reasons = coerce_frame(read_landed("\n".join(lines).encode(), jsonl).values, jsonl)
     assert reasons.iloc[:2].isna().all()
     assert typed.column("id").to_pylist()[:2] == [9007199254740993, 5]
-    assert (
-        reasons.iloc[2] == "id: '1.5' is not a valid int64" and "'1e999999999' is not a valid int64" in reasons.iloc[3]
-    )
+    assert reasons.iloc[2] == "id: '1.5' is not a valid int64"
+    assert reasons.iloc[3] == "id: '1e999999999' is not a valid int64"
+    assert reasons.iloc[4] == "id: '1e1000000000000000000' is not a valid int64"
+    assert JsonNumber("1e1000000000000000000").as_int() is None  # not an error, which split the column row by row
     assert typed.column("amount").to_pylist()[:2] == [1.5, 100.0] and typed.column("name")[1].as_py() == "2.50"
 
 

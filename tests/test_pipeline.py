@@ -18,7 +18,7 @@ import pytest
 
 from aifactory_assets.catalog import Catalog, Dataset
 from aifactory_assets.demo import land_demo_data
-from aifactory_assets.factory import asset_key
+from aifactory_assets.factory import asset_key, same_bytes
 from aifactory_assets.manifest import CODE_FINGERPRINT, latest_manifest, latest_version
 from aifactory_assets.publish import current, publish
 from aifactory_assets.shard_layout import ROW_GROUP_BYTES, row_group_rows, schema_fingerprint, shard_name
@@ -263,6 +263,15 @@ def test_landed_files_with_the_same_bytes_are_said(catalog: Catalog, tmp_path, d
     assert result.success and "**Landed files with the same bytes**" in summary and pair in summary
 
 
+def test_files_of_no_rows_are_not_copies() -> None:
+    """Header-only daily drops hash alike: no row of theirs duplicates another's."""
+    ledger = [
+        {"source": f"landing/x/{day}.csv", "sha256": "h", "rows_read": rows} for day, rows in (("a", 0), ("b", 0))
+    ]
+    assert same_bytes(ledger) == []
+    assert same_bytes([{**e, "rows_read": 3} for e in ledger]) == [["landing/x/a.csv", "landing/x/b.csv"]]
+
+
 def test_bad_rows_are_quarantined_with_reasons_and_counted(catalog: Catalog, tmp_path, dask: DaskCluster) -> None:
     stores, store = penguins_with_drop(catalog, tmp_path)
     dataset = catalog.datasets["palmer_penguins"]
@@ -461,17 +470,19 @@ def test_quarantined_fraction_above_the_catalogue_threshold_fails_the_run(
     land_demo_data(strict, stores)
     dataset = strict.datasets["palmer_penguins"]
     stores[dataset.site].write_bytes("landing/palmer_penguins/drop-2.csv", PENGUIN_DROP.encode())
+    quoted = PENGUIN_HEADER + "1003,Adelie,Dream,39.1,18.7,181,O'Brien,male,2008\n"  # a value Python quotes with "
+    stores[dataset.site].write_bytes("landing/palmer_penguins/drop-3.csv", quoted.encode())
     result = materialize_all(strict, stores, dask, selection=stages(dataset))
     assert not result.success
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
     message = failure.event_specific_data.error.message
-    assert "palmer_penguins: 1.4% of rows quarantined (5 of 351)" in message
+    assert "palmer_penguins: 1.7% of rows quarantined (6 of 352)" in message
     assert "max_quarantined_fraction 1.0%" in message
     assert "expect_column_values_to_be_between(bill_length_mm) (1 rows)" in message
     # Where they went, and why: ingest's reasons without the values (which may be personal data); only
     # the expectations that failed.
-    assert "3 at ingest, e.g. " in message and "body_mass_g: … is not a valid float64 (1 rows)" in message
-    assert "'heavy'" not in message and "2 at validation, failing most: " in message
+    assert "4 at ingest, e.g. " in message and "body_mass_g: … is not a valid float64 (2 rows)" in message
+    assert "heavy" not in message and "Brien" not in message and "2 at validation, failing most: " in message
     assert "(0 rows)" not in message
     assert latest_manifest(stores[dataset.site], dataset) is None
 
