@@ -9,12 +9,16 @@ JSONL the line number, for Parquet the 1-based row index.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import re
+import sys
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -200,19 +204,40 @@ def _parse_csv(
     else:
         convert |= {"strings_can_be_null": False}
     try:
-        table = pacsv.read_csv(
-            io.BytesIO(data),
-            read_options=pacsv.ReadOptions(
-                encoding=options.encoding, use_threads=False, block_size=min(MAX_BLOCK, max(1 << 20, len(data) + 1))
-            ),
-            parse_options=pacsv.ParseOptions(
-                delimiter=options.delimiter, newlines_in_values=True, invalid_row_handler=on_invalid
-            ),
-            convert_options=pacsv.ConvertOptions(**convert),
-        )
+        with _undecodable_rows_unprinted():
+            table = pacsv.read_csv(
+                io.BytesIO(data),
+                read_options=pacsv.ReadOptions(
+                    encoding=options.encoding, use_threads=False, block_size=min(MAX_BLOCK, max(1 << 20, len(data) + 1))
+                ),
+                parse_options=pacsv.ParseOptions(
+                    delimiter=options.delimiter, newlines_in_values=True, invalid_row_handler=on_invalid
+                ),
+                convert_options=pacsv.ConvertOptions(**convert),
+            )
     except (pa.ArrowInvalid, UnicodeDecodeError) as exc:
         raise UnreadableFile(f"not readable as CSV ({options.encoding}): {exc}") from None
     return table, bad
+
+
+@contextlib.contextmanager
+def _undecodable_rows_unprinted() -> Iterator[None]:
+    """pyarrow decodes a row of the wrong length for its handler, strictly, and prints the failure as an
+    unraisable exception (a traceback in the worker's log) before it refuses the file, which `_robust_csv`
+    then reads with Python's reader: expected, so not printed. Any other unraisable exception still is."""
+    printing = sys.unraisablehook
+
+    def unless_ours(unraisable: Any) -> None:
+        if not (
+            unraisable.exc_type is UnicodeDecodeError and getattr(unraisable.object, "__name__", "") == "on_invalid"
+        ):
+            printing(unraisable)
+
+    sys.unraisablehook = unless_ours
+    try:
+        yield
+    finally:
+        sys.unraisablehook = printing
 
 
 def _typed_csv(data: bytes, dataset: Dataset) -> tuple[pa.Table, list[BadRow]] | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+import sys
 
 import numpy as np
 import pandas as pd
@@ -139,6 +140,15 @@ def test_a_row_with_the_wrong_field_count_and_bytes_that_are_not_text_is_quarant
     data = HEADER + b'1,a,1.5,2024-01-05,true\n2,"Jos\xe9, Jr.","say ""hi"""\n\n3,b,"open\n'
     landed = read_landed(data, CORPUS, fast=fast)
     assert [(b.row, b.text) for b in landed.bad] == [(3, '2,"Jos\\xe9, Jr.","say ""hi"""'), (5, '3,b,"open\n"')]
+
+
+def test_a_row_pyarrow_cannot_decode_prints_no_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pyarrow prints its own handler's decoding failure before Python's reader takes the file over: a
+    traceback in the worker's log for a file that is read as it should be."""
+    printed: list = []
+    monkeypatch.setattr(sys, "unraisablehook", printed.append)
+    landed = read_landed(HEADER + b"1,a,1.5,2024-01-05,true\n2,Jos\xe9,2.0\n", CORPUS, fast=False)
+    assert len(landed.bad) == 1 and printed == []
 
 
 @pytest.mark.parametrize(
