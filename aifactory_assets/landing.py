@@ -89,6 +89,13 @@ def check_columns(found: list[str], dataset: Dataset, omitted_nulls: bool = Fals
     extra = [c for c in found if c not in dataset.table.names]
     may_omit = omitted_nulls and not extra
     missing = [c.name for c in dataset.table.columns if c.name not in found and not (may_omit and c.nullable)]
+    if missing and set(dataset.table.names).isdisjoint(found):
+        # Not a header: a file without one, or a title line above it. Its cells are data, maybe personal.
+        raise UnreadableFile(
+            f"schema drift: declared column(s) {missing} missing, none among the {len(found)} found (not shown: "
+            "a first line of data would show its values); a file without a header, a line above it, or another "
+            "delimiter?"
+        )
     if missing:
         raise UnreadableFile(f"schema drift: declared column(s) {missing} missing; found {found}")
     if extra and dataset.source.extra_columns == "refuse":

@@ -142,6 +142,19 @@ def test_a_row_with_the_wrong_field_count_and_bytes_that_are_not_text_is_quarant
     assert [(b.row, b.text) for b in landed.bad] == [(3, '2,"Jos\\xe9, Jr.","say ""hi"""'), (5, '3,b,"open\n"')]
 
 
+@pytest.mark.parametrize("first", [b"1,Jane Secretperson,1.5,2024-01-05,true\n", b"Export for jane@example.org\n"])
+def test_a_first_line_of_data_is_refused_without_its_values(first: bytes) -> None:
+    """A file without a header, or with a title line above it: its first line is data (names, addresses),
+    which the refusal would carry into the UI's checks and tables."""
+    with pytest.raises(
+        UnreadableFile, match="a file without a header, a line above it, or another delimiter"
+    ) as refused:
+        read_landed(first + HEADER + b"2,b,2.0,2024-01-06,false\n", CORPUS)
+    assert "Jane" not in str(refused.value) and "jane@" not in str(refused.value)
+    with pytest.raises(UnreadableFile, match=r"\['flag'\] missing; found \['id', 'name', 'amount', 'day', 'flg'\]"):
+        read_landed(b"id,name,amount,day,flg\n1,a,1.5,2024-01-05,true\n", CORPUS)  # a header: said as it is
+
+
 def test_a_row_pyarrow_cannot_decode_prints_no_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
     """pyarrow prints its own handler's decoding failure before Python's reader takes the file over: a
     traceback in the worker's log for a file that is read as it should be."""
