@@ -19,7 +19,7 @@ from distributed import Client
 
 from aifactory_assets.catalog import Dataset
 from aifactory_assets.landing import UnreadableFile, read_landed
-from aifactory_assets.manifest import CODE_FINGERPRINT, LIBRARY_VERSIONS, workers_on_other_software
+from aifactory_assets.manifest import CODE_FINGERPRINT, LIBRARY_VERSIONS, landed_at, workers_on_other_software
 from aifactory_assets.parquet_io import read_bytes, write_parquet
 from aifactory_assets.publish import current, generation_prefix, part_key, publish
 from aifactory_assets.quarantine import quarantine_rows
@@ -218,9 +218,7 @@ def ingest_dataset(
     previous = current(store, f"raw/{dataset.name}")
     done = ingested_files(previous, fingerprint, run_id)
     first_landed = {  # by name and bytes: when the current generation's files first landed
-        (e["source"], e["sha256"]): e.get("landed_at", e["object"]["mtime"])
-        for e in (previous or {}).get("ledger", [])
-        if e.get("sha256")
+        (e["source"], e["sha256"]): landed_at(e) for e in (previous or {}).get("ledger", []) if e.get("sha256")
     }
     ledger: list[dict[str, Any] | None] = [None] * len(objects)
     lent = {i: done[o.fingerprint()] for i, o in enumerate(objects) if o.fingerprint() in done}
@@ -247,8 +245,8 @@ def ingest_dataset(
             "still going on under the final name): nothing is published, and the next run reads them as they are"
         )
     for i, entry in zip(fresh, read, strict=True):
-        landed_at = first_landed.get((entry["source"], entry.get("sha256")), objects[i].mtime)
-        ledger[i] = {**entry, "object": asdict(objects[i]), "ingested_by": run_id, "landed_at": landed_at}
+        first = first_landed.get((entry["source"], entry.get("sha256")), objects[i].mtime)
+        ledger[i] = {**entry, "object": asdict(objects[i]), "ingested_by": run_id, "landed_at": first}
     parts = [(raw_parts[i], e["source"]) for i, e in enumerate(ledger) if "file_error" not in e]
     totals = {k: sum(e[k] for e in ledger) for k in ("rows_read", "rows_valid", "rows_quarantined")}
     # The record first, then the quarantine pointer, whose publish deletes the older quarantine: a step that

@@ -145,11 +145,16 @@ def workers_on_other_software(client: Client) -> dict[str, Any]:
     }
 
 
+def landed_at(entry: dict[str, Any]) -> float:
+    """When a ledger entry's bytes first landed under its name (a record before `landed_at`: its mtime)."""
+    return entry.get("landed_at", entry["object"]["mtime"]) or 0
+
+
 def landing_order(ledger: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The ledger's files in the order that decides which duplicate wins (the later one): by when each
     file's bytes first landed under its name, then by name. A file uploaded again unchanged keeps its place:
     a sync tool's re-upload of an older file would otherwise undo the updates of every file after it."""
-    return sorted(ledger, key=lambda e: (e.get("landed_at", e["object"]["mtime"]) or 0, e["source"]))
+    return sorted(ledger, key=lambda e: (landed_at(e), e["source"]))
 
 
 def version_for(dataset: Dataset, suite: dict[str, Any], raw_record: dict[str, Any]) -> str:

@@ -431,22 +431,21 @@ def _same_server(endpoint_var: str) -> bool:
 
 
 SETTINGS = ("ENDPOINT", "BUCKET", "PREFIX", "KEY", "SECRET", "REGION")
-# A name of either level, the shared AIFACTORY_S3_<SETTING> or a site's AIFACTORY_<SITE>_S3_<SETTING> (a site
-# id may be `s3` or begin with `s3_`: AIFACTORY_S3_S3_KEY is a site's key, not a misspelling).
-_S3_VARIABLE = re.compile(rf"AIFACTORY_(?:[A-Z][A-Z0-9_]*_)?S3_(?:{'|'.join(SETTINGS)})")
-_S3_STORE = re.compile(r"AIFACTORY_(?:[A-Z][A-Z0-9_]*_)?S3_(?:ENDPOINT|BUCKET)")
-_SITE_S3_VARIABLE = re.compile(rf"AIFACTORY_(.+)_S3_(?:{'|'.join(SETTINGS)})")  # a site's own, not the shared
+# A name of either level: the shared AIFACTORY_S3_<SETTING> (no site), or a site's AIFACTORY_<SITE>_S3_<SETTING>
+# (a site id may be `s3` or begin with `s3_`: AIFACTORY_S3_S3_KEY is a site's key, not a misspelling).
+_S3_VARIABLE = re.compile(rf"AIFACTORY_(?:(?P<site>.+)_)?S3_(?P<setting>{'|'.join(SETTINGS)})")
+
+
+def _s3_variables() -> list[re.Match[str]]:
+    """The S3 settings the environment sets, of either level."""
+    return [found for name, value in os.environ.items() if value and (found := _S3_VARIABLE.fullmatch(name))]
 
 
 def refuse_s3_variables_of_no_site(sites: list[str]) -> None:
     """A site's settings under a misspelt site id (AIFACTORY_LINKOEPING_S3_BUCKET) are read by no store: the
     site meant stays on the local disk unsaid, and the name counted as a site on S3 where shared settings
     are judged. Any AIFACTORY_<X>_S3_<SETTING> whose X is no site of the catalogue fails the load."""
-    strays = sorted(
-        name
-        for name, value in os.environ.items()
-        if value and (found := _SITE_S3_VARIABLE.fullmatch(name)) and found[1].lower() not in sites
-    )
+    strays = sorted(found[0] for found in _s3_variables() if found["site"] and found["site"].lower() not in sites)
     if strays:
         raise ValueError(
             f"{', '.join(strays)}: no site of the catalogue is named so (its sites: {', '.join(sorted(sites))}); "
@@ -481,7 +480,7 @@ def refuse_settings_of_a_local_store(site: str) -> None:
     all); where some site names its own, the shared key, prefix or region may be that site's."""
     site_level, shared = _levels(site)
     ignored = [f"{site_level}{s}" for s in SETTINGS if os.environ.get(f"{site_level}{s}")]
-    if not any(value and _S3_STORE.fullmatch(name) for name, value in os.environ.items()):
+    if not any(found["setting"] in ("ENDPOINT", "BUCKET") for found in _s3_variables()):
         ignored += [f"{shared}{s}" for s in SETTINGS if os.environ.get(f"{shared}{s}")]
     if ignored:
         raise ValueError(
