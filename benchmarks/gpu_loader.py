@@ -18,7 +18,8 @@ then measures, on the same files:
     python -m benchmarks.gpu_loader --rows 16000000 --shards 32 --workers 4 --processes 1 8 12 16 --mlp --transport \
         --reader-threads 0 4 8 12 16
 
-Falls back to the CPU when no CUDA device is present (the numbers then say so).
+Refuses to run without a CUDA device (saying whether torch was built without CUDA or found no device),
+unless `--allow-cpu` (the test suite's smoke run).
 """
 
 from __future__ import annotations
@@ -195,7 +196,9 @@ def tensor_loader(manifest: Path, device: torch.device, processes: int, batch: i
 
 def epochs(make, device: torch.device, model: torch.nn.Module | None, count: int = 2) -> list[tuple[float, int, int]]:
     """Per epoch (seconds, rows, bytes) delivered to the device; the first counts making the loader (which
-    hashes every shard) and starting its workers, the later ones are what a long training run sees."""
+    hashes every shard, as in a new process: the hashes an earlier path checked are forgotten) and starting its
+    workers, the later ones are what a long training run sees."""
+    forget_verified()
     results = []
     start = time.perf_counter()
     set_epoch, loader = make()
@@ -260,8 +263,16 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path(".bench/gpu_loader"))
     parser.add_argument("--transport", action="store_true", help="also time the DataLoader moving empty batches")
     parser.add_argument("--mlp", action="store_true", help="also time a 16-512-512-10 MLP consuming the batches")
+    parser.add_argument("--allow-cpu", action="store_true", help="run on the CPU where no CUDA device is usable")
     args = parser.parse_args()
 
+    if not torch.cuda.is_available() and not args.allow_cpu:
+        why = (
+            f"torch {torch.__version__} is built without CUDA"
+            if torch.version.cuda is None
+            else f"torch {torch.__version__} (CUDA {torch.version.cuda}) finds no CUDA device"
+        )
+        raise SystemExit(f"benchmarks.gpu_loader measures delivery to a GPU, but {why}; --allow-cpu runs it on the CPU")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU (no CUDA device)"
     groups = args.group_rows or "pipeline"

@@ -162,11 +162,9 @@ class Synthetic:
 
 def ensure(workdir: Path, rows: int, seed: int) -> Synthetic:
     """The published raw generation for (rows, seed) under `workdir`, generated only if missing."""
+    code = code_digest(make_part, write_parquet, arrow_schema, publish)  # what makes, writes and publishes the parts
     store = ObjectStore(
-        site="bench",
-        root=str(
-            (workdir / f"{NAME}-rows={rows}-seed={seed}-part={PART_ROWS}-code={code_digest(make_part)}").resolve()
-        ),
+        site="bench", root=str((workdir / f"{NAME}-rows={rows}-seed={seed}-part={PART_ROWS}-code={code}").resolve())
     )
     raw, took = current(store, f"raw/{NAME}"), None
     if raw is None:
