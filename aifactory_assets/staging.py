@@ -16,8 +16,7 @@ from typing import Any
 import pyarrow as pa
 
 from aifactory_assets.catalog import Dataset
-from aifactory_assets.parquet_io import open_for_write
-from resources.object_store import filesystem_of
+from aifactory_assets.parquet_io import open_for_write, open_ranged
 
 BATCH_ROWS = 65_536
 
@@ -43,8 +42,7 @@ def write_sorted(url: str, table: pa.Table, storage_options: dict[str, Any]) -> 
 
 
 def read_batches(url: str, indices: list[int], storage_options: dict[str, Any]) -> pa.Table:
-    fs, path = filesystem_of(url, storage_options)
-    with fs.open(path, "rb") as f:
+    with open_ranged(url, storage_options) as f:
         reader = pa.ipc.open_file(f)
         return pa.Table.from_batches([reader.get_batch(i) for i in indices], reader.schema)
 

@@ -18,7 +18,7 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -28,9 +28,12 @@ from typing import Any, Literal
 import dagster as dg
 import fsspec
 from fsspec.asyn import sync
+from fsspec.utils import glob_translate
 from pydantic import Field
 
 from aifactory_assets.file_lock import lock, open_to_lock
+
+log = dg.get_dagster_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -154,10 +157,12 @@ class ObjectStore(dg.ConfigurableResource):
         return f"s3://{self.path(key)}" if self.protocol == "s3" else self.path(key)
 
     def key_of(self, path: str) -> str:
-        """The inverse of `path`: a key relative to the site's root."""
-        root = self.base + "/"
+        """The inverse of `path`: a key relative to the site's root. A path outside the root has none: taken
+        as it was, it named another object under this root."""
         path = path.removeprefix("s3://")
-        return path[len(root) :] if path.startswith(root) else path
+        if path != self.base and not path.startswith(f"{self.base}/"):
+            raise ValueError(f"{path} is not under the root of {self.display()}")
+        return path[len(self.base) + 1 :]
 
     def ensure_root(self) -> None:
         if self.protocol == "file":
@@ -166,19 +171,59 @@ class ObjectStore(dg.ConfigurableResource):
             self.fs.mkdir(self.root.split("/")[0])
 
     def list_objects(self, prefix: str, pattern: str = "**") -> list[ObjectInfo]:
-        """Objects under `prefix` whose key (relative to the prefix) matches the glob `pattern`."""
+        """Objects under `prefix` whose key (relative to the prefix) matches the glob `pattern` (as fsspec's
+        glob reads it; only the pattern is a glob: a root may hold [ ] * ?)."""
         self.fs.invalidate_cache()
         base = self.path(prefix)
-        found = self.fs.glob(f"{glob.escape(base)}/{pattern}", detail=True)  # a root may hold [ ] * ?
-        # An S3 key ending in "/" is a folder marker (a console's "Create folder", rclone), not a file.
-        return sorted(
-            (
-                self._info(path, info)
-                for path, info in found.items()
-                if info.get("type") != "directory" and not path.endswith("/")
-            ),
-            key=lambda o: o.key,
+        glob_of = re.compile(glob_translate(f"{glob.escape(base)}/{pattern}"))
+        depth = None if "**" in pattern else pattern.count("/") + 1  # levels below `base` that can match
+        listed = self._local_files if self.protocol == "file" else self._s3_objects
+        found = listed(base, depth, lambda path: glob_of.match(path) is not None)
+        return sorted((self._info(path, info) for path, info in found.items()), key=lambda o: o.key)
+
+    def _s3_objects(self, base: str, depth: int | None, matches: Callable[[str], bool]) -> dict[str, Any]:
+        """The objects under `base` that `matches` takes. A key with an empty segment (`d//a.csv`, a
+        partner's path join) no glob segment matches: it is named in a warning, not passed over unsaid."""
+        found = self.fs.find(base, maxdepth=depth, detail=True)
+        # Listed by levels, such keys come back as a folder named with a trailing "/" (their common prefix).
+        unmatched = sorted(
+            self.key_of(path) + ("/*" if info["type"] == "directory" else "")
+            for path, info in found.items()
+            if ("//" in path[len(base) :] or (info["type"] == "directory" and path.endswith("/"))) and not matches(path)
         )
+        if unmatched:
+            log.warning(
+                f"{self.display()}: not listed, keys with an empty segment (//) that the glob does not match: "
+                f"{', '.join(unmatched)}; rename them without the doubled /"
+            )
+        # An S3 key ending in "/" is a folder marker (a console's "Create folder", rclone), not a file.
+        return {
+            path: info
+            for path, info in found.items()
+            if info["type"] != "directory" and not path.endswith("/") and matches(path)
+        }
+
+    def _local_files(self, base: str, depth: int | None, matches: Callable[[str], bool]) -> dict[str, Any]:
+        """The files under `base` that `matches` takes, into linked folders as into real ones, each as
+        `info` describes it: a linked file by its target (the link's own inode and times never change as
+        the target is rewritten), and a link whose target is gone named in a warning, not listed."""
+        found = {}
+        for path in _walk_into_links(base, depth):
+            if matches(path) and (info := self._target_info(path)) and info["type"] == "file":
+                found[path] = info
+        return found
+
+    def _target_info(self, path: str) -> dict[str, Any] | None:
+        """fsspec's info of a local path, a link's of its target; None where there is none to read."""
+        try:
+            return self.fs.info(path)
+        except OSError as exc:
+            if os.path.islink(path):
+                target = os.readlink(path)
+                log.warning(f"{self.display()}: not listed, {self.key_of(path)}: a link to {target} ({exc.strerror})")
+            elif not isinstance(exc, FileNotFoundError):  # else removed since the folder was read
+                raise
+            return None
 
     def info(self, key: str) -> ObjectInfo:
         self.fs.invalidate_cache()
@@ -362,6 +407,26 @@ class ObjectStore(dg.ConfigurableResource):
         return f"{self.url()}{where}"
 
 
+def _walk_into_links(base: str, depth: int | None) -> Iterator[str]:
+    """Every file's path under `base`, to `depth` levels (None: all), into linked folders as `ls -RL` goes
+    (a landing zone linking a shared data area in); a link to a folder above it, a loop, is not followed."""
+    above: dict[str, frozenset[tuple[int, int]]] = {base: frozenset()}
+    for folder, folders, files in os.walk(base, followlinks=True):
+        try:
+            found = os.stat(folder)
+        except FileNotFoundError:  # removed since its parent was read
+            continue
+        chain = above.pop(folder)
+        if (found.st_dev, found.st_ino) in chain:
+            folders.clear()
+            continue
+        chain |= {(found.st_dev, found.st_ino)}
+        if depth is not None and folder.count(os.sep) - base.count(os.sep) + 1 >= depth:
+            folders.clear()  # their files would lie deeper than `depth`
+        above.update((os.path.join(folder, name), chain) for name in folders)
+        yield from (os.path.join(folder, name) for name in files)
+
+
 def _unless_missing(function: Callable[..., Any], path: str, exc_info: Any) -> None:
     """rmtree's error handler: what another process removed meanwhile is fine."""
     if not isinstance(exc_info[1], FileNotFoundError):
@@ -491,6 +556,24 @@ def refuse_settings_of_a_local_store(site: str) -> None:
         )
 
 
+# A bucket's name as S3-compatible servers take it: AWS's rules (the catalogue's) and the looser older ones
+# (capitals, `_`) that buckets made before 2018 and some servers (Ceph's relaxed names) still have.
+_BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def bucket_named(var: str) -> str:
+    """The bucket an `S3_BUCKET` variable names, without the slashes around it (as the prefix's): `bucket/`
+    made a root `bucket//site`, whose keys began with "/" and whose listings held none of them. A URL
+    (`s3://bucket`) or a prefix fails the load: its paths would name no object."""
+    bucket = os.environ[var].strip("/")
+    if not _BUCKET.fullmatch(bucket):
+        raise ValueError(
+            f"{var} is not a bucket name (letters, digits, '.', '-', '_'): give the bucket alone, without s3:// "
+            f"or an endpoint, and a prefix inside it in {var.removesuffix('BUCKET')}PREFIX"
+        )
+    return bucket
+
+
 def object_store_for(site: str, bucket: str) -> ObjectStore:
     """The store the environment configures for `site`: S3 when an endpoint or bucket is set, else local.
 
@@ -504,7 +587,7 @@ def object_store_for(site: str, bucket: str) -> ObjectStore:
     if not (endpoint or bucket_var):
         refuse_settings_of_a_local_store(site)
         return ObjectStore(site=site, root=str(aifactory_home() / site))
-    bucket = os.environ[bucket_var] if bucket_var else bucket
+    bucket = bucket_named(bucket_var) if bucket_var else bucket
     prefix_var = _env(site, "S3_PREFIX")
     prefix = os.environ[prefix_var].strip("/") if prefix_var else ""
     # A bucket shared by several sites keeps each site under its own prefix.

@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import threading
+import uuid
 from pathlib import Path
 
 import dagster as dg
+import numpy as np
 import pyarrow as pa
 import pytest
+import s3fs
 
 from aifactory_assets.catalog import Catalog
 from aifactory_assets.definitions import build_definitions
 from aifactory_assets.factory import naming_refusals, store_key
+from aifactory_assets.parquet_io import read_parquet, write_parquet
+from aifactory_assets.staging import read_batches, write_batches
 from resources import ObjectStore, object_store_for
 from resources.object_store import credentials_named
-from tests.conftest import S3_SECRET, local_stores, s3_stores
+from tests.conftest import S3_KEY, S3_SECRET, local_stores, s3_stores
 
 
 @pytest.fixture
@@ -362,3 +368,134 @@ def test_only_a_stores_refusal_is_named_as_one(stores: dict[str, ObjectStore]) -
         assert caught[1][0]
     else:
         assert "refused a request of the kajaani site (Forbidden)" in caught[1][1] and caught[1][2]
+
+
+@pytest.fixture
+def s3_store(catalog: Catalog, s3_endpoint: str) -> ObjectStore:
+    return s3_stores(catalog, s3_endpoint)["kajaani"]
+
+
+@pytest.fixture
+def fetched(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The size of each ranged GET that s3fs's files make from now on: the bytes a reader pulls."""
+    sizes: list[int] = []
+    fetch = s3fs.core.S3File._fetch_range
+
+    def counted(self: s3fs.core.S3File, start: int, end: int) -> bytes:
+        data = fetch(self, start, end)
+        sizes.append(len(data))
+        return data
+
+    monkeypatch.setattr(s3fs.core.S3File, "_fetch_range", counted)
+    return sizes
+
+
+def test_a_gather_fetches_its_own_batch_not_the_file(s3_store: ObjectStore, fetched: list[int]) -> None:
+    """A gather reads one record batch of each scatter file: s3fs's read-ahead (up to 50 MiB an open) pulled
+    the rest of the file along, some 30 times the bytes over a shuffle."""
+    rng = np.random.default_rng(0)  # random floats: lz4 leaves each batch its size
+    tables = [pa.table({"x": rng.random(40_000)}) for _ in range(16)]
+    url = s3_store.url("shards/d/_staging/v/run/scattered/part-00000.arrow")
+    write_batches(url, tables[0].schema, tables, s3_store.storage_options)
+    assert read_batches(url, [7], s3_store.storage_options).equals(tables[7])
+    assert sum(fetched) < 1.5 * tables[7].nbytes
+
+
+def test_reading_a_column_fetches_that_column(s3_store: ObjectStore, fetched: list[int]) -> None:
+    """A column read alone (the quarantine's reasons) fetches its chunks and the footer, not the read-ahead's
+    50 MiB after its first chunk."""
+    rng = np.random.default_rng(0)
+    table = pa.table({"reason": ["not a date"] * 200_000, "x": rng.random(200_000)})
+    url = s3_store.url("quarantine/d/raw/run=a/part-00000.parquet")
+    size = write_parquet(table, url, s3_store.storage_options)
+    assert read_parquet(url, s3_store.storage_options, columns=["reason"]).equals(table.select(["reason"]))
+    assert sum(fetched) < size / 4
+
+
+def test_slashes_around_the_bucket_setting_are_dropped(monkeypatch: pytest.MonkeyPatch, s3_endpoint: str) -> None:
+    """`bucket/` made the root `bucket//athens`: writes went to keys beginning with "/", listings held none of
+    them, and the sensor saw an empty landing zone."""
+    bucket = f"aifactory-{uuid.uuid4().hex[:12]}"
+    settings = {"ENDPOINT": s3_endpoint, "KEY": S3_KEY, "SECRET": S3_SECRET, "BUCKET": f"{bucket}/"}
+    for setting, value in settings.items():
+        monkeypatch.setenv(f"AIFACTORY_S3_{setting}", value)
+    store = object_store_for("athens", "aifactory-athens").process_config_and_initialize()
+    store.ensure_root()
+    store.write_bytes("landing/d/a.csv", b"x\n1\n")
+    stored = store.fs.call_s3("list_objects_v2", Bucket=bucket)["Contents"]
+    assert [found["Key"] for found in stored] == ["athens/landing/d/a.csv"]
+    assert [o.key for o in store.list_objects("landing/d")] == ["landing/d/a.csv"]
+
+
+@pytest.mark.parametrize("value", ["s3://bucket-1", "bucket-1/team-a", "http://s3:9000/bucket-1"])
+def test_a_bucket_setting_that_names_no_bucket_fails_the_load(
+    monkeypatch: pytest.MonkeyPatch, catalog: Catalog, value: str
+) -> None:
+    """`s3://bucket` made paths `s3://s3://bucket/...`, which failed at the first read, long after the load;
+    a prefix has its own setting."""
+    monkeypatch.setenv("AIFACTORY_KAJAANI_S3_BUCKET", value)
+    with pytest.raises(ValueError, match="AIFACTORY_KAJAANI_S3_BUCKET is not a bucket name") as refused:
+        build_definitions(catalog)
+    assert "AIFACTORY_KAJAANI_S3_PREFIX" in str(refused.value) and value not in str(refused.value)
+
+
+def test_a_path_outside_the_root_has_no_key(store: ObjectStore) -> None:
+    """Returned as it was, a path beside the root (another site's) read as a key under this one."""
+    assert store.key_of(store.url("landing/d/a.csv")) == "landing/d/a.csv"
+    with pytest.raises(ValueError, match="is not under the root of"):
+        store.key_of(beside(store, f"{store.site}-old").path("landing/d/a.csv"))
+
+
+def landing_zone(tmp_path: Path) -> ObjectStore:
+    """A local store whose `landing/d/` exists, for links to be made in."""
+    store = ObjectStore(site="kajaani", root=str(tmp_path / "kajaani"))
+    Path(store.path("landing/d")).mkdir(parents=True)
+    return store
+
+
+def test_a_linked_landed_file_is_fingerprinted_by_its_target(tmp_path: Path) -> None:
+    """A site links a shared data area into its landing zone: listed by the link's own inode and times, a file
+    corrected in place at its size never changed (no run; raw lent the old part), and `info` disagreed."""
+    store, target = landing_zone(tmp_path), tmp_path / "a.csv"
+    target.write_bytes(b"id,v\n1,10\n")
+    os.utime(target, (1_700_000_000, 1_700_000_000))  # landed in 2023
+    Path(store.path("landing/d/a.csv")).symlink_to(target)
+    before = store.list_objects("landing/d", "*.csv")
+    target.write_bytes(b"id,v\n1,99\n")
+    after = store.list_objects("landing/d", "*.csv")
+    assert after == [store.info("landing/d/a.csv")] and after[0].fingerprint() != before[0].fingerprint()
+
+
+def test_a_link_whose_target_is_gone_is_named_not_listed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A link into a scratch area since purged: listed as an empty file, it failed every run that read it."""
+    store = landing_zone(tmp_path)
+    store.write_bytes("landing/d/a.csv", b"x\n1\n")
+    Path(store.path("landing/d/b.csv")).symlink_to(tmp_path / "purged.csv")
+    with caplog.at_level(logging.WARNING):
+        assert [o.key for o in store.list_objects("landing/d", "*.csv")] == ["landing/d/a.csv"]
+    assert f"landing/d/b.csv: a link to {tmp_path / 'purged.csv'}" in caplog.text
+
+
+def test_a_linked_folder_is_listed_as_a_folder(tmp_path: Path) -> None:
+    """A year's folder linked in from a shared area: fsspec listed the link as one file, and `**/*.csv` missed
+    what it holds. A link in it back up to the landing zone is not followed round."""
+    store, shared = landing_zone(tmp_path), tmp_path / "2026"
+    shared.mkdir()
+    (shared / "b.csv").write_bytes(b"x\n1\n")
+    (shared / "up").symlink_to(store.path("landing"))
+    Path(store.path("landing/d/2026")).symlink_to(shared)
+    store.write_bytes("landing/d/a.csv", b"x\n2\n")
+    for pattern in ("**/*.csv", "**"):
+        assert [o.key for o in store.list_objects("landing/d", pattern)] == ["landing/d/2026/b.csv", "landing/d/a.csv"]
+    assert [o.key for o in store.list_objects("landing/d", "*.csv")] == ["landing/d/a.csv"]
+
+
+def test_a_key_with_an_empty_segment_is_named(s3_store: ObjectStore, caplog: pytest.LogCaptureFixture) -> None:
+    """`landing/d//a.csv` (a partner joining `d/` and `/a.csv`) matches no landing glob: said, not passed over."""
+    bucket, base = s3_store.root.split("/", 1)
+    for key in ("landing/d//a.csv", "landing/d/b.csv"):
+        s3_store.fs.call_s3("put_object", Bucket=bucket, Key=f"{base}/{key}", Body=b"x\n1\n")
+    with caplog.at_level(logging.WARNING):
+        for pattern in ("**/*.csv", "*.csv"):  # listed whole, and by levels (where it is a folder "d/")
+            assert [o.key for o in s3_store.list_objects("landing/d", pattern)] == ["landing/d/b.csv"]
+    assert "landing/d//a.csv" in caplog.text and "landing/d//*" in caplog.text
