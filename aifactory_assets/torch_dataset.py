@@ -10,6 +10,7 @@ Rank and world size come from `torch.distributed` when it is initialised.
 
 from __future__ import annotations
 
+import operator
 import os
 import queue
 import re
@@ -17,10 +18,13 @@ import traceback
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 try:
     import torch
@@ -28,13 +32,32 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("ShardIterableDataset needs torch: pip install -e '.[torch]' in the checkout") from exc
 
-from aifactory_assets.loader import PAGE_CHECKSUMS, READ_THREADS, Piece, RowGroup, ShardReader, available_cores
-from aifactory_assets.processes import end_with_parent
+from aifactory_assets.loader import (
+    PAGE_CHECKSUMS,
+    READ_THREADS,
+    ChecksumMismatch,
+    Piece,
+    RowGroup,
+    ShardReader,
+    available_cores,
+)
+from aifactory_assets.processes import watch_parent
+from aifactory_assets.shard_layout import read_footer
 
-# What launchers set in each of the processes they start: torchrun, srun, Open MPI's and MPICH's mpirun.
-# SLURM's step count, not SLURM_NTASKS: that is the allocation's, also set in an `sbatch -n 4` script's
-# body, where one process runs.
-LAUNCHER_WORLD_SIZES = ("WORLD_SIZE", "SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+# What launchers set in each of the processes they start: torchrun, Open MPI's and MPICH's mpirun, srun.
+# The launcher nearest the process first: the first one set decides, as an outer launcher's leaks through
+# (torchrun's WORLD_SIZE=1 in each task of a 4-task srun step: four runs of one process each; mpirun's
+# ranks in a one-task step). SLURM's step count, not SLURM_NTASKS: that is the allocation's, also set in
+# an `sbatch -n 4` script's body, where one process runs.
+LAUNCHER_WORLD_SIZES = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS")
+# Arrow's names of the types a tensor holds (as `str(pa.DataType)` and a manifest's schema write them); of
+# those, ints and bools have no NaN to hold a null.
+NO_NAN_TYPES = frozenset(
+    str(kind)
+    for kind in (pa.bool_(), pa.int8(), pa.int16(), pa.int32(), pa.int64())
+    + (pa.uint8(), pa.uint16(), pa.uint32(), pa.uint64())
+)
+NUMBER_TYPES = NO_NAN_TYPES | {str(kind) for kind in (pa.float16(), pa.float32(), pa.float64())}
 
 
 class BatchGatherer:
@@ -106,13 +129,112 @@ class BatchGatherer:
 
 def require_no_nulls(table: pa.Table, group: RowGroup) -> None:
     """A tensor has no null: an int or bool null would become a float, a wrong number or False, silently
-    (and the batch's dtype would change from one row group to the next). Float nulls are NaN, faithfully."""
+    (and the batch's dtype would change from one row group to the next). Float nulls are NaN, faithfully.
+    Where the dataset read the footers (local shards) it refused them already, on every rank at once."""
     for name, column in zip(table.schema.names, table.columns, strict=True):
-        if column.null_count and is_numeric(column.type) and not pa.types.is_floating(column.type):
+        if column.null_count and str(column.type) in NO_NAN_TYPES:
+            raise nulls_refused(f"{group.shard} row group {group.index}", name, column.type, column.null_count)
+
+
+def nulls_refused(where: str, name: str, kind: pa.DataType, count: int) -> ValueError:
+    return ValueError(
+        f"{where}: column {name!r} ({kind}) has {count} null(s), which a tensor cannot hold; leave it out with "
+        "columns=[...] or fill it upstream"
+    )
+
+
+def refuse_nulls_up_front(reader: ShardReader, columns: list[str] | None) -> None:
+    """An int or bool null found as its row group is read stops one rank mid-epoch, while the others wait in
+    their next collective. Local shards' footers count each column's nulls per row group: read here, each
+    rank refuses the same split at once. Remote shards' footers are not read here (a request per shard and
+    rank, and their shards are fetched by the workers): theirs are refused as their row groups are read."""
+    if not reader.is_local:
+        return
+    with ThreadPoolExecutor(available_cores()) as pool:
+        found = [nulls for nulls in pool.map(partial(footer_nulls, reader, columns), reader.checksums) if nulls]
+    if found:
+        raise nulls_refused(*found[0])
+
+
+Nulls = tuple[str, str, pa.DataType, int]  # where (shard, row group), column, its type, how many
+
+
+def footer_nulls(reader: ShardReader, columns: list[str] | None, shard: str) -> Nulls | None:
+    """The first row group and int or bool column of `columns` (None: all) whose footer counts nulls."""
+    meta = shard_footer(reader, shard)
+    kinds = {f.name: f.type for f in meta.schema.to_arrow_schema() if columns is None or f.name in columns}
+    leaves = [j for j in range(meta.num_columns) if str(kinds.get(meta.schema.column(j).path)) in NO_NAN_TYPES]
+    for g in range(meta.num_row_groups):
+        for j in leaves:
+            chunk = meta.row_group(g).column(j)
+            stats = chunk.statistics
+            if stats is not None and stats.has_null_count and stats.null_count:
+                return f"{shard} row group {g}", chunk.path_in_schema, kinds[chunk.path_in_schema], stats.null_count
+    return None
+
+
+def shard_footer(reader: ShardReader, shard: str) -> pq.FileMetaData:
+    """A shard's footer, read in one request (no read-ahead: s3fs's default block is 50 MiB). Read here
+    before any page's check (where the shards were not hashed), one that does not parse names its shard."""
+    with reader.fs.open(f"{reader.root}/{shard}", "rb", cache_type="none") as file:
+        footer = read_footer(file)
+    try:
+        return pq.read_metadata(pa.BufferReader(footer))
+    except (OSError, pa.ArrowException) as exc:  # "Couldn't deserialize thrift" is an OSError
+        raise ChecksumMismatch(f"{reader.root}/{shard}: its footer does not parse: {exc}") from exc
+
+
+def split_schema(reader: ShardReader) -> dict[str, str] | None:
+    """Column names and Arrow type names: the manifest's schema, else (a manifest before it had one) its
+    first shard's; None for a split with no shard."""
+    fields = reader.manifest.get("schema", {}).get("fields")
+    if fields is not None:
+        return {f["name"]: f["type"] for f in fields}
+    if not reader.checksums:
+        return None
+    return {f.name: str(f.type) for f in shard_footer(reader, next(iter(reader.checksums))).schema.to_arrow_schema()}
+
+
+def check_stack(stack: dict[str, list[str]], schema: dict[str, str], columns: list[str] | None) -> None:
+    """`stack` groups against the split's schema, here, rather than in a worker mid-epoch or never: each of
+    numbers of one type (NumPy would convert mixed ones to one: an int64 id past 2**53 rounded in a float64),
+    each column read, and no group named like a column read unstacked (one would replace the other)."""
+    read = list(schema) if columns is None else columns
+    stacked = {c for group in stack.values() for c in group}
+    for name, group in stack.items():
+        where = f"stack group {name!r}"
+        if isinstance(group, str) or not isinstance(group, list | tuple) or not group:
+            raise ValueError(f"{where}: a non-empty list of column names, got {group!r}")
+        if unknown := [c for c in group if c not in schema]:
+            raise ValueError(f"{where}: column(s) {unknown} not in the split, which has {list(schema)}")
+        if unread := [c for c in group if c not in read]:
+            raise ValueError(f"{where}: column(s) {unread} are not read: add them to columns={columns}")
+        kinds = {c: schema[c] for c in group}
+        if text := [c for c, kind in kinds.items() if kind not in NUMBER_TYPES]:
+            raise ValueError(f"{where}: column(s) {text} are not numbers ({kinds}); a tensor stacks numbers only")
+        if len(set(kinds.values())) > 1:
             raise ValueError(
-                f"{group.shard} row group {group.index}: column {name!r} ({column.type}) has {column.null_count} "
-                "null(s), which a tensor cannot hold; leave it out with columns=[...] or fill it upstream"
+                f"{where} mixes types {kinds}: stacked, all would become one (an int64 past 2**53 rounded in a "
+                "float64); cast them to one type upstream, or stack each type in a group of its own"
             )
+        if name in read and name not in stacked:
+            raise ValueError(
+                f"{where} is named like column {name!r}, also read unstacked: one would replace the other; name the "
+                "group otherwise, or leave the column out with columns=[...]"
+            )
+
+
+def need_count(name: str, value: Any, least: int) -> int:
+    """`value` as an int of at least `least`; a bool, or a string (an environment variable's), refused by name."""
+    try:
+        count = operator.index(value)
+    except TypeError:
+        count = None
+    if count is None or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if count < least:
+        raise ValueError(f"need {name} >= {least}, got {count}")
+    return count
 
 
 def torch_dtype(dtype: np.dtype) -> torch.dtype:
@@ -120,7 +242,7 @@ def torch_dtype(dtype: np.dtype) -> torch.dtype:
 
 
 def is_numeric(kind: pa.DataType) -> bool:
-    return pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)
+    return str(kind) in NUMBER_TYPES
 
 
 def rows_of(values: pa.Array, order: np.ndarray | None, lo: int, hi: int) -> list[Any]:
@@ -128,17 +250,20 @@ def rows_of(values: pa.Array, order: np.ndarray | None, lo: int, hi: int) -> lis
 
 
 def launched_world_size() -> tuple[str, int] | None:
-    """The launcher's variable that makes this process one of several, and its value; None if none does."""
+    """The launcher's variable that makes this process one of several, and its value; None if none does (the
+    nearest launcher's, the first of LAUNCHER_WORLD_SIZES set, says 1, or none is set)."""
     for name in LAUNCHER_WORLD_SIZES:
         value = os.environ.get(name, "")
-        if value.isdigit() and int(value) > 1:
-            return name, int(value)
+        if value.isdigit():
+            return (name, int(value)) if int(value) > 1 else None
     return None
 
 
 class ShardIterableDataset(IterableDataset):
     """Use as `DataLoader(dataset, batch_size=None, num_workers=W)`; local shards are hashed once, here,
-    in parallel, rather than by every data-loader worker."""
+    in parallel, rather than by every data-loader worker. Checked here, on every rank alike, rather than in
+    a worker mid-epoch: `stack` groups against the split's schema, and int or bool nulls in local shards.
+    Resume with `state=dataset.state_dict(samples_consumed)`: the rank's count, across all its workers."""
 
     def __init__(
         self,
@@ -152,8 +277,16 @@ class ShardIterableDataset(IterableDataset):
     ):
         super().__init__()
         self.manifest, self.split, self.stack, self.options = manifest, split, stack, options
+        rank = None if rank is None else need_count("rank", rank, 0)
+        world_size = None if world_size is None else need_count("world_size", world_size, 1)
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        if not distributed and (rank is None or world_size is None) and (launched := launched_world_size()):
+        if not distributed and (rank is None) != (world_size is None):
+            # world_size=4 alone made every process rank 0 of 4: the same batches everywhere, a quarter read.
+            raise ValueError(
+                f"rank={rank} and world_size={world_size}: give both (or neither, to take torch.distributed's "
+                "once init_process_group has run)"
+            )
+        if not distributed and rank is None and (launched := launched_world_size()):
             # Made before init_process_group, every rank would read rank 0 of 1: the same batches everywhere.
             raise RuntimeError(
                 f"{launched[0]} is {launched[1]} but torch.distributed is not initialised: make the "
@@ -174,6 +307,9 @@ class ShardIterableDataset(IterableDataset):
         self.rank_cores = rank_cores()  # here, in the rank: its workers' parent is the rank, not the launcher
         if probe.verify_local_shards():  # hashed whole here; the workers still check each page's CRC as they read
             self.options["verify"] = "pages" if probe.manifest.get("format_version", 0) >= PAGE_CHECKSUMS else False
+        if stack and (schema := split_schema(probe)) is not None:
+            check_stack(stack, schema, probe.columns)
+        refuse_nulls_up_front(probe, probe.columns)
 
     @property
     def epoch(self) -> int:
@@ -206,6 +342,12 @@ class ShardIterableDataset(IterableDataset):
             start_sample=self.resume[1] if epoch == self.resume[0] else 0,
             **options,
         )
+
+    def state_dict(self, samples_consumed: int) -> dict[str, Any]:
+        """What to save with a checkpoint; resume with `ShardIterableDataset(..., state=state)`. `samples_consumed`
+        is the rank's: the samples its training loop took from this epoch's batches, from all its DataLoader
+        workers together, not one worker's (the workers make one stream, in turn). See `ShardReader.state_dict`."""
+        return self.reader(0, 1).state_dict(samples_consumed)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         yield from BatchGatherer(self.reader(), self.stack)
@@ -278,9 +420,11 @@ class TensorLoader:
     DataLoader with any number of workers), so it resumes the same way. Each worker makes `chunk`
     consecutive batches in turn, so row groups that straddle two batches are mostly decoded once.
     The workers and the ring are made on the first epoch and kept for the next ones (forking a process
-    that holds a CUDA context and pinning the ring cost almost half of a one-second epoch). An epoch left
-    unfinished ends them (closing its iterator, or starting the next epoch, which then starts afresh);
-    `close()`, leaving a `with` block or dropping the loader ends them for good.
+    that holds a CUDA context and pinning the ring cost almost half of a one-second epoch), whichever
+    thread iterates; they end with the training process. An epoch left unfinished ends them (closing its
+    iterator, or starting the next epoch, which then starts afresh), and so does a worker lost between
+    epochs (the OOM killer); `close()`, leaving a `with` block or dropping the loader ends them for good.
+    Resume with `state=loader.state_dict(samples_consumed)`, the samples the rank took this epoch.
     Numeric columns only (select them with `columns=`); workers are forked (Linux)."""
 
     def __init__(
@@ -296,23 +440,30 @@ class TensorLoader:
     ):
         # Workers are the parallelism: each decodes one row group at a time, read rather than mapped
         # (faster on the lent H100 host than PyArrow's own threads or memory maps).
-        if slots < 2:  # a worker fills its next slot while the trainer still holds the last one
-            raise ValueError(f"TensorLoader needs slots >= 2, got {slots}")
+        self.workers, self.chunk = need_count("workers", workers, 1), need_count("chunk", chunk, 1)
+        self.slots = need_count("slots", slots, 2)  # a worker fills its next slot while the trainer holds the last
+        self.device = torch.device(device)
         dataset_options = {"threads": 0, "memory_map": False} | dataset_options
         self._pool: WorkerPool | None = None
         self.dataset = ShardIterableDataset(manifest, split, **dataset_options)
-        self.device, self.workers, self.chunk, self.slots = torch.device(device), workers, chunk, slots
 
     def set_epoch(self, epoch: int) -> None:
         self.dataset.set_epoch(epoch)
+
+    def state_dict(self, samples_consumed: int) -> dict[str, Any]:
+        """`ShardIterableDataset.state_dict`: `samples_consumed` is the samples the rank took from this epoch's
+        batches, all workers' together (its training loop's count)."""
+        return self.dataset.state_dict(samples_consumed)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         reader = self.dataset.reader(0, 1)
         batches = reader.batch_count()
         if not batches:
             return
-        if self._pool is not None and self._pool.busy:
-            self.close()  # an earlier epoch left unfinished: this one replaces it, as a DataLoader's iterator
+        if self._pool is not None and (self._pool.busy or not self._pool.alive()):
+            # An earlier epoch left unfinished (this one replaces it, as a DataLoader's iterator), or a worker
+            # lost since (the OOM killer): this epoch starts afresh.
+            self.close()
         pool = self._pool or self._start(reader)
         pool.begin_epoch(reader.epoch)
         copies = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -415,11 +566,14 @@ class WorkerPool:
     def owner(self, batch: int) -> int:
         return (batch // self.chunk) % self.workers
 
+    def alive(self) -> bool:
+        return all(process.is_alive() for process in self.processes)
+
     def work(self, worker: int, dataset: ShardIterableDataset, epochs: Any, free: Any, ready: Any) -> None:
         """A worker process: told to start an epoch, it makes its batches in order, each into a free slot
         of its own. The epoch comes with the message (read from the dataset's shared state instead, a worker
         with no batch in an epoch that reads its message late would make the next epoch's batches twice)."""
-        end_with_parent(self.trainer)
+        watch_parent(self.trainer)  # not PR_SET_PDEATHSIG: that follows the thread that forked, which may end first
         try:
             while (epoch := epochs.get()) is not None:
                 gather = BatchGatherer(dataset.reader(0, 1, epoch), dataset.stack)
