@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> None:
         f"\nend-to-end benchmark: {len(files)} CSV files, {mb:,.0f} MiB, "
         f"{manifest['conservation']['rows_read']:,} rows,"
         f" seed {args.seed}; Dask: {args.workers} workers x "
-        f"{format_bytes(memory_limit) if isinstance(memory_limit, int) else memory_limit} memory limit"
+        f"{format_bytes(memory_limit)} memory limit"
         f"{' (auto)' if args.memory_limit == 'auto' else ''}"
     )
     base = rows[0].seconds if not args.only_aifactory else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
@@ -10,6 +11,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
 import dagster as dg
 import dask
@@ -20,7 +22,7 @@ from distributed import Client, LocalCluster, Worker, WorkerPlugin
 from distributed.security import Security
 from distributed.system import MEMORY_LIMIT
 from distributed.worker_memory import parse_memory_limit
-from pydantic import Field, PrivateAttr
+from pydantic import ConfigDict, Field, PrivateAttr, field_validator
 
 # P2P shuffles (dataset statistics) log every start and stop at WARNING; they are routine here.
 logging.getLogger("distributed.shuffle._scheduler_plugin").setLevel(logging.ERROR)
@@ -105,16 +107,56 @@ def prepare_workers(client: Client) -> Client:
 MIN_WORKER_MEMORY = 2**30
 
 
+LEAST_WORKER_MEMORY = 512 * 2**20  # a worker's imports take about 330 MiB: below this it restarts on every task
+# Dask's parse of a size past this host's memory warns that it keeps the host's: each worker says so itself.
+UNSAID = logging.Logger(f"{__name__}.memory_limit", level=logging.CRITICAL)
+
+
+def memory_limit_bytes(value: str, name: str) -> int:
+    """A worker's memory limit in bytes as Dask reads `value` (a share of this host's memory, a size capped at
+    it), checked wherever it is set (`name`): unchecked, a typo loaded fine and then failed every run's first
+    step without naming its setting. 0 is refused: Dask reads it as no limit, and workers without one never
+    spill or pause before the kernel kills one; `1`, all of this host's memory, is the most there is."""
+    try:  # as each worker reads it
+        limit = parse_memory_limit(value, nthreads=1, total_cores=1, logger=UNSAID)
+    except (ValueError, OverflowError):  # not a size; inf
+        limit = None
+    if limit is None or limit < LEAST_WORKER_MEMORY:
+        raise ValueError(
+            f"{name}={value!r}: a per-worker memory limit is auto (the default), a size such as 4GiB, or a share "
+            f"of this host's memory such as 0.25, of {format_bytes(LEAST_WORKER_MEMORY)} at least (a bare number "
+            "above 1 is bytes); not 0, which Dask reads as no limit at all"
+        )
+    return limit
+
+
+def checked_scheduler_address(address: str, name: str) -> str:
+    """A running scheduler's address, checked wherever it is set (`name`): Dask took a typo (`tls//host:port`)
+    for a host name and tried it for 30 s, and a user:password@ (which Dask never reads) would reach the logs."""
+    parts = urlsplit(address)
+    if parts.scheme not in ("tls", "tcp") or not parts.hostname or "@" in address:
+        shown = f"{parts.scheme}://***@{address.rpartition('@')[2]}" if "@" in address else address
+        raise ValueError(
+            f"{name}={shown!r}: a running scheduler's address is tls://host:port (or tcp://host:port, in clear), "
+            "with no user:password@: Dask's TLS settings say who connects"
+        )
+    return address
+
+
 def runs_at_once(instance: dg.DagsterInstance | None) -> int | None:
-    """How many runs the instance starts at once: its run queue's `max_concurrent_runs`; 1 for an ephemeral
-    instance (runs in the caller's process, one at a time); None where nothing limits them (-1, or a run
-    coordinator without a queue, which launches every run as it comes)."""
+    """How many runs the instance has at once: its run queue's `max_concurrent_runs`, or more where more are
+    in progress (this one included), since runs in their own process (`make materialize`, `dagster asset
+    materialize`) pass by the queue; 1 for an ephemeral instance (runs in the caller's process, one at a
+    time); None where nothing limits them (-1, or a run coordinator without a queue, which launches every
+    run as it comes)."""
     if instance is None or instance.is_ephemeral:
         return 1
     queue = instance.get_concurrency_config().run_queue_config
     if queue is None or queue.max_concurrent_runs < 0:
         return None
-    return max(queue.max_concurrent_runs, 1)
+    # The statuses the queue counts against its limit: a run holding its process (and its workers).
+    running = [dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]
+    return max(queue.max_concurrent_runs, instance.get_runs_count(dg.RunsFilter(statuses=running)), 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,9 +164,9 @@ class LocalWorkers:
     """How a run's LocalCluster is sized, and why (said in the run's log)."""
 
     count: int
-    memory_limit: int | str
+    memory_limit: int  # each worker's, in bytes
     why: str
-    enough: bool = True  # False: each worker gets less than MIN_WORKER_MEMORY
+    warning: str = ""  # what a worker or the host lacks, said as a warning; empty: nothing
 
 
 def size_local_workers(
@@ -134,23 +176,31 @@ def size_local_workers(
     cores: int = dask.system.CPU_COUNT,  # the CPUs this job may use (cgroups, affinity)
     host: int = MEMORY_LIMIT,  # this host's memory, or its cgroup's limit
 ) -> LocalWorkers:
-    """One worker per core by default. `auto` shares the host's memory among the runs the instance starts
-    at once, then among the run's workers: clusters each sized to the whole host let Dask spill or pause
-    none of them before the kernel kills one. A share too small for a worker per core gives fewer workers,
-    each MIN_WORKER_MEMORY at least."""
-    if memory_limit != "auto":
-        return LocalWorkers(n_workers or cores, memory_limit, "set by memory_limit")
+    """One worker per core, while the host's memory shared among the runs the instance has at once holds
+    them: clusters that add up past the host let Dask spill or pause none of them before the kernel kills
+    one. `auto` shares that share among the workers, each MIN_WORKER_MEMORY at least (fewer workers
+    otherwise); a limit set by hand gives each worker that limit, and as many workers as the share holds.
+    Workers set by hand are kept, said as a warning where they need more than the host has."""
     share = host // (runs or 1)
-    count = n_workers or max(1, min(cores, share // MIN_WORKER_MEMORY))
     shared_by = (
-        f"shared by the {runs} run(s) the instance starts at once"
+        f"shared by the {runs} run(s) the instance has at once"
         if runs
         else "(nothing limits the runs the instance starts at once)"
     )
-    why = f"this host's {format_bytes(host)} {shared_by}"
+    if memory_limit == "auto":
+        count = n_workers or max(1, min(cores, share // MIN_WORKER_MEMORY))
+        each, why, fewer = share // count, "", f"{format_bytes(MIN_WORKER_MEMORY)} each at least"
+    else:
+        each = memory_limit_bytes(memory_limit, "memory_limit")
+        count = n_workers or max(1, min(cores, share // each))
+        why, fewer = f"{memory_limit} set by memory_limit; ", "as many as that holds"
+    why += f"this host's {format_bytes(host)} {shared_by}"
     if count < cores and not n_workers:
-        why += f"; fewer workers than the {cores} cores, {format_bytes(MIN_WORKER_MEMORY)} each at least"
-    return LocalWorkers(count, share // count, why, enough=share // count >= MIN_WORKER_MEMORY)
+        why += f"; fewer workers than the {cores} cores, {fewer}"
+    lacks = [f"under the {format_bytes(MIN_WORKER_MEMORY)} a worker needs"] if each < MIN_WORKER_MEMORY else []
+    if count * each * (runs or 1) > host:
+        lacks.append(f"{count} x {format_bytes(each)} x {runs or 1} run(s) is more than this host's memory")
+    return LocalWorkers(count, each, why, "; ".join(lacks))
 
 
 class DaskCluster(dg.ConfigurableResource):
@@ -162,18 +212,34 @@ class DaskCluster(dg.ConfigurableResource):
         description="tls://host:port of a running scheduler (over tcp:// the store's credentials, in every "
         "task's arguments, cross the network in clear)",
     )
-    n_workers: int | None = Field(default=None, description="LocalCluster workers; default: one per core")
+    n_workers: int | None = Field(default=None, ge=1, description="LocalCluster workers; default: one per core")
     threads_per_worker: int = 1
     memory_limit: str = Field(
         default="auto",
         description="per-worker memory limit, e.g. '2GiB'; auto: the host's memory shared by the runs the "
-        "instance starts at once (max_concurrent_runs), then by the workers",
+        "instance has at once (max_concurrent_runs, or more in progress), then by the workers",
     )
+
+    # An error shows what our checks say of a value, never the value: an address may hold user:password@.
+    model_config = ConfigDict(hide_input_in_errors=True)
 
     _cluster: LocalCluster | None = PrivateAttr(default=None)
     _client: Client | None = PrivateAttr(default=None)
     _runs_at_once: int | None = PrivateAttr(default=1)
     _log: logging.Logger | dg.DagsterLogManager = PrivateAttr(default=logging.getLogger(__name__))
+
+    @field_validator("scheduler_address")
+    @classmethod
+    def _a_scheduler_address(cls, value: str | None) -> str | None:
+        """Run config (the launchpad's) is checked as the environment is at load."""
+        return None if value is None else checked_scheduler_address(value, "scheduler_address")
+
+    @field_validator("memory_limit")
+    @classmethod
+    def _a_memory_limit_dask_can_keep(cls, value: str) -> str:
+        """Run config (the launchpad's) is checked as the environment is at load."""
+        memory_limit_bytes(value, "memory_limit")
+        return value
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         self._runs_at_once = runs_at_once(context.instance)
@@ -182,11 +248,47 @@ class DaskCluster(dg.ConfigurableResource):
     def get_client(self) -> Client:
         if self._client is None:
             if self.scheduler_address:
-                self._client = Client(self.scheduler_address)
-                self._log.info(f"Dask: scheduler {self.scheduler_address}; dashboard {self._client.dashboard_link}")
+                self._client = self.connect(self.scheduler_address)
             else:
-                workers = size_local_workers(self.n_workers, self.memory_limit, self._runs_at_once)
-                self._cluster = LocalCluster(
+                self._cluster, self._client = self.start_local_cluster()
+        return self._client
+
+    def connect(self, address: str) -> Client:
+        """A client of a running scheduler. Settings it ignores and credentials in clear are said as warnings;
+        a failure names the setting to look at, with Dask's own for tls://."""
+        if self.n_workers is not None or self.memory_limit != "auto":
+            self._log.warning(
+                "Dask: n_workers and memory_limit (AIFACTORY_DASK_WORKERS, AIFACTORY_DASK_MEMORY_LIMIT) size a "
+                f"run's own LocalCluster and are ignored: the workers of the scheduler at {address} are sized "
+                "where they were started"
+            )
+        if address.startswith("tcp://"):
+            self._log.warning(
+                f"Dask: scheduler {address} over tcp://: the store's credentials, in every task's arguments, "
+                "cross the network in clear (tls:// with Dask's TLS settings encrypts them)"
+            )
+        try:
+            client = Client(address)
+        except Exception as exc:
+            tls = (
+                " and Dask's TLS settings (DASK_DISTRIBUTED__COMM__TLS__CA_FILE, ..._CLIENT__CERT, ..._CLIENT__KEY)"
+                if address.startswith("tls://")
+                else ""
+            )
+            raise ConnectionError(
+                f"Dask: no client of the scheduler at {address}: see AIFACTORY_DASK_SCHEDULER (the resource's "
+                f"scheduler_address){tls}. {type(exc).__name__}: {exc}"
+            ) from exc
+        self._log.info(f"Dask: scheduler {address}; dashboard {client.dashboard_link}")
+        return client
+
+    def start_local_cluster(self) -> tuple[LocalCluster, Client]:
+        """The run's own cluster, said in the run's log. Closed again where what follows its start fails (a
+        connect timeout on a loaded node): else the next step started another, and this one outlived the run."""
+        workers = size_local_workers(self.n_workers, self.memory_limit, self._runs_at_once)
+        with contextlib.ExitStack() as on_failure:
+            cluster = on_failure.enter_context(
+                LocalCluster(
                     n_workers=workers.count,
                     threads_per_worker=self.threads_per_worker,
                     memory_limit=workers.memory_limit,
@@ -197,22 +299,26 @@ class DaskCluster(dg.ConfigurableResource):
                     # otherwise connect to 127.0.0.1 and run code in workers that hold the store's credentials.
                     security=Security.temporary(),
                 )
-                self._client = prepare_workers(Client(self._cluster))
-                each = next(iter(self._cluster.workers.values())).memory_manager.memory_limit  # None: no limit
-                said = (
-                    f"Dask: {workers.count} local worker(s) x {self.threads_per_worker} thread(s), "
-                    f"{format_bytes(each) if each else 'no memory limit'} each ({workers.why}); "
-                    f"dashboard {self._client.dashboard_link}"
-                )
-                if workers.enough:
-                    self._log.info(said)
-                else:
-                    fewer = "fewer workers (AIFACTORY_DASK_WORKERS), " if self.n_workers else ""
-                    self._log.warning(
-                        f"{said}. Under the {format_bytes(MIN_WORKER_MEMORY)} a worker needs: {fewer}a lower "
-                        "max_concurrent_runs for the instance, or AIFACTORY_DASK_MEMORY_LIMIT"
-                    )
-        return self._client
+            )
+            client = prepare_workers(on_failure.enter_context(Client(cluster)))
+            self.say_sized(workers, client.dashboard_link)
+            on_failure.pop_all()
+        return cluster, client
+
+    def say_sized(self, workers: LocalWorkers, dashboard: str) -> None:
+        """What each worker got and why, in the run's log: a warning where a worker or the host lacks memory."""
+        said = (
+            f"Dask: {workers.count} local worker(s) x {self.threads_per_worker} thread(s), "
+            f"{format_bytes(workers.memory_limit)} each ({workers.why}); dashboard {dashboard}"
+        )
+        if not workers.warning:
+            self._log.info(said)
+            return
+        fewer = "fewer workers (AIFACTORY_DASK_WORKERS), " if self.n_workers else ""
+        self._log.warning(
+            f"{said}. {workers.warning}: {fewer}a lower max_concurrent_runs for the instance, or another memory "
+            "limit (AIFACTORY_DASK_MEMORY_LIMIT)"
+        )
 
     def refresh_workers(self) -> float | None:
         """A fresh LocalCluster for the next stage when this run started its own (a shared scheduler's
@@ -246,35 +352,22 @@ class DaskCluster(dg.ConfigurableResource):
                 cluster.close()
 
 
-LEAST_WORKER_MEMORY = 512 * 2**20  # a worker's imports take about 330 MiB: below this it restarts on every task
-
-
 def memory_limit_from_env() -> str:
-    """AIFACTORY_DASK_MEMORY_LIMIT, checked at load: unchecked, a typo loaded fine and then failed every run's
-    first step without naming the variable. 0 is refused: Dask reads it as no limit, and workers without one
-    never spill or pause before the kernel kills one; `1`, all of this host's memory, is the most there is."""
+    """AIFACTORY_DASK_MEMORY_LIMIT, checked at load, naming the variable."""
     value = os.environ.get("AIFACTORY_DASK_MEMORY_LIMIT") or "auto"
-    try:  # as each worker reads it
-        limit = parse_memory_limit(value, nthreads=1, total_cores=1, logger=logging.getLogger(__name__))
-    except (ValueError, OverflowError):  # not a size; inf
-        limit = None
-    if limit is None or limit < LEAST_WORKER_MEMORY:
-        raise ValueError(
-            f"AIFACTORY_DASK_MEMORY_LIMIT={value!r}: a per-worker memory limit is auto (the default), a size such "
-            f"as 4GiB, or a share of this host's memory such as 0.25, of {format_bytes(LEAST_WORKER_MEMORY)} at "
-            "least (a bare number above 1 is bytes); not 0, which Dask reads as no limit at all"
-        )
+    memory_limit_bytes(value, "AIFACTORY_DASK_MEMORY_LIMIT")
     return value
 
 
 def dask_cluster_from_env() -> DaskCluster:
     """`AIFACTORY_DASK_SCHEDULER` points at a shared cluster; else `AIFACTORY_DASK_WORKERS` and
-    `AIFACTORY_DASK_MEMORY_LIMIT` size the run's own."""
+    `AIFACTORY_DASK_MEMORY_LIMIT` size the run's own. Each is checked at load, naming the variable."""
+    scheduler = os.environ.get("AIFACTORY_DASK_SCHEDULER") or None
     workers = os.environ.get("AIFACTORY_DASK_WORKERS") or None
     if workers is not None and not (workers.isdigit() and int(workers) > 0):
         raise ValueError(f"AIFACTORY_DASK_WORKERS={workers!r}: a number of workers, at least 1")
     return DaskCluster(
-        scheduler_address=os.environ.get("AIFACTORY_DASK_SCHEDULER") or None,
+        scheduler_address=scheduler and checked_scheduler_address(scheduler, "AIFACTORY_DASK_SCHEDULER"),
         n_workers=int(workers) if workers else None,
         memory_limit=memory_limit_from_env(),
     )
