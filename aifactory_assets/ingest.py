@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -38,16 +39,34 @@ NOT_DATA_PREFIXES = (".", "_")
 IN_PROGRESS_SUFFIXES = (".part", ".partial", ".tmp", ".filepart", ".crdownload", "._COPYING_")
 
 
+# Seconds a landing zone may keep changing, and an empty object stay empty, before either is taken as it is.
+UNSETTLED_AT_MOST = 600
+
+
 def is_landed_data(key: str) -> bool:
     """Whether a key under the landing zone names data, not a copy in progress or a marker."""
     names = key.split("/")
     return not any(name.startswith(NOT_DATA_PREFIXES) for name in names) and not key.endswith(IN_PROGRESS_SUFFIXES)
 
 
+def still_arriving(landed: ObjectInfo, now: float) -> bool:
+    """Whether an object is an empty placeholder under its final name, its bytes still to come: s3fs-fuse
+    (before its PR #1640) and gcsfuse create the object at open() and write it at close(), `touch` then
+    fill, an SFTP client that creates the file and stalls. Taken as a file once it has stayed empty for
+    UNSETTLED_AT_MOST seconds (an empty file meant as one is then refused, and reported, as ever): a run
+    meanwhile would commit a version without its rows, and the bytes another, pushing a good one out."""
+    return landed.size == 0 and landed.mtime is not None and now - landed.mtime < UNSETTLED_AT_MOST
+
+
 def landed_objects(store: ObjectStore, dataset: Dataset) -> list[ObjectInfo]:
-    """The dataset's landed files, oldest first, so that later files win when keys repeat."""
-    prefix = landing_prefix(dataset)
-    found = [o for o in store.list_objects(prefix, dataset.source.landing) if is_landed_data(o.key[len(prefix) + 1 :])]
+    """The dataset's landed files, oldest first, so that later files win when keys repeat: the one rule for
+    the sensor, the nightly and raw."""
+    prefix, now = landing_prefix(dataset), time.time()
+    found = [
+        o
+        for o in store.list_objects(prefix, dataset.source.landing)
+        if is_landed_data(o.key[len(prefix) + 1 :]) and not still_arriving(o, now)
+    ]
     return sorted(found, key=lambda o: (o.mtime or 0, o.key))
 
 

@@ -15,7 +15,11 @@ FINISHED = {dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.Dagster
 UNFINISHED = [status for status in dg.DagsterRunStatus if status not in FINISHED]
 
 
-STUCK_AFTER = timedelta(days=1)  # the default run launcher cannot see a run worker die: its run stays STARTED
+# The default run launcher cannot see a run worker die: its run stays STARTED. Clearly longer than the
+# nightly's period: last night's run still going at 02:00 is a day old, give or take the daemon's seconds of
+# lag (25 h across the autumn clock change), and at a day exactly it was waited for, or run a second time
+# beside itself, by chance. A run whose worker died holds its datasets back one night, not every night.
+STUCK_AFTER = timedelta(hours=36)
 
 
 ASSET_JOB = "__ASSET_JOB"  # Dagster's job of every asset: a run of it without a selection runs them all

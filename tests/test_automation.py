@@ -6,13 +6,14 @@ import contextlib
 import json
 import os
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 import pytest
+from dagster._core.storage.tags import RUN_KEY_TAG  # Dagster's own name for it: the daemon's, not ours
 
 from aifactory_assets.catalog import Catalog
 from aifactory_assets.definitions import build_definitions
@@ -20,9 +21,10 @@ from aifactory_assets.demo import land_demo_data
 from aifactory_assets.factory import asset_key, build_catalog_assets, materialisable_keys, store_key
 from aifactory_assets.ingest import is_landed_data
 from aifactory_assets.manifest import latest_manifest, latest_version
+from aifactory_assets.publish import current
 from resources import DaskCluster, ObjectStore
 from schedules import NIGHTLY_CRON, landing_sensor, nightly_schedules, runs_in_flight
-from schedules.landing_sensor import UNSETTLED_AT_MOST
+from schedules.landing_sensor import ASKED_AGAIN_AT_MOST, UNSETTLED_AT_MOST
 from schedules.nightly import needs_run
 from tests.conftest import evaluate, local_stores, materialize_all, pipeline_resources
 
@@ -115,6 +117,39 @@ def test_a_run_that_ingested_another_listing_is_followed_by_one_more(
     ingest()
     cursor, none = tick(cursor)
     assert none == []  # the new raw generation ingested the listing requested
+
+
+def test_an_empty_placeholder_waits_for_its_bytes(catalog: Catalog, tmp_path, dask: DaskCluster) -> None:
+    """An empty object under the final name (s3fs-fuse, `touch` then fill, an SFTP client that stalls) held
+    for a tick started a run that committed a version without its rows, and the bytes another, pushing a
+    good version out. The sensor and raw both take it for a copy still coming in; left empty for
+    UNSETTLED_AT_MOST seconds, it is a file, refused and reported as ever."""
+    stores = local_stores(catalog, tmp_path)
+    store, dataset = stores["linkoping"], catalog.datasets["palmer_penguins"]
+    land_demo_data(catalog, stores)
+    sensor = landing_sensor(catalog, "linkoping")
+    raw = partial(dg.materialize, build_catalog_assets(catalog), resources=pipeline_resources(stores, dask))
+
+    def settle(cursor: str | None) -> tuple[str, list[dg.RunRequest], str | None]:
+        result = evaluate(sensor, store, evaluate(sensor, store, cursor).cursor)
+        return result.cursor, result.run_requests, result.skip_message
+
+    def refused() -> dict[str, str]:
+        """Runs raw (the nightly's run, a person's), and says which files it refused, and why."""
+        assert raw(selection=[asset_key(dataset, "raw")]).success
+        ledger = current(store, "raw/palmer_penguins")["ledger"]
+        return {e["source"].rsplit("/", 1)[1]: e["file_error"] for e in ledger if "file_error" in e}
+
+    cursor, requested, _ = settle(None)
+    assert len(requested) == 1 and refused() == {}
+    store.write_bytes("landing/palmer_penguins/2026-12.csv", b"")  # the upload has begun
+    cursor, requested, skipped = settle(cursor)
+    assert requested == [] and skipped == "palmer_penguins: already ingested"
+    assert refused() == {}  # a run meanwhile (the nightly's) leaves it out too
+    gone = time.time() - UNSETTLED_AT_MOST - 1
+    os.utime(store.path("landing/palmer_penguins/2026-12.csv"), (gone, gone))  # it never got its bytes
+    cursor, requested, _ = settle(cursor)
+    assert len(requested) == 1 and refused() == {"2026-12.csv": "empty file (0 bytes): no header"}
 
 
 def test_a_reset_cursor_never_reuses_a_run_key(catalog: Catalog, tmp_path) -> None:
@@ -224,11 +259,14 @@ class ReadCountingStore(ObjectStore):
         return super().read_json(key)
 
 
-def queued_run(instance: dg.DagsterInstance, selection: list[dg.AssetKey]) -> str:
+def queued_run(instance: dg.DagsterInstance, selection: list[dg.AssetKey], tags: dict[str, str] | None = None) -> str:
     """A run made and not started yet (a queued one needs a code location's origin), materialising
     `selection`: the sensor and the nightly treat both alike."""
     run = dg.DagsterRun(
-        job_name="__ASSET_JOB", status=dg.DagsterRunStatus.NOT_STARTED, asset_selection=frozenset(selection)
+        job_name="__ASSET_JOB",
+        status=dg.DagsterRunStatus.NOT_STARTED,
+        asset_selection=frozenset(selection),
+        tags=tags or {},
     )
     return instance.add_run(run).run_id
 
@@ -311,6 +349,74 @@ def test_a_listing_raw_ingested_or_a_run_will_ingest_is_not_asked_again(
         store.delete("landing/palmer_penguins/later.csv")  # ...and the file withdrawn
         cursor, requested = tick(cursor)
         assert len(requested) == 1  # the run still running published already: it will not list again
+
+
+def test_a_run_that_ended_before_raw_is_asked_for_again_a_few_times(
+    catalog: Catalog, tmp_path, dask: DaskCluster
+) -> None:
+    """The run asked for that fails before its raw step publishes (an S3 503, a Dask cluster that did not
+    start) or is cancelled in the queue ingested nothing: its files waited for the nightly, unsaid. It is
+    asked for again, ASKED_AGAIN_AT_MOST times; then the ticks say that it stopped."""
+    stores = local_stores(catalog, tmp_path)
+    store = stores["linkoping"]
+    refusing = {**stores, "linkoping": RefusingStore(site="linkoping", root=store.root, refused="landing")}
+    sensor = landing_sensor(catalog, "linkoping")
+    store.write_bytes("landing/palmer_penguins/a.csv", b"record_id,species\n1,Adelie\n")
+    with dg.instance_for_test() as instance:
+
+        def tick(cursor: str | None) -> tuple[str, list[dg.RunRequest], str | None]:
+            result = evaluate(sensor, store, cursor, instance)
+            return result.cursor, result.run_requests, result.skip_message
+
+        cursor, _, _ = tick(None)
+        cursor, requested, _ = tick(cursor)
+        failed = dg.materialize(  # the run, as the daemon makes it, on a store refusing its reads
+            build_catalog_assets(catalog),
+            selection=requested[0].asset_selection,
+            resources=pipeline_resources(refusing, dask),
+            instance=instance,
+            tags=daemon_tags(requested[0]),
+            raise_on_error=False,
+        )
+        assert not failed.success
+        for again in range(1, ASKED_AGAIN_AT_MOST + 1):
+            cursor, requested, _ = tick(cursor)
+            assert len(requested) == 1
+            queued = queued_run(instance, requested[0].asset_selection, daemon_tags(requested[0]))
+            cursor, requested, skipped = tick(cursor)
+            assert requested == []
+            assert skipped == f"palmer_penguins: waiting for run {queued} (asked again {again}/{ASKED_AGAIN_AT_MOST})"
+            instance.report_run_canceled(instance.get_run_by_id(queued))
+        for _ in range(2):  # said on every tick, not only in the log of the one that gave up
+            cursor, requested, skipped = tick(cursor)
+            assert requested == []
+            assert f"asked again {ASKED_AGAIN_AT_MOST}/{ASKED_AGAIN_AT_MOST}, not again until the files" in skipped
+
+
+def daemon_tags(request: dg.RunRequest) -> dict[str, str]:
+    """The tags the sensor daemon gives the run it makes of `request`: the sensor finds its run by them."""
+    return {**request.tags, RUN_KEY_TAG: request.run_key}
+
+
+def test_a_tick_without_runs_says_why_for_each_dataset(catalog: Catalog, tmp_path) -> None:
+    """Dagster's UI shows a skipped tick's reason: without one, files settling, waiting for a queued run or
+    already ingested all read "Sensor function returned an empty result"."""
+    moved = catalog.datasets["wine_cultivars"].model_copy(update={"site": "linkoping"})
+    two = catalog.model_copy(update={"datasets": {**catalog.datasets, "wine_cultivars": moved}})
+    store = local_stores(two, tmp_path)["linkoping"]
+    sensor = landing_sensor(two, "linkoping")
+    store.write_bytes("landing/palmer_penguins/a.csv", b"record_id,species\n1,Adelie\n")
+    with dg.instance_for_test() as instance:
+        first = evaluate(sensor, store, None, instance)
+        assert first.skip_message == (
+            "palmer_penguins: settling: 1 file(s), changing for 0 s\nwine_cultivars: nothing landed"
+        )
+        queued = queued_run(instance, materialisable_keys(two.datasets["palmer_penguins"]))
+        waiting = evaluate(sensor, store, first.cursor, instance)
+        assert (
+            waiting.skip_message.splitlines()[0]
+            == f"palmer_penguins: waiting for run {queued}, queued or running for it"
+        )
 
 
 def test_one_datasets_refused_landing_zone_stops_no_other(catalog: Catalog, tmp_path) -> None:
@@ -440,6 +546,32 @@ def test_nightly_runs_only_what_a_run_would_change(catalog: Catalog, tmp_path, d
     store.write_bytes("landing/palmer_penguins/late.csv", b"record_id,species\n9001,Adelie\n")
     requests, _ = tick(nightly, store)
     assert len(requests) == 1  # a file the sensor missed (switched off, say)
+
+
+@pytest.mark.parametrize(
+    ("age", "waited"),
+    [(timedelta(hours=24, seconds=5), True), (timedelta(hours=25), True), (timedelta(hours=48), False)],
+)
+def test_last_nights_run_still_going_at_02_is_waited_for(
+    catalog: Catalog, tmp_path, age: timedelta, waited: bool
+) -> None:
+    """Last night's run still going at 02:00 is a day old, give or take the daemon's seconds of lag (25 h
+    across the autumn clock change): it is waited for, not run a second time beside itself. A run far
+    older is taken as stuck (its worker killed) and holds its datasets back no longer."""
+    store = local_stores(catalog, tmp_path)["linkoping"]
+    store.write_bytes("landing/palmer_penguins/a.csv", b"record_id,species\n1,Adelie\n")
+    nightly = {s.name: s for s in nightly_schedules(catalog)}["linkoping_nightly"]
+    with dg.instance_for_test() as instance:
+        run = dg.DagsterRun(
+            job_name="__ASSET_JOB",
+            status=dg.DagsterRunStatus.STARTED,
+            asset_selection=frozenset(materialisable_keys(catalog.datasets["palmer_penguins"])),
+            tags={"trigger": "nightly"},
+        )
+        made = datetime.now(UTC).replace(tzinfo=None) - age  # the run storage's time: UTC, without a zone
+        instance.run_storage.add_historical_run(run, made)
+        requests, _ = tick(nightly, store, instance)
+    assert (requests == []) is waited
 
 
 @pytest.mark.parametrize(

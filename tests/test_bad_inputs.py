@@ -4,7 +4,9 @@ the good files of the same run still reach the shards, and every row is accounte
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import time
 from pathlib import Path
 
 import dagster as dg
@@ -15,6 +17,7 @@ import yaml
 from aifactory_assets.catalog import Catalog, load_catalog
 from aifactory_assets.definitions import build_definitions
 from aifactory_assets.factory import asset_key
+from aifactory_assets.ingest import UNSETTLED_AT_MOST
 from aifactory_assets.manifest import latest_manifest
 from aifactory_assets.metadata import markdown_table
 from aifactory_assets.publish import current
@@ -41,9 +44,12 @@ def corpus_catalog(tmp_path_factory: pytest.TempPathFactory) -> Catalog:
 def corpus_run(corpus_catalog: Catalog, tmp_path_factory: pytest.TempPathFactory, dask_address: str):
     stores = local_stores(corpus_catalog, tmp_path_factory.mktemp("stores"))
     store = stores["kajaani"]
+    empty_since = time.time() - UNSETTLED_AT_MOST - 1  # left empty that long: a file, not an upload to come
     for name, (_, cases) in CORPUS.items():
         for case in cases():
             store.write_bytes(f"landing/{name}/{case.file}", case.data)
+            if not case.data:
+                os.utime(store.path(f"landing/{name}/{case.file}"), (empty_since, empty_since))
     dask = DaskCluster(scheduler_address=dask_address)
     defs = build_definitions(corpus_catalog)
     result = dg.materialize(
