@@ -286,21 +286,25 @@ class DaskCluster(dg.ConfigurableResource):
         """The run's own cluster, said in the run's log. Closed again where what follows its start fails (a
         connect timeout on a loaded node): else the next step started another, and this one outlived the run."""
         workers = size_local_workers(self.n_workers, self.memory_limit, self._runs_at_once)
+        # Closed through callbacks, not as context managers: entering a Client makes it the current one for
+        # the rest of this thread (`dask.compute` then reaches it, closed, after the run), and `pop_all` keeps
+        # its exit from ever running.
         with contextlib.ExitStack() as on_failure:
-            cluster = on_failure.enter_context(
-                LocalCluster(
-                    n_workers=workers.count,
-                    threads_per_worker=self.threads_per_worker,
-                    memory_limit=workers.memory_limit,
-                    processes=True,
-                    host="127.0.0.1",
-                    dashboard_address="127.0.0.1:0",  # a free port, this host only: runs side by side never clash
-                    # TLS with certificates made for this run alone: on a shared login node, another user could
-                    # otherwise connect to 127.0.0.1 and run code in workers that hold the store's credentials.
-                    security=Security.temporary(),
-                )
+            cluster = LocalCluster(
+                n_workers=workers.count,
+                threads_per_worker=self.threads_per_worker,
+                memory_limit=workers.memory_limit,
+                processes=True,
+                host="127.0.0.1",
+                dashboard_address="127.0.0.1:0",  # a free port, this host only: runs side by side never clash
+                # TLS with certificates made for this run alone: on a shared login node, another user could
+                # otherwise connect to 127.0.0.1 and run code in workers that hold the store's credentials.
+                security=Security.temporary(),
             )
-            client = prepare_workers(on_failure.enter_context(Client(cluster)))
+            on_failure.callback(cluster.close)
+            client = Client(cluster)
+            on_failure.callback(client.close)
+            prepare_workers(client)
             self.say_sized(workers, client.dashboard_link)
             on_failure.pop_all()
         return cluster, client

@@ -184,6 +184,14 @@ def test_auto_shares_the_hosts_memory_among_the_runs_the_instance_has_at_once(ru
     assert "dashboard http://127.0.0.1:" in said[0][1] and said[0][0] == logging.INFO
 
 
+def test_a_run_leaves_no_closed_client_as_the_current_one() -> None:
+    """Dask collections computed after a run (a notebook's, the next test's) reach the current client: the
+    run's, closed at its end, had stayed current and failed them with ClosedClientError."""
+    with queued(2) as instance:
+        probe_run(instance, DaskCluster(n_workers=1))
+    assert dask.compute(dask.delayed(sum)([1, 2]))[0] == 3
+
+
 def test_limits_past_the_host_beside_the_runs_in_progress_are_said_as_a_warning() -> None:
     """Workers and limits set by hand are kept. Two workers of half the host each fill it; beside a run the
     queue did not start (`make materialize`) they pass it, and Dask would spill or pause none of them before
