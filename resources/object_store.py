@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import glob
+import itertools
 import json
 import math
 import os
@@ -176,15 +177,17 @@ class ObjectStore(dg.ConfigurableResource):
         self.fs.invalidate_cache()
         base = self.path(prefix)
         glob_of = re.compile(glob_translate(f"{glob.escape(base)}/{pattern}"))
-        depth = None if "**" in pattern else pattern.count("/") + 1  # levels below `base` that can match
+        folders, depth = fixed_folders(pattern)
         listed = self._local_files if self.protocol == "file" else self._s3_objects
-        found = listed(base, depth, lambda path: glob_of.match(path) is not None)
+        found = listed("/".join([base, *folders]), depth, lambda path: glob_of.match(path) is not None)
         return sorted((self._info(path, info) for path, info in found.items()), key=lambda o: o.key)
 
     def _s3_objects(self, base: str, depth: int | None, matches: Callable[[str], bool]) -> dict[str, Any]:
         """The objects under `base` that `matches` takes. A key with an empty segment (`d//a.csv`, a
         partner's path join) no glob segment matches: it is named in a warning, not passed over unsaid."""
-        found = self.fs.find(base, maxdepth=depth, detail=True)
+        # By levels (a depth), fsspec's walk passes over a listing that fails: a refused one must fail the caller.
+        by_levels = {"on_error": _raise_unless_missing} if depth else {}
+        found = self.fs.find(base, maxdepth=depth, detail=True, **by_levels)
         # Listed by levels, such keys come back as a folder named with a trailing "/" (their common prefix).
         unmatched = sorted(
             self.key_of(path) + ("/*" if info["type"] == "directory" else "")
@@ -405,6 +408,21 @@ class ObjectStore(dg.ConfigurableResource):
         """A description safe for logs and metadata: never the credentials."""
         where = f" at {self.endpoint_url}" if self.endpoint_url else ""
         return f"{self.url()}{where}"
+
+
+def fixed_folders(pattern: str) -> tuple[list[str], int | None]:
+    """The folders every match of a glob lies in (its leading segments without a wildcard), and the levels
+    below them that can match (None: any). A listing starts there: from the landing zone's top, the files
+    of an `archive/` beside `incoming/*.csv` were listed too, a request per thousand keys every tick."""
+    segments = pattern.split("/")
+    folders = list(itertools.takewhile(lambda segment: not glob.has_magic(segment), segments[:-1]))
+    return folders, None if "**" in pattern else len(segments) - len(folders)
+
+
+def _raise_unless_missing(exc: Exception) -> None:
+    """A folder not there lists nothing; any other failure (a refused listing) is raised."""
+    if not isinstance(exc, FileNotFoundError):
+        raise exc
 
 
 def _walk_into_links(base: str, depth: int | None) -> Iterator[str]:

@@ -499,3 +499,26 @@ def test_a_key_with_an_empty_segment_is_named(s3_store: ObjectStore, caplog: pyt
         for pattern in ("**/*.csv", "*.csv"):  # listed whole, and by levels (where it is a folder "d/")
             assert [o.key for o in s3_store.list_objects("landing/d", pattern)] == ["landing/d/b.csv"]
     assert "landing/d//a.csv" in caplog.text and "landing/d//*" in caplog.text
+
+
+@pytest.mark.parametrize("pattern", ["incoming/*.csv", "incoming/**/*.csv"])
+def test_a_listing_starts_at_the_patterns_fixed_folders(
+    s3_store: ObjectStore, monkeypatch: pytest.MonkeyPatch, pattern: str
+) -> None:
+    """`incoming/*.csv` lists `incoming/` alone: from the landing zone's top, an `archive/` beside it (a
+    million keys, say) was listed too, a request per thousand keys on every 30 s sensor tick."""
+    for key in ("incoming/a.csv", "incoming/b.csv", "archive/2025/a.csv", "archive/2026/b.csv"):
+        s3_store.write_bytes(f"landing/d/{key}", b"x\n1\n")
+    prefixes: list[str] = []
+    call = s3fs.S3FileSystem._call_s3
+
+    async def listed(self, method, *args, **kwargs):
+        if method == "list_objects_v2":
+            prefixes.append(kwargs["Prefix"])
+        return await call(self, method, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", listed)
+    found = [o.key for o in s3_store.list_objects("landing/d", pattern)]
+    assert found == ["landing/d/incoming/a.csv", "landing/d/incoming/b.csv"]
+    within = s3_store.path("landing/d/incoming/").partition("/")[2]  # a prefix is a key, without the bucket
+    assert prefixes and all(p.startswith(within) for p in prefixes), prefixes
