@@ -45,11 +45,10 @@ from aifactory_assets.processes import watch_parent
 from aifactory_assets.shard_layout import read_footer
 
 # What launchers set in each of the processes they start: torchrun, Open MPI's and MPICH's mpirun, srun.
-# The launcher nearest the process first: the first one set decides, as an outer launcher's leaks through
-# (torchrun's WORLD_SIZE=1 in each task of a 4-task srun step: four runs of one process each; mpirun's
-# ranks in a one-task step). SLURM's step count, not SLURM_NTASKS: that is the allocation's, also set in
-# an `sbatch -n 4` script's body, where one process runs.
-LAUNCHER_WORLD_SIZES = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS")
+# SLURM's step count, not SLURM_NTASKS: that is the allocation's, also set in an `sbatch -n 4` script's
+# body, where one process runs.
+SLURM_WORLD_SIZE = "SLURM_STEP_NUM_TASKS"
+LAUNCHER_WORLD_SIZES = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", SLURM_WORLD_SIZE)
 # Arrow's names of the types a tensor holds (as `str(pa.DataType)` and a manifest's schema write them); of
 # those, ints and bools have no NaN to hold a null.
 NO_NAN_TYPES = frozenset(
@@ -212,16 +211,26 @@ def check_stack(stack: dict[str, list[str]], schema: dict[str, str], columns: li
         kinds = {c: schema[c] for c in group}
         if text := [c for c, kind in kinds.items() if kind not in NUMBER_TYPES]:
             raise ValueError(f"{where}: column(s) {text} are not numbers ({kinds}); a tensor stacks numbers only")
-        if len(set(kinds.values())) > 1:
+        dtypes = {c: np.dtype(pa.type_for_alias(kind).to_pandas_dtype()) for c, kind in kinds.items()}
+        common = np.result_type(*dtypes.values())  # what np.column_stack makes of them
+        if rounded := [c for c, dtype in dtypes.items() if not exactly_in(dtype, common)]:
             raise ValueError(
-                f"{where} mixes types {kinds}: stacked, all would become one (an int64 past 2**53 rounded in a "
-                "float64); cast them to one type upstream, or stack each type in a group of its own"
+                f"{where} mixes types {kinds}: stacked, all become {common}, which rounds values of {rounded} (an "
+                "int64 past 2**53 in a float64); cast them to one type upstream, or stack them in groups of their own"
             )
         if name in read and name not in stacked:
             raise ValueError(
                 f"{where} is named like column {name!r}, also read unstacked: one would replace the other; name the "
                 "group otherwise, or leave the column out with columns=[...]"
             )
+
+
+def exactly_in(dtype: np.dtype, common: np.dtype) -> bool:
+    """Whether every value of `dtype` is one of `common`'s. NumPy promotes mixed numbers to a type that holds
+    them all, exactly but for ints wider than a float's mantissa (int64 in float64, int32 in float32)."""
+    if common.kind != "f" or dtype.kind not in "iu":
+        return True
+    return dtype.itemsize * 8 - (dtype.kind == "i") <= np.finfo(common).nmant + 1
 
 
 def need_count(name: str, value: Any, least: int) -> int:
@@ -250,13 +259,16 @@ def rows_of(values: pa.Array, order: np.ndarray | None, lo: int, hi: int) -> lis
 
 
 def launched_world_size() -> tuple[str, int] | None:
-    """The launcher's variable that makes this process one of several, and its value; None if none does (the
-    nearest launcher's, the first of LAUNCHER_WORLD_SIZES set, says 1, or none is set)."""
-    for name in LAUNCHER_WORLD_SIZES:
-        value = os.environ.get(name, "")
-        if value.isdigit():
-            return (name, int(value)) if int(value) > 1 else None
-    return None
+    """The launcher's variable that makes this process one of several, and its value; None if none does.
+    Slurm's step count counts only where no other launcher's variable is set: torchrun or mpirun in a
+    step's task start their own processes (torchrun's WORLD_SIZE=1 in each task of a 4-task step: four runs
+    of one process each). Otherwise any count above 1 does: a WORLD_SIZE=1 leaking in from a container's
+    environment must not hide mpirun's 4."""
+    counts = {name: int(os.environ[name]) for name in LAUNCHER_WORLD_SIZES if os.environ.get(name, "").isdigit()}
+    if any(name != SLURM_WORLD_SIZE for name in counts):
+        counts.pop(SLURM_WORLD_SIZE, None)
+    name = max(counts, key=counts.get, default=None)
+    return (name, counts[name]) if name is not None and counts[name] > 1 else None
 
 
 class ShardIterableDataset(IterableDataset):

@@ -127,6 +127,7 @@ def typed_split(directory: Path, schema_in_manifest: bool) -> str:
             "a": np.arange(n, dtype=np.float32),
             "b": np.arange(n, dtype=np.float32),
             "x": np.zeros(n, np.float32),
+            "i16": np.arange(-n, 0, dtype=np.int16),  # exact in a float32
             "s": pa.array([f"s{i}" for i in range(n)]),
         }
     )
@@ -165,6 +166,9 @@ def test_a_stack_group_of_one_type_is_taken(tmp_path: Path) -> None:
     (batch,) = ShardIterableDataset(url, "train", columns=["a", "b", "id"], stack={"x": ["a", "b"]}, shuffle=False)
     assert batch["x"].dtype == torch.float32 and batch["x"][:, 1].tolist() == list(range(8))
     assert batch["id"].tolist() == list(range(2**53, 2**53 + 8))
+    # Mixed types that stack exactly (an int16 in a float32; auto_mpg's ints beside its floats) are taken.
+    (batch,) = ShardIterableDataset(url, "train", columns=["a", "i16"], stack={"x": ["a", "i16"]}, shuffle=False)
+    assert batch["x"].dtype == torch.float32 and batch["x"][:, 1].tolist() == list(range(-8, 0))
 
 
 def test_int_nulls_are_refused_on_every_rank_before_any_batch(tmp_path: Path) -> None:
@@ -213,9 +217,9 @@ def test_arguments_are_refused_by_name_as_the_loader_is_made(
         make(url, "train", **options)
 
 
-def test_the_nearest_launchers_world_size_decides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_slurms_step_count_gives_way_to_a_launcher_inside_the_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """torchrun's WORLD_SIZE=1 in each task of a 4-task srun step (four runs of one process each) was
-    refused for the step's count; an outer count of 1 must not hide mpirun's 4 either."""
+    refused for the step's count; a count of 1 must not hide mpirun's 4 either."""
     url = id_split(tmp_path / "ids")
     for name in LAUNCHER_WORLD_SIZES:
         monkeypatch.delenv(name, raising=False)
@@ -225,6 +229,9 @@ def test_the_nearest_launchers_world_size_decides(tmp_path: Path, monkeypatch: p
     monkeypatch.delenv("WORLD_SIZE")
     monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")
     monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
+    with pytest.raises(RuntimeError, match="OMPI_COMM_WORLD_SIZE is 4 but torch.distributed is not initialised"):
+        ShardIterableDataset(url, "train")
+    monkeypatch.setenv("WORLD_SIZE", "1")  # leaked in from a container's environment: mpirun's 4 still counts
     with pytest.raises(RuntimeError, match="OMPI_COMM_WORLD_SIZE is 4 but torch.distributed is not initialised"):
         ShardIterableDataset(url, "train")
 
