@@ -217,7 +217,9 @@ def test_arguments_are_refused_by_name_as_the_loader_is_made(
         make(url, "train", **options)
 
 
-def test_slurms_step_count_gives_way_to_a_launcher_inside_the_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_slurms_step_count_gives_way_to_a_launcher_inside_the_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """torchrun's WORLD_SIZE=1 in each task of a 4-task srun step (four runs of one process each) was
     refused for the step's count; a count of 1 must not hide mpirun's 4 either."""
     url = id_split(tmp_path / "ids")
