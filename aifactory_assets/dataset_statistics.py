@@ -39,9 +39,9 @@ def _instant(value: Any) -> pd.Timestamp:
     return stamp.tz_convert("UTC").tz_localize(None) if stamp.tzinfo else stamp
 
 
-def _temporal(series: dd.Series) -> bool:
-    kind = series.dtype.pyarrow_dtype if isinstance(series.dtype, pd.ArrowDtype) else None
-    return pd.api.types.is_datetime64_any_dtype(series.dtype) or (
+def _temporal(dtype: Any) -> bool:
+    kind = dtype.pyarrow_dtype if isinstance(dtype, pd.ArrowDtype) else None
+    return pd.api.types.is_datetime64_any_dtype(dtype) or (
         kind is not None and (pa.types.is_date(kind) or pa.types.is_timestamp(kind))
     )
 
@@ -70,11 +70,12 @@ def _statistic(frame: dd.DataFrame, kind: str, kwargs: dict[str, Any]) -> Statis
         counts = series.dropna().value_counts(split_out=True)
         return series.count(), series.isna().sum(), counts[counts > 1].sum()
     if kind == "expect_compound_columns_to_be_unique":
-        # As GX: rows whose listed values are all (or, if asked, any) missing are not judged.
+        # As GX: rows whose listed values are all (or, if asked, any) missing are not judged; GX's other
+        # values are refused as the catalogue loads (IGNORE_ROW_IF).
         columns = kwargs["column_list"]
-        ignore = {"all_values_are_missing": "all", "any_value_is_missing": "any"}.get(
+        ignore = {"all_values_are_missing": "all", "any_value_is_missing": "any", "never": None}[
             kwargs.get("ignore_row_if", "all_values_are_missing")
-        )
+        ]
         judged = frame[columns].dropna(how=ignore) if ignore else frame[columns]
         sizes = judged.groupby(columns, dropna=False).size(split_out=True)
         return judged.shape[0], frame.shape[0] - judged.shape[0], sizes[sizes > 1].sum()
@@ -92,7 +93,7 @@ def _statistic(frame: dd.DataFrame, kind: str, kwargs: dict[str, Any]) -> Statis
         return _floats(series).mean(), _floats(series).std(), series.count(), series.size
     reducer = {"mean": "mean", "stdev": "std", "min": "min", "max": "max", "sum": "sum"}
     name = reducer[kind.removeprefix("expect_column_").removesuffix("_to_be_between")]
-    if _temporal(series):  # dates and timestamps: as datetime64 (Dask cannot reduce Arrow dates), in raw's
+    if _temporal(series.dtype):  # dates and timestamps: as datetime64 (Dask cannot reduce Arrow dates), in raw's
         series = series.astype("datetime64[us]")  # unit: in ns, a date past 2262 (9999-12-31) fails the step
         if name == "mean":  # in us as floats: an int64 sum of us since 1970 overflows past a few thousand values
             return series.dropna().astype("int64").astype("float64").mean()
@@ -129,11 +130,11 @@ def _bracket(grids: pd.DataFrame, rank: int) -> tuple[float, float]:
     return (under[-1] if len(under) else -np.inf), (over[0] if len(over) else np.inf)
 
 
-def exact_quantiles(series: dd.Series, grids: pd.DataFrame, quantiles: list[float], method: str) -> list[float]:
-    """The quantiles pandas would give on the whole column (`method` as pandas' `interpolation`, or "median"
-    for pandas' median, which takes the middle differently). Each rank needed is found inside its own
-    bracket: the values below it and equal to either end are counted, and only those strictly inside (about
-    1/500 of the column) reach this process."""
+def exact_quantiles(series: dd.Series, grids: pd.DataFrame, quantiles: list[float], method: str) -> list[Any]:
+    """The quantiles pandas would give on the whole column, as numpy numbers (`method` as pandas'
+    `interpolation`, or "median" for pandas' median, which takes the middle differently). Each rank needed
+    is found inside its own bracket: the values below it and equal to either end are counted, and only
+    those strictly inside (about 1/500 of the column) reach this process."""
     total = int(grids["n"].sum())
     if total == 0:
         return [float("nan")] * len(quantiles)
@@ -163,17 +164,18 @@ def exact_quantiles(series: dd.Series, grids: pd.DataFrame, quantiles: list[floa
 def _interpolate(at: dict[int, Any], position: float, method: str) -> Any:
     """As pandas computes it from the values at the ranks around `position`, to the last bit (a verdict at
     an exact bound turns on it): the median as numpy's mean of the middle value(s), quantiles by numpy's
-    interpolation. Arithmetic on the values' own numpy types, as numpy's (float32 stays float32)."""
+    interpolation. Arithmetic on the values' own numpy types, as numpy's, and a numpy number back (a float32
+    median stays float32, as GX compares it with its bounds)."""
     below, above = int(np.floor(position)), int(np.ceil(position))
     low, high = at[below], at[above]
     if method == "median":
-        return np.mean(np.array([low] if below == above else [low, high])).item()
+        return np.mean(np.array([low] if below == above else [low, high]))
     if method == "nearest":
-        return np.asarray(at[int(np.around(position))]).item()
+        return at[int(np.around(position))]
     if method in ("lower", "higher"):
-        return np.asarray(low if method == "lower" else high).item()
+        return low if method == "lower" else high
     weight = (above - below) / 2 if method == "midpoint" else position - below
-    return _lerp(low, high, np.float64(weight)).item()
+    return _lerp(low, high, np.float64(weight))
 
 
 def _lerp(low: Any, high: Any, weight: np.float64) -> Any:
@@ -194,8 +196,32 @@ def _ordered(partials: pd.DataFrame, kwargs: dict[str, Any], decreasing: bool) -
     return bad, int(partials["count"].sum())
 
 
-def _verdict(kind: str, kwargs: dict[str, Any], value: Any, temporal: bool) -> dict[str, Any]:
-    """Turn a computed statistic into a GX-shaped result: success, observed value, row counts if any."""
+def _python(value: Any) -> Any:
+    """A numpy number as Python's, to show (and store as JSON); other values as they are."""
+    return value.item() if hasattr(value, "item") else value
+
+
+QUANTILE_RTOL = 1e-4  # GX's, mirrored from expect_column_quantile_values_to_be_between._quantile_is_in_range
+
+
+def _quantile_in_range(value: Any, low: Any, high: Any) -> bool:
+    """As GX judges a quantile: within its relative tolerance (and numpy's absolute one, 1e-8) of a bound
+    counts as within the range, so that a 99th percentile of 250.01 passes a bound of 250."""
+    near = any(bound is not None and bool(np.isclose(value, bound, rtol=QUANTILE_RTOL)) for bound in (low, high))
+    return near or between(value, {"min_value": low, "max_value": high})
+
+
+def _as_pandas_gives(value: Any, dtype: Any) -> Any:
+    """A mean or deviation in the column's own float type, as pandas gives it to GX, which compares it with
+    the bounds in that type (NumPy 2): Dask gives float64, in which a float32 column's mean of 0.35 is
+    0.3499999940395355, below a bound of 0.35."""
+    return dtype.type(value) if isinstance(dtype, np.dtype) and dtype.kind == "f" else value
+
+
+def _verdict(kind: str, kwargs: dict[str, Any], value: Any, dtype: Any) -> dict[str, Any]:
+    """Turn a computed statistic of a column of `dtype` (None: of no one column) into a GX-shaped result:
+    success, observed value, row counts if any. Compared as computed, as GX compares pandas' numpy numbers
+    (a float32 max of 37.2 passes a bound of 37.2); shown as Python's."""
     mostly = kwargs.get("mostly")
     if kind in ("expect_column_values_to_be_unique", "expect_compound_columns_to_be_unique"):
         judged, missing, unexpected = (int(v) for v in value)
@@ -215,8 +241,9 @@ def _verdict(kind: str, kwargs: dict[str, Any], value: Any, temporal: bool) -> d
         return {"success": between(observed, kwargs), "observed": observed}
     if kind == "expect_column_quantile_values_to_be_between":
         ranges = kwargs["quantile_ranges"]["value_ranges"]
-        success = all(between(v, {"min_value": lo, "max_value": hi}) for v, (lo, hi) in zip(value, ranges, strict=True))
-        return {"success": success, "observed": value}
+        observed = [_python(v) for v in value]  # as GX: pandas' quantiles as a list of Python numbers
+        success = all(_quantile_in_range(v, low, high) for v, (low, high) in zip(observed, ranges, strict=True))
+        return {"success": success, "observed": observed}
     if kind in ("expect_column_values_to_be_increasing", "expect_column_values_to_be_decreasing"):
         unexpected, judged = _ordered(value, kwargs, kind.endswith("decreasing"))
         share_ok = 1.0 if judged == 0 else (judged - unexpected) / judged
@@ -230,10 +257,11 @@ def _verdict(kind: str, kwargs: dict[str, Any], value: Any, temporal: bool) -> d
         }
     if kind == "expect_column_value_z_scores_to_be_less_than":
         return {}  # needs a second pass: see judge_global
-    observed = value.item() if hasattr(value, "item") else value
-    if kind == "expect_column_mean_to_be_between" and temporal:  # computed in us since the epoch
-        observed = pd.Timestamp(int(observed), unit="us") if observed == observed else None
-    return {"success": between(observed, kwargs), "observed": observed}
+    if kind == "expect_column_mean_to_be_between" and _temporal(dtype):  # computed in us since the epoch
+        value = pd.Timestamp(int(value), unit="us") if value == value else None
+    elif kind in ("expect_column_mean_to_be_between", "expect_column_stdev_to_be_between"):
+        value = _as_pandas_gives(value, dtype)
+    return {"success": between(value, kwargs), "observed": _python(value)}
 
 
 def _z_scores(frame: dd.DataFrame, kwargs: dict[str, Any], moments: tuple[float, float, int, int]) -> dict[str, Any]:
@@ -265,6 +293,7 @@ def judge_global(frame: dd.DataFrame, expectations: list[dict[str, Any]]) -> lis
     results = []
     for expectation, value in zip(expectations, values, strict=True):
         kind, kwargs = expectation["type"], expectation.get("kwargs", {})
+        dtype = frame[kwargs["column"]].dtype if "column" in kwargs else None
         if kind == "expect_column_value_z_scores_to_be_less_than":
             results.append(_z_scores(frame, kwargs, value))
         elif kind in QUANTILE_KINDS:  # as GX asks pandas: its median; quantiles the nearest by default
@@ -272,8 +301,7 @@ def judge_global(frame: dd.DataFrame, expectations: list[dict[str, Any]]) -> lis
             levels = [0.5] if median else kwargs["quantile_ranges"]["quantiles"]
             method = "median" if median else kwargs.get("allow_relative_error") or "nearest"
             observed = exact_quantiles(frame[kwargs["column"]], value, levels, method)
-            results.append(_verdict(kind, kwargs, observed[0] if median else observed, False))
+            results.append(_verdict(kind, kwargs, observed[0] if median else observed, dtype))
         else:
-            column = kwargs.get("column")
-            results.append(_verdict(kind, kwargs, value, bool(column) and _temporal(frame[column])))
+            results.append(_verdict(kind, kwargs, value, dtype))
     return results

@@ -4,14 +4,24 @@ from __future__ import annotations
 
 import json
 import shutil
+import typing
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import yaml
 
-from aifactory_assets.catalog import ROW_ARGUMENTS, Catalog, CatalogError, CatalogErrors, Dataset, load_catalog
+from aifactory_assets.catalog import (
+    IGNORE_ROW_IF,
+    ROW_ARGUMENTS,
+    SUPPORTED_EXPECTATIONS,
+    Catalog,
+    CatalogError,
+    CatalogErrors,
+    Dataset,
+    load_catalog,
+)
 
 CATALOG = Path(__file__).resolve().parent.parent / "catalog"
 
@@ -359,6 +369,11 @@ def test_suite_that_does_not_parse(tmp_catalog: Path) -> None:
             "expectations.0.kwargs.column",
             "needs a number column; 'species' is string",
         ),
+        (  # no mean of text: every validated run failed, naming neither the dataset nor the expectation
+            {"type": "expect_column_mean_to_be_between", "kwargs": {"column": "species", "min_value": "A"}},
+            "expectations.0.kwargs.column",
+            "needs a number, bool, date or timestamp column; 'species' is string",
+        ),
         (
             {"type": "expect_table_row_count_to_be_between", "kwargs": {"min_value": "1"}},
             "expectations.0.kwargs.min_value",
@@ -368,6 +383,32 @@ def test_suite_that_does_not_parse(tmp_catalog: Path) -> None:
             {"type": "expect_column_max_to_be_between", "kwargs": {"column": "species", "max_value": 5}},
             "expectations.0.kwargs.max_value",
             "must be text, got 5",
+        ),
+        # An ignore_row_if GX does not take: our compound keys read it as "never"; GX's engine fails every part
+        # on uniqueness within a record (its model takes any text); a pair's refused by GX's model.
+        (
+            {
+                "type": "expect_compound_columns_to_be_unique",
+                "kwargs": {"column_list": ["species", "sex"], "ignore_row_if": "both_values_are_missing"},
+            },
+            "expectations.0.kwargs.ignore_row_if",
+            "must be one of all_values_are_missing, any_value_is_missing, never, got 'both_values_are_missing'",
+        ),
+        (
+            {
+                "type": "expect_select_column_values_to_be_unique_within_record",
+                "kwargs": {"column_list": ["species", "island"], "ignore_row_if": "all_value_are_missing"},
+            },
+            "expectations.0.kwargs.ignore_row_if",
+            "did you mean 'all_values_are_missing'?",
+        ),
+        (
+            {
+                "type": "expect_column_pair_values_to_be_equal",
+                "kwargs": {"column_A": "species", "column_B": "island", "ignore_row_if": "never"},
+            },
+            "expectations.0.kwargs.ignore_row_if",
+            "must be one of both_values_are_missing, either_value_is_missing, neither, got 'never'",
         ),
         # GX checks a row expectation's arguments only when it runs, on every worker, naming no file.
         (
@@ -562,6 +603,44 @@ def test_dates_as_bounds_compare_as_instants(tmp_catalog: Path) -> None:
     suite.write_text(json.dumps({"name": "seattle_weather", "expectations": [expectation]}))
     with pytest.raises(CatalogError, match="can never pass"):
         load_catalog(tmp_catalog)
+
+
+def test_a_row_between_on_dates_takes_instants(tmp_catalog: Path) -> None:
+    """GX's model reads "2012-01-01" as a date and a bound with a zone as an aware datetime, neither of which
+    pandas compares with a datetime64 column: every part failed. They are given to GX as the instants the
+    statistics compare min and max with: midnight, and UTC (as raw stores timestamps) without the zone. A
+    number, which GX's model takes as well, is refused."""
+    suite = tmp_catalog / "suites" / "seattle_weather.json"
+
+    def loaded(bounds: dict[str, Any]) -> dict[str, Any]:
+        expectation = {"type": "expect_column_values_to_be_between", "kwargs": {"column": "date", **bounds}}
+        suite.write_text(json.dumps({"name": "seattle_weather", "expectations": [expectation]}))
+        return load_catalog(tmp_catalog).suites["seattle_weather"]["expectations"][0]["kwargs"]
+
+    written = {"min_value": "2012-01-01", "max_value": "2016-01-01T01:00:00+02:00", "strict_max": True}
+    assert loaded(written) == {
+        "column": "date",
+        "min_value": "2012-01-01T00:00:00",
+        "max_value": "2015-12-31T23:00:00",
+        "strict_max": True,
+    }
+    with pytest.raises(CatalogError, match="must be an ISO 8601 date or timestamp, got 2012") as err:
+        loaded({"min_value": 2012})
+    assert (err.value.file, err.value.field) == (str(suite), "expectations.0.kwargs.min_value")
+
+
+def test_ignore_row_if_takes_what_gx_permits() -> None:
+    """Every supported expectation that takes `ignore_row_if`, with the values GX's models name (the model
+    of uniqueness within a record takes any text; GX's engine takes those its base model names)."""
+    from great_expectations.expectations.expectation import MulticolumnMapExpectation
+    from great_expectations.expectations.registry import get_expectation_impl
+
+    def named(field: Any) -> tuple[str, ...]:
+        literals = [f.type_ for f in field.sub_fields or [field] if typing.get_origin(f.type_) is Literal]
+        return typing.get_args(literals[0]) if literals else named(MulticolumnMapExpectation.__fields__[field.name])
+
+    fields = {kind: get_expectation_impl(kind).__fields__ for kind in SUPPORTED_EXPECTATIONS}
+    assert {kind: named(f["ignore_row_if"]) for kind, f in fields.items() if "ignore_row_if" in f} == IGNORE_ROW_IF
 
 
 def test_every_wrong_dataset_file_is_named_at_once(tmp_catalog: Path) -> None:

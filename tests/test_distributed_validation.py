@@ -4,6 +4,7 @@ non-decomposable expectations over the whole dataset."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 
 import dask
 import dask.dataframe as dd
@@ -12,7 +13,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from aifactory_assets.catalog import QUANTILE_METHODS, Dataset
+from aifactory_assets.catalog import QUANTILE_METHODS, Dataset, load_suite
 from aifactory_assets.dataset_statistics import judge_global
 from aifactory_assets.parquet_io import write_parquet
 from aifactory_assets.publish import publish
@@ -214,6 +215,54 @@ def test_columns_compared_past_2_53_with_a_null_agree_with_gx(tmp_path, dask: Da
     assert [r["success"] for r in record["results"]] == [r.success for r in reference] == [False] * 4
     assert [r["unexpected_count"] for r in record["results"]] == [r.result["unexpected_count"] for r in reference]
     assert [r["unexpected_count"] for r in record["results"]] == [2, 2, 3, 2]  # the null row counts, as in GX
+
+
+def test_row_bounds_on_dates_as_written_agree_with_gx_on_their_instants(tmp_path, dask: DaskCluster) -> None:
+    """A date-only bound on a date column, and a zoned one on timestamps (raw stores them in UTC, without a
+    zone), failed every part with pandas' "Invalid comparison": the suite failed every run, blocked the
+    shards and quarantined none of the rows out of range. As the catalogue loads them they judge as GX
+    judges the same instants written without a zone, and as min and max judge the bounds as written."""
+    dataset = with_columns(
+        [
+            {"name": "id", "type": "int64", "nullable": False},
+            {"name": "day", "type": "date"},
+            {"name": "at", "type": "timestamp"},
+        ]
+    )
+    noon, late = dt.datetime(2024, 1, 1, 12), dt.datetime(2024, 12, 31, 23, 30)
+    tables = [
+        pa.table({"id": [0, 1], "day": [dt.date(2024, 1, 1), dt.date(2024, 6, 1)], "at": [noon, noon]}),
+        pa.table({"id": [2, 3], "day": [dt.date(2025, 1, 1), dt.date(2024, 7, 1)], "at": [noon, late]}),
+    ]
+    assert [str(kind) for kind in tables[0].schema.types] == ["int64", "date32[day]", "timestamp[us]"]  # as raw's
+
+    def bounded(day: tuple[str, str], at: tuple[str, str]) -> list[dict]:
+        """Rows between the bounds; the min and the max at them."""
+        expectations = []
+        for column, (low, high) in (("day", day), ("at", at)):
+            expectations += [
+                {"type": f"expect_column_{kind}", "kwargs": {"column": column, **kwargs}}
+                for kind, kwargs in (
+                    ("values_to_be_between", {"min_value": low, "max_value": high}),
+                    ("min_to_be_between", {"min_value": low}),
+                    ("max_to_be_between", {"max_value": high}),
+                )
+            ]
+        return expectations
+
+    written = bounded(("2024-01-01", "2024-12-31"), ("2024-01-01T13:00:00+01:00", "2025-01-01T00:00:00+01:00"))
+    naive = bounded(("2024-01-01T00:00:00", "2024-12-31T00:00:00"), ("2024-01-01T12:00:00", "2024-12-31T23:00:00"))
+    (tmp_path / "readings.json").write_text(json.dumps({"name": "readings", "expectations": written}))
+    suite = load_suite(tmp_path / "readings.json", dataset, tmp_path / "readings.yaml")
+    store = ObjectStore(site="kajaani", root=str(tmp_path / "store"))
+    publish_raw_tables(store, tables)
+    record = validate_dataset(store, dask.get_client(), dataset, suite, "r1", every_run_over)
+    reference = gx_whole_table(pandas_for_gx(pa.concat_tables(tables)), naive)
+    ours = record["results"]
+    assert [r.get("error") for r in ours] == [None] * 6
+    assert [r["success"] for r in ours] == [r.success for r in reference] == [False, True, False] * 2
+    assert [ours[i]["unexpected_count"] for i in (0, 3)] == [reference[i].result["unexpected_count"] for i in (0, 3)]
+    assert record["rows_quarantined"] == 2  # the day in 2025, and the time after 23:00 UTC
 
 
 def test_a_suite_gx_refuses_fails_with_its_message(tmp_path, dask: DaskCluster) -> None:
@@ -501,6 +550,57 @@ def test_median_and_quantiles_at_an_exact_bound_agree_with_gx(dask: DaskCluster)
     whole = pd.DataFrame({"x": [0.1, 0.5]})
     ours = judge_global(dd.from_pandas(whole, npartitions=2, sort=False), cases)
     assert [o["success"] for o in ours] == [r.success for r in gx_whole_table(whole, cases)] == [True] * 3
+
+
+def test_quantiles_within_gx_tolerance_of_a_bound_agree_with_gx(dask: DaskCluster) -> None:
+    """GX passes a quantile within a relative 1e-4 of a bound: a 99th percentile of 250.01 meets "at most
+    250" (and "at least 250.02"); compared exactly it failed. 249.9 is beyond the tolerance."""
+    dask.get_client()
+    cases = [
+        {
+            "type": "expect_column_quantile_values_to_be_between",
+            "kwargs": {"column": "x", "quantile_ranges": {"quantiles": [0.99], "value_ranges": [bounds]}},
+        }
+        for bounds in ([None, 250], [250.02, None], [None, 249.9])
+    ]
+    whole = pd.DataFrame({"x": [*np.arange(200.0, 250.0), *[250.01] * 5, *[100.0] * 45]})
+    ours = judge_global(dd.from_pandas(whole, npartitions=2, sort=False), cases)
+    assert [o["success"] for o in ours] == [r.success for r in gx_whole_table(whole, cases)] == [True, True, False]
+    assert ours[0]["observed"] == [250.01]
+
+
+def test_statistics_of_float32_columns_agree_with_gx_at_bounds_as_written(dask: DaskCluster) -> None:
+    """GX compares pandas' float32 statistics with the bounds in float32 (NumPy 2): a max of 37.2 meets "at
+    most 37.2". Compared in float64 (37.20000076293945) it failed, as did the min, median, mean, sum and
+    deviation at their bounds; the mean and deviation also came from Dask in float64."""
+    dask.get_client()
+    whole = pd.DataFrame(
+        {
+            "temp": np.array([36.6, 37.2, 36.9, 37.2, 36.6, np.nan], np.float32),
+            "f": np.array([0.7, np.nan, 0.0, np.nan, np.nan, np.nan], np.float32),  # summed alike in any order
+        }
+    )
+
+    def between(statistic: str, column: str, low: float | None, high: float | None) -> dict:
+        bounds = {"min_value": low, "max_value": high}
+        kwargs = {"column": column} | {k: v for k, v in bounds.items() if v is not None}
+        return {"type": f"expect_column_{statistic}_to_be_between", "kwargs": kwargs}
+
+    deviation = float(whole["f"].std())  # as GX shows it: 0.4949747323989868
+    cases = [
+        between("max", "temp", None, 37.2),
+        between("max", "temp", None, 37.19),
+        between("min", "temp", 36.6, 36.6),
+        between("median", "temp", 36.9, 36.9),
+        between("mean", "f", 0.35, 0.35),
+        between("sum", "f", 0.7, 0.7),
+        between("stdev", "f", deviation, deviation),
+    ]
+    ours = judge_global(dd.from_pandas(whole, npartitions=2, sort=False), cases)
+    reference = gx_whole_table(whole, cases)
+    verdicts = [(e["kwargs"], o["success"], r.success) for e, o, r in zip(cases, ours, reference, strict=True)]
+    assert [v[1] for v in verdicts] == [v[2] for v in verdicts] == [True, False, *[True] * 5], verdicts
+    assert type(ours[0]["observed"]) is float and ours[0]["observed"] == 37.20000076293945  # shown as Python's
 
 
 def random_parts(rng: np.random.Generator) -> list[pd.Series]:
