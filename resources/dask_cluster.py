@@ -18,7 +18,7 @@ import dask
 import psutil
 import pyarrow as pa
 from dask.utils import format_bytes
-from distributed import Client, LocalCluster, Worker, WorkerPlugin
+from distributed import Client, LocalCluster, Worker, WorkerPlugin, default_client
 from distributed.security import Security
 from distributed.system import MEMORY_LIMIT
 from distributed.worker_memory import parse_memory_limit
@@ -141,6 +141,16 @@ def checked_scheduler_address(address: str, name: str) -> str:
             "with no user:password@: Dask's TLS settings say who connects"
         )
     return address
+
+
+def close_failed_default_client() -> None:
+    """A Client that failed to connect (a TLS setting missing) stays Dask's default client and scheduler:
+    this process's next dask.compute (a notebook's, a test's) hung on it, or asked for a client there was
+    none of. Closed, it hands both back."""
+    with contextlib.suppress(ValueError):  # no default client
+        stale = default_client()
+        if stale.status != "running":
+            stale.close()
 
 
 def runs_at_once(instance: dg.DagsterInstance | None) -> int | None:
@@ -270,6 +280,7 @@ class DaskCluster(dg.ConfigurableResource):
         try:
             client = Client(address)
         except Exception as exc:
+            close_failed_default_client()
             tls = (
                 " and Dask's TLS settings (DASK_DISTRIBUTED__COMM__TLS__CA_FILE, ..._CLIENT__CERT, ..._CLIENT__KEY)"
                 if address.startswith("tls://")

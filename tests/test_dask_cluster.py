@@ -331,6 +331,8 @@ def test_a_scheduler_not_reached_names_the_settings_to_look_at(scheme: str, capl
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("AIFACTORY_DASK_WORKERS, AIFACTORY_DASK_MEMORY_LIMIT) size a run's own" in w for w in warned)
     assert any("cross the network in clear" in w for w in warned) == (scheme == "tcp")
+    # The failed client left itself Dask's scheduler: this process's next compute asked for a client it lacked.
+    assert dask.compute(dask.delayed(sum)([1, 2]))[0] == 3
 
 
 def test_runs_at_once_follows_the_instances_run_coordinator() -> None:
