@@ -790,11 +790,19 @@ def test_tensor_loader_workers_end_with_a_killed_trainer(manifest_url: str) -> N
     """A trainer killed outright (scancel, the OOM killer) runs no exit handler: its workers must not stay
     behind holding the ring (and, on a GPU machine, the dead trainer's device memory)."""
     pytest.importorskip("torch", reason="torch is an optional extra; `make test` installs the pinned CPU build")
-    script = (
-        "import multiprocessing, os, signal\n"
+    assert_workers_end_with_a_killed_trainer(
         "from aifactory_assets.loader import TensorLoader\n"
         f"stream = iter(TensorLoader({manifest_url!r}, 'train', device='cpu', workers=2, columns=['wind']))\n"
         "next(stream)\n"
+    )
+
+
+def assert_workers_end_with_a_killed_trainer(trainer: str) -> None:
+    """Run `trainer` (Python that starts two loader workers) in a process that then kills itself outright,
+    and check that its workers end within seconds."""
+    script = (
+        "import multiprocessing, os, signal\n"
+        f"{trainer}"
         "print(' '.join(str(p.pid) for p in multiprocessing.active_children()), flush=True)\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n"
     )

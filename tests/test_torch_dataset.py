@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -24,7 +21,7 @@ torch = pytest.importorskip("torch", reason="torch is an optional extra; `make t
 from aifactory_assets.loader import ChecksumMismatch  # noqa: E402
 from aifactory_assets.manifest import schema_fields  # noqa: E402
 from aifactory_assets.torch_dataset import LAUNCHER_WORLD_SIZES, ShardIterableDataset, TensorLoader  # noqa: E402
-from tests.test_loader import alive, local_split  # noqa: E402
+from tests.test_loader import alive, assert_workers_end_with_a_killed_trainer, local_split  # noqa: E402
 
 
 def id_split(directory: Path) -> str:
@@ -94,8 +91,8 @@ def test_workers_end_with_a_killed_trainer_whichever_thread_started_them(tmp_pat
     """Workers that no longer end with the thread that forked them must still end with the trainer: killed
     outright (scancel, the OOM killer), it runs no exit handler."""
     url = id_split(tmp_path / "ids")
-    script = (
-        "import multiprocessing, os, signal, threading\n"
+    assert_workers_end_with_a_killed_trainer(
+        "import threading\n"
         "from aifactory_assets.torch_dataset import TensorLoader\n"
         f"loader = TensorLoader({url!r}, 'train', device='cpu', workers=2, batch_size=7)\n"
         "thread = threading.Thread(target=lambda: list(loader))\n"
@@ -103,18 +100,7 @@ def test_workers_end_with_a_killed_trainer_whichever_thread_started_them(tmp_pat
         "thread.join()\n"
         "stream = iter(loader)\n"
         "next(stream)\n"
-        "print(' '.join(str(p.pid) for p in multiprocessing.active_children()), flush=True)\n"
-        "os.kill(os.getpid(), signal.SIGKILL)\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1]
-    )
-    pids = [int(pid) for pid in done.stdout.split()]
-    assert done.returncode == -signal.SIGKILL and len(pids) == 2, done.stderr
-    deadline = time.monotonic() + 10
-    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not any(alive(pid) for pid in pids)
 
 
 def typed_split(directory: Path, schema_in_manifest: bool) -> str:
