@@ -572,6 +572,8 @@ def test_a_copy_in_use_is_not_evicted_by_another_process(s3_manifest: tuple[str,
         assert copies[0].exists()
         done.set()
         assert holder.get(120) == expected
+        pool.close()  # its worker ends on the pool's sentinel: `terminate` (the block's exit) signals it, and a
+        pool.join()  # test run started under `nohup ... &` ignores the signals, which then waited forever
 
 
 def read_through_shared_cache(url: str, options: dict, cache: str, cache_bytes: int, rank: int) -> list:
@@ -590,6 +592,8 @@ def test_processes_share_a_small_cache(s3_manifest: tuple[str, dict], tmp_path: 
         streams = pool.starmap(
             read_through_shared_cache, [(url, options, str(cache), 3 * shard_size, rank) for rank in range(4)]
         )
+        pool.close()  # ended without signals, as above
+        pool.join()
     assert all(sorted(stream) == expected for stream in streams)
     assert len({tuple(stream) for stream in streams}) == 4  # each its own epoch's order
     assert sum(p.stat().st_size for p in cache.glob("*.parquet")) <= 3 * shard_size
@@ -614,6 +618,8 @@ def test_processes_sharing_a_cache_download_each_shard_once(s3_manifest: tuple[s
         start = manager.Barrier(ranks)
         done = pool.starmap(read_when_all_start, [(url, options, str(tmp_path / "shared"), start)] * ranks)
         again = pool.starmap(read_when_all_start, [(url, options, str(tmp_path / "shared"), manager.Barrier(1))])
+        pool.close()  # ended without signals, as above
+        pool.join()
     assert all(stream == expected for stream, *_ in done + again)
     assert sum(downloads for _, downloads, _, _ in done) == len(split["shards"])
     assert sum(size for _, _, size, _ in done) == split["bytes"]
