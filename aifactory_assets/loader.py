@@ -23,8 +23,9 @@ later epoch; a copy another process hashed); `verify="pages"` only the pages' CR
 where every rank hashing the whole split would cost more than training reads (thousands of ranks on one
 shared filesystem). Page checksums catch torn copies and bit rot in the pages read, not a file replaced
 on purpose. They do not cover the footer (row counts, schema, where pages lie): where a shard is not hashed
-whole, its footer is hashed against the manifest's `footer_sha256` (from format 4) as it is opened; and
-every footer's row groups and schema must be the manifest's, every row group read its row count.
+whole, its footer is hashed against the manifest's `footer_sha256` (from format 4) wherever it is read
+(as the shard is opened, or before, for the torch loader's checks); and every footer's row groups and
+schema must be the manifest's, every row group read its row count.
 
 `threads` (by default one per core this process may use, READ_THREADS at most) read, decode and shuffle
 row groups, up to two per thread ahead of the batches, and as many more open (hash, download) shards;
@@ -891,18 +892,32 @@ class ShardReader:
             file = pq.ParquetFile(source, metadata=file.metadata, read_dictionary=sorted(dictionary), **options)
         return OpenShard(file, held, dictionary, threading.Lock() if ranged else contextlib.nullcontext())
 
+    def footer(self, shard: str) -> pq.FileMetaData:
+        """A shard's metadata, read in one request (no read-ahead: s3fs's default block is 50 MiB) for checks
+        made before any of its pages is read, and held to the manifest's `footer_sha256` as `_open` holds it."""
+        with self.fs.open(f"{self.root}/{shard}", "rb", cache_type="none") as file:
+            return self._parsed_footer(shard, read_footer(file))
+
     def _verified_footer(self, shard: str, source: str | Path | CountingFile) -> pq.FileMetaData | None:
         """The shard's metadata, parsed from footer bytes read once that hash to the manifest's `footer_sha256`;
         None where the manifest predates it (PyArrow then reads the footer itself)."""
         if self.footers[shard] is None:
             return None
         if isinstance(source, CountingFile):
-            footer = read_footer(source)
-        else:
-            with open(source, "rb") as f:
-                footer = read_footer(f)
-        verify_digest(hashlib.sha256(footer).hexdigest(), self.footers[shard], f"{self.root}/{shard} footer")
-        return pq.read_metadata(pa.BufferReader(footer))
+            return self._parsed_footer(shard, read_footer(source))
+        with open(source, "rb") as f:
+            return self._parsed_footer(shard, read_footer(f))
+
+    def _parsed_footer(self, shard: str, footer: bytes) -> pq.FileMetaData:
+        """Footer bytes checked (where verifying and the manifest has their hash), then parsed; a footer that
+        does not parse names its shard."""
+        where = f"{self.root}/{shard}"
+        if self.verify and self.footers[shard] is not None:
+            verify_digest(hashlib.sha256(footer).hexdigest(), self.footers[shard], f"{where} footer")
+        try:
+            return pq.read_metadata(pa.BufferReader(footer))
+        except (OSError, pa.ArrowException) as exc:  # "Couldn't deserialize thrift" is an OSError
+            raise ChecksumMismatch(f"{where}: its footer does not parse: {exc}") from exc
 
     def _check_layout(self, shard: str, file: pq.ParquetFile) -> None:
         """The footer's row groups and schema against the manifest's, which the plan is made from (a footer

@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 try:
     import torch
@@ -35,14 +34,12 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from aifactory_assets.loader import (
     PAGE_CHECKSUMS,
     READ_THREADS,
-    ChecksumMismatch,
     Piece,
     RowGroup,
     ShardReader,
     available_cores,
 )
 from aifactory_assets.processes import watch_parent
-from aifactory_assets.shard_layout import read_footer
 
 # What launchers set in each of the processes they start: torchrun, Open MPI's and MPICH's mpirun, srun.
 # SLURM's step count, not SLURM_NTASKS: that is the allocation's, also set in an `sbatch -n 4` script's
@@ -160,7 +157,7 @@ Nulls = tuple[str, str, pa.DataType, int]  # where (shard, row group), column, i
 
 def footer_nulls(reader: ShardReader, columns: list[str] | None, shard: str) -> Nulls | None:
     """The first row group and int or bool column of `columns` (None: all) whose footer counts nulls."""
-    meta = shard_footer(reader, shard)
+    meta = reader.footer(shard)
     kinds = {f.name: f.type for f in meta.schema.to_arrow_schema() if columns is None or f.name in columns}
     leaves = [j for j in range(meta.num_columns) if str(kinds.get(meta.schema.column(j).path)) in NO_NAN_TYPES]
     for g in range(meta.num_row_groups):
@@ -172,17 +169,6 @@ def footer_nulls(reader: ShardReader, columns: list[str] | None, shard: str) -> 
     return None
 
 
-def shard_footer(reader: ShardReader, shard: str) -> pq.FileMetaData:
-    """A shard's footer, read in one request (no read-ahead: s3fs's default block is 50 MiB). Read here
-    before any page's check (where the shards were not hashed), one that does not parse names its shard."""
-    with reader.fs.open(f"{reader.root}/{shard}", "rb", cache_type="none") as file:
-        footer = read_footer(file)
-    try:
-        return pq.read_metadata(pa.BufferReader(footer))
-    except (OSError, pa.ArrowException) as exc:  # "Couldn't deserialize thrift" is an OSError
-        raise ChecksumMismatch(f"{reader.root}/{shard}: its footer does not parse: {exc}") from exc
-
-
 def split_schema(reader: ShardReader) -> dict[str, str] | None:
     """Column names and Arrow type names: the manifest's schema, else (a manifest before it had one) its
     first shard's; None for a split with no shard."""
@@ -191,7 +177,7 @@ def split_schema(reader: ShardReader) -> dict[str, str] | None:
         return {f["name"]: f["type"] for f in fields}
     if not reader.checksums:
         return None
-    return {f.name: str(f.type) for f in shard_footer(reader, next(iter(reader.checksums))).schema.to_arrow_schema()}
+    return {f.name: str(f.type) for f in reader.footer(next(iter(reader.checksums))).schema.to_arrow_schema()}
 
 
 def check_stack(stack: dict[str, list[str]], schema: dict[str, str], columns: list[str] | None) -> None:

@@ -825,7 +825,7 @@ def assert_workers_end_with_a_killed_trainer(trainer: str) -> None:
 
 def split_files(tables: list[pa.Table], row_group_rows: int, seed: int) -> dict[str, bytes]:
     """A train split's shards as the pipeline writes them (zstd, page checksums) and its manifest (each
-    shard's checksum and row groups), by file name."""
+    shard's checksum, footer's checksum and row groups), by file name."""
     files, entries = {}, []
     for i, table in enumerate(tables):
         buffer = io.BytesIO()
@@ -834,12 +834,18 @@ def split_files(tables: list[pa.Table], row_group_rows: int, seed: int) -> dict[
         meta = pq.read_metadata(io.BytesIO(data))
         groups = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
         files[name] = data
-        sha256 = hashlib.sha256(data).hexdigest()
         entries.append(
-            {"path": name, "rows": table.num_rows, "bytes": len(data), "sha256": sha256, "row_groups": groups}
+            {
+                "path": name,
+                "rows": table.num_rows,
+                "bytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "footer_sha256": hashlib.sha256(footer_of(data)).hexdigest(),
+                "row_groups": groups,
+            }
         )
     split = {"rows": sum(t.num_rows for t in tables), "bytes": sum(e["bytes"] for e in entries), "shards": entries}
-    manifest = {"format_version": 3, "splits": {"train": split}, "sampler": {"seed": seed, "remainder": "drop"}}
+    manifest = {"format_version": 4, "splits": {"train": split}, "sampler": {"seed": seed, "remainder": "drop"}}
     return files | {"manifest.json": json.dumps(manifest).encode()}
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 torch = pytest.importorskip("torch", reason="torch is an optional extra; `make test` installs the pinned CPU build")
@@ -169,17 +170,22 @@ def test_int_nulls_are_refused_on_every_rank_before_any_batch(tmp_path: Path) ->
     assert ShardIterableDataset(url, "train", rank=0, world_size=2, columns=["x"]).rank == 0
 
 
-def test_a_footer_read_before_its_check_names_its_shard(tmp_path: Path) -> None:
-    """Unhashed (verify="pages"), a shard's footer is read for its null counts before a worker checks it: one
-    that does not parse must say which shard, as the worker's check would have."""
-    url = id_split(tmp_path / "ids")
-    shard = tmp_path / "ids" / "train-00001-of-00003.parquet"
+def test_footers_read_before_any_page_are_held_to_the_manifest(tmp_path: Path) -> None:
+    """Unhashed (verify="pages"), each shard's footer is read for its null counts before a worker reads it.
+    Those footers were not checked against the manifest: a shard replaced by one with a null was refused
+    as data to "fill upstream", not as a shard that is not the manifest's. Unverified, a footer that does
+    not parse still names its shard."""
+    url = local_split(tmp_path / "labels", [pa.table({"label": np.arange(40, dtype=np.int64)})], row_group_rows=10)
+    shard = tmp_path / "labels" / "train-00000-of-00001.parquet"
+    pq.write_table(pa.table({"label": pa.array([None, *range(1, 40)], pa.int64())}), shard, row_group_size=10)
+    with pytest.raises(ChecksumMismatch, match=f"{shard.name} footer: sha256 [0-9a-f]+ differs from the manifest"):
+        ShardIterableDataset(url, "train", verify="pages")
     data = bytearray(shard.read_bytes())
     length = int.from_bytes(data[-8:-4], "little")
-    data[-8 - length : -8] = b"\xff" * length  # same size: only a page's CRC or a hash would tell
+    data[-8 - length : -8] = b"\xff" * length
     shard.write_bytes(data)
     with pytest.raises(ChecksumMismatch, match=f"{shard.name}: its footer does not parse"):
-        ShardIterableDataset(url, "train", verify="pages")
+        ShardIterableDataset(url, "train", verify=False)
 
 
 @pytest.mark.parametrize(
