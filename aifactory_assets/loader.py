@@ -550,15 +550,15 @@ class ShardReader:
                 f"{manifest} is not a version's {MANIFEST}: resolve_manifest() gives the one `_latest` names now; "
                 "resolve it once and give every rank and worker that URI"
             )
-        self.fs, manifest_path = fsspec.core.url_to_fs(manifest, **(storage_options or {}))
-        self.manifest: dict[str, Any] = json.loads(self.fs.cat_file(manifest_path))
+        self.fs, self.manifest_path = fsspec.core.url_to_fs(manifest, **(storage_options or {}))
+        self.manifest: dict[str, Any] = json.loads(self.fs.cat_file(self.manifest_path))
         if split not in self.manifest["splits"]:
             raise KeyError(f"split {split!r} not in {manifest}; it has {sorted(self.manifest['splits'])}")
         schema = self.manifest.get("schema", {})
         if "fields" in schema:
             check_columns(columns, [f["name"] for f in schema["fields"]], manifest)
         self.schema_fingerprint: str | None = schema.get("fingerprint")
-        self.root = posixpath.dirname(manifest_path)
+        self.root = posixpath.dirname(self.manifest_path)
         self.split, self.rank, self.world_size = split, rank, world_size
         self.worker_id, self.num_workers = worker_id, num_workers
         self.epoch, self.batch_size, self.columns, self.shuffle = epoch, batch_size, columns, shuffle
@@ -817,6 +817,24 @@ class ShardReader:
         return not self._pending[shard] and opened.done() and not opened.cancelled() and opened.exception() is None
 
     def _open_shard(self, shard: str, attempts: int = 3) -> OpenShard:
+        try:
+            return self._open_present(shard, attempts)
+        except FileNotFoundError as exc:
+            raise self._missing(shard) from exc
+
+    def _missing(self, shard: str) -> FileNotFoundError:
+        """A shard that is gone, said as what most likely happened: with its manifest gone too, the version
+        was removed (by retention, as newer ones were committed) while this job read it."""
+        where = f"{self.root}/{shard}"
+        if self.fs.exists(self.manifest_path):
+            return FileNotFoundError(f"{where}: missing from a committed version (its {MANIFEST} names it)")
+        return FileNotFoundError(
+            f"{where}: its version was removed while this job read it ({MANIFEST} is gone too): retention "
+            "(`shards.retention` in the catalogue) removes versions beyond that many commits; raise it, or copy "
+            "the version, for jobs that outlive it"
+        )
+
+    def _open_present(self, shard: str, attempts: int) -> OpenShard:
         remote, checksum = f"{self.root}/{shard}", self.checksums[shard]
         if self.is_local:
             for _ in range(attempts):

@@ -1431,3 +1431,19 @@ def test_dataloader_workers_take_their_share_of_the_cores(manifest_url: str) -> 
         assert list(loader) == [worker_threads(workers)] * workers
     given = ReaderThreads(manifest_url, "train", columns=["wind"], threads=3)
     assert list(DataLoader(given, batch_size=None, num_workers=2, multiprocessing_context="fork")) == [3, 3]
+
+
+@pytest.mark.parametrize("manifest_gone", [True, False])
+def test_a_shard_gone_mid_epoch_says_whether_its_version_was_removed(tmp_path: Path, manifest_gone: bool) -> None:
+    """A job that outlived `retention` commits met a bare FileNotFoundError of a shard path, which says
+    neither that retention removed its version nor what to do."""
+    tables = [pa.table({"id": np.arange(i * 40, (i + 1) * 40)}) for i in range(3)]
+    url = local_split(tmp_path / "ids", tables, row_group_rows=10)
+    batches = iter(ShardReader(url, "train", batch_size=7, shuffle=False, threads=0))
+    next(batches)  # the first shard is open: the others are read from disk as the epoch reaches them
+    doomed = [tmp_path / "ids" / "train-00002-of-00003.parquet"] + ([Path(url)] if manifest_gone else [])
+    for path in doomed:
+        path.unlink()
+    said = "its version was removed while this job read it" if manifest_gone else "missing from a committed version"
+    with pytest.raises(FileNotFoundError, match=f"train-00002-of-00003.parquet: {said}"):
+        list(batches)
