@@ -22,6 +22,7 @@ import dagster as dg
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+log = dg.get_dagster_logger(__name__)
 PANDAS_FORMATS = ("ISO8601", "mixed")  # what pandas.to_datetime (ingest's parser) takes besides strptime formats
 ColumnType = Literal["string", "int32", "int64", "float32", "float64", "bool", "date", "timestamp"]
 IDENTIFIER = r"^[a-z][a-z0-9_]*$"
@@ -133,6 +134,25 @@ STATISTICS_OF_VALUES = frozenset(
     f"expect_column_{s}_to_be_between" for s in ("median", "mean", "stdev", "min", "max", "sum")
 )
 SEVERITIES = ("critical", "warning")
+# The keys of an expectation as GX 1.x exports it (its ExpectationConfiguration schema; a test holds this to
+# GX's), and those of its `meta` that aifactory or GX reads (GX renders `meta.notes`): another, a typo such as
+# `metadata` or `meta.severty`, would leave the expectation critical without a word.
+EXPECTATION_KEYS = frozenset(
+    {"type", "kwargs", "meta", "severity", "notes", "description", "id", "rendered_content", "expectation_context"}
+)
+META_KEYS = frozenset({"severity", "notes"})
+# How GX compares a column's values (pandas_for_gx): numbers of any width with each other, dates with timestamps
+# (both datetime64). Values of two kinds never compare equal, and ordering them fails every part.
+COMPARED_AS = {**dict.fromkeys(NUMBER_TYPES, "number"), "date": "instant", "timestamp": "instant"}
+COMPARED_AS |= {"string": "text", "bool": "bool"}
+# Row expectations that compare columns with each other, row by row.
+COMPARING_COLUMNS = frozenset(
+    {
+        "expect_column_pair_values_a_to_be_greater_than_b",
+        "expect_column_pair_values_to_be_equal",
+        "expect_select_column_values_to_be_unique_within_record",
+    }
+)
 BOUNDS = frozenset({"min_value", "max_value", "strict_min", "strict_max"})
 # Bounded quantities that take whole numbers only: a count always, a column's values (and their min, max and
 # sum) where the column holds integers. Strict bounds one apart admit none of them.
@@ -260,6 +280,10 @@ class Site(_Model):
     @field_validator("timezone")
     @classmethod
     def _known_zone(cls, value: str) -> str:
+        """A place's zone: `localtime` and `posixrules` are whatever the host's files say, and `right/*`
+        counts leap seconds, which no schedule or timestamp here does."""
+        if value in ("localtime", "posixrules") or value.startswith("right/"):
+            raise ValueError(f"{value!r} is not a place's time zone (host-dependent or leap-second clock)")
         try:
             ZoneInfo(value)
         except (ZoneInfoNotFoundError, ValueError, OSError) as exc:  # OSError: a folder of zones, e.g. 'Europe'
@@ -350,6 +374,19 @@ class TableSchema(_Model):
         return [c.name for c in self.columns]
 
 
+def _ascii_compatible(encoding: str) -> bool:
+    """ASCII's characters and bytes are each other's in `encoding` (a UTF-8 byte-order mark aside): b"\\n" is a
+    line break, b"," a comma, both ways (idna decodes ASCII as it is, but cannot encode a line break)."""
+    ascii_bytes = bytes(range(128))
+    try:
+        text = ascii_bytes.decode(encoding)
+        return (
+            text == ascii_bytes.decode("ascii") and text.encode(encoding).removeprefix(codecs.BOM_UTF8) == ascii_bytes
+        )
+    except (UnicodeError, LookupError):
+        return False
+
+
 class ReaderOptions(_Model):
     delimiter: str = Field(default=",", min_length=1, max_length=1)
     encoding: str = "utf-8"
@@ -367,15 +404,21 @@ class ReaderOptions(_Model):
     @field_validator("encoding")
     @classmethod
     def _known_encoding(cls, value: str) -> str:
+        """Python's own name for the codec, so that `UTF8` and `utf_8` give one version id. The CSV reader
+        finds lines, quotes and delimiters by their ASCII bytes (b"\\n"): a codec that writes ASCII otherwise
+        (UTF-16 and -32, EBCDIC's cp037, UTF-7, idna, punycode) is refused."""
         try:
-            text = getattr(codecs.lookup(value), "_is_text_encoding", True)  # False for base64, zlib, rot13...
+            codec = codecs.lookup(value)
         except LookupError:
-            text = False
-        if not text:
+            codec = None
+        if codec is None or not getattr(codec, "_is_text_encoding", True):  # False for base64, zlib, rot13...
             raise ValueError(f"unknown text encoding {value!r} (a Python codec name, e.g. 'cp1252')")
-        if codecs.lookup(value).name.startswith(("utf-16", "utf-32")):  # NUL bytes in every line: not read
-            raise ValueError(f"{value!r} files are not read; convert them to UTF-8 (e.g. iconv -f {value} -t utf-8)")
-        return value
+        if not _ascii_compatible(codec.name):
+            raise ValueError(
+                f"{value!r} files are not read; convert them to UTF-8 (e.g. iconv -f {value} -t utf-8): the CSV "
+                "reader finds line breaks, quotes and delimiters by their ASCII bytes, which it writes otherwise"
+            )
+        return codec.name
 
 
 class Source(_Model):
@@ -389,8 +432,20 @@ class Source(_Model):
     @field_validator("landing")
     @classmethod
     def _within_the_landing_zone(cls, value: str) -> str:
-        if not value.strip() or value.startswith("/") or ".." in value.split("/"):
+        """Matched against object keys, which are names, not paths: `landing/x/./a.csv` is not `a.csv`."""
+        segments = value.split("/")
+        if not value.strip() or value.startswith("/") or ".." in segments:
             raise ValueError(f"landing {value!r} must be a glob within landing/<dataset>/, e.g. '*.csv'")
+        if "" in segments or "." in segments:
+            raise ValueError(
+                f"landing {value!r}: a '.' or empty segment (./, //, a trailing /) never matches an object key; "
+                "write e.g. 'in/*.csv'"
+            )
+        if "\\" in value:
+            raise ValueError(
+                f"landing {value!r}: a backslash is no escape in a landing glob, it matches only keys with a "
+                "backslash in their name; write [*] for a literal * and / between folders"
+            )
         return value
 
 
@@ -415,8 +470,10 @@ class ShardSettings(_Model):
     @field_validator("splits")
     @classmethod
     def _ratios(cls, value: dict[str, float]) -> dict[str, float]:
-        if not value or any(r <= 0 for r in value.values()) or abs(sum(value.values()) - 1) > 1e-9:
-            raise ValueError(f"split ratios must be positive and sum to 1, got {value}")
+        # NaN passes every comparison unseen: a split silently empty, and NaN in the manifest
+        finite = all(math.isfinite(r) and r > 0 for r in value.values())
+        if not value or not finite or abs(sum(value.values()) - 1) > 1e-9:
+            raise ValueError(f"split ratios must be positive, finite and sum to 1, got {value}")
         return value
 
 
@@ -535,19 +592,29 @@ def _refuse_repeated_keys(node: yaml.Node | None, file: Path, where: str = "", s
         _refuse_repeated_keys(child, file, f"{where}{name}.", seen)
 
 
-def _read_yaml(path: Path) -> Any:
+def _read_text(path: Path) -> str:
+    """A catalogue or suite file's text; any reason it cannot be read (a folder named `x.yaml`, no
+    permission) names the file, so that every wrong file is still listed at once."""
     try:
-        loader = _CatalogLoader(path.read_text(encoding="utf-8"))
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CatalogError(path, "<file>", "does not exist") from None
+    except OSError as exc:
+        raise CatalogError(path, "<file>", f"cannot be read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise CatalogError(path, "<file>", f"not UTF-8 text: {exc.reason} at byte {exc.start}") from None
+
+
+def _read_yaml(path: Path) -> Any:
+    text = _read_text(path)
+    try:
+        loader = _CatalogLoader(text)  # a character YAML does not allow is refused here already
         try:
             node = loader.get_single_node()
             _refuse_repeated_keys(node, path)
             return None if node is None else loader.construct_document(node)
         finally:
             loader.dispose()
-    except FileNotFoundError:
-        raise CatalogError(path, "<file>", "does not exist") from None
-    except UnicodeDecodeError as exc:
-        raise CatalogError(path, "<file>", f"not UTF-8 text: {exc.reason} at byte {exc.start}") from None
     except yaml.YAMLError as exc:
         raise CatalogError(path, "<file>", f"not valid YAML: {exc}") from exc
 
@@ -565,8 +632,7 @@ def _parse(model: type[BaseModel], data: Any, path: Path, prefix: str = "") -> A
             message += f", got {err['input']!r}"
         if err["type"] == "extra_forbidden":
             known = _fields_at(model, [p for p in err["loc"][:-1] if isinstance(p, str)])
-            if meant := difflib.get_close_matches(str(err["loc"][-1]), known, n=1):
-                message += f"; did you mean {meant[0]!r}?"
+            message += _did_you_mean(str(err["loc"][-1]), known)
         raise CatalogError(path, field, message) from None
 
 
@@ -622,16 +688,14 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def load_suite(path: Path, dataset: Dataset, dataset_file: Path) -> dict[str, Any]:
     """Parse a GX 1.x suite JSON and check it against the dataset's schema (GX imported only to check row
     expectations: see check_with_gx)."""
-    if not path.is_file():
+    if not path.exists():
         raise CatalogError(dataset_file, "suite", f"suite file {path} does not exist")
     try:
-        suite = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
+        suite = json.loads(_read_text(path), object_pairs_hook=_unique_keys)
     except RepeatedKey as exc:
         raise CatalogError(path, exc.key, "given twice in one object; JSON keeps the last without a word") from None
     except json.JSONDecodeError as exc:
         raise CatalogError(path, "<file>", f"suite is not valid JSON: {exc}") from None
-    except UnicodeDecodeError as exc:
-        raise CatalogError(path, "<file>", f"not UTF-8 text: {exc.reason} at byte {exc.start}") from None
     if not isinstance(suite, dict) or not isinstance(suite.get("expectations"), list):
         raise CatalogError(path, "expectations", "a GX suite needs a list under 'expectations'")
     name = suite.setdefault("name", dataset.name)
@@ -645,11 +709,11 @@ def load_suite(path: Path, dataset: Dataset, dataset_file: Path) -> dict[str, An
             renamed = " (GX 0.x's 'expectation_type' is 'type' in GX 1.x)" if gx0 else ""
             raise CatalogError(path, f"{where}.type", f"each expectation needs a 'type'{renamed}")
         if exp["type"] not in SUPPORTED_EXPECTATIONS:
-            meant = difflib.get_close_matches(str(exp["type"]), sorted(SUPPORTED_EXPECTATIONS), n=1)
-            hint = f"; did you mean {meant[0]!r}?" if meant else ""
+            hint = _did_you_mean(str(exp["type"]), SUPPORTED_EXPECTATIONS)
             raise CatalogError(
                 path, f"{where}.type", f"{exp['type']!r} is not a supported expectation for distributed runs{hint}"
             )
+        check_keys_and_severity(path, where, exp)
         kwargs = exp.get("kwargs", {})
         if not isinstance(kwargs, dict):
             raise CatalogError(path, f"{where}.kwargs", "must be a mapping")
@@ -662,14 +726,43 @@ def load_suite(path: Path, dataset: Dataset, dataset_file: Path) -> dict[str, An
         check_types(path, where, exp["type"], kwargs, types)
         check_can_pass_and_fail(path, where, exp["type"], kwargs, types)
         if exp["type"] in ROW_EXPECTATIONS:
-            exp["kwargs"] = kwargs = instants_for_gx(exp["type"], kwargs, types)
-            check_with_gx(path, where, exp["type"], kwargs)
-        meta = exp.get("meta") or {}
-        if not isinstance(meta, dict):
-            raise CatalogError(path, f"{where}.meta", "must be a mapping")
-        if meta.get("severity", "critical") not in SEVERITIES:
-            raise CatalogError(path, f"{where}.meta.severity", f"must be one of {SEVERITIES}")
+            check_compared_types(path, where, exp["type"], kwargs, types)
+            exp["kwargs"] = kwargs = values_for_gx(path, where, exp["type"], kwargs, types)
+            check_with_gx(path, where, exp, kwargs)
     return suite
+
+
+def _did_you_mean(word: str, known: typing.Iterable[str]) -> str:
+    meant = difflib.get_close_matches(word, sorted(known), n=1)
+    return f"; did you mean {meant[0]!r}?" if meant else ""
+
+
+def check_keys_and_severity(path: Path, where: str, exp: dict[str, Any]) -> None:
+    """Only the keys GX 1.x writes, and one severity: GX 1.x's own `severity`, or `meta.severity` (which
+    aifactory read first); the two differing would leave it unclear which was meant."""
+    meta = exp.get("meta") or {}
+    if not isinstance(meta, dict):
+        raise CatalogError(path, f"{where}.meta", "must be a mapping")
+    for field, holder, known in ((where, exp, EXPECTATION_KEYS), (f"{where}.meta", meta, META_KEYS)):
+        if unknown := sorted(holder.keys() - known):
+            hint = _did_you_mean(unknown[0], known)
+            raise CatalogError(
+                path, f"{field}.{unknown[0]}", f"read by neither GX 1.x nor aifactory, which take {sorted(known)}{hint}"
+            )
+        if "severity" in holder and holder["severity"] not in SEVERITIES:
+            raise CatalogError(path, f"{field}.severity", f"must be one of {SEVERITIES}, got {holder['severity']!r}")
+    if "severity" in exp and "severity" in meta and exp["severity"] != meta["severity"]:
+        raise CatalogError(
+            path,
+            f"{where}.severity",
+            f"{exp['severity']!r}, but meta.severity is {meta['severity']!r}: give one (GX writes severity "
+            "itself, 'critical' unless set)",
+        )
+
+
+def severity(expectation: dict[str, Any]) -> str:
+    """GX 1.x's `severity`, else `meta.severity`, else critical (load_suite refuses the two differing)."""
+    return expectation.get("severity") or (expectation.get("meta") or {}).get("severity") or "critical"
 
 
 def judged_suite(suite: dict[str, Any]) -> dict[str, Any]:
@@ -681,7 +774,7 @@ def judged_suite(suite: dict[str, Any]) -> dict[str, Any]:
             {
                 "type": e["type"],
                 "kwargs": e.get("kwargs") or {},
-                "severity": (e.get("meta") or {}).get("severity", "critical"),
+                "severity": severity(e),
             }
             for e in suite["expectations"]
         ],
@@ -703,8 +796,7 @@ def check_arguments(path: Path, where: str, kind: str, kwargs: dict[str, Any]) -
     optional |= GX_SHARED_ARGUMENTS if kind in ROW_ARGUMENTS else frozenset()
     takes = sorted(required | optional)
     if extra := sorted(kwargs.keys() - required - optional):
-        meant = difflib.get_close_matches(extra[0], takes, n=1)
-        hint = f"; did you mean {meant[0]!r}?" if meant else ""
+        hint = _did_you_mean(extra[0], takes)
         raise CatalogError(path, f"{field}.{extra[0]}", f"not an argument of {kind}; it takes {takes}{hint}")
     if missing := sorted(required - kwargs.keys()):
         raise CatalogError(path, f"{field}.{missing[0]}", f"missing; {kind} takes {takes}")
@@ -720,8 +812,7 @@ def check_arguments(path: Path, where: str, kind: str, kwargs: dict[str, Any]) -
         )
     ignore = kwargs.get("ignore_row_if")
     if kind in IGNORE_ROW_IF and ignore is not None and ignore not in IGNORE_ROW_IF[kind]:
-        meant = difflib.get_close_matches(str(ignore), IGNORE_ROW_IF[kind], n=1)
-        hint = f"; did you mean {meant[0]!r}?" if meant else ""
+        hint = _did_you_mean(str(ignore), IGNORE_ROW_IF[kind])
         raise CatalogError(
             path, f"{field}.ignore_row_if", f"must be one of {', '.join(IGNORE_ROW_IF[kind])}, got {ignore!r}{hint}"
         )
@@ -739,27 +830,33 @@ def check_arguments(path: Path, where: str, kind: str, kwargs: dict[str, Any]) -
             raise CatalogError(path, f"{field}.{name}", f"{regex!r} is not a regular expression: {exc}") from None
 
 
-def check_with_gx(path: Path, where: str, kind: str, kwargs: dict[str, Any]) -> None:
-    """A row expectation's arguments against GX's own model of it (a bound's type, a set that is a list,
-    pairs of two), built as the workers build it: what it refuses would fail every validated run. GX is
-    imported here, not at the top: it adds about 2 s to the code location's load, paid only by catalogues
-    with row expectations."""
+def check_with_gx(path: Path, where: str, exp: dict[str, Any], kwargs: dict[str, Any]) -> None:
+    """A row expectation (with `kwargs` as GX will get them) against GX's own model of it (a bound's type, a
+    set that is a list, pairs of two, its id and notes), built as the workers build it: what it refuses would
+    fail every validated run. GX is imported here, not at the top: it adds about 2 s to the code location's
+    load, paid only by catalogues with row expectations."""
     from great_expectations.compatibility.pydantic import ValidationError
     from great_expectations.expectations.expectation_configuration import ExpectationConfiguration
 
+    kind = exp["type"]
     try:
-        ExpectationConfiguration(type=kind, kwargs=kwargs).to_domain_obj()
+        ExpectationConfiguration(**{**exp, "kwargs": kwargs}).to_domain_obj()
     except ValidationError as exc:
         errors = exc.errors()
         name = errors[0]["loc"][0]
         reasons = "; ".join(dict.fromkeys(e["msg"] for e in errors if e["loc"][0] == name))
-        given = repr(kwargs[name]) if name in kwargs else "these arguments"
-        field = f"{where}.kwargs" if name == "__root__" else f"{where}.kwargs.{name}"
+        if name in kwargs or name == "__root__":
+            given = repr(kwargs[name]) if name in kwargs else "these arguments"
+            field = f"{where}.kwargs" if name == "__root__" else f"{where}.kwargs.{name}"
+        else:  # a key of the expectation itself (rendered_content)
+            given, field = repr(exp.get(name)), f"{where}.{name}"
         raise CatalogError(path, field, f"GX's {kind} refuses {given}: {reasons}") from None
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    """A number, not a boolean, nor NaN (which no value compares with)."""
+    whole = isinstance(value, int) and not isinstance(value, bool)
+    return whole or (isinstance(value, float) and not math.isnan(value))
 
 
 QUANTILE_METHODS = ("linear", "lower", "higher", "midpoint", "nearest")  # pandas' interpolations, as GX takes them
@@ -782,6 +879,8 @@ def check_types(path: Path, where: str, kind: str, kwargs: dict[str, Any], types
         value = kwargs.get(name)
         if value is None:
             continue
+        if isinstance(value, float) and math.isnan(value):
+            raise CatalogError(path, f"{field}.{name}", "NaN: no value compares with it, so it could never pass")
         if instants:
             if not (isinstance(value, str) and _is_iso_datetime(value)):
                 raise CatalogError(path, f"{field}.{name}", f"must be an ISO 8601 date or timestamp, got {value!r}")
@@ -887,20 +986,91 @@ def _as_instant(value: Any) -> Any:
     return instant.astimezone(dt.UTC).replace(tzinfo=None) if instant.tzinfo else instant
 
 
-def instants_for_gx(kind: str, kwargs: dict[str, Any], types: dict[str, str]) -> dict[str, Any]:
-    """A row `between`'s bounds on a date or timestamp column as the instants the statistics compare min and
-    max with (`_as_instant`), written as GX compares them with the column's naive datetime64 values: GX's
-    model reads "2024-01-01" as a date and a bound with a zone as an aware datetime, which pandas cannot
-    compare with them, failing every part."""
-    if kind != "expect_column_values_to_be_between" or types[kwargs["column"]] not in ("date", "timestamp"):
-        return kwargs
-    bounds = {name: kwargs[name] for name in ("min_value", "max_value") if kwargs.get(name) is not None}
-    return {**kwargs, **{name: _as_instant(value).isoformat() for name, value in bounds.items()}}
+def values_for_gx(path: Path, where: str, kind: str, kwargs: dict[str, Any], types: dict[str, str]) -> dict[str, Any]:
+    """A row expectation's values as GX compares them with its columns' values. Bounds and set members on a
+    date or timestamp column, written as ISO text, become the instants the statistics compare min and max
+    with (`_as_instant`), written as GX compares them with the column's naive datetime64 values: GX's model
+    reads "2024-01-01" as a date and a bound with a zone as an aware datetime, which pandas cannot compare
+    with them, failing every part (the workers turn set members into instants: see validation.py). A member
+    of another type than its column's is refused: in a set, it judged every row wrong; not in it, none."""
+    field, column = f"{where}.kwargs", kwargs.get("column")
+    if kind == "expect_column_values_to_be_between" and COMPARED_AS[types[column]] == "instant":
+        bounds = {name: kwargs[name] for name in ("min_value", "max_value") if kwargs.get(name) is not None}
+        return {**kwargs, **{name: _as_instant(value).isoformat() for name, value in bounds.items()}}
+    if isinstance(kwargs.get("value_set"), list):
+        members = [_member(path, f"{field}.value_set.{i}", v, column, types) for i, v in enumerate(kwargs["value_set"])]
+        return {**kwargs, "value_set": members}
+    pairs = kwargs.get("value_pairs_set")
+    if isinstance(pairs, list) and all(isinstance(p, list) and len(p) == 2 for p in pairs):  # else GX names it
+        columns = (kwargs["column_A"], kwargs["column_B"])
+        members = [
+            [_member(path, f"{field}.value_pairs_set.{i}.{j}", pair[j], columns[j], types) for j in (0, 1)]
+            for i, pair in enumerate(pairs)
+        ]
+        return {**kwargs, "value_pairs_set": members}
+    return kwargs
+
+
+def _member(path: Path, field: str, value: Any, column: str, types: dict[str, str]) -> Any:
+    """One member of a set, of its column's type; a date or timestamp as the instant GX compares. Null
+    stands for a missing value (pairs compare them)."""
+    column_type = types[column]
+    if value is None:
+        return None
+    if COMPARED_AS[column_type] == "instant":
+        if not (isinstance(value, str) and _is_iso_datetime(value)):
+            raise CatalogError(path, field, f"must be an ISO 8601 {column_type}, as {column!r} holds, got {value!r}")
+        instant = _as_instant(value)
+        if column_type == "date" and instant.time() != dt.time():
+            raise CatalogError(path, field, f"{value!r} has a time of day: it never matches a date of {column!r}")
+        return instant.isoformat()
+    if not _fits(value, column_type):
+        raise CatalogError(path, field, f"{value!r} is no {column_type} value: it never matches one of {column!r}")
+    return value
+
+
+def _fits(value: Any, column_type: str) -> bool:
+    """Whether `value` can equal a value of a column of `column_type` (other than a date or timestamp)."""
+    kind = COMPARED_AS[column_type]
+    if kind == "number":
+        whole = column_type in ("int32", "int64")
+        return _is_number(value) and (not whole or isinstance(value, int) or value.is_integer())
+    return isinstance(value, str if kind == "text" else bool)
+
+
+def check_compared_types(path: Path, where: str, kind: str, kwargs: dict[str, Any], types: dict[str, str]) -> None:
+    """Columns GX compares with bounds, a total or each other, of types it can compare that way: text
+    against number bounds, or a date against a number, failed every part; text and a number are never equal
+    (a check that cannot fail); text sums to text."""
+    field = f"{where}.kwargs"
+    if kind == "expect_column_values_to_be_between" and types[kwargs["column"]] == "string":
+        raise CatalogError(
+            path,
+            f"{field}.column",
+            f"{kind} compares numbers, booleans, dates or timestamps; {kwargs['column']!r} is string",
+        )
+    if kind == "expect_multicolumn_sum_to_equal":
+        if texts := [c for c in kwargs["column_list"] if COMPARED_AS[types[c]] not in ("number", "bool")]:
+            raise CatalogError(
+                path, f"{field}.column_list", f"{kind} sums numbers or booleans; {texts[0]!r} is {types[texts[0]]}"
+            )
+        if not _is_number(kwargs["sum_total"]):
+            raise CatalogError(path, f"{field}.sum_total", f"must be a number, got {kwargs['sum_total']!r}")
+    if kind in COMPARING_COLUMNS:
+        compared = kwargs.get("column_list") or [kwargs["column_A"], kwargs["column_B"]]
+        if len({COMPARED_AS[types[c]] for c in compared}) > 1:
+            named = ", ".join(f"{c!r} is {types[c]}" for c in compared)
+            raise CatalogError(path, field, f"{kind} compares values of one kind (numbers, text, ...); {named}")
 
 
 def _is_iso_datetime(text: str) -> bool:
+    """ISO 8601 as Python reads it and as the statistics read it: a week date ('2024-W01-1') is the one, not
+    the other, and failed the validated step in every run."""
+    from aifactory_assets.dataset_statistics import _instant  # imported here: it imports Dask
+
     try:
         dt.datetime.fromisoformat(text)
+        _instant(text)
     except ValueError:
         return False
     return True
@@ -913,8 +1083,7 @@ def load_catalog(root: Path | str | None = None) -> Catalog:
     files: dict[str, Path] = {}
     suites: dict[str, dict[str, Any]] = {}
     errors: list[CatalogError] = []
-    # Hidden files are not datasets: an editor's lock (`.#x.yaml`, a dangling link), macOS's `._x.yaml`.
-    for path in sorted(p for p in (root / "datasets").glob("*.y*ml") if not p.name.startswith(".")):
+    for path in dataset_files(root / "datasets"):
         try:
             dataset, suite = load_dataset(path, root, sites)
             if dataset.name in datasets:
@@ -930,9 +1099,32 @@ def load_catalog(root: Path | str | None = None) -> Catalog:
     return Catalog(root=root, sites=sites, datasets=datasets, suites=suites)
 
 
+def dataset_files(folder: Path) -> list[Path]:
+    """The `.yaml` and `.yml` files (in any case: `x.YAML` too) of the datasets folder. Hidden files are not
+    datasets: an editor's lock (`.#x.yaml`, a dangling link), macOS's `._x.yaml`. A catalogue without any
+    is an error: a misnamed folder would otherwise load as no datasets at all, without a word."""
+    if not folder.is_dir():
+        raise CatalogError(folder, "<folder>", "does not exist; each dataset is a datasets/<name>.yaml file")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".yaml", ".yml") and not p.name.startswith("."))
+    if not files:
+        raise CatalogError(folder, "<folder>", "holds no dataset file (<name>.yaml or <name>.yml)")
+    return files
+
+
+# Below this a shard target is probably a unit slip (`target_bytes: 128` meant as MiB): a file per few rows.
+# Warned, not refused: tests and small sites may mean it.
+SMALL_TARGET_BYTES = 2**20
+
+
 def load_dataset(path: Path, root: Path, sites: dict[str, Site]) -> tuple[Dataset, dict[str, Any]]:
     """One dataset file and its suite, checked against the sites."""
     dataset = _parse(Dataset, _read_yaml(path), path)
+    shards = dataset.shards
+    if shards.target_rows is None and shards.target_bytes < SMALL_TARGET_BYTES:
+        log.warning(
+            f"{path}: shards.target_bytes: {shards.target_bytes} bytes is below 1 MiB, a shard file per few rows "
+            f"(target_bytes counts bytes; 128 MiB is {128 * 2**20})"
+        )
     site = sites.get(dataset.site)
     if site is None:
         raise CatalogError(path, "site", f"unknown site {dataset.site!r}; known: {sorted(sites)}")

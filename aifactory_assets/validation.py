@@ -25,7 +25,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from distributed import Client
 
-from aifactory_assets.catalog import GLOBAL_EXPECTATIONS, ROW_EXPECTATIONS, Dataset, judge_columns, judged_suite
+from aifactory_assets.catalog import (
+    GLOBAL_EXPECTATIONS,
+    ROW_EXPECTATIONS,
+    Dataset,
+    judge_columns,
+    judged_suite,
+    severity,
+)
 from aifactory_assets.dataset_statistics import between, judge_global
 from aifactory_assets.ingest import ingest_fingerprint
 from aifactory_assets.manifest import workers_on_other_software
@@ -47,10 +54,6 @@ def expectation_label(expectation: dict[str, Any]) -> str:
     kwargs = expectation.get("kwargs", {})
     columns = [kwargs[k] for k in ("column", "column_A", "column_B") if k in kwargs] + kwargs.get("column_list", [])
     return f"{expectation['type']}({', '.join(columns)})" if columns else expectation["type"]
-
-
-def severity(expectation: dict[str, Any]) -> str:
-    return (expectation.get("meta") or {}).get("severity", "critical")
 
 
 _GX = threading.local()
@@ -92,6 +95,31 @@ def pandas_for_gx(table: pa.Table, compared: Collection[str] = ()) -> pd.DataFra
                 else column.to_pandas(types_mapper=pd.ArrowDtype).astype(f"Int{column.type.bit_width}")
             )
     return frame
+
+
+def members_as_compared(frame: pd.DataFrame, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A set's members as GX compares them with the frame's values: on a date or timestamp column as
+    instants (the catalogue writes them as ISO text, which pandas never finds equal to a datetime64), on a
+    float32 column in float32, as the statistics compare their bounds (39.1 is then the stored 39.1). What is
+    not a list (of pairs) goes to GX as it is, for GX to name."""
+    if isinstance(kwargs.get("value_set"), list):
+        dtype = frame[kwargs["column"]].dtype
+        return {**kwargs, "value_set": [_as_compared(value, dtype) for value in kwargs["value_set"]]}
+    pairs = kwargs.get("value_pairs_set")
+    if isinstance(pairs, list) and all(isinstance(pair, list) and len(pair) == 2 for pair in pairs):
+        dtypes = [frame[kwargs[c]].dtype for c in ("column_A", "column_B")]
+        typed = [[_as_compared(v, d) for v, d in zip(pair, dtypes, strict=True)] for pair in pairs]
+        return {**kwargs, "value_pairs_set": typed}
+    return kwargs
+
+
+def _as_compared(value: Any, dtype: Any) -> Any:
+    """As a value of `dtype` compares and hashes (GX looks pairs up in a Python set)."""
+    if value is None:
+        return None
+    if pd.api.types.is_datetime64_any_dtype(dtype):
+        return pd.Timestamp(value)
+    return float(np.float32(value)) if dtype == np.float32 else value
 
 
 def python_ints(column: pa.ChunkedArray) -> np.ndarray:
@@ -159,7 +187,14 @@ def gx_outcomes(frame: pd.DataFrame, suite: dict[str, Any], expectations: list[d
     from great_expectations.compatibility.pydantic import ValidationError
     from great_expectations.exceptions import GreatExpectationsError
 
-    tagged = [{**e, "meta": {**(e.get("meta") or {}), POSITION: i}} for i, e in enumerate(expectations)]
+    tagged = [
+        {
+            **e,
+            "kwargs": members_as_compared(frame, e.get("kwargs") or {}),
+            "meta": {**(e.get("meta") or {}), POSITION: i},
+        }
+        for i, e in enumerate(expectations)
+    ]
     try:
         gx_suite = gx.ExpectationSuite(name=suite["name"], expectations=tagged)
         batch = _batch_definition().get_batch(batch_parameters={"dataframe": frame})

@@ -20,6 +20,7 @@ from aifactory_assets.catalog import (
     CatalogError,
     CatalogErrors,
     Dataset,
+    judged_suite,
     load_catalog,
 )
 
@@ -141,6 +142,26 @@ DATASET_ERRORS = {
         "files are not read; convert them to UTF-8",
     ),
     "landing outside its zone": (lambda d: d["source"].update(landing="../../raw/**"), "source.landing", "within"),
+    # Globs that never match an object key: keys are names, not paths, and a backslash escapes nothing.
+    **{
+        f"landing {glob}": (lambda d, glob=glob: d["source"].update(landing=glob), "source.landing", message)
+        for glob, message in (
+            ("./*.csv", "a '.' or empty segment"),
+            ("in/./*.csv", "a '.' or empty segment"),
+            ("in//*.csv", "a '.' or empty segment"),
+            ("*.csv/", "a '.' or empty segment"),
+            ("\\*.csv", "a backslash is no escape"),
+        )
+    },
+    # The CSV reader finds lines, quotes and delimiters by their ASCII bytes.
+    **{
+        f"encoding {codec}": (
+            lambda d, codec=codec: d["source"]["options"].update(encoding=codec),
+            "source.options.encoding",
+            "files are not read; convert them to UTF-8",
+        )
+        for codec in ("utf-32", "utf-16-le", "cp037", "utf-7", "idna", "punycode")
+    },
     "key of lists": (lambda d: d["schema"].update(key=[["record_id", "year"]]), "schema.key.0", "valid string"),
     "format on a number": (
         lambda d: first_column(d).update(format="%Y"),
@@ -209,6 +230,14 @@ TEXT_ERRORS = {
     "target_bytes: true": (PENGUINS, "target_bytes: 134217728", "target_bytes: true", "shards.target_bytes", "integer"),
     "fraction: on": (PENGUINS, "fraction: 0.05", "fraction: on", "max_quarantined_fraction", "valid number, got 'on'"),
     "split ratio yes": (PENGUINS, "{train: 0.8, val: 0.1, test: 0.1}", "{train: yes}", "shards.splits.train", "number"),
+    # NaN passes every comparison: the split was empty, and the manifest held NaN.
+    "split ratio .nan": (
+        PENGUINS,
+        "{train: 0.8, val: 0.1, test: 0.1}",
+        "{train: 0.8, val: .nan, test: 0.2}",
+        "shards.splits",
+        "positive, finite and sum to 1",
+    ),
     "a YAML 1.1 integer tagged !!int": (PENGUINS, "seed: 20241210", "seed: !!int 010", "<file>", "YAML 1.2 integer"),
     "digits grouped, tagged !!int": (PENGUINS, "seed: 20241210", "seed: !!int 1_000", "<file>", "YAML 1.2 integer"),
     "nullable null on a key": (
@@ -267,6 +296,46 @@ def test_hidden_files_beside_the_datasets_are_skipped(tmp_catalog: Path) -> None
     assert len(load_catalog(tmp_catalog).datasets) == len(list(CATALOG.glob("datasets/*.yaml")))
 
 
+def test_dataset_files_are_yaml_in_any_case_and_a_catalogue_has_some(tmp_catalog: Path) -> None:
+    """`x.YAML` is a dataset file; a catalogue without any (a misnamed or emptied folder) is an error, not a
+    catalogue of no datasets."""
+    datasets = tmp_catalog / "datasets"
+    (datasets / "palmer_penguins.yaml").rename(datasets / "palmer_penguins.YAML")
+    assert "palmer_penguins" in load_catalog(tmp_catalog).datasets
+    for file in datasets.iterdir():
+        file.rename(tmp_catalog / file.name)
+    assert_refused(tmp_catalog, datasets, "<folder>", "holds no dataset file")
+    datasets.rmdir()
+    assert_refused(tmp_catalog, datasets, "<folder>", "does not exist")
+
+
+def test_files_that_cannot_be_read_are_named_with_the_other_wrong_files(tmp_catalog: Path) -> None:
+    """A folder named like a dataset or a suite is named as the file it is not, beside every other wrong file."""
+    folder = tmp_catalog / "datasets" / "archive.yaml"
+    folder.mkdir()
+    wine = tmp_catalog / "datasets" / "wine_cultivars.yaml"
+    edit_yaml(wine, lambda d: d["shards"].update(retention=0))
+    with pytest.raises(CatalogErrors) as err:
+        load_catalog(tmp_catalog)
+    assert [(e.file, e.field) for e in err.value.errors] == [(str(folder), "<file>"), (str(wine), "shards.retention")]
+    assert "cannot be read: Is a directory" in str(err.value)
+    folder.rmdir()
+    edit_yaml(wine, lambda d: d["shards"].update(retention=3))
+    suite = tmp_catalog / "suites" / "palmer_penguins.json"
+    suite.unlink()
+    suite.mkdir()
+    assert_refused(tmp_catalog, suite, "<file>", "cannot be read: Is a directory")
+
+
+def test_a_shard_target_below_a_mebibyte_is_warned_of(tmp_catalog: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """`target_bytes: 128` (meant as MiB) cuts a shard file per two rows: loaded, with a warning."""
+    path = tmp_catalog / PENGUINS
+    path.write_text(path.read_text().replace("target_bytes: 134217728", "target_bytes: 128"))
+    assert load_catalog(tmp_catalog).datasets["palmer_penguins"].shards.target_bytes == 128
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith(f"{path}: shards.target_bytes: 128 bytes is below 1 MiB")
+
+
 def test_key_columns_are_never_nullable(catalog: Catalog) -> None:
     """Not declared nullable in the demo catalogue, and still not: rows without a key go to quarantine."""
     for dataset in catalog.datasets.values():
@@ -285,6 +354,13 @@ def test_suite_that_does_not_parse(tmp_catalog: Path) -> None:
     with pytest.raises(CatalogError, match="not valid JSON") as err:
         load_catalog(tmp_catalog)
     assert err.value.file == str(suite)
+
+
+def in_set(column: str, values: list, kind: str = "expect_column_values_to_be_in_set") -> dict:
+    return {"type": kind, "kwargs": {"column": column, "value_set": values}}
+
+
+NAN = float("nan")
 
 
 @pytest.mark.parametrize(
@@ -531,13 +607,18 @@ def test_suite_that_does_not_parse(tmp_catalog: Path) -> None:
             "expectations.0.kwargs.min_value",
             "GX's expect_column_values_to_be_between refuses 'a': value is not a valid float",
         ),
-        (
+        (  # GX's model refuses text bounds, and its engine number bounds on text: every part failed
             {
                 "type": "expect_column_values_to_be_between",
                 "kwargs": {"column": "species", "min_value": "Adelie", "max_value": "Gentoo"},
             },
-            "expectations.0.kwargs.min_value",
-            "refuses 'Adelie'",
+            "expectations.0.kwargs.column",
+            "compares numbers, booleans, dates or timestamps; 'species' is string",
+        ),
+        (
+            {"type": "expect_column_values_to_be_between", "kwargs": {"column": "species", "min_value": 0}},
+            "expectations.0.kwargs.column",
+            "compares numbers, booleans, dates or timestamps; 'species' is string",
         ),
         (
             {"type": "expect_column_values_to_be_in_set", "kwargs": {"column": "species", "value_set": "Adelie"}},
@@ -552,9 +633,102 @@ def test_suite_that_does_not_parse(tmp_catalog: Path) -> None:
             "expectations.0.kwargs.value_pairs_set",
             "wrong tuple length 1, expected 2",
         ),
+        # GX 1.x's own severity, and keys that neither GX nor aifactory reads (judged critical without a word).
+        (
+            {**in_set("sex", ["male"]), "severity": "warning", "meta": {"severity": "critical"}},
+            "expectations.0.severity",
+            "'warning', but meta.severity is 'critical': give one",
+        ),
+        ({**in_set("sex", ["male"]), "severity": "info"}, "expectations.0.severity", "must be one of"),
+        (
+            {**in_set("sex", ["male"]), "metadata": {"severity": "warning"}},
+            "expectations.0.metadata",
+            "did you mean 'meta'?",
+        ),
+        (
+            {**in_set("sex", ["male"]), "meta": {"severty": "warning"}},
+            "expectations.0.meta.severty",
+            "did you mean 'severity'?",
+        ),
     ],
 )
 def test_suite_errors_name_the_expectation(tmp_catalog: Path, expectation: dict, field: str, message: str) -> None:
+    suite = tmp_catalog / "suites" / "palmer_penguins.json"
+    suite.write_text(json.dumps({"name": "palmer_penguins", "expectations": [expectation]}))
+    assert_refused(tmp_catalog, suite, field, message)
+
+
+@pytest.mark.parametrize(
+    ("expectation", "field", "message"),
+    [
+        # In a set, a value of another type than its column's judged every row wrong; not in it, none.
+        (in_set("year", [2007, "2008"]), "expectations.0.kwargs.value_set.1", "'2008' is no int64 value"),
+        (in_set("year", [2007.5]), "expectations.0.kwargs.value_set.0", "2007.5 is no int64 value"),
+        (in_set("year", [True]), "expectations.0.kwargs.value_set.0", "True is no int64 value"),
+        (
+            in_set("species", [1], "expect_column_values_to_not_be_in_set"),
+            "expectations.0.kwargs.value_set.0",
+            "1 is no string value: it never matches one of 'species'",
+        ),
+        (
+            {
+                "type": "expect_column_pair_values_to_be_in_set",
+                "kwargs": {"column_A": "species", "column_B": "year", "value_pairs_set": [["Adelie", "2007"]]},
+            },
+            "expectations.0.kwargs.value_pairs_set.0.1",
+            "'2007' is no int64 value",
+        ),
+        # Compared, ordered or summed as GX cannot: every part failed, or a check that cannot fail.
+        (
+            {
+                "type": "expect_column_pair_values_a_to_be_greater_than_b",
+                "kwargs": {"column_A": "species", "column_B": "year"},
+            },
+            "expectations.0.kwargs",
+            "compares values of one kind (numbers, text, ...); 'species' is string, 'year' is int64",
+        ),
+        (
+            {
+                "type": "expect_select_column_values_to_be_unique_within_record",
+                "kwargs": {"column_list": ["year", "sex"]},
+            },
+            "expectations.0.kwargs",
+            "'year' is int64, 'sex' is string",
+        ),
+        (
+            {"type": "expect_multicolumn_sum_to_equal", "kwargs": {"column_list": ["species", "year"], "sum_total": 0}},
+            "expectations.0.kwargs.column_list",
+            "sums numbers or booleans; 'species' is string",
+        ),
+        (
+            {
+                "type": "expect_multicolumn_sum_to_equal",
+                "kwargs": {"column_list": ["year", "body_mass_g"], "sum_total": "5"},
+            },
+            "expectations.0.kwargs.sum_total",
+            "must be a number, got '5'",
+        ),
+        # NaN compares with nothing: every row (or the statistic) judged out of bounds.
+        (
+            {"type": "expect_column_values_to_be_between", "kwargs": {"column": "bill_length_mm", "min_value": NAN}},
+            "expectations.0.kwargs.min_value",
+            "NaN: no value compares with it",
+        ),
+        (
+            {"type": "expect_column_mean_to_be_between", "kwargs": {"column": "year", "max_value": NAN}},
+            "expectations.0.kwargs.max_value",
+            "NaN: no value compares with it",
+        ),
+        (
+            {"type": "expect_column_value_z_scores_to_be_less_than", "kwargs": {"column": "year", "threshold": NAN}},
+            "expectations.0.kwargs.threshold",
+            "must be a number, got nan",
+        ),
+    ],
+)
+def test_values_of_another_type_than_their_column_are_refused(
+    tmp_catalog: Path, expectation: dict, field: str, message: str
+) -> None:
     suite = tmp_catalog / "suites" / "palmer_penguins.json"
     suite.write_text(json.dumps({"name": "palmer_penguins", "expectations": [expectation]}))
     assert_refused(tmp_catalog, suite, field, message)
@@ -585,11 +759,30 @@ def test_unreadable_catalogue_files_name_the_file(tmp_catalog: Path) -> None:
     assert err.value.file == str(tmp_catalog / "sites.yaml")
 
 
-@pytest.mark.parametrize("zone", ["Europe/Atlantis", "Europe"])  # no such zone; a folder of zones
-def test_site_errors(tmp_catalog: Path, zone: str) -> None:
+@pytest.mark.parametrize(
+    ("zone", "message"),
+    [
+        ("Europe/Atlantis", "unknown IANA time zone"),
+        ("Europe", "unknown IANA time zone"),  # a folder of zones
+        ("localtime", "not a place's time zone"),  # the host's
+        ("posixrules", "not a place's time zone"),
+        ("right/Europe/Madrid", "not a place's time zone"),  # counts leap seconds
+    ],
+)
+def test_site_errors(tmp_catalog: Path, zone: str, message: str) -> None:
     sites = tmp_catalog / "sites.yaml"
     edit_yaml(sites, lambda d: d["sites"][2].update(timezone=zone))
-    assert_refused(tmp_catalog, sites, "sites.2.timezone", "unknown IANA time zone")
+    assert_refused(tmp_catalog, sites, "sites.2.timezone", message)
+
+
+def test_an_encoding_is_known_by_one_name(tmp_catalog: Path) -> None:
+    """Spelt `UTF8` or `utf_8`, the options (and so the version id) are those of `utf-8`."""
+    path = tmp_catalog / PENGUINS
+    spelt = {}
+    for spelling in ("utf-8", "UTF8", "utf_8", "Latin-1"):
+        edit_yaml(path, lambda d, spelling=spelling: d["source"]["options"].update(encoding=spelling))
+        spelt[spelling] = load_catalog(tmp_catalog).datasets["palmer_penguins"].source.options.encoding
+    assert spelt == {"utf-8": "utf-8", "UTF8": "utf-8", "utf_8": "utf-8", "Latin-1": "iso8859-1"}
 
 
 def test_dates_as_bounds_compare_as_instants(tmp_catalog: Path) -> None:
@@ -627,6 +820,65 @@ def test_a_row_between_on_dates_takes_instants(tmp_catalog: Path) -> None:
     with pytest.raises(CatalogError, match="must be an ISO 8601 date or timestamp, got 2012") as err:
         loaded({"min_value": 2012})
     assert (err.value.file, err.value.field) == (str(suite), "expectations.0.kwargs.min_value")
+
+
+def test_set_members_of_dates_are_the_instants_the_statistics_read(tmp_catalog: Path) -> None:
+    """ISO text in a set of a date column is the instant (as a row between's bounds are); text with a time
+    of day never matches a date, and a bound the statistics cannot read (an ISO week date, which Python
+    reads) failed every run."""
+    suite = tmp_catalog / "suites" / "seattle_weather.json"
+
+    def load(expectation: dict) -> dict:
+        suite.write_text(json.dumps({"name": "seattle_weather", "expectations": [expectation]}))
+        return load_catalog(tmp_catalog).suites["seattle_weather"]["expectations"][0]["kwargs"]
+
+    days = ["2012-01-01", "2012-01-02T00:00:00", "2012-01-03T01:00:00+01:00"]
+    assert load(in_set("date", days))["value_set"] == [f"2012-01-0{d}T00:00:00" for d in (1, 2, 3)]
+    with pytest.raises(CatalogError, match="has a time of day: it never matches a date of 'date'") as err:
+        load(in_set("date", ["2012-01-01T12:00:00"], "expect_column_values_to_not_be_in_set"))
+    assert (err.value.file, err.value.field) == (str(suite), "expectations.0.kwargs.value_set.0")
+    for expectation in (
+        {"type": "expect_column_min_to_be_between", "kwargs": {"column": "date", "min_value": "2012-W01-1"}},
+        {"type": "expect_column_values_to_be_between", "kwargs": {"column": "date", "min_value": "2012-W01-1"}},
+    ):
+        with pytest.raises(CatalogError, match="must be an ISO 8601 date or timestamp, got '2012-W01-1'") as err:
+            load(expectation)
+        assert err.value.field == "expectations.0.kwargs.min_value"
+    with pytest.raises(CatalogError, match="must be an ISO 8601 date, as 'date' holds, got '2012-W01-1'"):
+        load(in_set("date", ["2012-W01-1"]))
+
+
+def test_a_suite_gx_exported_loads_with_its_severity(tmp_catalog: Path) -> None:
+    """GX 1.x writes an expectation's severity beside its meta (and its id and notes): honoured as
+    `meta.severity` is, so it makes the same version."""
+    import great_expectations as gx
+    from great_expectations.expectations import ExpectColumnValuesToBeInSet
+
+    gx.get_context(mode="ephemeral")  # GX builds suites only with a context
+    written = gx.ExpectationSuite(name="palmer_penguins")
+    written.add_expectation(
+        ExpectColumnValuesToBeInSet(column="sex", value_set=["male"], severity="warning", notes="two sexes")
+    )
+    suite = tmp_catalog / "suites" / "palmer_penguins.json"
+    exported = written.to_json_dict()
+    exported["expectations"][0]["id"] = "2f7c3e0e-8b7d-4c47-9d1e-6c1f0c7b1a52"  # as a saved suite has
+    suite.write_text(json.dumps(exported))
+    loaded = load_catalog(tmp_catalog).suites["palmer_penguins"]
+    in_meta = {
+        "name": "palmer_penguins",
+        "expectations": [{**in_set("sex", ["male"]), "meta": {"severity": "warning"}}],
+    }
+    assert judged_suite(loaded) == judged_suite(in_meta)
+    assert judged_suite(loaded)["expectations"][0]["severity"] == "warning"
+
+
+def test_an_expectation_takes_the_keys_gx_exports() -> None:
+    """Any other key is refused (a typo would leave the expectation critical): held to GX's own schema."""
+    from great_expectations.expectations.expectation_configuration import ExpectationConfigurationSchema
+
+    from aifactory_assets.catalog import EXPECTATION_KEYS
+
+    assert set(ExpectationConfigurationSchema().fields) == EXPECTATION_KEYS
 
 
 def test_ignore_row_if_takes_what_gx_permits() -> None:

@@ -17,6 +17,7 @@ from aifactory_assets.catalog import QUANTILE_METHODS, Dataset, load_suite
 from aifactory_assets.dataset_statistics import judge_global
 from aifactory_assets.parquet_io import write_parquet
 from aifactory_assets.publish import publish
+from aifactory_assets.schema import coerce_frame
 from aifactory_assets.validation import hide_personal_values, pandas_for_gx, validate_dataset
 from resources import DaskCluster, ObjectStore
 from tests.conftest import every_run_over
@@ -263,6 +264,57 @@ def test_row_bounds_on_dates_as_written_agree_with_gx_on_their_instants(tmp_path
     assert [r["success"] for r in ours] == [r.success for r in reference] == [False, True, False] * 2
     assert [ours[i]["unexpected_count"] for i in (0, 3)] == [reference[i].result["unexpected_count"] for i in (0, 3)]
     assert record["rows_quarantined"] == 2  # the day in 2025, and the time after 23:00 UTC
+
+
+def test_set_members_match_dates_timestamps_and_float32_values_as_stored(tmp_path, dask: DaskCluster) -> None:
+    """Sets of ISO text on dates and timestamps, and of 39.1 on a float32 column (stored as 39.0999985):
+    every value of every row was judged outside them, every row quarantined. Loaded by the catalogue, typed
+    as ingest types them and judged on the workers, only the row outside each set is."""
+    dataset = with_columns(
+        [
+            {"name": "id", "type": "int64", "nullable": False},
+            {"name": "day", "type": "date"},
+            {"name": "at", "type": "timestamp"},
+            {"name": "length", "type": "float32"},
+            {"name": "sensor", "type": "string"},
+        ]
+    )
+    landed = pd.DataFrame(
+        {
+            "id": ["1", "2", "3", "4"],
+            "day": ["2007-11-10", "2007-11-11", "2008-01-01", "2009-05-05"],
+            "at": ["2007-11-10T10:00:00"] * 3 + ["2007-11-10T11:00:00"],
+            "length": ["39.1", "40.1", "40.1", "41.7"],
+            "sensor": ["a", "a", "b", "b"],
+        }
+    )
+    table, reasons = coerce_frame(landed, dataset)
+    assert reasons.isna().all() and table.schema.field("length").type == pa.float32()
+    days = ["2007-11-10", "2007-11-11", "2008-01-01"]
+    expectations = [
+        {"type": "expect_column_values_to_be_in_set", "kwargs": {"column": "day", "value_set": days}},
+        {
+            "type": "expect_column_values_to_be_in_set",
+            "kwargs": {"column": "at", "value_set": ["2007-11-10T11:00:00+01:00"]},
+        },
+        {"type": "expect_column_values_to_be_in_set", "kwargs": {"column": "length", "value_set": [39.1, 40.1]}},
+        {"type": "expect_column_values_to_not_be_in_set", "kwargs": {"column": "length", "value_set": [41.7]}},
+        {
+            "type": "expect_column_pair_values_to_be_in_set",
+            "kwargs": {
+                "column_A": "day",
+                "column_B": "length",
+                "value_pairs_set": [[days[0], 39.1], [days[1], 40.1], [days[2], 40.1]],
+            },
+        },
+    ]
+    (tmp_path / "readings.json").write_text(json.dumps({"name": "readings", "expectations": expectations}))
+    suite = load_suite(tmp_path / "readings.json", dataset, tmp_path / "readings.yaml")
+    store = ObjectStore(site="kajaani", root=str(tmp_path / "store"))
+    publish_raw_tables(store, [table])
+    record = validate_dataset(store, dask.get_client(), dataset, suite, "r1", every_run_over)
+    assert [(r["unexpected_count"], r["error"]) for r in record["results"]] == [(1, None)] * len(expectations)
+    assert record["rows_quarantined"] == 1  # id 4, outside every set
 
 
 def test_a_suite_gx_refuses_fails_with_its_message(tmp_path, dask: DaskCluster) -> None:
