@@ -24,12 +24,14 @@ def _plain(value: Any) -> Any:
 
 
 def observed_value(result: dict[str, Any]) -> Any:
-    """As GX's renderer reads it (otherwise it shows "--"): quantiles as {quantiles, values}, and NumPy
-    numbers as Python's, which its number formatting takes."""
+    """As GX's renderer reads it (otherwise it shows "--"): quantiles as {quantiles, values} (a statistic
+    of a PII column is hidden as one text, which each quantile then shows), and NumPy numbers as Python's,
+    which its number formatting takes."""
     observed = result["observed"]
-    if result["type"] == "expect_column_quantile_values_to_be_between" and isinstance(observed, list):
+    if result["type"] == "expect_column_quantile_values_to_be_between":
         quantiles = result["kwargs"]["quantile_ranges"]["quantiles"]
-        return {"quantiles": quantiles, "values": [_plain(v) for v in observed]}
+        values = observed if isinstance(observed, list) else [observed] * len(quantiles)  # hidden: one text
+        return {"quantiles": quantiles, "values": [_plain(v) for v in values]}
     return _plain(observed)
 
 

@@ -721,6 +721,19 @@ def test_data_docs_show_the_observed_quantiles_and_shares() -> None:
     assert "3.25" in page and "0.8765" in page
 
 
+def test_data_docs_show_a_hidden_quantile_as_hidden() -> None:
+    """A quantile of a PII column is hidden as one text, which GX's renderer failed on ('str' object has no
+    attribute 'get', logged, not raised), showing "--" as if nothing was measured."""
+    from aifactory_assets.data_docs import render_data_docs
+
+    ranges = {"quantiles": [0.25, 0.75], "value_ranges": [[0, 50], [50, 100]]}
+    result = {"type": "expect_column_quantile_values_to_be_between", "kwargs": {"column": "age"}, "success": True}
+    result |= {"severity": "critical", "scope": "dataset", "observed": "hidden: PII"}
+    result["kwargs"]["quantile_ranges"] = ranges
+    page = render_data_docs("patients", [result], "r1")
+    assert page.count("hidden: PII") == 2  # one per quantile
+
+
 def test_data_docs_show_what_gx_models_refuse() -> None:
     """The catalogue takes a z-score expectation without `double_sided` (we default it, as GX does) and text
     bounds for a text column's min, which GX's models refuse: the whole page failed, and with it every
