@@ -19,6 +19,7 @@ from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import dagster as dg
+import pandas as pd
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
@@ -948,7 +949,7 @@ def check_can_pass_and_fail(path: Path, where: str, kind: str, kwargs: dict[str,
         whole = kind in COUNT_BOUNDS or (kind in VALUE_BOUNDS and column_type in ("int32", "int64"))
         strict_min, strict_max = (kwargs.get(s) is True for s in ("strict_min", "strict_max"))
         try:
-            low, high = (_as_instant(v) if dates else v for v in (low, high))
+            low, high = (utc_instant(v) if dates else v for v in (low, high))
             bounded = low is not None and high is not None
             crossed = bounded and _admits_nothing(low, high, strict_min, strict_max, False)
             only_whole = bounded and not crossed and whole and _admits_nothing(low, high, strict_min, strict_max, True)
@@ -977,26 +978,27 @@ def _admits_nothing(low: Any, high: Any, strict_min: bool, strict_max: bool, who
     return low > high or (low == high and (strict_min or strict_max))
 
 
-def _as_instant(value: Any) -> Any:
-    """A date column's bounds, written as ISO 8601 text, compared as instants (in UTC where a zone is given),
-    as the column's values are; other columns' bounds compare as written (text as text)."""
+def utc_instant(value: Any) -> Any:
+    """A date or timestamp bound or member, written as ISO 8601 text, as the instant the column's values are
+    compared with: naive, in UTC where a zone is given (timestamps are stored so). The statistics compare
+    with it too; None stays None."""
     if value is None:
         return None
-    instant = dt.datetime.fromisoformat(value)
-    return instant.astimezone(dt.UTC).replace(tzinfo=None) if instant.tzinfo else instant
+    instant = pd.Timestamp(value)
+    return instant.tz_convert("UTC").tz_localize(None) if instant.tzinfo else instant
 
 
 def values_for_gx(path: Path, where: str, kind: str, kwargs: dict[str, Any], types: dict[str, str]) -> dict[str, Any]:
     """A row expectation's values as GX compares them with its columns' values. Bounds and set members on a
     date or timestamp column, written as ISO text, become the instants the statistics compare min and max
-    with (`_as_instant`), written as GX compares them with the column's naive datetime64 values: GX's model
+    with (`utc_instant`), written as GX compares them with the column's naive datetime64 values: GX's model
     reads "2024-01-01" as a date and a bound with a zone as an aware datetime, which pandas cannot compare
     with them, failing every part (the workers turn set members into instants: see validation.py). A member
     of another type than its column's is refused: in a set, it judged every row wrong; not in it, none."""
     field, column = f"{where}.kwargs", kwargs.get("column")
     if kind == "expect_column_values_to_be_between" and COMPARED_AS[types[column]] == "instant":
         bounds = {name: kwargs[name] for name in ("min_value", "max_value") if kwargs.get(name) is not None}
-        return {**kwargs, **{name: _as_instant(value).isoformat() for name, value in bounds.items()}}
+        return {**kwargs, **{name: utc_instant(value).isoformat() for name, value in bounds.items()}}
     if isinstance(kwargs.get("value_set"), list):
         members = [_member(path, f"{field}.value_set.{i}", v, column, types) for i, v in enumerate(kwargs["value_set"])]
         return {**kwargs, "value_set": members}
@@ -1020,7 +1022,7 @@ def _member(path: Path, field: str, value: Any, column: str, types: dict[str, st
     if COMPARED_AS[column_type] == "instant":
         if not (isinstance(value, str) and _is_iso_datetime(value)):
             raise CatalogError(path, field, f"must be an ISO 8601 {column_type}, as {column!r} holds, got {value!r}")
-        instant = _as_instant(value)
+        instant = utc_instant(value)
         if column_type == "date" and instant.time() != dt.time():
             raise CatalogError(path, field, f"{value!r} has a time of day: it never matches a date of {column!r}")
         return instant.isoformat()
@@ -1066,11 +1068,9 @@ def check_compared_types(path: Path, where: str, kind: str, kwargs: dict[str, An
 def _is_iso_datetime(text: str) -> bool:
     """ISO 8601 as Python reads it and as the statistics read it: a week date ('2024-W01-1') is the one, not
     the other, and failed the validated step in every run."""
-    from aifactory_assets.dataset_statistics import _instant  # imported here: it imports Dask
-
     try:
         dt.datetime.fromisoformat(text)
-        _instant(text)
+        utc_instant(text)
     except ValueError:
         return False
     return True

@@ -18,6 +18,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from aifactory_assets.catalog import utc_instant
+
 Statistic = Any  # a lazy Dask value, or a tuple of them
 
 
@@ -26,17 +28,11 @@ def between(value: Any, kwargs: dict[str, Any]) -> bool:
         return False
     low, high = kwargs.get("min_value"), kwargs.get("max_value")
     if isinstance(value, (dt.date, np.datetime64)):  # a date or timestamp: bounds are written as text, as GX reads them
-        value, low, high = (None if v is None else _instant(v) for v in (value, low, high))
+        value, low, high = (None if v is None else utc_instant(v) for v in (value, low, high))
     strict_low, strict_high = kwargs.get("strict_min", False), kwargs.get("strict_max", False)
     above = low is None or (value > low if strict_low else value >= low)
     below = high is None or (value < high if strict_high else value <= high)
     return bool(above and below)
-
-
-def _instant(value: Any) -> pd.Timestamp:
-    """Timestamps are stored in UTC without a zone; a bound with a zone is converted to UTC."""
-    stamp = pd.Timestamp(value)
-    return stamp.tz_convert("UTC").tz_localize(None) if stamp.tzinfo else stamp
 
 
 def _temporal(dtype: Any) -> bool:
