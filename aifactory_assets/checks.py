@@ -14,6 +14,7 @@ from aifactory_assets.catalog import Dataset
 from aifactory_assets.metadata import location, markdown_table
 from aifactory_assets.parquet_io import read_footers
 from aifactory_assets.schema import ARROW_TYPES
+from aifactory_assets.shard_layout import MANIFEST
 from aifactory_assets.tasks import run_tasks
 from resources.object_store import ObjectStore, filesystem_of
 
@@ -125,7 +126,7 @@ def shard_problem(url: str, sha256: str, rows: int, storage_options: dict[str, A
 
 def shard_problems(store: ObjectStore, client: Client, prefix: str, manifest: dict) -> dict[str, str]:
     """Re-read every shard of a version, in parallel: by path, what is wrong with the ones that do not match
-    their manifest entry (checksum, row count)."""
+    their manifest entry (checksum, row count), and the files in the version's folder it does not name."""
     shards = [s for split in manifest["splits"].values() for s in split["shards"]]
     found = run_tasks(
         client,
@@ -135,17 +136,32 @@ def shard_problems(store: ObjectStore, client: Client, prefix: str, manifest: di
         [s["rows"] for s in shards],
         storage_options=store.storage_options,
     )
-    return {s["path"]: problem for s, problem in zip(shards, found, strict=True) if problem}
+    damaged = {s["path"]: problem for s, problem in zip(shards, found, strict=True) if problem}
+    return damaged | stray_files(store, prefix, manifest)
 
 
-def verified_check(manifest: dict, problems: dict[str, str]) -> dg.AssetCheckResult:
+STRAY = "not in the manifest, yet read with the shards by directory readers (Hugging Face data_dir, pyarrow, pandas)"
+
+
+def stray_files(store: ObjectStore, prefix: str, manifest: dict) -> dict[str, str]:
+    """Files in a version's folder that its manifest does not name: the loader never reads them, but the
+    README's other readers open the folder as it is. Named, never removed: a person decides what they are."""
+    named = {MANIFEST} | {s["path"] for split in manifest["splits"].values() for s in split["shards"]}
+    paths = (o.key[len(prefix) + 1 :] for o in store.list_objects(prefix))
+    return {path: STRAY for path in paths if path not in named}
+
+
+def verified_check(manifest: dict, problems: dict[str, str], repaired: dict[str, str]) -> dg.AssetCheckResult:
+    """The version's shards against its manifest, after any repair: `repaired` names the shards this run
+    made again and what was wrong with them, which the UI keeps (a log line alone scrolls away)."""
     shards = sum(len(split["shards"]) for split in manifest["splits"].values())
+    said = "; ".join(f"{path} ({problem})" for path, problem in repaired.items())
     return dg.AssetCheckResult(
         check_name=VERIFIED_CHECK,
         passed=not problems,
         description="\n".join(f"{path}: {problem}" for path, problem in problems.items())
-        or f"{shards} shard(s) match their checksums and row counts",
-        metadata={"shards_checked": shards, "problems": len(problems)},
+        or f"{shards} shard(s) match their checksums and row counts" + (f"; repaired: {said}" if said else ""),
+        metadata={"shards_checked": shards, "problems": len(problems), "repaired": dg.MetadataValue.json(repaired)},
     )
 
 

@@ -37,15 +37,19 @@ from aifactory_assets.ingest import ingest_dataset, reingest_needed
 from aifactory_assets.manifest import (
     MANIFEST,
     build_manifest,
-    commit,
+    committed_manifest,
     keep_quarantine,
-    landing_order,
+    latest_version,
     lineage_inputs,
+    make_latest,
     output_software,
+    part_seqs,
+    raw_moved_on,
     remove_abandoned_writes,
     version_for,
     version_prefix,
     workers_on_other_software,
+    write_manifest,
 )
 from aifactory_assets.metadata import column_schema, location, markdown_table, stage_metadata
 from aifactory_assets.parquet_io import read_parquet
@@ -223,8 +227,7 @@ def shard_version(
 ) -> dict[str, Any]:
     """The validated rows shuffled into shards under `into`, by workers on this process's software (which
     the version id names)."""
-    rank = {e["source"]: i for i, e in enumerate(landing_order(raw_record["ledger"]))}
-    seqs = [rank[source] for source in raw_record["part_sources"]]
+    seqs = part_seqs(raw_record)
     sharded = shard_dataset(
         store, client, dataset, valid_record["raw_parts"], valid_record["excluded"], seqs, into, staging
     )
@@ -236,6 +239,40 @@ def shard_version(
     return sharded
 
 
+def new_version(
+    store: ObjectStore,
+    dataset: Dataset,
+    version: str,
+    raw_record: dict[str, Any],
+    valid_record: dict[str, Any],
+    shard: Callable[[str], dict[str, Any]],
+    run_id: str,
+) -> dict[str, Any]:
+    """A version not committed yet: its shards written under its folder, its quarantine kept, and the
+    manifest that will commit it."""
+    sharded = shard(version_prefix(dataset, version))
+    if sharded["rows_in"] != valid_record["rows_valid"]:
+        raise dg.Failure(
+            f"{dataset.name}: the shuffle read {sharded['rows_in']} validated rows where validated passed "
+            f"on {valid_record['rows_valid']}; version {version} is not committed"
+        )
+    lineage = lineage_inputs(raw_record, valid_record)
+    kept = {  # each stage's quarantine generation, and its parts: one per landed file, per raw part
+        "raw": (raw_record["quarantine"], len(raw_record["ledger"])),
+        "validated": (valid_record["quarantine"], len(valid_record["excluded"])),
+    }
+    quarantine = {
+        "rows_read": raw_record["rows_read"],
+        "rows": raw_record["rows_quarantined"] + valid_record["rows_quarantined"],
+        "at_ingest": raw_record["rows_quarantined"],
+        "at_validation": valid_record["rows_quarantined"],
+        "files_refused": raw_record["files_refused"],
+        "locations": keep_quarantine(store, dataset, version, kept),
+    }
+    validation = {"success": valid_record["success"], "results": valid_record["results"]}
+    return build_manifest(dataset, version, arrow_schema(dataset), sharded, lineage, validation, quarantine, run_id)
+
+
 def repair_version(
     store: ObjectStore,
     dataset: Dataset,
@@ -244,10 +281,11 @@ def repair_version(
     problems: dict[str, str],
     rebuilt: dict[str, Any],
     rebuilt_at: str,
-) -> None:
+) -> dict[str, str]:
     """A committed version whose shards rotted, or were removed, gets them back: the same inputs and
     configuration give the same bytes, so the damaged shards are rebuilt in the staging and copied over
-    them (each whole, never written in place under a reader), and the manifest stays as committed."""
+    them (each whole, never written in place under a reader), and the manifest stays as committed. Returns
+    the shards repaired and what was wrong with them (files the manifest does not name are not shards)."""
     made = {s["path"]: s["sha256"] for split in rebuilt["splits"].values() for s in split["shards"]}
     wanted = {s["path"]: s["sha256"] for split in manifest["splits"].values() for s in split["shards"]}
     if made != wanted:
@@ -255,7 +293,74 @@ def repair_version(
             f"{dataset.name}: version {manifest['version']} is damaged ({problems}) and its shards, made again, "
             f"differ from its manifest: remove {store.url(prefix)}/{MANIFEST} and run again to write it anew"
         )
-    store.copy_many([(f"{rebuilt_at}/{path}", f"{prefix}/{path}") for path in problems])
+    damaged = {path: problem for path, problem in problems.items() if path in wanted}
+    store.copy_many([(f"{rebuilt_at}/{path}", f"{prefix}/{path}") for path in damaged])
+    return damaged
+
+
+def refuse_failed(
+    store: ObjectStore, dataset: Dataset, version: str, results: list[dg.AssetCheckResult], committed: bool
+) -> None:
+    """A Failure naming the blocking checks that failed, before anything is committed or re-pointed at; it
+    says what state the version and `_latest` are left in (a version committed before stays committed)."""
+    failed = [r for r in results if not r.passed]
+    if not failed:
+        return
+    said = "; ".join(f"{r.check_name}: {r.description}" for r in failed)
+    latest = latest_version(store, dataset)
+    manifest_url = store.url(f"{version_prefix(dataset, version)}/{MANIFEST}")
+    named = "_latest still names it" if latest == version else f"_latest left at {latest}"
+    if not committed:
+        state = f"so it is not committed ({named})"
+    else:
+        state = (
+            f"yet it is committed and {named}: remove what is named above, or remove {manifest_url} and run "
+            "again to write the version anew"
+        )
+    raise dg.Failure(
+        f"{dataset.name}: version {version} does not pass {said}; {state}",
+        metadata={k: v for r in failed for k, v in r.metadata.items()},
+    )
+
+
+def shard_footers(store: ObjectStore, dataset: Dataset, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Every shard's footer, by key; a Failure naming the version where a shard went after it was verified
+    (another deployment's retention removing it), rather than a bare FileNotFoundError."""
+    prefix = version_prefix(dataset, manifest["version"])
+    try:
+        return footers(store, [f"{prefix}/{s['path']}" for v in manifest["splits"].values() for s in v["shards"]])
+    except FileNotFoundError as exc:
+        raise dg.Failure(
+            f"{dataset.name}: a shard of version {manifest['version']} went while this run checked it ({exc}), "
+            f"most likely removed by another deployment's retention; _latest left at "
+            f"{latest_version(store, dataset)}: run the shards again"
+        ) from exc
+
+
+def blocking_checks(
+    store: ObjectStore, dataset: Dataset, manifest: dict[str, Any], verified: dg.AssetCheckResult, committed: bool
+) -> list[dg.AssetCheckResult]:
+    """The shards step's checks, all blocking, evaluated before the commit, which a failed one stops: after
+    it, `_latest` would name a version the UI says is wrong. The shards must match first (footers need
+    every one of them)."""
+    refuse_failed(store, dataset, manifest["version"], [verified], committed)
+    balance = manifest["conservation"]
+    written = shard_footers(store, dataset, manifest)
+    results = [
+        schema_check(dataset, store, written, arrow_schema(dataset)),
+        conservation_check(
+            "rows read = sharded + quarantined + duplicates dropped",
+            balance["rows_read"],
+            {
+                "sharded": balance["rows_sharded"],
+                "quarantined": balance["rows_quarantined"],
+                "duplicates dropped": balance["duplicates_dropped"],
+            },
+        ),
+        verified,
+    ]
+    refuse_failed(store, dataset, manifest["version"], results, committed)
+    return results
 
 
 def _checks(dataset: Dataset, stage: str, *names: str, blocking: bool = True) -> list[dg.AssetCheckSpec]:
@@ -486,56 +591,37 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
             context.log.info(f"removed v={abandoned}/, left unfinished by runs that are over")
         staging = f"{staging_prefix(dataset)}/{version}/{context.run.run_id}"  # marks the version being written
         shard = partial(shard_version, store, dask.get_client(), dataset, raw_record, valid_record, staging=staging)
-        committed = store.is_object(f"{prefix}/{MANIFEST}")
+        committed = committed_manifest(store, dataset, version)
         if committed:
-            manifest = store.read_json(f"{prefix}/{MANIFEST}")
+            manifest = committed
             context.log.info(f"version {version} is already committed; re-pointing _latest at it")
         else:
-            sharded = shard(prefix)
-            if sharded["rows_in"] != valid_record["rows_valid"]:
-                raise dg.Failure(
-                    f"{dataset.name}: the shuffle read {sharded['rows_in']} validated rows where validated passed "
-                    f"on {valid_record['rows_valid']}; version {version} is not committed"
-                )
-            lineage = lineage_inputs(raw_record, valid_record)
-            kept = {  # each stage's quarantine generation, and its parts: one per landed file, per raw part
-                "raw": (raw_record["quarantine"], len(raw_record["ledger"])),
-                "validated": (valid_record["quarantine"], len(valid_record["excluded"])),
-            }
-            quarantine = {
-                "rows_read": raw_record["rows_read"],
-                "rows": raw_record["rows_quarantined"] + valid_record["rows_quarantined"],
-                "at_ingest": raw_record["rows_quarantined"],
-                "at_validation": valid_record["rows_quarantined"],
-                "files_refused": raw_record["files_refused"],
-                "locations": keep_quarantine(store, dataset, version, kept),
-            }
-            validation = {"success": valid_record["success"], "results": valid_record["results"]}
-            manifest = build_manifest(
-                dataset, version, schema, sharded, lineage, validation, quarantine, context.run.run_id
-            )
-        problems = shard_problems(store, dask.get_client(), prefix, manifest)  # before training can see it
+            manifest = new_version(store, dataset, version, raw_record, valid_record, shard, context.run.run_id)
+        problems, repaired = shard_problems(store, dask.get_client(), prefix, manifest), {}
         if problems and committed:
             context.log.warning(f"version {version} is committed but damaged, {problems}: rebuilding those shards")
             rebuilt_at = f"{staging}/rebuilt"
-            repair_version(store, dataset, prefix, manifest, problems, shard(rebuilt_at), rebuilt_at)
+            repaired = repair_version(store, dataset, prefix, manifest, problems, shard(rebuilt_at), rebuilt_at)
             problems = shard_problems(store, dask.get_client(), prefix, manifest)
-        verified = verified_check(manifest, problems)
-        if not verified.passed:
-            raise dg.Failure(
-                f"{dataset.name}: version {version} does not match its manifest, so it is not committed: "
-                f"{verified.description}",
-                metadata=verified.metadata,
+        verified = verified_check(manifest, problems, repaired)
+        check_results = blocking_checks(store, dataset, manifest, verified, bool(committed))
+        if not committed:
+            write_manifest(store, dataset, manifest)
+        if newer := raw_moved_on(store, dataset, raw_record["generation"]):
+            context.log.warning(
+                f"{dataset.name}: version {version} is committed but not made the latest: raw was published "
+                f"again meanwhile ({newer}, a newer landing), so _latest stays at {latest_version(store, dataset)}"
             )
-        commit(store, dataset, manifest, context.run.run_id)
+        else:
+            make_latest(store, dataset, version, context.run.run_id)
         store.delete(staging)  # kept if anything above failed: it marks the version left unfinished
         store.remove_empty_folder(f"{staging_prefix(dataset)}/{version}")  # unless another run writes it too
         balance = manifest["conservation"]
         split_rows = [[s, v["rows"], len(v["shards"]), v["bytes"]] for s, v in manifest["splits"].items()]
-        summary = f"Version `{version}` committed: `{store.url(prefix)}/{MANIFEST}`\n\n" + markdown_table(
+        made = "committed" if not newer else f"committed, not made the latest (raw moved on to `{newer}`)"
+        summary = f"Version `{version}` {made}: `{store.url(prefix)}/{MANIFEST}`\n\n" + markdown_table(
             ["split", "rows", "shards", "bytes"], split_rows
         )
-        written = footers(store, [f"{prefix}/{s['path']}" for v in manifest["splits"].values() for s in v["shards"]])
         return dg.MaterializeResult(
             metadata={
                 **stage_metadata(
@@ -551,20 +637,11 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
                 "version": version,
                 "manifest": dg.MetadataValue.path(store.url(f"{prefix}/{MANIFEST}")),
                 "duplicates_dropped": balance["duplicates_dropped"],
+                "made_latest": not newer,
+                "latest": latest_version(store, dataset) or "none",
+                "repaired": dg.MetadataValue.json(repaired),
             },
-            check_results=[
-                schema_check(dataset, store, written, schema),
-                conservation_check(
-                    "rows read = sharded + quarantined + duplicates dropped",
-                    balance["rows_read"],
-                    {
-                        "sharded": balance["rows_sharded"],
-                        "quarantined": balance["rows_quarantined"],
-                        "duplicates dropped": balance["duplicates_dropped"],
-                    },
-                ),
-                verified,
-            ],
+            check_results=check_results,
         )
 
     return [landing, raw, validated, shards]

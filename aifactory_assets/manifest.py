@@ -12,15 +12,18 @@ import importlib
 import json
 import posixpath
 import subprocess
+import tomllib
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+import dagster as dg
 import pyarrow as pa
 from distributed import Client
 
 from aifactory_assets.catalog import Dataset, judged_suite
+from aifactory_assets.publish import current
 from aifactory_assets.shard_layout import LATEST, MANIFEST, schema_fingerprint
 from aifactory_assets.sharding import SAMPLER
 from aifactory_assets.staging import staging_prefix
@@ -84,14 +87,39 @@ def package_version() -> str:
         return "0+unknown"
 
 
-def git_sha() -> str:
+PACKAGE = Path(__file__).parent
+
+
+def git(folder: Path, *args: str) -> str | None:
+    """A git command's output in `folder`; None where git is missing, slow or fails (not a checkout)."""
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
-        )
+        out = subprocess.run(["git", *args], cwd=folder, capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def aifactory_project(folder: Path) -> bool:
+    """Whether `folder` is aifactory's own project (its pyproject.toml names it), not another that holds a
+    copy of the package at its top."""
+    try:
+        return tomllib.loads((folder / "pyproject.toml").read_text())["project"]["name"] == "aifactory"
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        return False
+
+
+def git_sha(package: Path = PACKAGE) -> str:
+    """The commit of aifactory's own checkout that the package runs from, `-dirty` where its tracked files
+    changed since; "unknown" where the package is not at the top of aifactory's checkout: a copy vendored
+    or installed inside another repository (a training project's) would report that project's commit."""
+    found = git(package, "rev-parse", "--show-toplevel", "HEAD")
+    if found is None or len(found.splitlines()) != 2:
         return "unknown"
-    return out.stdout.strip() if out.returncode == 0 else "unknown"
+    top, sha = found.splitlines()
+    if Path(top).resolve() != package.parent.resolve() or not aifactory_project(Path(top)):
+        return "unknown"
+    changed = git(package, "status", "--porcelain", "--untracked-files=no")
+    return "unknown" if changed is None else f"{sha}-dirty" if changed else sha
 
 
 def schema_fields(schema: pa.Schema) -> list[dict[str, Any]]:
@@ -155,6 +183,13 @@ def landing_order(ledger: list[dict[str, Any]]) -> list[dict[str, Any]]:
     file's bytes first landed under its name, then by name. A file uploaded again unchanged keeps its place:
     a sync tool's re-upload of an older file would otherwise undo the updates of every file after it."""
     return sorted(ledger, key=lambda e: (landed_at(e), e["source"]))
+
+
+def part_seqs(raw_record: dict[str, Any]) -> list[int]:
+    """Each raw part's place in the landing order, which the shuffle's dedup goes by (the later file's
+    record wins): part of what a version holds, so it is here, in the code the version id names."""
+    rank = {e["source"]: i for i, e in enumerate(landing_order(raw_record["ledger"]))}
+    return [rank[source] for source in raw_record["part_sources"]]
 
 
 def version_for(dataset: Dataset, suite: dict[str, Any], raw_record: dict[str, Any]) -> str:
@@ -262,15 +297,75 @@ def build_manifest(
     }
 
 
-def commit(store: ObjectStore, dataset: Dataset, manifest: dict[str, Any], run_id: str) -> None:
-    """The commit point: the manifest, then the `_latest` pointer, then retention (by run `run_id`)."""
-    version = manifest["version"]
-    store.write_json(f"{version_prefix(dataset, version)}/{MANIFEST}", manifest)
+# What this package reads of a manifest: one without them (cut short, edited) cannot be trusted or re-pointed at.
+MANIFEST_KEYS = ("version", "created_at", "splits", "conservation", "quarantine")
+
+
+def read_manifest(store: ObjectStore, key: str) -> dict[str, Any]:
+    """A version's manifest, or a Failure naming it where it is not JSON or lacks what this package reads
+    (cut short by a full disk, edited by hand): a bare JSONDecodeError named neither the key nor a way out."""
+    try:
+        manifest = store.read_json(key)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise unreadable(store, key, f"not JSON ({exc})") from exc
+    missing = [k for k in MANIFEST_KEYS if k not in manifest] if isinstance(manifest, dict) else list(MANIFEST_KEYS)
+    if missing:
+        raise unreadable(store, key, f"missing {missing}")
+    return manifest
+
+
+def unreadable(store: ObjectStore, key: str, why: str) -> dg.Failure:
+    return dg.Failure(
+        f"{store.url(key)} cannot be read: {why}. Its version counts as not committed, and retention leaves "
+        f"its folder alone: a shards run of the same inputs makes it again, manifest included; else remove "
+        f"{store.url(posixpath.dirname(key))}/"
+    )
+
+
+def readable_manifest(store: ObjectStore, key: str) -> dict[str, Any] | None:
+    """The manifest at `key`; None, with a warning naming it, where it cannot be read. Retention neither
+    counts nor removes such a version (it cannot tell what it is): the warning asks a person to."""
+    try:
+        return read_manifest(store, key)
+    except dg.Failure as failure:
+        dg.get_dagster_logger().warning(failure.description)
+        return None
+
+
+def committed_manifest(store: ObjectStore, dataset: Dataset, version: str) -> dict[str, Any] | None:
+    """`version`'s manifest where it is committed, by a manifest this package can read."""
+    key = f"{version_prefix(dataset, version)}/{MANIFEST}"
+    return readable_manifest(store, key) if store.is_object(key) else None
+
+
+def write_manifest(store: ObjectStore, dataset: Dataset, manifest: dict[str, Any]) -> None:
+    """A new version's commit point: its shards are verified; from here it is a complete version. A version
+    committed before is never written again: another deployment's retention may have removed it meanwhile,
+    and its manifest alone would be a version without shards."""
+    store.write_json(f"{version_prefix(dataset, manifest['version'])}/{MANIFEST}", manifest)
+
+
+def raw_moved_on(store: ObjectStore, dataset: Dataset, raw_generation: str) -> str | None:
+    """The raw generation published since `raw_generation` (another deployment's run of a newer landing),
+    if one was: a version sharded from the older one must not move `_latest` back to older inputs."""
+    now = (current(store, f"raw/{dataset.name}") or {}).get("generation")
+    return now if now != raw_generation else None
+
+
+def make_latest(store: ObjectStore, dataset: Dataset, version: str, run_id: str) -> None:
+    """Point `_latest` at a committed version, then apply retention (by run `run_id`). A Failure, `_latest`
+    untouched, where the version's manifest went meanwhile (another deployment's retention)."""
 
     def pointed(latest: dict[str, Any] | None) -> dict[str, Any]:
         """`_latest` from the one read (again on a conflict): a version another deployment committed
         meanwhile keeps its place in the history, which retention goes by."""
         committed = {v for _, v in committed_versions(store, dataset)}
+        if version not in committed:
+            raise dg.Failure(
+                f"{dataset.name}: version {version} was removed before it could be made the latest "
+                f"({store.url(f'{version_prefix(dataset, version)}/{MANIFEST}')} is gone, most likely by another "
+                f"deployment's retention); _latest still names {(latest or {}).get('version')}: run the shards again"
+            )
         history = [v for v in (latest or {}).get("history", []) if v in committed and v != version] + [version]
         return {"version": version, "manifest": f"v={version}/{MANIFEST}", "history": history}
 
@@ -292,33 +387,42 @@ def latest_version(store: ObjectStore, dataset: Dataset) -> str | None:
 
 
 def committed_versions(store: ObjectStore, dataset: Dataset) -> list[tuple[str, str]]:
-    """(created_at, version) of every version with a manifest, oldest first."""
-    found = store.list_objects(dataset_prefix(dataset), f"v=*/{MANIFEST}")
-    versions = []
-    for obj in found:
-        manifest = store.read_json(obj.key)
-        versions.append((manifest["created_at"], manifest["version"]))
-    return sorted(versions)
+    """(created_at, version) of every version with a readable manifest, oldest first."""
+    found = (
+        readable_manifest(store, obj.key) for obj in store.list_objects(dataset_prefix(dataset), f"v=*/{MANIFEST}")
+    )
+    return sorted((manifest["created_at"], manifest["version"]) for manifest in found if manifest)
 
 
 def apply_retention(store: ObjectStore, dataset: Dataset, keep: str, run_id: str) -> list[str]:
     """Remove committed versions beyond the catalogue's retention, least recently the latest first, never
-    `keep` (the latest). The manifest goes first, so a removal cut short leaves an uncommitted folder, never
-    a committed version with holes; and a staging mark in run `run_id`'s name goes before it, so that
-    folder is an abandoned write, which the next run's `remove_abandoned_writes` removes once this run is
-    over (cut short before the manifest went, the version stays committed and only the mark goes)."""
+    `keep` nor the version `_latest` names as each goes (read again: another deployment may have committed
+    since this run moved it). Returns the versions removed."""
     recency = {v: i for i, v in enumerate(latest_history(store, dataset))}
     by_age = sorted(committed_versions(store, dataset), key=lambda cv: (recency.get(cv[1], -1), cv[0]))
-    versions = [v for _, v in by_age if v != keep]
-    doomed = versions[: max(0, len(versions) - (dataset.shards.retention - 1))]
+    protected = {keep, latest_version(store, dataset)}
+    versions = [v for _, v in by_age if v not in protected]
+    kept = max(0, dataset.shards.retention - len(protected & {v for _, v in by_age}))
+    doomed = versions[: max(0, len(versions) - kept)]
+    removed = []
     for old in doomed:
-        mark = f"{staging_prefix(dataset)}/{old}/{run_id}/{RETENTION_MARK}"
-        store.write_bytes(mark, b"")
-        store.delete(f"{version_prefix(dataset, old)}/{MANIFEST}")
-        remove_version(store, dataset, old)
-        store.delete(posixpath.dirname(mark))  # the mark, and its run's folder
-        store.remove_empty_folder(f"{staging_prefix(dataset)}/{old}")
-    return doomed
+        if old != latest_version(store, dataset):  # else another deployment re-pointed at it meanwhile
+            remove_committed(store, dataset, old, run_id)
+            removed.append(old)
+    return removed
+
+
+def remove_committed(store: ObjectStore, dataset: Dataset, version: str, run_id: str) -> None:
+    """One committed version, manifest first, so a removal cut short leaves an uncommitted folder, never a
+    committed version with holes; and a staging mark in run `run_id`'s name goes before it, so that folder
+    is an abandoned write, which the next run's `remove_abandoned_writes` removes once this run is over
+    (cut short before the manifest went, the version stays committed and only the mark goes)."""
+    mark = f"{staging_prefix(dataset)}/{version}/{run_id}/{RETENTION_MARK}"
+    store.write_bytes(mark, b"")
+    store.delete(f"{version_prefix(dataset, version)}/{MANIFEST}")
+    remove_version(store, dataset, version)
+    store.delete(posixpath.dirname(mark))  # the mark, and its run's folder
+    store.remove_empty_folder(f"{staging_prefix(dataset)}/{version}")
 
 
 def remove_abandoned_writes(store: ObjectStore, dataset: Dataset, is_finished: Callable[[str], bool]) -> list[str]:
@@ -356,4 +460,4 @@ def latest_manifest(store: ObjectStore, dataset: Dataset) -> dict[str, Any] | No
     pointer = f"{dataset_prefix(dataset)}/{LATEST}"
     if not store.exists(pointer):
         return None
-    return store.read_json(f"{dataset_prefix(dataset)}/{store.read_json(pointer)['manifest']}")
+    return read_manifest(store, f"{dataset_prefix(dataset)}/{store.read_json(pointer)['manifest']}")

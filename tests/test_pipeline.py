@@ -19,7 +19,7 @@ import pytest
 from aifactory_assets.catalog import Catalog, Dataset
 from aifactory_assets.demo import land_demo_data
 from aifactory_assets.factory import asset_key, same_bytes
-from aifactory_assets.manifest import CODE_FINGERPRINT, latest_manifest, latest_version
+from aifactory_assets.manifest import CODE_FINGERPRINT, git_sha, latest_manifest, latest_version
 from aifactory_assets.publish import current, publish
 from aifactory_assets.shard_layout import ROW_GROUP_BYTES, row_group_rows, schema_fingerprint, shard_name
 from aifactory_assets.sharding import shard_count
@@ -106,10 +106,7 @@ def assert_manifest_describes_its_making(
         assert (landed["size"], landed["etag"], landed["mtime"]) == (info.size, info.etag, info.mtime)
         assert landed["size"] > 0 and landed["mtime"] and (landed["etag"] or store.protocol == "file")
     producer = manifest["producer"]
-    checkout = Path(__file__).parent
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=checkout, capture_output=True, text=True, check=True)
-    head = head.stdout.strip()
-    assert (producer["version"], producer["git_sha"]) == (version("aifactory"), head)
+    assert (producer["version"], producer["git_sha"]) == (version("aifactory"), checkout_sha(Path(__file__).parent))
     assert (producer["code_fingerprint"], producer["dagster_run_id"]) == (CODE_FINGERPRINT, run_id)
     sampler = manifest["sampler"]
     assert (sampler["seed"], sampler["remainder"]) == (dataset.shards.seed, dataset.shards.remainder)
@@ -121,6 +118,48 @@ def assert_manifest_describes_its_making(
     assert quarantine["rows"] == quarantine["at_ingest"] + quarantine["at_validation"]
     assert quarantine["rows"] == manifest["conservation"]["rows_quarantined"]
     assert quarantine["rows_read"] == manifest["conservation"]["rows_read"]
+
+
+def git(folder: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=folder, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def checkout_sha(folder: Path) -> str:
+    """HEAD of the checkout `folder` is in, `-dirty` where a tracked file changed since."""
+    changed = git(folder, "status", "--porcelain", "--untracked-files=no")
+    return git(folder, "rev-parse", "HEAD") + ("-dirty" if changed else "")
+
+
+def committed_repository(folder: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+    git(folder, "init", "-q")
+    git(folder, "add", "-A")
+    git(folder, "-c", "user.email=test@example.org", "-c", "user.name=test", "commit", "-qm", "files")
+
+
+def test_the_producers_git_sha_is_aifactorys_own_checkout_and_says_dirty(tmp_path: Path) -> None:
+    """A manifest's git sha names the code that made it: aifactory's own commit, `-dirty` where the tree
+    was edited since; never the commit of a training project that vendors or installs the package."""
+    checkout = tmp_path / "aifactory"
+    project = '[project]\nname = "aifactory"\n'
+    committed_repository(checkout, {"pyproject.toml": project, "aifactory_assets/manifest.py": "A = 1\n"})
+    package = checkout / "aifactory_assets"
+    assert git_sha(package) == git(checkout, "rev-parse", "HEAD")
+    (package / "manifest.py").write_text("A = 2\n")
+    assert git_sha(package) == git(checkout, "rev-parse", "HEAD") + "-dirty"
+
+    training = tmp_path / "training"
+    installed = ".venv/lib/python3.11/site-packages/aifactory_assets/manifest.py"
+    committed_repository(training, {"train.py": "", installed: "A = 1\n"})
+    assert git_sha((training / installed).parent) == "unknown"
+    vendored = tmp_path / "vendoring"
+    trainer = '[project]\nname = "trainer"\n'
+    committed_repository(vendored, {"pyproject.toml": trainer, "aifactory_assets/manifest.py": "A = 1\n"})
+    assert git_sha(vendored / "aifactory_assets") == "unknown"
+    (tmp_path / "unpacked").mkdir()
+    assert git_sha(tmp_path / "unpacked") == "unknown"  # an sdist or wheel: no checkout at all
 
 
 def test_row_groups_hold_many_narrow_rows_and_few_wide_ones() -> None:

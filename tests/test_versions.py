@@ -15,7 +15,7 @@ import dagster as dg
 import pandas as pd
 import pytest
 
-from aifactory_assets.catalog import Catalog
+from aifactory_assets.catalog import Catalog, Dataset
 from aifactory_assets.checks import shard_problems
 from aifactory_assets.demo import land_demo_data
 from aifactory_assets.factory import asset_key, build_catalog_assets, run_finished
@@ -23,13 +23,15 @@ from aifactory_assets.ingest import ingest_dataset
 from aifactory_assets.loader import ShardReader
 from aifactory_assets.manifest import (
     OUTPUT_MODULES,
-    commit,
     committed_versions,
     landing_order,
     latest_manifest,
+    make_latest,
+    part_seqs,
     remove_abandoned_writes,
     version_for,
     version_id,
+    write_manifest,
 )
 from aifactory_assets.publish import current, publish
 from aifactory_assets.staging import staging_prefix
@@ -81,6 +83,13 @@ def all_rows(store: ObjectStore, manifest: dict) -> pd.DataFrame:
         for split, v in manifest["splits"].items()
         for s in v["shards"]
     )
+
+
+def commit(store: ObjectStore, dataset: Dataset, version: str, created_at: str, run_id: str) -> None:
+    """A version of no shards committed as the shards step commits one: its manifest, then `_latest`."""
+    manifest = {"version": version, "created_at": created_at, "splits": {}, "conservation": {}, "quarantine": {}}
+    write_manifest(store, dataset, manifest)
+    make_latest(store, dataset, version, run_id)
 
 
 def test_a_failed_run_leaves_no_visible_version_and_a_rerun_completes_it(setup) -> None:
@@ -142,11 +151,92 @@ def test_retention_counts_a_version_made_latest_again_as_recent(setup) -> None:
     remove it as the oldest, while jobs pinned to it still read it."""
     _, dataset, store, *_ = setup  # retention 2
     for i in range(2):
-        commit(store, dataset, {"version": f"ver{i}", "created_at": f"2026-01-0{i + 1}"}, f"run{i}")
-    reverted = store.read_json(f"shards/{DATASET}/v=ver0/manifest.json")
-    commit(store, dataset, reverted, "run-reverted")  # ver0 again
-    commit(store, dataset, {"version": "ver2", "created_at": "2026-01-03"}, "run2")
+        commit(store, dataset, f"ver{i}", f"2026-01-0{i + 1}", f"run{i}")
+    make_latest(store, dataset, "ver0", "run-reverted")  # ver0 again
+    commit(store, dataset, "ver2", "2026-01-03", "run2")
     assert sorted(v for _, v in committed_versions(store, dataset)) == ["ver0", "ver2"]
+
+
+def shards_node(dataset: Dataset) -> str:
+    return "__".join(asset_key(dataset, "shards").path)
+
+
+def test_retention_never_removes_the_version_another_deployment_just_made_the_latest(setup, monkeypatch) -> None:
+    """Deployment A moves `_latest` to its version; before A's retention, deployment B (its own instance,
+    the same bucket) commits one, whose retention removes A's. A's retention must not then remove B's,
+    which would leave `_latest` naming no version at all."""
+    from aifactory_assets import manifest
+
+    catalog, dataset, store, stores, dask = setup
+    dataset = dataset.model_copy(update={"shards": dataset.shards.model_copy(update={"retention": 1})})
+    catalog = catalog.model_copy(update={"datasets": {DATASET: dataset}})
+    retention = manifest.apply_retention
+
+    def deployment_b_commits_first(*args, **kwargs) -> list[str]:
+        monkeypatch.setattr(manifest, "apply_retention", retention)  # B's own commit retains as it is
+        commit(store, dataset, "deployment-b", "2099-01-01", "run-b")
+        return retention(*args, **kwargs)
+
+    monkeypatch.setattr(manifest, "apply_retention", deployment_b_commits_first)
+    assert run(catalog, stores, dask).success
+    assert latest_manifest(store, dataset)["version"] == "deployment-b"
+    assert [v for _, v in committed_versions(store, dataset)] == ["deployment-b"]
+
+
+def test_a_version_removed_while_it_is_re_pointed_at_is_not_written_again(setup, monkeypatch) -> None:
+    """A landing gone back to earlier files re-points at their committed version. Another deployment's
+    retention removing it between this run's checks and its commit must not be undone by writing its
+    manifest again (a version without shards): the run fails, naming it, and `_latest` stays."""
+    from aifactory_assets import factory, manifest
+
+    catalog, dataset, store, stores, dask = setup
+    assert run(catalog, stores, dask).success
+    old = latest_manifest(store, dataset)["version"]
+    land_more(store, 2016)
+    assert run(catalog, stores, dask).success
+    new = latest_manifest(store, dataset)["version"]
+    store.delete(f"landing/{DATASET}/extra.parquet")  # back to the old inputs: the old version again
+    checks = factory.blocking_checks
+
+    def removed_by_deployment_b(*args, **kwargs) -> list[dg.AssetCheckResult]:
+        results = checks(*args, **kwargs)
+        manifest.remove_committed(store, dataset, old, "run-b")
+        return results
+
+    monkeypatch.setattr(factory, "blocking_checks", removed_by_deployment_b)
+    result = run(catalog, stores, dask)
+    assert not result.success
+    assert f"version {old} was removed before it could be made the latest" in failure_message(result)
+    assert latest_manifest(store, dataset)["version"] == new
+    assert not store.exists(f"shards/{DATASET}/v={old}/manifest.json")
+
+
+def test_latest_never_goes_back_to_inputs_replaced_while_they_were_sharded(setup, monkeypatch) -> None:
+    """A drop replaced while this run shards it (another deployment ingests the new one meanwhile): the
+    version this run made is complete and stays committed, but `_latest` must not move back to the
+    replaced inputs; the run warns and its materialisation says so."""
+    from aifactory_assets import factory
+
+    catalog, dataset, store, stores, dask = setup
+    assert run(catalog, stores, dask).success
+    first = latest_manifest(store, dataset)["version"]
+    land_more(store, 2016)
+    write = factory.write_manifest
+
+    def deployment_b_ingests_a_newer_drop(*args, **kwargs) -> None:
+        write(*args, **kwargs)
+        land_more(store, 2017)  # the drop corrected, under its name
+        ingest_dataset(store, dask.get_client(), dataset, "run-b", lambda run_id: False)
+
+    monkeypatch.setattr(factory, "write_manifest", deployment_b_ingests_a_newer_drop)
+    result = run(catalog, stores, dask)
+    assert result.success
+    [materialization] = result.asset_materializations_for_node(shards_node(dataset))
+    made = materialization.metadata["version"].value
+    assert materialization.metadata["made_latest"].value is False
+    assert latest_manifest(store, dataset)["version"] == first == materialization.metadata["latest"].value
+    assert made in [v for _, v in committed_versions(store, dataset)]
+    assert "not made the latest" in materialization.metadata["summary"].value
 
 
 class DiesDeleting(ObjectStore):
@@ -240,10 +330,10 @@ def test_a_retention_cut_short_is_finished_by_the_next_run(setup, dies_at: str) 
     for i in range(2):
         store.write_bytes(f"shards/{DATASET}/v=ver{i}/train-00000-of-00001.parquet", b"a shard")
         store.write_bytes(f"quarantine/{DATASET}/v=ver{i}/raw/part-00000.parquet", b"its quarantine")
-        commit(store, dataset, {"version": f"ver{i}", "created_at": f"2026-01-0{i + 1}"}, f"run{i}")
+        commit(store, dataset, f"ver{i}", f"2026-01-0{i + 1}", f"run{i}")
     dying = DiesDeleting(site=store.site, root=store.root, dies_at=dies_at)
     with pytest.raises(KeyboardInterrupt):
-        commit(dying, dataset, {"version": "ver2", "created_at": "2026-01-03"}, "run2")
+        commit(dying, dataset, "ver2", "2026-01-03", "run2")
     manifest_gone = not dies_at.endswith("manifest.json")
     assert store.exists(f"shards/{DATASET}/v=ver0/train-00000-of-00001.parquet") is not dies_at.startswith("quar")
     assert store.exists(f"quarantine/{DATASET}/v=ver0/raw/part-00000.parquet")
@@ -346,6 +436,15 @@ def test_every_module_the_output_modules_import_is_in_the_version() -> None:
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("aifactory_assets.")
         ]
     assert seen <= set(OUTPUT_MODULES), f"imported but not in OUTPUT_MODULES: {sorted(seen - set(OUTPUT_MODULES))}"
+
+
+def test_the_landing_rank_that_picks_among_duplicates_is_in_the_version() -> None:
+    """Which record of a key wins follows each part's rank in the landing order: that rank is computed in
+    a module whose source the version id hashes, not in the factory (new code must make a new version)."""
+    entry = {"object": {"mtime": 0}}
+    ledger = [{**entry, "source": "b.csv", "landed_at": 1.0}, {**entry, "source": "a.csv", "landed_at": 2.0}]
+    assert part_seqs({"ledger": ledger, "part_sources": ["a.csv", "b.csv"]}) == [1, 0]
+    assert part_seqs.__module__.rpartition(".")[2] in OUTPUT_MODULES
 
 
 def test_shards_refuse_a_validated_record_of_an_earlier_release(setup) -> None:
@@ -455,11 +554,87 @@ def test_a_damaged_version_is_repaired_when_its_inputs_come_back_or_never_become
     store.write_bytes(f"{folder}/{rotten}", bytes(data))
     store.delete(f"{folder}/{missing}")
     untouched = os.stat(store.path(f"{folder}/{healthy}")).st_ino
-    assert run(catalog, stores, dask, instance=instance).success
+    repaired = run(catalog, stores, dask, instance=instance)
+    assert repaired.success
+    said = {rotten: "checksum differs from the manifest", missing: "missing"}  # kept in the UI, not only logged
+    [materialization] = repaired.asset_materializations_for_node(shards_node(dataset))
+    assert materialization.metadata["repaired"].value == said
+    [verified] = [c for c in repaired.get_asset_check_evaluations() if c.check_name == "shards_match_manifest"]
+    assert verified.passed and verified.metadata["repaired"].value == said
     assert latest_manifest(store, dataset) == old
     assert not shard_problems(store, dask.get_client(), folder, old)
     assert os.stat(store.path(f"{folder}/{healthy}")).st_ino == untouched
     assert not store.list_objects(f"shards/{DATASET}/_staging")
+
+
+def cut_short(store: ObjectStore, key: str) -> None:
+    """A manifest cut in half, as a full disk or a partial copy leaves it."""
+    data = store.read_bytes(key)
+    store.write_bytes(key, data[: len(data) // 2])
+
+
+def test_an_unreadable_manifest_is_made_again_or_left_alone_never_a_dead_end(setup) -> None:
+    """The latest's own manifest cut short: the version counts as not committed and the next run makes it
+    again, byte for byte. An older version's: later commits go on, warning of it, and retention leaves its
+    folder alone (it cannot tell what that is). Neither stops the dataset with a bare JSONDecodeError."""
+    catalog, dataset, store, stores, dask = setup
+    assert run(catalog, stores, dask).success
+    old = latest_manifest(store, dataset)
+    key = f"shards/{DATASET}/v={old['version']}/manifest.json"
+    cut_short(store, key)
+    with pytest.raises(dg.Failure, match=f"{key} cannot be read: not JSON"):
+        latest_manifest(store, dataset)
+    assert run(catalog, stores, dask, stages=("shards",)).success
+    again = latest_manifest(store, dataset)
+    assert again["version"] == old["version"] and again["splits"] == old["splits"]
+
+    cut_short(store, key)
+    instance = dg.DagsterInstance.ephemeral()
+    for year in (2016, 2017):  # retention 2: the old version would be the one to go
+        land_more(store, year)
+        result = run(catalog, stores, dask, instance=instance)
+        assert result.success
+        assert any(f"{key} cannot be read" in e.user_message for e in instance.all_logs(result.run_id))
+    assert store.exists(f"shards/{DATASET}/v={old['version']}/{old['splits']['train']['shards'][0]['path']}")
+    assert len(committed_versions(store, dataset)) == 2
+
+
+def test_a_version_failing_a_blocking_check_is_never_committed(setup, monkeypatch) -> None:
+    """The shards' schema and conservation checks are judged before the commit: a version whose rows do
+    not add up (here a shuffle that miscounts its duplicates) stays uncommitted, `_latest` where it was."""
+    from aifactory_assets import factory
+
+    catalog, dataset, store, stores, dask = setup
+    shard = factory.shard_version
+
+    def miscounted(*args, **kwargs) -> dict:
+        sharded = shard(*args, **kwargs)
+        return {**sharded, "duplicates_dropped": sharded["duplicates_dropped"] + 1}
+
+    monkeypatch.setattr(factory, "shard_version", miscounted)
+    result = run(catalog, stores, dask)
+    assert not result.success
+    assert latest_manifest(store, dataset) is None and not committed_versions(store, dataset)
+    assert "does not pass conservation: rows read = sharded" in failure_message(result)
+    assert "so it is not committed" in failure_message(result)
+
+
+def test_a_committed_version_that_fails_its_checks_says_so_and_names_strays(setup) -> None:
+    """A file in a version's folder that its manifest does not name is read by Hugging Face's data_dir,
+    pyarrow.dataset and pandas alike: the verified check names it (and leaves it). The version is committed
+    and `_latest` names it, which the failure says rather than "not committed"."""
+    catalog, dataset, store, stores, dask = setup
+    assert run(catalog, stores, dask).success
+    version = latest_manifest(store, dataset)["version"]
+    stray = f"shards/{DATASET}/v={version}/train-00099-of-00099.parquet"
+    store.write_bytes(stray, b"someone's copy")
+    result = run(catalog, stores, dask, stages=("shards",))
+    assert not result.success
+    said = failure_message(result)
+    assert "train-00099-of-00099.parquet: not in the manifest" in said
+    assert f"version {version} does not pass shards_match_manifest" in said
+    assert "yet it is committed and _latest still names it" in said and "not committed" not in said
+    assert store.exists(stray) and latest_manifest(store, dataset)["version"] == version
 
 
 def test_new_code_or_libraries_make_a_new_version(setup, monkeypatch) -> None:
