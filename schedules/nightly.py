@@ -24,7 +24,7 @@ from aifactory_assets.factory import (
     store_key,
 )
 from aifactory_assets.ingest import landed_objects, landing_prefix, reingest_needed
-from aifactory_assets.manifest import latest_version, version_for, version_prefix
+from aifactory_assets.manifest import committed_manifest, latest_version, version_for, version_prefix
 from aifactory_assets.publish import current
 from aifactory_assets.shard_layout import MANIFEST
 from resources.object_store import ObjectStore
@@ -60,9 +60,8 @@ def shards_gone_or_resized(store: ObjectStore, dataset: Dataset, version: str) -
     """A committed version's shards that are missing or not of the manifest's size: one listing, where
     hashing every shard each night would read them all (a run hashes them, and repairs what it finds)."""
     folder = version_prefix(dataset, version)
-    try:
-        manifest = store.read_json(f"{folder}/{MANIFEST}")
-    except FileNotFoundError:  # `_latest` names a version whose folder went
+    manifest = committed_manifest(store, dataset, version)
+    if manifest is None:  # `_latest` names a version whose folder went, or whose manifest is unreadable
         return [MANIFEST]
     sizes = {o.key[len(folder) + 1 :]: o.size for o in store.list_objects(folder, "*.parquet")}
     shards = [s for split in manifest["splits"].values() for s in split["shards"]]

@@ -525,6 +525,9 @@ def test_nightly_runs_only_what_a_run_would_change(catalog: Catalog, tmp_path, d
     store.delete(f"shards/palmer_penguins/v={version}/manifest.json")
     due, reason = needs_run(store, dataset, catalog.suites["palmer_penguins"])
     assert due and "has shards missing or of another size (['manifest.json'])" in reason
+    store.write_bytes(f"shards/palmer_penguins/v={version}/manifest.json", manifest[: len(manifest) // 2])
+    due, reason = needs_run(store, dataset, catalog.suites["palmer_penguins"])  # cut short: a run makes it again
+    assert due and "has shards missing or of another size (['manifest.json'])" in reason
     store.write_bytes(f"shards/palmer_penguins/v={version}/manifest.json", manifest)
 
     suite = catalog.suites["palmer_penguins"]
