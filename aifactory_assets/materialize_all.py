@@ -11,12 +11,21 @@ import os
 import sys
 
 import dagster as dg
+from dagster._utils.error import SerializableErrorInfo  # a step failure's error, as Dagster records it
 
 from aifactory_assets.catalog import Dataset, load_catalog
 from aifactory_assets.definitions import build_definitions
 from aifactory_assets.demo import stores_from_env
 from aifactory_assets.factory import dataset_pool, materialisable_keys
-from aifactory_assets.manifest import latest_manifest
+from aifactory_assets.manifest import dataset_prefix, latest_manifest, version_prefix
+from aifactory_assets.shard_layout import LATEST, MANIFEST
+from resources import ObjectStore
+
+DAGSTER_ERRORS = "dagster._core.errors."  # the module of the errors Dagster wraps user code's in
+MOST_LINES = 10  # of a failure's why: the rest are in the Dagster UI
+# What reading a manifest raises where it is damaged: cut short (JSON), gone (OS), lacking a field (key),
+# not an object (type).
+UNREADABLE = (OSError, ValueError, KeyError, TypeError)
 
 
 def held_pools(instance: dg.DagsterInstance, datasets: list[Dataset]) -> list[str]:
@@ -38,25 +47,76 @@ def held_pools(instance: dg.DagsterInstance, datasets: list[Dataset]) -> list[st
 
 
 def failures(result: dg.ExecuteInProcessResult) -> list[str]:
-    """What failed, and why, one line each: a failed step's error (a threshold, a refusal), then each
-    failed check's severity and description (the expectations or files behind it)."""
+    """What failed, and why: a failed step's error (a threshold, a refusal, a setting to look at), then
+    each failed check's severity and description (the expectations or files behind it)."""
     lines = [
-        f"step {event.step_key} failed: {first_line(event.event_specific_data.error.message)}"
+        f"step {event.step_key} failed: {bounded(why_failed(event.event_specific_data.error))}"
         for event in result.all_events
         if event.is_step_failure
     ]
     for check in result.get_asset_check_evaluations():
         if not check.passed:
-            why = first_line(check.description or "")
             lines.append(
-                f"{check.severity.value.lower()}: {check.asset_key.to_user_string()}:{check.check_name}: {why}"
+                f"{check.severity.value.lower()}: {check.asset_key.to_user_string()}:{check.check_name}: "
+                + bounded(check.description or "")
             )
     return lines
 
 
-def first_line(text: str, limit: int = 400) -> str:
-    line = text.strip().splitlines()[0] if text.strip() else ""
-    return line if len(line) <= limit else line[: limit - 1] + "…"
+def why_failed(error: SerializableErrorInfo) -> str:
+    """The error user code raised, as its class and message: Dagster wraps it in errors of its own whose
+    message says only which op failed ("Error occurred while executing op ..."). Not the innermost cause:
+    aifactory's own errors (a Dask scheduler not there, a 403) name the setting to look at and quote the
+    library error beneath, which names neither."""
+    while error.cause is not None and error.message.startswith(DAGSTER_ERRORS):
+        error = error.cause
+    qualified, _, message = error.message.strip().partition(": ")
+    return f"{error.cls_name}: {message}" if qualified.endswith(error.cls_name) else error.message
+
+
+def bounded(text: str, most: int = MOST_LINES, width: int = 400) -> str:
+    """`text`'s lines, the first on the summary's line and the rest indented under it, at most `most` of
+    them, each cut at `width`: a description names one refused file or shard a line, and a thousand of
+    them would bury the summary (the Dagster UI's check has them all)."""
+    lines = [line if len(line) <= width else line[: width - 1] + "…" for line in text.strip().splitlines()]
+    shown = lines[:most] + ([f"… and {len(lines) - most} more"] if len(lines) > most else [])
+    return "\n    ".join(shown)
+
+
+def manifest_line(store: ObjectStore, dataset: Dataset, run_id: str) -> tuple[str, bool]:
+    """The dataset's version, rows and manifest for the summary, and whether its manifest could be read:
+    one cut short or damaged is said on the dataset's own line, and the summary goes on."""
+    try:
+        manifest = latest_manifest(store, dataset)
+        if manifest is None:
+            return f"{'-':17} {'-':>7}  (no committed version)", True
+        version, rows = manifest["version"], manifest["conservation"]["rows_sharded"]
+        where = store.url(f"{version_prefix(dataset, version)}/{MANIFEST}")
+        if manifest["producer"]["dagster_run_id"] != run_id:
+            where += "  (made by an earlier run)"
+        return f"{version:17} {rows:>7}  {where}", True
+    except dg.Failure as failure:  # manifest.py's own account of a damaged manifest, naming it
+        return f"{'-':17} {'-':>7}  {bounded(failure.description or '', most=1)}", False
+    except UNREADABLE as exc:
+        why = f"{type(exc).__name__}: {bounded(str(exc), most=1)}"
+        return f"{'-':17} {'-':>7}  {store.url(manifest_key(store, dataset))} unreadable: {why}", False
+
+
+def manifest_key(store: ObjectStore, dataset: Dataset) -> str:
+    """The key that could not be read: the manifest `_latest` names, or `_latest` itself where that one is
+    the damaged one."""
+    pointer = f"{dataset_prefix(dataset)}/{LATEST}"
+    try:
+        return f"{dataset_prefix(dataset)}/{store.read_json(pointer)['manifest']}"
+    except UNREADABLE:
+        return pointer
+
+
+def reports_of_run(stores: dict[str, ObjectStore], datasets: list[Dataset], run_id: str) -> list[str]:
+    """The Data Docs pages this run wrote: a dataset whose validation did not run in it has none (its
+    `latest.html` is an earlier run's, or not there at all)."""
+    keys = [(stores[d.site], f"reports/{d.name}/validation-{run_id}.html") for d in datasets]
+    return [store.url(key) for store, key in keys if store.exists(key)]
 
 
 def main(names: list[str]) -> int:
@@ -81,25 +141,16 @@ def main(names: list[str]) -> int:
     ]  # warnings only warn
     print(f"\nrun {result.run_id}: {'succeeded' if result.success else 'FAILED'}")
     print(f"{'dataset':26} {'site':10} {'version':17} {'rows':>7}  manifest")
+    readable = True
     for dataset in chosen:
-        store = stores[dataset.site]
-        manifest = latest_manifest(store, dataset)
-        if manifest is None:
-            print(f"{dataset.name:26} {dataset.site:10} {'-':17} {'-':>7}  (no committed version)")
-            continue
-        rows = manifest["conservation"]["rows_sharded"]
-        where = store.url(f"shards/{dataset.name}/v={manifest['version']}/manifest.json")
-        if manifest["producer"]["dagster_run_id"] != result.run_id:
-            where += "  (made by an earlier run)"
-        print(f"{dataset.name:26} {dataset.site:10} {manifest['version']:17} {rows:>7}  {where}")
+        line, read = manifest_line(stores[dataset.site], dataset, result.run_id)
+        readable &= read
+        print(f"{dataset.name:26} {dataset.site:10} {line}")
     for line in failures(result):
         print(line)
-    if not result.success or errors:
-        print(
-            "each validated step's Data Docs: "
-            + ", ".join(stores[d.site].url(f"reports/{d.name}/latest.html") for d in chosen)
-        )
-    return 0 if result.success and not errors else 1
+    if (not result.success or errors) and (reports := reports_of_run(stores, chosen, result.run_id)):
+        print("this run's Data Docs: " + ", ".join(reports))
+    return 0 if result.success and not errors and readable else 1
 
 
 if __name__ == "__main__":

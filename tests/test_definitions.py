@@ -123,6 +123,68 @@ def test_a_headless_run_of_one_dataset_says_what_failed_and_why(
     assert "no dataset(s) ['palmer_pengiuns'] in the catalogue" in capsys.readouterr().err
 
 
+def test_a_headless_run_says_why_a_step_failed_not_that_dagster_wrapped_it(catalog: Catalog, tmp_path: Path) -> None:
+    """`make materialize` with no Dask scheduler where AIFACTORY_DASK_SCHEDULER points: the summary gives the
+    error aifactory raised, naming the setting, not Dagster's "Error occurred while executing op"; and no
+    Data Docs page, as this run validated nothing."""
+    land_demo_data(catalog, local_stores(catalog, tmp_path))
+    address = f"tcp://127.0.0.1:{free_port()}"
+    env = {k: v for k, v in os.environ.items() if k != "DAGSTER_HOME"}
+    env |= {"AIFACTORY_HOME": str(tmp_path), "AIFACTORY_DASK_SCHEDULER": address}
+    env["DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT"] = "2s"  # not Dask's 30 s wait on a port nothing serves
+    out = subprocess.run(
+        [sys.executable, "-m", "aifactory_assets.materialize_all", "palmer_penguins"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 1, out.stdout + out.stderr[-3000:]
+    assert (
+        "step life_sciences__palmer_penguins__raw failed: ConnectionError: Dask: no client of the scheduler at "
+        f"{address}: see AIFACTORY_DASK_SCHEDULER"
+    ) in out.stdout
+    assert "DagsterExecutionStepExecutionError" not in out.stdout
+    assert "Data Docs" not in out.stdout
+
+
+def test_a_failed_headless_run_names_every_refusal_its_data_docs_and_a_damaged_manifest(
+    catalog: Catalog, tmp_path: Path, dask_address: str, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """A run whose critical expectation fails, with twelve files refused and the latest manifest cut short:
+    the summary names ten refused files and counts the rest, links the Data Docs page this run wrote (not
+    `latest.html`, an earlier run's where validation did not run), and says on the dataset's line which
+    manifest it could not read instead of ending in a traceback."""
+    from aifactory_assets import materialize_all
+
+    monkeypatch.setenv("AIFACTORY_HOME", str(tmp_path))
+    monkeypatch.setenv("AIFACTORY_DASK_SCHEDULER", dask_address)
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    stores = local_stores(catalog, tmp_path)
+    land_demo_data(catalog, stores)
+    store = stores["linkoping"]
+    landed = store.read_bytes("landing/palmer_penguins/palmer_penguins.csv").decode().splitlines()
+    store.write_bytes("landing/palmer_penguins/palmer_penguins.csv", "\n".join(landed[:101]).encode() + b"\n")
+    for i in range(12):
+        store.write_bytes(f"landing/palmer_penguins/drift{i:02}.csv", f"record_id,species\n{i},Adelie\n".encode())
+    version = "0123456789abcdef"
+    manifest = f"shards/palmer_penguins/v={version}/manifest.json"
+    store.write_json("shards/palmer_penguins/_latest", {"version": version, "manifest": f"v={version}/manifest.json"})
+    store.write_bytes(manifest, f'{{"version": "{version}", "conserv'.encode())  # cut short
+
+    assert materialize_all.main(["palmer_penguins"]) == 1
+    shown = capsys.readouterr().out
+    run_id = shown.split("\nrun ", 1)[1].split(":", 1)[0]
+    [row] = [line for line in shown.splitlines() if line.startswith("palmer_penguins ")]
+    assert store.url(manifest) in row and "JSON" in row  # the key, and why: not JSON
+    assert "warn: life_sciences/palmer_penguins/raw:landed_files_read: landing/palmer_penguins/drift" in shown
+    assert shown.count("landing/palmer_penguins/drift") == 10 and "… and 2 more" in shown
+    assert "error: life_sciences/palmer_penguins/validated:critical_expectations: failed: " in shown
+    assert f"this run's Data Docs: {store.url(f'reports/palmer_penguins/validation-{run_id}.html')}\n" in shown
+    assert "latest.html" not in shown
+
+
 def test_a_dataset_added_as_yaml_becomes_assets_with_no_code(tmp_path: Path, dask) -> None:
     root = tmp_path / "catalog"
     shutil.copytree(REPO / "catalog", root)
