@@ -14,6 +14,11 @@ from html import escape
 from typing import Any
 
 
+def report_key(dataset: str, run_id: str) -> str:
+    """Where a run's Data Docs page for a dataset lives in the site's store (`latest.html` beside it is a copy)."""
+    return f"reports/{dataset}/validation-{run_id}.html"
+
+
 def gx_imported() -> bool:
     """Run on a worker: has validation imported GX here already (rendering elsewhere imports it, 2.4 s)?"""
     return "great_expectations" in sys.modules

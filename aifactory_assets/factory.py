@@ -32,7 +32,7 @@ from aifactory_assets.checks import (
     shard_problems,
     verified_check,
 )
-from aifactory_assets.data_docs import gx_imported, render_data_docs
+from aifactory_assets.data_docs import gx_imported, render_data_docs, report_key
 from aifactory_assets.ingest import ingest_dataset, reingest_needed
 from aifactory_assets.manifest import (
     MANIFEST,
@@ -388,9 +388,9 @@ def write_report(
     where = {"workers": warm, "allow_other_workers": True} if warm else {}
     rendering = client.submit(render_data_docs, suite["name"], results, run_id, pure=False, **where)
     html = rendering.result().encode()
-    store.write_bytes(f"reports/{dataset.name}/validation-{run_id}.html", html)
+    store.write_bytes(report_key(dataset.name, run_id), html)
     store.write_bytes(f"reports/{dataset.name}/latest.html", html)
-    return location(store, f"reports/{dataset.name}/validation-{run_id}.html")
+    return location(store, report_key(dataset.name, run_id))
 
 
 def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDefinition | dg.AssetSpec]:

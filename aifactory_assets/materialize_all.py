@@ -14,6 +14,7 @@ import dagster as dg
 from dagster._utils.error import SerializableErrorInfo  # a step failure's error, as Dagster records it
 
 from aifactory_assets.catalog import Dataset, load_catalog
+from aifactory_assets.data_docs import report_key
 from aifactory_assets.definitions import build_definitions
 from aifactory_assets.demo import stores_from_env
 from aifactory_assets.factory import dataset_pool, materialisable_keys
@@ -115,7 +116,7 @@ def manifest_key(store: ObjectStore, dataset: Dataset) -> str:
 def reports_of_run(stores: dict[str, ObjectStore], datasets: list[Dataset], run_id: str) -> list[str]:
     """The Data Docs pages this run wrote: a dataset whose validation did not run in it has none (its
     `latest.html` is an earlier run's, or not there at all)."""
-    keys = [(stores[d.site], f"reports/{d.name}/validation-{run_id}.html") for d in datasets]
+    keys = [(stores[d.site], report_key(d.name, run_id)) for d in datasets]
     return [store.url(key) for store, key in keys if store.exists(key)]
 
 
