@@ -19,6 +19,7 @@ from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import dagster as dg
+import numpy as np
 import pandas as pd
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -134,14 +135,15 @@ STATISTIC_COLUMNS: dict[str, tuple[str, frozenset[str]]] = {
 STATISTICS_OF_VALUES = frozenset(
     f"expect_column_{s}_to_be_between" for s in ("median", "mean", "stdev", "min", "max", "sum")
 )
-SEVERITIES = ("critical", "warning")
+SEVERITIES = ("critical", "warning", "info")  # GX 1.x's FailureSeverity; info is judged as warning
 # The keys of an expectation as GX 1.x exports it (its ExpectationConfiguration schema; a test holds this to
-# GX's), and those of its `meta` that aifactory or GX reads (GX renders `meta.notes`): another, a typo such as
-# `metadata` or `meta.severty`, would leave the expectation critical without a word.
+# GX's): another, a typo such as `metadata`, would leave the expectation critical without a word.
 EXPECTATION_KEYS = frozenset(
     {"type", "kwargs", "meta", "severity", "notes", "description", "id", "rendered_content", "expectation_context"}
 )
-META_KEYS = frozenset({"severity", "notes"})
+# `meta` is GX's free-form metadata (owner, ticket): any key, but one this close to `severity` (`severty`,
+# `Severity`) is its typo, which would leave the expectation critical without a word. `security` is not.
+SEVERITY_TYPO_CUTOFF = 0.8
 # How GX compares a column's values (pandas_for_gx): numbers of any width with each other, dates with timestamps
 # (both datetime64). Values of two kinds never compare equal, and ordering them fails every part.
 COMPARED_AS = {**dict.fromkeys(NUMBER_TYPES, "number"), "date": "instant", "timestamp": "instant"}
@@ -739,31 +741,47 @@ def _did_you_mean(word: str, known: typing.Iterable[str]) -> str:
 
 
 def check_keys_and_severity(path: Path, where: str, exp: dict[str, Any]) -> None:
-    """Only the keys GX 1.x writes, and one severity: GX 1.x's own `severity`, or `meta.severity` (which
-    aifactory read first); the two differing would leave it unclear which was meant."""
+    """Only the keys GX 1.x writes, no misspelt `meta.severity`, and one severity: GX 1.x's own `severity`,
+    or `meta.severity` (which aifactory read first). A top-level `critical` may be GX's default, written
+    on export: `meta.severity` then decides; any other two differing would leave it unclear which was meant."""
     meta = exp.get("meta") or {}
     if not isinstance(meta, dict):
         raise CatalogError(path, f"{where}.meta", "must be a mapping")
-    for field, holder, known in ((where, exp, EXPECTATION_KEYS), (f"{where}.meta", meta, META_KEYS)):
-        if unknown := sorted(holder.keys() - known):
-            hint = _did_you_mean(unknown[0], known)
-            raise CatalogError(
-                path, f"{field}.{unknown[0]}", f"read by neither GX 1.x nor aifactory, which take {sorted(known)}{hint}"
-            )
+    if unknown := sorted(exp.keys() - EXPECTATION_KEYS):
+        hint = _did_you_mean(unknown[0], EXPECTATION_KEYS)
+        raise CatalogError(
+            path,
+            f"{where}.{unknown[0]}",
+            f"read by neither GX 1.x nor aifactory, which take {sorted(EXPECTATION_KEYS)}{hint}",
+        )
+    if typos := [k for k in meta if k != "severity" and _severity_typo(k)]:
+        raise CatalogError(
+            path, f"{where}.meta.{typos[0]}", "did you mean 'severity'? Only that spelling is read (else critical)"
+        )
+    for field, holder in ((where, exp), (f"{where}.meta", meta)):
         if "severity" in holder and holder["severity"] not in SEVERITIES:
             raise CatalogError(path, f"{field}.severity", f"must be one of {SEVERITIES}, got {holder['severity']!r}")
-    if "severity" in exp and "severity" in meta and exp["severity"] != meta["severity"]:
+    top, inner = exp.get("severity"), meta.get("severity")
+    if top not in (None, "critical") and inner is not None and top != inner:
         raise CatalogError(
             path,
             f"{where}.severity",
             f"{exp['severity']!r}, but meta.severity is {meta['severity']!r}: give one (GX writes severity "
-            "itself, 'critical' unless set)",
+            "itself, 'critical' unless set, which meta.severity overrides)",
         )
 
 
+def _severity_typo(key: str) -> bool:
+    """A `meta` key that reads as `severity` misspelt or in another case, which would go unread."""
+    return bool(difflib.get_close_matches(key.lower(), ["severity"], n=1, cutoff=SEVERITY_TYPO_CUTOFF))
+
+
 def severity(expectation: dict[str, Any]) -> str:
-    """GX 1.x's `severity`, else `meta.severity`, else critical (load_suite refuses the two differing)."""
-    return expectation.get("severity") or (expectation.get("meta") or {}).get("severity") or "critical"
+    """`meta.severity`, else GX 1.x's `severity`, else critical (load_suite refuses the two differing, but
+    for a top-level `critical`: GX's default). GX's `info` is judged as `warning`: non-blocking, and shown
+    in the warning check, as there is no check of its own."""
+    chosen = (expectation.get("meta") or {}).get("severity") or expectation.get("severity") or "critical"
+    return "warning" if chosen == "info" else chosen
 
 
 def judged_suite(suite: dict[str, Any]) -> dict[str, Any]:
@@ -1013,6 +1031,11 @@ def values_for_gx(path: Path, where: str, kind: str, kwargs: dict[str, Any], typ
     return kwargs
 
 
+# The largest float32: a set member beyond it, compared in float32 on the workers, became infinity (numpy
+# overflows without an error) and matched a stored infinity, where it can match no value at all.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _member(path: Path, field: str, value: Any, column: str, types: dict[str, str]) -> Any:
     """One member of a set, of its column's type; a date or timestamp as the instant GX compares. Null
     stands for a missing value (pairs compare them)."""
@@ -1028,6 +1051,10 @@ def _member(path: Path, field: str, value: Any, column: str, types: dict[str, st
         return instant.isoformat()
     if not _fits(value, column_type):
         raise CatalogError(path, field, f"{value!r} is no {column_type} value: it never matches one of {column!r}")
+    if column_type == "float32" and FLOAT32_MAX < abs(value) < math.inf:  # infinity a float32 holds
+        raise CatalogError(
+            path, field, f"{value!r} is beyond float32's range (±{FLOAT32_MAX:.7g}): no value of {column!r} holds it"
+        )
     return value
 
 

@@ -75,7 +75,8 @@ def _batch_definition() -> Any:
 
 def pandas_for_gx(table: pa.Table, compared: Collection[str] = ()) -> pd.DataFrame:
     """Temporal columns as datetime64[ns]: GX 1.x vectorises its range checks only at that unit (pandas 3
-    gives us/ms and GX then checks one value at a time). Values outside 1677-2262 keep their unit.
+    gives us/ms and GX then checks one value at a time). A column with a value outside 1677-2262 keeps its
+    unit (`in_nanoseconds`).
     Integer columns with a value past 2**53 as pandas' nullable integers: plain pandas makes a column with
     a null float64, which loses such digits. Those GX compares with other columns (`compared`: pair and
     multicolumn expectations) as Python ints with NaN for nulls instead: GX cannot compare pandas' NA there
@@ -83,11 +84,10 @@ def pandas_for_gx(table: pa.Table, compared: Collection[str] = ()) -> pd.DataFra
     the column float64 (exact there). GX turns a bound (and a sum's total) into a float: past 2**53 it is
     judged through floats against nullable integers, exactly against Python ints."""
     table = table.replace_schema_metadata(None)  # pandas' own metadata would bring its nullable types back
-    try:
-        frame = table.to_pandas(date_as_object=False, coerce_temporal_nanoseconds=True)
-    except pa.ArrowInvalid:
-        frame = table.to_pandas(date_as_object=False)
+    frame = table.to_pandas(date_as_object=False)
     for name, column in zip(table.column_names, table.columns, strict=True):
+        if pa.types.is_date(column.type) or pa.types.is_timestamp(column.type):
+            frame[name] = in_nanoseconds(frame[name])
         if pa.types.is_integer(column.type) and past_float_precision(column):
             frame[name] = (
                 python_ints(column)
@@ -97,28 +97,57 @@ def pandas_for_gx(table: pa.Table, compared: Collection[str] = ()) -> pd.DataFra
     return frame
 
 
+def in_nanoseconds(values: pd.Series) -> pd.Series:
+    """Datetimes in ns where all of them fit (pandas' cast checks the range), else in their own unit:
+    pyarrow's coerce_temporal_nanoseconds wraps a date past 2262 without a word (9999-12-31, a common open
+    end, was judged and shown in quarantine samples as 1816-03-29)."""
+    try:
+        return values.astype("datetime64[ns]")
+    except pd.errors.OutOfBoundsDatetime:
+        return values
+
+
 def members_as_compared(frame: pd.DataFrame, kwargs: dict[str, Any]) -> dict[str, Any]:
     """A set's members as GX compares them with the frame's values: on a date or timestamp column as
     instants (the catalogue writes them as ISO text, which pandas never finds equal to a datetime64), on a
     float32 column in float32, as the statistics compare their bounds (39.1 is then the stored 39.1). What is
     not a list (of pairs) goes to GX as it is, for GX to name."""
     if isinstance(kwargs.get("value_set"), list):
-        dtype = frame[kwargs["column"]].dtype
-        return {**kwargs, "value_set": [_as_compared(value, dtype) for value in kwargs["value_set"]]}
+        dtypes = [frame[kwargs["column"]].dtype]
+        return {**kwargs, "value_set": [v for (v,) in occurring([[v] for v in kwargs["value_set"]], dtypes)]}
     pairs = kwargs.get("value_pairs_set")
     if isinstance(pairs, list) and all(isinstance(pair, list) and len(pair) == 2 for pair in pairs):
         dtypes = [frame[kwargs[c]].dtype for c in ("column_A", "column_B")]
-        typed = [[_as_compared(v, d) for v, d in zip(pair, dtypes, strict=True)] for pair in pairs]
-        return {**kwargs, "value_pairs_set": typed}
+        return {**kwargs, "value_pairs_set": occurring(pairs, dtypes)}
     return kwargs
 
 
+NEVER_EQUAL = object()  # what _as_compared gives for a value that no value of the column can equal
+
+
+def occurring(members: list[list[Any]], dtypes: list[Any]) -> list[list[Any]]:
+    """Members (a value per column) as their columns' values compare and hash (GX looks pairs up in a
+    Python set), less those that no value of a column can equal: an instant outside its unit's range
+    (9999-12-31 in a file read in ns, whose values all lie in 1677-2262) or finer than it. Such a member
+    matches no value, in a set or not in it; converted, it failed every part of such a file."""
+    found = []
+    for member in members:
+        typed = [_as_compared(v, d) for v, d in zip(member, dtypes, strict=True)]
+        if all(v is not NEVER_EQUAL for v in typed):
+            found.append(typed)
+    return found
+
+
 def _as_compared(value: Any, dtype: Any) -> Any:
-    """As a value of `dtype` compares and hashes (GX looks pairs up in a Python set)."""
+    """As a value of `dtype` compares and hashes, or NEVER_EQUAL."""
     if value is None:
         return None
-    if pd.api.types.is_datetime64_any_dtype(dtype):
-        return pd.Timestamp(value)
+    if pd.api.types.is_datetime64_dtype(dtype):
+        instant = pd.Timestamp(value)
+        try:
+            return instant.as_unit(np.datetime_data(dtype)[0], round_ok=False)
+        except ValueError:  # past the unit's range (pandas' OutOfBoundsDatetime), or finer than the unit
+            return NEVER_EQUAL
     return float(np.float32(value)) if dtype == np.float32 else value
 
 

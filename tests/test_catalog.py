@@ -639,16 +639,24 @@ NAN = float("nan")
             "expectations.0.severity",
             "'warning', but meta.severity is 'critical': give one",
         ),
-        ({**in_set("sex", ["male"]), "severity": "info"}, "expectations.0.severity", "must be one of"),
+        ({**in_set("sex", ["male"]), "severity": "fatal"}, "expectations.0.severity", "must be one of"),
+        (  # a top-level `critical` may be GX's default; another differing from meta.severity is unclear
+            {**in_set("sex", ["male"]), "severity": "info", "meta": {"severity": "warning"}},
+            "expectations.0.severity",
+            "'info', but meta.severity is 'warning': give one",
+        ),
         (
             {**in_set("sex", ["male"]), "metadata": {"severity": "warning"}},
             "expectations.0.metadata",
             "did you mean 'meta'?",
         ),
-        (
-            {**in_set("sex", ["male"]), "meta": {"severty": "warning"}},
-            "expectations.0.meta.severty",
-            "did you mean 'severity'?",
+        *(
+            (
+                {**in_set("sex", ["male"]), "meta": {"owner": "team:birds", typo: "warning"}},
+                f"expectations.0.meta.{typo}",
+                "did you mean 'severity'?",
+            )
+            for typo in ("severty", "severit", "Severity")
         ),
     ],
 )
@@ -848,28 +856,78 @@ def test_set_members_of_dates_are_the_instants_the_statistics_read(tmp_catalog: 
         load(in_set("date", ["2012-W01-1"]))
 
 
+def gx_saved(expectations: list[dict]) -> dict:
+    """A suite as GX 1.x tooling writes it: every expectation with GX's own `severity` ("critical" unless
+    given) beside its `meta`."""
+    import great_expectations as gx
+
+    gx.get_context(mode="ephemeral")  # GX builds suites only with a context
+    return gx.ExpectationSuite(name="palmer_penguins", expectations=expectations).to_json_dict()
+
+
+def judged_penguins(root: Path, suite: dict) -> dict:
+    """`suite` as the penguins' suite, as the catalogue at `root` loads and judges it."""
+    (root / "suites" / "palmer_penguins.json").write_text(json.dumps(suite))
+    return judged_suite(load_catalog(root).suites["palmer_penguins"])
+
+
 def test_a_suite_gx_exported_loads_with_its_severity(tmp_catalog: Path) -> None:
     """GX 1.x writes an expectation's severity beside its meta (and its id and notes): honoured as
     `meta.severity` is, so it makes the same version."""
-    import great_expectations as gx
-    from great_expectations.expectations import ExpectColumnValuesToBeInSet
-
-    gx.get_context(mode="ephemeral")  # GX builds suites only with a context
-    written = gx.ExpectationSuite(name="palmer_penguins")
-    written.add_expectation(
-        ExpectColumnValuesToBeInSet(column="sex", value_set=["male"], severity="warning", notes="two sexes")
-    )
-    suite = tmp_catalog / "suites" / "palmer_penguins.json"
-    exported = written.to_json_dict()
+    exported = gx_saved([{**in_set("sex", ["male"]), "severity": "warning", "notes": "two sexes"}])
     exported["expectations"][0]["id"] = "2f7c3e0e-8b7d-4c47-9d1e-6c1f0c7b1a52"  # as a saved suite has
-    suite.write_text(json.dumps(exported))
-    loaded = load_catalog(tmp_catalog).suites["palmer_penguins"]
     in_meta = {
         "name": "palmer_penguins",
         "expectations": [{**in_set("sex", ["male"]), "meta": {"severity": "warning"}}],
     }
-    assert judged_suite(loaded) == judged_suite(in_meta)
-    assert judged_suite(loaded)["expectations"][0]["severity"] == "warning"
+    assert judged_penguins(tmp_catalog, exported) == judged_suite(in_meta)
+    assert judged_suite(in_meta)["expectations"][0]["severity"] == "warning"
+
+
+def test_a_suite_saved_again_by_gx_keeps_its_meta_severity(tmp_catalog: Path) -> None:
+    """GX writes `severity: critical` beside an aifactory suite's `meta.severity: warning`: refused as two
+    severities, so no suite could go through GX's tooling. The top-level `critical` is GX's default;
+    `meta.severity` decides, and the judged suite (its version) is the one written before."""
+    written = {
+        "name": "palmer_penguins",
+        "expectations": [{**in_set("sex", ["male"]), "meta": {"severity": "warning"}}],
+    }
+    saved = gx_saved(written["expectations"])
+    assert saved["expectations"][0]["severity"] == "critical"
+    assert judged_penguins(tmp_catalog, saved) == judged_suite(written)
+    assert judged_suite(written)["expectations"][0]["severity"] == "warning"
+
+
+def test_gx_info_severity_is_judged_as_warning(tmp_catalog: Path) -> None:
+    """GX 1.x's third severity, `info`, was refused: it does not block the shards, and shows in the
+    warning check (there is no check of its own)."""
+    judged = judged_penguins(tmp_catalog, gx_saved([{**in_set("sex", ["male"]), "severity": "info"}]))
+    assert judged["expectations"][0]["severity"] == "warning"
+
+
+def test_meta_takes_any_key_but_a_misspelt_severity(tmp_catalog: Path) -> None:
+    """`meta` is GX's free-form metadata: an owner, a ticket, even `security` load (and judge nothing)."""
+    meta = {"owner": "team:birds", "ticket": "DQ-12", "security": "internal", "severity": "warning"}
+    judged = judged_penguins(
+        tmp_catalog, {"name": "palmer_penguins", "expectations": [{**in_set("sex", ["male"]), "meta": meta}]}
+    )
+    assert judged["expectations"][0]["severity"] == "warning"
+
+
+def test_float32_members_beyond_its_range_are_refused(tmp_catalog: Path) -> None:
+    """1e40 became infinity as the workers compare it in float32, and matched a stored infinity; within the
+    range, and infinity itself, a float32 column holds."""
+    edit_yaml(
+        tmp_catalog / "datasets" / "palmer_penguins.yaml",
+        lambda d: next(c for c in d["schema"]["columns"] if c["name"] == "bill_length_mm").update(type="float32"),
+    )
+    suite = tmp_catalog / "suites" / "palmer_penguins.json"
+    held = [39.1, 3.4e38, -3.4e38, float("inf")]
+    suite.write_text(json.dumps({"name": "palmer_penguins", "expectations": [in_set("bill_length_mm", held)]}))
+    assert load_catalog(tmp_catalog).suites["palmer_penguins"]["expectations"][0]["kwargs"]["value_set"] == held
+    beyond = in_set("bill_length_mm", [39.1, -1e40], "expect_column_values_to_not_be_in_set")
+    suite.write_text(json.dumps({"name": "palmer_penguins", "expectations": [beyond]}))
+    assert_refused(tmp_catalog, suite, "expectations.0.kwargs.value_set.1", "-1e+40 is beyond float32's range")
 
 
 def test_an_expectation_takes_the_keys_gx_exports() -> None:

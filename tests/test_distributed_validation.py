@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Callable
+from typing import Any
 
 import dask
 import dask.dataframe as dd
@@ -315,6 +317,84 @@ def test_set_members_match_dates_timestamps_and_float32_values_as_stored(tmp_pat
     record = validate_dataset(store, dask.get_client(), dataset, suite, "r1", every_run_over)
     assert [(r["unexpected_count"], r["error"]) for r in record["results"]] == [(1, None)] * len(expectations)
     assert record["rows_quarantined"] == 1  # id 4, outside every set
+
+
+def test_dates_past_2262_keep_their_unit_for_gx() -> None:
+    """pyarrow's nanosecond coercion wrapped a date past 2262 without a word: 9999-12-31, a common open end,
+    was judged, and shown in quarantine samples, as 1816-03-29. A column whose values all fit still goes to
+    GX in ns (where GX vectorises), whichever other column does not."""
+    far, near = dt.date(9999, 12, 31), dt.date(2024, 1, 2)
+    dates = pa.table({"until": pa.array([far, near], pa.date32())})
+    assert pandas_for_gx(dates)["until"].tolist() == [pd.Timestamp(far), pd.Timestamp(near)]
+    mixed = dates.append_column("at", pa.array([dt.datetime(2024, 1, 2, 12)] * 2, pa.timestamp("us")))
+    frame = pandas_for_gx(mixed.append_column("day", pa.array([near, None], pa.date32())))
+    assert frame["until"].tolist() == [pd.Timestamp(far), pd.Timestamp(near)]
+    assert dict(frame.dtypes.astype(str)) == {
+        "until": "datetime64[ms]",
+        "at": "datetime64[ns]",
+        "day": "datetime64[ns]",
+    }
+
+
+def test_set_members_past_2262_match_no_value_of_a_file_read_in_ns(tmp_path, dask: DaskCluster) -> None:
+    """A member past 2262 (9999-12-31, an open end; 2300-01-01) failed every part whose values all lie in
+    1677-2262, which GX gets in ns: "Out of bounds nanosecond timestamp". It matches no value there, in a
+    set or not in it; the counts summed over parts are GX's on the whole table, read in its own units."""
+    dataset = with_columns(
+        [
+            {"name": "id", "type": "int64", "nullable": False},
+            {"name": "until", "type": "date"},
+            {"name": "valid_to", "type": "timestamp"},
+        ]
+    )
+    end, far, later = dt.datetime(2024, 12, 31), dt.datetime(9999, 12, 31), dt.datetime(2025, 6, 30)
+    tables = [
+        pa.table(
+            {"id": [0, 1], "until": [end.date(), later.date()], "valid_to": pa.array([end, later], pa.timestamp("us"))}
+        ),
+        pa.table(
+            {"id": [2, 3], "until": [far.date(), end.date()], "valid_to": pa.array([far, end], pa.timestamp("us"))}
+        ),
+    ]
+
+    def expectations(day: Callable[[str], Any], instant: Callable[[str], Any]) -> list[dict]:
+        in_set, not_in_set = "expect_column_values_to_be_in_set", "expect_column_values_to_not_be_in_set"
+        pair = {"column_A": "until", "column_B": "valid_to"}
+        return [
+            {"type": in_set, "kwargs": {"column": "until", "value_set": [day("2024-12-31"), day("9999-12-31")]}},
+            {"type": not_in_set, "kwargs": {"column": "valid_to", "value_set": [instant("9999-12-31T00:00:00")]}},
+            {
+                "type": in_set,
+                "kwargs": {
+                    "column": "valid_to",
+                    "value_set": [instant("2300-01-01T00:00:00"), instant("2024-12-31T00:00:00")],
+                },
+            },
+            {
+                "type": "expect_column_pair_values_to_be_in_set",
+                "kwargs": {
+                    **pair,
+                    "value_pairs_set": [
+                        [day("9999-12-31"), instant("9999-12-31T00:00:00")],
+                        [day("2024-12-31"), instant("2024-12-31T00:00:00")],
+                    ],
+                },
+            },
+        ]
+
+    (tmp_path / "readings.json").write_text(json.dumps({"name": "readings", "expectations": expectations(str, str)}))
+    suite = load_suite(tmp_path / "readings.json", dataset, tmp_path / "readings.yaml")
+    store = ObjectStore(site="kajaani", root=str(tmp_path / "store"))
+    publish_raw_tables(store, tables)
+    record = validate_dataset(store, dask.get_client(), dataset, suite, "r1", every_run_over)
+    whole = pandas_for_gx(pa.concat_tables(tables))
+    assert str(whole.dtypes["valid_to"]) == "datetime64[us]"  # 9999 among them: every member is a value there
+    reference = gx_whole_table(whole, expectations(pd.Timestamp, pd.Timestamp))
+    ours = record["results"]
+    assert [r["error"] for r in ours] == [None] * 4
+    assert [r["unexpected_count"] for r in ours] == [r.result["unexpected_count"] for r in reference] == [1, 1, 2, 1]
+    assert [r["success"] for r in ours] == [r.success for r in reference] == [False] * 4
+    assert ours[1]["sample"] == ["9999-12-31 00:00:00"]  # as stored, not wrapped
 
 
 def test_a_suite_gx_refuses_fails_with_its_message(tmp_path, dask: DaskCluster) -> None:
