@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 from distributed import Client
 
 from aifactory_assets.catalog import Dataset
+from aifactory_assets.ingest import NOT_DATA_PREFIXES
 from aifactory_assets.metadata import location, markdown_table
 from aifactory_assets.parquet_io import read_footers
 from aifactory_assets.schema import ARROW_TYPES
@@ -140,15 +141,31 @@ def shard_problems(store: ObjectStore, client: Client, prefix: str, manifest: di
     return damaged | stray_files(store, prefix, manifest)
 
 
-STRAY = "not in the manifest, yet read with the shards by directory readers (Hugging Face data_dir, pyarrow, pandas)"
+STRAY = (
+    "not in the manifest, yet read with the shards by directory readers (Hugging Face data_dir, pyarrow, "
+    "pandas): move it out of the version's folder"
+)
+
+
+def shard_paths(manifest: dict) -> set[str]:
+    """The shards a version's manifest names, by path within its folder."""
+    return {s["path"] for split in manifest["splits"].values() for s in split["shards"]}
+
+
+def read_as_data(path: str) -> bool:
+    """Whether directory readers take a file in a version's folder for data: not one under a hidden or
+    marker name (`.nfs*`, `.DS_Store`, `_SUCCESS`), which Hugging Face skips and the README's pyarrow and
+    pandas recipes leave out, as ingest does."""
+    return not any(name.startswith(NOT_DATA_PREFIXES) for name in path.split("/"))
 
 
 def stray_files(store: ObjectStore, prefix: str, manifest: dict) -> dict[str, str]:
-    """Files in a version's folder that its manifest does not name: the loader never reads them, but the
-    README's other readers open the folder as it is. Named, never removed: a person decides what they are."""
-    named = {MANIFEST} | {s["path"] for split in manifest["splits"].values() for s in split["shards"]}
+    """Files in a version's folder that its manifest does not name and readers take for data: the loader
+    never reads them, but the README's other readers open the folder as it is. Named, never removed: a
+    person decides what they are."""
+    named = {MANIFEST} | shard_paths(manifest)
     paths = (o.key[len(prefix) + 1 :] for o in store.list_objects(prefix))
-    return {path: STRAY for path in paths if path not in named}
+    return {path: STRAY for path in paths if path not in named and read_as_data(path)}
 
 
 def verified_check(manifest: dict, problems: dict[str, str], repaired: dict[str, str]) -> dg.AssetCheckResult:

@@ -29,6 +29,7 @@ from aifactory_assets.checks import (
     footers,
     ledger_check,
     schema_check,
+    shard_paths,
     shard_problems,
     verified_check,
 )
@@ -39,12 +40,12 @@ from aifactory_assets.manifest import (
     build_manifest,
     committed_manifest,
     keep_quarantine,
+    latest_left,
     latest_version,
     lineage_inputs,
     make_latest,
     output_software,
     part_seqs,
-    raw_moved_on,
     remove_abandoned_writes,
     version_for,
     version_prefix,
@@ -247,10 +248,11 @@ def new_version(
     valid_record: dict[str, Any],
     shard: Callable[[str], dict[str, Any]],
     run_id: str,
+    rebuilt_at: str,
 ) -> dict[str, Any]:
     """A version not committed yet: its shards written under its folder, its quarantine kept, and the
     manifest that will commit it."""
-    sharded = shard(version_prefix(dataset, version))
+    sharded = shard_into(store, version_prefix(dataset, version), shard, rebuilt_at)
     if sharded["rows_in"] != valid_record["rows_valid"]:
         raise dg.Failure(
             f"{dataset.name}: the shuffle read {sharded['rows_in']} validated rows where validated passed "
@@ -273,29 +275,44 @@ def new_version(
     return build_manifest(dataset, version, arrow_schema(dataset), sharded, lineage, validation, quarantine, run_id)
 
 
+def copy_over(store: ObjectStore, rebuilt_at: str, prefix: str, paths: set[str]) -> None:
+    """Shards made in the staging, each copied whole over its namesake in the version's folder: written
+    there in place, a training job that resolved the version before would read one cut short."""
+    store.copy_many([(f"{rebuilt_at}/{path}", f"{prefix}/{path}") for path in sorted(paths)])
+
+
+def shard_into(
+    store: ObjectStore, prefix: str, shard: Callable[[str], dict[str, Any]], rebuilt_at: str
+) -> dict[str, Any]:
+    """The shards written under `prefix`; by way of the staging where that folder holds files already (a
+    version whose manifest cannot be read is made again under the readers that resolved it before)."""
+    if all(o.key == f"{prefix}/{MANIFEST}" for o in store.list_objects(prefix)):
+        return shard(prefix)
+    sharded = shard(rebuilt_at)
+    copy_over(store, rebuilt_at, prefix, shard_paths(sharded))
+    return sharded
+
+
 def repair_version(
     store: ObjectStore,
     dataset: Dataset,
     prefix: str,
     manifest: dict[str, Any],
-    problems: dict[str, str],
+    damaged: dict[str, str],
     rebuilt: dict[str, Any],
     rebuilt_at: str,
-) -> dict[str, str]:
-    """A committed version whose shards rotted, or were removed, gets them back: the same inputs and
-    configuration give the same bytes, so the damaged shards are rebuilt in the staging and copied over
-    them (each whole, never written in place under a reader), and the manifest stays as committed. Returns
-    the shards repaired and what was wrong with them (files the manifest does not name are not shards)."""
+) -> None:
+    """A committed version whose shards (`damaged`, by path) rotted, or were removed, gets them back: the
+    same inputs and configuration give the same bytes, so they are rebuilt in the staging and copied over,
+    and the manifest stays as committed."""
     made = {s["path"]: s["sha256"] for split in rebuilt["splits"].values() for s in split["shards"]}
     wanted = {s["path"]: s["sha256"] for split in manifest["splits"].values() for s in split["shards"]}
     if made != wanted:
         raise dg.Failure(
-            f"{dataset.name}: version {manifest['version']} is damaged ({problems}) and its shards, made again, "
+            f"{dataset.name}: version {manifest['version']} is damaged ({damaged}) and its shards, made again, "
             f"differ from its manifest: remove {store.url(prefix)}/{MANIFEST} and run again to write it anew"
         )
-    damaged = {path: problem for path, problem in problems.items() if path in wanted}
-    store.copy_many([(f"{rebuilt_at}/{path}", f"{prefix}/{path}") for path in damaged])
-    return damaged
+    copy_over(store, rebuilt_at, prefix, set(damaged))
 
 
 def refuse_failed(
@@ -309,12 +326,12 @@ def refuse_failed(
     said = "; ".join(f"{r.check_name}: {r.description}" for r in failed)
     latest = latest_version(store, dataset)
     manifest_url = store.url(f"{version_prefix(dataset, version)}/{MANIFEST}")
-    named = "_latest still names it" if latest == version else f"_latest left at {latest}"
+    named = "_latest still names it" if latest == version else latest_left(latest)
     if not committed:
         state = f"so it is not committed ({named})"
     else:
         state = (
-            f"yet it is committed and {named}: remove what is named above, or remove {manifest_url} and run "
+            f"yet it is committed and {named}: set right what is named above, or remove {manifest_url} and run "
             "again to write the version anew"
         )
     raise dg.Failure(
@@ -332,8 +349,8 @@ def shard_footers(store: ObjectStore, dataset: Dataset, manifest: dict[str, Any]
     except FileNotFoundError as exc:
         raise dg.Failure(
             f"{dataset.name}: a shard of version {manifest['version']} went while this run checked it ({exc}), "
-            f"most likely removed by another deployment's retention; _latest left at "
-            f"{latest_version(store, dataset)}: run the shards again"
+            f"most likely removed by another deployment's retention; {latest_left(latest_version(store, dataset))}: "
+            "run the shards again"
         ) from exc
 
 
@@ -582,6 +599,7 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
     @naming_refusals(dataset.site)
     def shards(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         store, dask = _resources(context, dataset)
+        since = latest_version(store, dataset)  # moved by another deployment meanwhile, it stays (make_latest)
         raw_record = require_current(store, f"raw/{dataset.name}", "raw")
         valid_record = require_current(store, f"validated/{dataset.name}", "validated")
         require_shardable(dataset, suite, raw_record, valid_record)
@@ -591,34 +609,38 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
             context.log.info(f"removed v={abandoned}/, left unfinished by runs that are over")
         staging = f"{staging_prefix(dataset)}/{version}/{context.run.run_id}"  # marks the version being written
         shard = partial(shard_version, store, dask.get_client(), dataset, raw_record, valid_record, staging=staging)
+        rebuilt_at = f"{staging}/rebuilt"
         committed = committed_manifest(store, dataset, version)
         if committed:
             manifest = committed
             context.log.info(f"version {version} is already committed; re-pointing _latest at it")
         else:
-            manifest = new_version(store, dataset, version, raw_record, valid_record, shard, context.run.run_id)
+            manifest = new_version(
+                store, dataset, version, raw_record, valid_record, shard, context.run.run_id, rebuilt_at
+            )
         problems, repaired = shard_problems(store, dask.get_client(), prefix, manifest), {}
-        if problems and committed:
-            context.log.warning(f"version {version} is committed but damaged, {problems}: rebuilding those shards")
-            rebuilt_at = f"{staging}/rebuilt"
-            repaired = repair_version(store, dataset, prefix, manifest, problems, shard(rebuilt_at), rebuilt_at)
-            problems = shard_problems(store, dask.get_client(), prefix, manifest)
+        damaged = {path: problem for path, problem in problems.items() if path in shard_paths(manifest)}
+        if damaged and committed:  # strays alone need no shard made again
+            context.log.warning(f"version {version} is committed but damaged, {damaged}: rebuilding those shards")
+            repair_version(store, dataset, prefix, manifest, damaged, shard(rebuilt_at), rebuilt_at)
+            repaired, problems = damaged, shard_problems(store, dask.get_client(), prefix, manifest)
         verified = verified_check(manifest, problems, repaired)
         check_results = blocking_checks(store, dataset, manifest, verified, bool(committed))
         if not committed:
             write_manifest(store, dataset, manifest)
-        if newer := raw_moved_on(store, dataset, raw_record["generation"]):
+        made_latest = make_latest(store, dataset, version, context.run.run_id, since)
+        latest = latest_version(store, dataset)
+        if not made_latest:
             context.log.warning(
-                f"{dataset.name}: version {version} is committed but not made the latest: raw was published "
-                f"again meanwhile ({newer}, a newer landing), so _latest stays at {latest_version(store, dataset)}"
+                f"{dataset.name}: version {version} is committed but not made the latest: _latest moved from "
+                f"{since or 'no version'} to {latest} while this run sharded (another deployment committed or "
+                "re-pointed at it), so it stays there"
             )
-        else:
-            make_latest(store, dataset, version, context.run.run_id)
         store.delete(staging)  # kept if anything above failed: it marks the version left unfinished
         store.remove_empty_folder(f"{staging_prefix(dataset)}/{version}")  # unless another run writes it too
         balance = manifest["conservation"]
         split_rows = [[s, v["rows"], len(v["shards"]), v["bytes"]] for s, v in manifest["splits"].items()]
-        made = "committed" if not newer else f"committed, not made the latest (raw moved on to `{newer}`)"
+        made = "committed" if made_latest else f"committed, not made the latest (`_latest` moved on to `{latest}`)"
         summary = f"Version `{version}` {made}: `{store.url(prefix)}/{MANIFEST}`\n\n" + markdown_table(
             ["split", "rows", "shards", "bytes"], split_rows
         )
@@ -637,8 +659,8 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
                 "version": version,
                 "manifest": dg.MetadataValue.path(store.url(f"{prefix}/{MANIFEST}")),
                 "duplicates_dropped": balance["duplicates_dropped"],
-                "made_latest": not newer,
-                "latest": latest_version(store, dataset) or "none",
+                "made_latest": made_latest,
+                "latest": latest or "none",
                 "repaired": dg.MetadataValue.json(repaired),
             },
             check_results=check_results,

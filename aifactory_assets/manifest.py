@@ -23,7 +23,6 @@ import pyarrow as pa
 from distributed import Client
 
 from aifactory_assets.catalog import Dataset, judged_suite
-from aifactory_assets.publish import current
 from aifactory_assets.shard_layout import LATEST, MANIFEST, schema_fingerprint
 from aifactory_assets.sharding import SAMPLER
 from aifactory_assets.staging import staging_prefix
@@ -345,32 +344,44 @@ def write_manifest(store: ObjectStore, dataset: Dataset, manifest: dict[str, Any
     store.write_json(f"{version_prefix(dataset, manifest['version'])}/{MANIFEST}", manifest)
 
 
-def raw_moved_on(store: ObjectStore, dataset: Dataset, raw_generation: str) -> str | None:
-    """The raw generation published since `raw_generation` (another deployment's run of a newer landing),
-    if one was: a version sharded from the older one must not move `_latest` back to older inputs."""
-    now = (current(store, f"raw/{dataset.name}") or {}).get("generation")
-    return now if now != raw_generation else None
+class LatestMovedOn(Exception):
+    """`_latest` changed while this run sharded: another deployment committed or re-pointed meanwhile."""
 
 
-def make_latest(store: ObjectStore, dataset: Dataset, version: str, run_id: str) -> None:
-    """Point `_latest` at a committed version, then apply retention (by run `run_id`). A Failure, `_latest`
-    untouched, where the version's manifest went meanwhile (another deployment's retention)."""
+def latest_left(latest: str | None) -> str:
+    """Where a failure leaves `_latest`, as it says it: a dataset's first version has none to be left at."""
+    return f"_latest left at {latest}" if latest else "there is no committed version yet"
+
+
+def make_latest(store: ObjectStore, dataset: Dataset, version: str, run_id: str, since: str | None) -> bool:
+    """Point `_latest` at a committed version, then apply retention (by run `run_id`); whether it did. Not
+    where `_latest` moved off `since` (the version it named as this run began to shard) meanwhile: another
+    deployment's commit or re-pointing is newer than this run's inputs, which only moving forward may
+    replace. A Failure, `_latest` untouched, where the version's manifest went meanwhile (another
+    deployment's retention)."""
 
     def pointed(latest: dict[str, Any] | None) -> dict[str, Any]:
         """`_latest` from the one read (again on a conflict): a version another deployment committed
         meanwhile keeps its place in the history, which retention goes by."""
         committed = {v for _, v in committed_versions(store, dataset)}
+        now = (latest or {}).get("version")
         if version not in committed:
             raise dg.Failure(
                 f"{dataset.name}: version {version} was removed before it could be made the latest "
                 f"({store.url(f'{version_prefix(dataset, version)}/{MANIFEST}')} is gone, most likely by another "
-                f"deployment's retention); _latest still names {(latest or {}).get('version')}: run the shards again"
+                f"deployment's retention); {latest_left(now)}: run the shards again"
             )
+        if now not in (since, version):
+            raise LatestMovedOn(now)
         history = [v for v in (latest or {}).get("history", []) if v in committed and v != version] + [version]
         return {"version": version, "manifest": f"v={version}/{MANIFEST}", "history": history}
 
-    store.update_json(f"{dataset_prefix(dataset)}/{LATEST}", pointed)
+    try:
+        store.update_json(f"{dataset_prefix(dataset)}/{LATEST}", pointed)
+    except LatestMovedOn:
+        return False
     apply_retention(store, dataset, keep=version, run_id=run_id)
+    return True
 
 
 def latest_history(store: ObjectStore, dataset: Dataset) -> list[str]:

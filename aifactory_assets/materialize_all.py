@@ -76,12 +76,23 @@ def why_failed(error: SerializableErrorInfo) -> str:
 
 
 def bounded(text: str, most: int = MOST_LINES, width: int = 400) -> str:
-    """`text`'s lines, the first on the summary's line and the rest indented under it, at most `most` of
-    them, each cut at `width`: a description names one refused file or shard a line, and a thousand of
-    them would bury the summary (the Dagster UI's check has them all)."""
-    lines = [line if len(line) <= width else line[: width - 1] + "…" for line in text.strip().splitlines()]
-    shown = lines[:most] + ([f"… and {len(lines) - most} more"] if len(lines) > most else [])
-    return "\n    ".join(shown)
+    """`text`'s lines, the first on the summary's line and the rest indented under it, each at most `width`
+    long: a description names one refused file or shard a line, and a thousand of them would bury the
+    summary (the Dagster UI's check has them all). Past `most` lines, the first ones, a count of those left
+    out and the last, and a long line loses its middle: a failure ends with what to do (the key to remove)."""
+    lines = [shortened(line, width) for line in text.strip().splitlines()]
+    if len(lines) > most:
+        first = lines[: max(most - 2, 1)]
+        lines = [*first, f"… and {len(lines) - len(first) - 1} more", lines[-1]]
+    return "\n    ".join(lines)
+
+
+def shortened(line: str, width: int) -> str:
+    """`line`, cut in the middle to `width` characters where longer: its start and its end are kept."""
+    if len(line) <= width:
+        return line
+    start = (width - 1) // 2
+    return f"{line[:start]}…{line[len(line) - (width - 1 - start) :]}"
 
 
 def manifest_line(store: ObjectStore, dataset: Dataset, run_id: str) -> tuple[str, bool]:
@@ -97,9 +108,9 @@ def manifest_line(store: ObjectStore, dataset: Dataset, run_id: str) -> tuple[st
             where += "  (made by an earlier run)"
         return f"{version:17} {rows:>7}  {where}", True
     except dg.Failure as failure:  # manifest.py's own account of a damaged manifest, naming it
-        return f"{'-':17} {'-':>7}  {bounded(failure.description or '', most=1)}", False
+        return f"{'-':17} {'-':>7}  {bounded(failure.description or '', most=3)}", False
     except UNREADABLE as exc:
-        why = f"{type(exc).__name__}: {bounded(str(exc), most=1)}"
+        why = f"{type(exc).__name__}: {bounded(str(exc), most=3)}"
         return f"{'-':17} {'-':>7}  {store.url(manifest_key(store, dataset))} unreadable: {why}", False
 
 

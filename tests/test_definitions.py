@@ -21,7 +21,7 @@ from aifactory_assets.definitions import build_definitions
 from aifactory_assets.demo import land_demo_data
 from aifactory_assets.factory import asset_key, dataset_pool
 from aifactory_assets.manifest import latest_manifest
-from aifactory_assets.materialize_all import held_pools
+from aifactory_assets.materialize_all import bounded, held_pools
 from tests.conftest import free_port, local_stores, pipeline_resources
 
 REPO = Path(__file__).resolve().parent.parent
@@ -153,9 +153,9 @@ def test_a_failed_headless_run_names_every_refusal_its_data_docs_and_a_damaged_m
     catalog: Catalog, tmp_path: Path, dask_address: str, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
     """A run whose critical expectation fails, with twelve files refused and the latest manifest cut short:
-    the summary names ten refused files and counts the rest, links the Data Docs page this run wrote (not
-    `latest.html`, an earlier run's where validation did not run), and says on the dataset's line which
-    manifest it could not read instead of ending in a traceback."""
+    the summary names the first eight refused files, counts the others but the last, names that one, links
+    the Data Docs page this run wrote (not `latest.html`, an earlier run's where validation did not run), and
+    says on the dataset's line which manifest it could not read instead of ending in a traceback."""
     from aifactory_assets import materialize_all
 
     monkeypatch.setenv("AIFACTORY_HOME", str(tmp_path))
@@ -179,10 +179,28 @@ def test_a_failed_headless_run_names_every_refusal_its_data_docs_and_a_damaged_m
     [row] = [line for line in shown.splitlines() if line.startswith("palmer_penguins ")]
     assert store.url(manifest) in row and "JSON" in row  # the key, and why: not JSON
     assert "warn: life_sciences/palmer_penguins/raw:landed_files_read: landing/palmer_penguins/drift" in shown
-    assert shown.count("landing/palmer_penguins/drift") == 10 and "… and 2 more" in shown
+    assert shown.count("landing/palmer_penguins/drift") == 9 and "drift07.csv" in shown and "drift11.csv" in shown
+    assert "drift08.csv" not in shown and "… and 3 more" in shown
     assert "error: life_sciences/palmer_penguins/validated:critical_expectations: failed: " in shown
     assert f"this run's Data Docs: {store.url(f'reports/palmer_penguins/validation-{run_id}.html')}\n" in shown
     assert "latest.html" not in shown
+
+
+def test_a_headless_runs_summary_keeps_what_a_long_failure_says_to_do() -> None:
+    """A failure's last words say what to do (the key to remove): a line too long for the summary loses its
+    middle, not its end, and a failure of many lines keeps its last."""
+    key = "s3://bucket/shards/x/v=0123456789abcdef/manifest.json"
+    line = f"x: version 0123456789abcdef does not pass {'a.parquet: checksum differs; ' * 40}remove {key} and run again"
+    shown = bounded(line)
+    assert len(shown) == 400 and shown.startswith("x: version 0123456789abcdef")
+    assert shown.endswith(f"remove {key} and run again")
+    many = bounded("\n".join([*(f"shard-{i}: missing" for i in range(30)), f"remove {key}"]))
+    assert many.splitlines() == [
+        "shard-0: missing",
+        *(f"    shard-{i}: missing" for i in range(1, 8)),
+        "    … and 22 more",
+        f"    remove {key}",
+    ]
 
 
 def test_a_dataset_added_as_yaml_becomes_assets_with_no_code(tmp_path: Path, dask) -> None:

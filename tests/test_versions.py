@@ -9,6 +9,7 @@ import io
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import dagster as dg
@@ -26,6 +27,7 @@ from aifactory_assets.manifest import (
     committed_versions,
     landing_order,
     latest_manifest,
+    latest_version,
     make_latest,
     part_seqs,
     remove_abandoned_writes,
@@ -89,7 +91,7 @@ def commit(store: ObjectStore, dataset: Dataset, version: str, created_at: str, 
     """A version of no shards committed as the shards step commits one: its manifest, then `_latest`."""
     manifest = {"version": version, "created_at": created_at, "splits": {}, "conservation": {}, "quarantine": {}}
     write_manifest(store, dataset, manifest)
-    make_latest(store, dataset, version, run_id)
+    make_latest(store, dataset, version, run_id, since=latest_version(store, dataset))
 
 
 def test_a_failed_run_leaves_no_visible_version_and_a_rerun_completes_it(setup) -> None:
@@ -152,7 +154,7 @@ def test_retention_counts_a_version_made_latest_again_as_recent(setup) -> None:
     _, dataset, store, *_ = setup  # retention 2
     for i in range(2):
         commit(store, dataset, f"ver{i}", f"2026-01-0{i + 1}", f"run{i}")
-    make_latest(store, dataset, "ver0", "run-reverted")  # ver0 again
+    make_latest(store, dataset, "ver0", "run-reverted", since="ver1")  # ver0 again
     commit(store, dataset, "ver2", "2026-01-03", "run2")
     assert sorted(v for _, v in committed_versions(store, dataset)) == ["ver0", "ver2"]
 
@@ -211,10 +213,9 @@ def test_a_version_removed_while_it_is_re_pointed_at_is_not_written_again(setup,
     assert not store.exists(f"shards/{DATASET}/v={old}/manifest.json")
 
 
-def test_latest_never_goes_back_to_inputs_replaced_while_they_were_sharded(setup, monkeypatch) -> None:
-    """A drop replaced while this run shards it (another deployment ingests the new one meanwhile): the
-    version this run made is complete and stays committed, but `_latest` must not move back to the
-    replaced inputs; the run warns and its materialisation says so."""
+def sharded_meanwhile(setup, monkeypatch, deployment_b: Callable[[], None]) -> tuple[str, dg.ExecuteInJobResult]:
+    """A run that shards a new drop, `deployment_b` acting (on the same bucket) after this run wrote its
+    manifest and before `_latest` moves; the version `_latest` named before, and the run's result."""
     from aifactory_assets import factory
 
     catalog, dataset, store, stores, dask = setup
@@ -223,20 +224,51 @@ def test_latest_never_goes_back_to_inputs_replaced_while_they_were_sharded(setup
     land_more(store, 2016)
     write = factory.write_manifest
 
-    def deployment_b_ingests_a_newer_drop(*args, **kwargs) -> None:
+    def written_then_deployment_b(*args, **kwargs) -> None:
         write(*args, **kwargs)
-        land_more(store, 2017)  # the drop corrected, under its name
-        ingest_dataset(store, dask.get_client(), dataset, "run-b", lambda run_id: False)
+        deployment_b()
 
-    monkeypatch.setattr(factory, "write_manifest", deployment_b_ingests_a_newer_drop)
-    result = run(catalog, stores, dask)
+    monkeypatch.setattr(factory, "write_manifest", written_then_deployment_b)
+    return first, run(catalog, stores, dask)
+
+
+def test_latest_stays_at_a_version_another_deployment_committed_while_this_one_sharded(setup, monkeypatch) -> None:
+    """Another deployment commits a newer landing while this run shards the older one: the version this
+    run made is complete and stays committed, but `_latest` must not move back to older inputs; the run
+    warns and its materialisation says so."""
+    catalog, dataset, store, stores, dask = setup
+    dataset = dataset.model_copy(update={"shards": dataset.shards.model_copy(update={"retention": 3})})
+    catalog = catalog.model_copy(update={"datasets": {DATASET: dataset}})  # B's retention leaves this run's
+    _, result = sharded_meanwhile(
+        (catalog, dataset, store, stores, dask),
+        monkeypatch,
+        lambda: commit(store, dataset, "deployment-b", "2099-01-01", "run-b"),
+    )
     assert result.success
     [materialization] = result.asset_materializations_for_node(shards_node(dataset))
     made = materialization.metadata["version"].value
     assert materialization.metadata["made_latest"].value is False
-    assert latest_manifest(store, dataset)["version"] == first == materialization.metadata["latest"].value
+    assert latest_manifest(store, dataset)["version"] == "deployment-b" == materialization.metadata["latest"].value
     assert made in [v for _, v in committed_versions(store, dataset)]
     assert "not made the latest" in materialization.metadata["summary"].value
+
+
+def test_latest_moves_forward_past_a_drop_another_deployment_only_ingested(setup, monkeypatch) -> None:
+    """Another deployment ingests a newer drop while this run shards (its validation may fail, and it
+    commits nothing): `_latest` has not moved meanwhile, so this run's version, newer than the one there,
+    becomes the latest."""
+    catalog, dataset, store, stores, dask = setup
+
+    def deployment_b_ingests_a_newer_drop() -> None:
+        land_more(store, 2017, "later")
+        ingest_dataset(store, dask.get_client(), dataset, "run-b", lambda run_id: False)
+
+    first, result = sharded_meanwhile(setup, monkeypatch, deployment_b_ingests_a_newer_drop)
+    assert result.success
+    [materialization] = result.asset_materializations_for_node(shards_node(dataset))
+    made = materialization.metadata["version"].value
+    assert materialization.metadata["made_latest"].value is True and made != first
+    assert latest_manifest(store, dataset)["version"] == made
 
 
 class DiesDeleting(ObjectStore):
@@ -584,9 +616,14 @@ def test_an_unreadable_manifest_is_made_again_or_left_alone_never_a_dead_end(set
     cut_short(store, key)
     with pytest.raises(dg.Failure, match=f"{key} cannot be read: not JSON"):
         latest_manifest(store, dataset)
+    shards = [f"shards/{DATASET}/v={old['version']}/{s['path']}" for v in old["splits"].values() for s in v["shards"]]
+    before = {shard: (os.stat(store.path(shard)).st_ino, store.read_bytes(shard)) for shard in shards}
     assert run(catalog, stores, dask, stages=("shards",)).success
     again = latest_manifest(store, dataset)
     assert again["version"] == old["version"] and again["splits"] == old["splits"]
+    for shard, (inode, data) in before.items():  # each replaced whole, never truncated under a reader
+        assert os.stat(store.path(shard)).st_ino != inode and store.read_bytes(shard) == data
+    assert not store.list_objects(f"shards/{DATASET}/_staging")
 
     cut_short(store, key)
     instance = dg.DagsterInstance.ephemeral()
@@ -616,25 +653,47 @@ def test_a_version_failing_a_blocking_check_is_never_committed(setup, monkeypatc
     assert not result.success
     assert latest_manifest(store, dataset) is None and not committed_versions(store, dataset)
     assert "does not pass conservation: rows read = sharded" in failure_message(result)
-    assert "so it is not committed" in failure_message(result)
+    assert "so it is not committed (there is no committed version yet)" in failure_message(result)
+    assert "None" not in failure_message(result)
 
 
-def test_a_committed_version_that_fails_its_checks_says_so_and_names_strays(setup) -> None:
+def test_a_committed_version_that_fails_its_checks_says_so_and_names_strays(setup, monkeypatch) -> None:
     """A file in a version's folder that its manifest does not name is read by Hugging Face's data_dir,
-    pyarrow.dataset and pandas alike: the verified check names it (and leaves it). The version is committed
-    and `_latest` names it, which the failure says rather than "not committed"."""
+    pyarrow.dataset and pandas alike: the verified check names it (and leaves it), saying to move it out,
+    and no shard is made again for it. The version is committed and `_latest` names it, which the failure
+    says rather than "not committed"."""
+    from aifactory_assets import factory
+
     catalog, dataset, store, stores, dask = setup
     assert run(catalog, stores, dask).success
     version = latest_manifest(store, dataset)["version"]
     stray = f"shards/{DATASET}/v={version}/train-00099-of-00099.parquet"
     store.write_bytes(stray, b"someone's copy")
+    sharded = []
+    monkeypatch.setattr(factory, "shard_version", lambda *args, **kwargs: sharded.append(args))
     result = run(catalog, stores, dask, stages=("shards",))
-    assert not result.success
+    assert not result.success and not sharded
     said = failure_message(result)
     assert "train-00099-of-00099.parquet: not in the manifest" in said
     assert f"version {version} does not pass shards_match_manifest" in said
     assert "yet it is committed and _latest still names it" in said and "not committed" not in said
+    assert said.index("move it out of the version's folder") < said.index(f"v={version}/manifest.json and run")
     assert store.exists(stray) and latest_manifest(store, dataset)["version"] == version
+
+
+def test_files_no_reader_takes_for_data_fail_no_version(setup) -> None:
+    """An NFS silly-rename, a Finder's `.DS_Store`, a `.keep`, Spark's `_SUCCESS` in a version's folder: Hugging
+    Face skips hidden files and the README's pyarrow and pandas recipes leave out `.` and `_`, as ingest
+    does, so they are no stray and the version is re-pointed at."""
+    catalog, dataset, store, stores, dask = setup
+    assert run(catalog, stores, dask).success
+    version = latest_manifest(store, dataset)["version"]
+    for name in (".nfs000000000123abcd00000001", ".DS_Store", ".keep", "_SUCCESS", "_temporary/0/part-0"):
+        store.write_bytes(f"shards/{DATASET}/v={version}/{name}", b"")
+    result = run(catalog, stores, dask, stages=("shards",))
+    assert result.success, failure_message(result)
+    [verified] = [c for c in result.get_asset_check_evaluations() if c.check_name == "shards_match_manifest"]
+    assert verified.passed and verified.metadata["problems"].value == 0
 
 
 def test_new_code_or_libraries_make_a_new_version(setup, monkeypatch) -> None:
