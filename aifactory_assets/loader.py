@@ -65,7 +65,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from aifactory_assets.file_lock import lock, open_to_lock
-from aifactory_assets.shard_layout import LATEST, MANIFEST, read_footer, schema_fingerprint
+from aifactory_assets.shard_layout import LATEST, MANIFEST, read_footer, schema_fingerprint, take_rows
 
 DEFAULT_CACHE_BYTES = 20 * 2**30
 COPY_CHUNK = 8 * 2**20  # a download is streamed to disk, never held whole
@@ -1088,23 +1088,6 @@ def text_pieces(chunk: pa.DictionaryArray, limit: int) -> list[pa.DictionaryArra
         cuts.append(chunk.slice(start, stop - start))
         start = stop
     return cuts
-
-
-def take_rows(table: pa.Table, order: np.ndarray, limit: int = 2**31 - 1) -> pa.Table:
-    """`table.take(order)`, also where a text or binary column passes 2 GiB (`limit`): Arrow's take joins
-    a column's chunks first and its 32-bit offsets overflow. Such a table is taken a piece of `order` at a
-    time, each piece gathered from every chunk apart and put in order, and comes as one chunk per piece."""
-    if table.nbytes <= limit:
-        return table.take(order)
-    batches = table.to_batches()  # one chunk layout for every column
-    starts = np.cumsum([0] + [b.num_rows for b in batches])
-    pieces = []
-    for part in np.array_split(order, -(-table.nbytes // (limit // 2))):
-        source = np.searchsorted(starts, part, side="right") - 1
-        by_source = np.argsort(source, kind="stable")
-        taken = [batches[b].take(part[by_source][source[by_source] == b] - starts[b]) for b in np.unique(source)]
-        pieces.append(pa.Table.from_batches(taken, table.schema).combine_chunks().take(np.argsort(by_source)))
-    return pa.concat_tables(pieces)
 
 
 def shuffle_index(rows: int, rng: np.random.Generator, block: int) -> np.ndarray:

@@ -275,3 +275,11 @@ def _to_arrow(values: pd.Series, column: Column) -> pa.Array:
     if column.type.startswith("float"):
         return pa.array(values.astype("Float64"), type=pa.float64()).cast(target)
     return pa.array(values.astype(object).where(values.notna(), None).tolist(), type=target)
+
+
+def nullable_integer(kind: pa.DataType) -> pd.api.extensions.ExtensionDtype | None:
+    """Integer columns of the whole dataset as pandas' nullable integers: plain pandas makes a file's with a
+    null float64, where ids past 2**53 collide (false duplicates, rounded min, max and sum)."""
+    if not pa.types.is_integer(kind):
+        return None
+    return pd.api.types.pandas_dtype(f"{'U' if pa.types.is_unsigned_integer(kind) else ''}Int{kind.bit_width}")

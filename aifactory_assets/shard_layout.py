@@ -8,6 +8,7 @@ import math
 import os
 from typing import BinaryIO
 
+import numpy as np
 import pyarrow as pa
 
 MANIFEST, LATEST = "manifest.json", "_latest"  # a version's commit point; a dataset's pointer to its latest
@@ -55,3 +56,20 @@ def read_footer(file: BinaryIO) -> bytes:
 def schema_fingerprint(schema: pa.Schema) -> str:
     """The manifest's, of the shards' Arrow schema; readers check each shard's footer against it."""
     return hashlib.sha256(schema.remove_metadata().serialize().to_pybytes()).hexdigest()
+
+
+def take_rows(table: pa.Table, order: np.ndarray, limit: int = 2**31 - 1) -> pa.Table:
+    """`table.take(order)`, also where a text or binary column passes 2 GiB (`limit`): Arrow's take joins
+    a column's chunks first and its 32-bit offsets overflow. Such a table is taken a piece of `order` at a
+    time, each piece gathered from every chunk apart and put in order, and comes as one chunk per piece."""
+    if table.nbytes <= limit:
+        return table.take(order)
+    batches = table.to_batches()  # one chunk layout for every column
+    starts = np.cumsum([0] + [b.num_rows for b in batches])
+    pieces = []
+    for part in np.array_split(order, -(-table.nbytes // (limit // 2))):
+        source = np.searchsorted(starts, part, side="right") - 1
+        by_source = np.argsort(source, kind="stable")
+        taken = [batches[b].take(part[by_source][source[by_source] == b] - starts[b]) for b in np.unique(source)]
+        pieces.append(pa.Table.from_batches(taken, table.schema).combine_chunks().take(np.argsort(by_source)))
+    return pa.concat_tables(pieces)

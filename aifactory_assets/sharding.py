@@ -29,7 +29,7 @@ from distributed import Client
 from aifactory_assets.catalog import Dataset
 from aifactory_assets.parquet_io import HashingFile, open_for_write, read_footers, read_parquet
 from aifactory_assets.schema import ROW, arrow_schema
-from aifactory_assets.shard_layout import dictionary_columns, read_footer, row_group_rows, shard_name
+from aifactory_assets.shard_layout import dictionary_columns, read_footer, row_group_rows, shard_name, take_rows
 from aifactory_assets.staging import read_batches, read_sorted_rows, write_batches, write_sorted
 from aifactory_assets.tasks import run_tasks
 from aifactory_assets.validated_rows import read_validated_part
@@ -39,9 +39,14 @@ SEQ, ORDER = "_seq", "_order"
 BUCKET_BYTES = 64 * 2**20  # in-memory (Arrow) size of one bucket; a gather task peaks near four times that
 DICTIONARY_BYTES = BUCKET_BYTES // 8  # the dictionaries one gather task may load, all parts' together
 SAMPLER = {
-    "split": "the key hashed by pandas.util.hash_pandas_object (siphash-2-4 for text, its 64-bit mix for "
-    "numbers), mapped to [0, 1) and cut by the cumulative split ratios",
-    "shuffle": "rows sorted by splitmix64(key hash XOR the first 8 bytes of sha256(seed))",
+    "split": "each key column in a canonical form taken from its Arrow type (integers, floats and booleans as "
+    "NumPy arrays of their own type, timestamps as int64 microseconds since the epoch as stored, dates as "
+    "ISO 'YYYY-MM-DD' text, text as Python str), the columns hashed together by "
+    "pandas.util.hash_pandas_object(index=False) (siphash-2-4 of the UTF-8 bytes for text, its 64-bit mix "
+    "for numbers), divided by 2**64 and cut by the cumulative split ratios (numpy.searchsorted, side right)",
+    "shuffle": "rows in ascending order of z = key hash XOR s, where s is the first 8 bytes, big-endian, of "
+    "sha256 of the seed's decimal text, put through splitmix64's finaliser alone (no gamma added): "
+    "z ^= z >> 30; z *= 0xBF58476D1CE4E5B9; z ^= z >> 27; z *= 0x94D049BB133111EB; z ^= z >> 31 (mod 2**64)",
     "dedup": "by key among the validated rows, the record from the latest landed file (by when its bytes first "
     "landed under its name, then by name) and its last row wins",
     # What aifactory_assets.loader does with it per epoch (NumPy's Generator streams, the release in the
@@ -54,8 +59,25 @@ SAMPLER = {
 }
 
 
-def key_hash(frame: pd.DataFrame, key: list[str]) -> np.ndarray:
-    return pd.util.hash_pandas_object(frame[key], index=False).to_numpy(dtype=np.uint64)
+def hashed_form(column: pa.ChunkedArray) -> np.ndarray:
+    """A key column as it is hashed, from its Arrow type alone: the unit or type pandas converts it to moved
+    with its releases (timestamps in ns, then us; dates as objects or datetimes), and a hash of those would
+    move records between splits. Dates as their ISO text, as `str(datetime.date)`, which they were hashed
+    as from the first version."""
+    if pa.types.is_timestamp(column.type):
+        return column.cast(pa.timestamp("us")).cast(pa.int64()).to_numpy()
+    if pa.types.is_date(column.type):
+        return column.cast(pa.string()).to_numpy(zero_copy_only=False)
+    return column.to_numpy(zero_copy_only=False)
+
+
+def key_hash(table: pa.Table | pd.DataFrame, key: list[str]) -> np.ndarray:
+    """The key's 64-bit hash per row (SAMPLER["split"]); a DataFrame is read as Arrow first."""
+    if isinstance(table, pd.DataFrame):
+        table = pa.Table.from_pandas(table, preserve_index=False)
+    forms = {name: hashed_form(table.column(name)) for name in key}
+    frame = pd.DataFrame({name: pd.Series(form, dtype=form.dtype, copy=False) for name, form in forms.items()})
+    return pd.util.hash_pandas_object(frame, index=False).to_numpy(dtype=np.uint64)
 
 
 def assign_splits(hashes: np.ndarray, ratios: dict[str, float]) -> np.ndarray:
@@ -89,7 +111,7 @@ def scatter_part(
     """Runs on a worker: one validated part -> one staging file holding a record batch per bucket it
     touches; returns {bucket: (batch index in that file, rows)}."""
     table = read_validated_part(part_url, excluded_url, storage_options, read_dictionary=dictionary_columns)
-    hashes = key_hash(table.select(key_columns).to_pandas(), key_columns)
+    hashes = key_hash(table, key_columns)
     split = assign_splits(hashes, ratios).astype(np.int64)
     order = shuffle_order(hashes, seed)
     # Monotone in the order (uint64 -> float64 never reorders), so buckets in range order stay sorted.
@@ -98,12 +120,12 @@ def scatter_part(
     bucket = np.concatenate([[0], np.cumsum(ranges)[:-1]]).astype(np.int64)[split] + in_range
     table = table.append_column(ORDER, pa.array(order, pa.uint64()))
     table = table.append_column(SEQ, pa.array(np.full(table.num_rows, seq, np.int64)))
-    # One reorder by bucket, then each bucket is a zero-copy slice (not one filter pass per bucket). The take
-    # also leaves each dictionary column one dictionary, which an IPC file needs for all its batches.
-    # The narrowest integer type that holds every bucket: at 16 bits or fewer numpy's stable sort is a
-    # radix sort (1.4 vs 22 ms on 560k rows).
+    # One reorder by bucket, then each bucket is a zero-copy slice (not one filter pass per bucket). The
+    # narrowest integer type that holds every bucket: at 16 bits or fewer numpy's stable sort is a radix sort
+    # (1.4 vs 22 ms on 560k rows). A part past 2 GiB of text is taken a piece at a time (`take_rows`), so
+    # dictionaries are unified first: an IPC file holds one per column for all its batches.
     by_bucket = np.argsort(bucket.astype(np.min_scalar_type(sum(ranges) - 1)), kind="stable")
-    table, bucket = table.take(pa.array(by_bucket)), bucket[by_bucket]
+    table, bucket = take_rows(table.unify_dictionaries(), by_bucket), bucket[by_bucket]
     ids, starts, sizes = np.unique(bucket, return_index=True, return_counts=True)
     slices = [table.slice(start, size) for start, size in zip(starts.tolist(), sizes.tolist(), strict=True)]
     write_batches(out_url, table.schema, slices, storage_options)
@@ -168,8 +190,9 @@ def gather_bucket(
     if ties:  # latest wins: per key, the latest (file, row) last
         seq, row = (table.column(c).to_numpy() for c in (SEQ, ROW))
         sorting = np.lexsort((row, seq, order))
-    # The one full copy; it also unifies the files' dictionaries into one, as write_sorted needs.
-    table = table.take(pa.array(sorting))
+    # The one full copy (a piece at a time past 2 GiB of text), of the files' dictionaries unified into one,
+    # as write_sorted needs.
+    table = take_rows(table.unify_dictionaries(), sorting)
     if ties:  # keep the last of each key
         frame = table.select(key_columns).to_pandas()
         table = table.filter(pa.array(~frame.duplicated(keep="last").to_numpy()))
@@ -183,17 +206,23 @@ def write_shard(
     slices: list[tuple[str, int, int]], url: str, group_rows: int, storage_options: dict[str, Any], schema: pa.Schema
 ) -> dict[str, Any]:
     """Runs on a worker: stream row ranges of sorted buckets into one shard, one range in memory at a time,
-    hashing the bytes on their way out (no temporary copy; only the footer is read back, for its own hash,
+    in whole row groups across the buckets' ranges (a range's last rows wait for the next range's), hashing
+    the bytes on their way out (no temporary copy; only the footer is read back, for its own hash,
     which readers check on every open: page CRCs do not cover it). Written in place: the version is
     invisible until its manifest is committed."""
     fs, path = open_for_write(url, storage_options)
     with fs.open(path, "wb") as f:
         out = HashingFile(f)
         with shard_writer(out, schema) as writer:
+            held = schema.empty_table()
             for part, lo, hi in slices:
-                writer.write_table(as_shard(read_sorted_rows(part, lo, hi, storage_options), schema), group_rows)
-            if not slices:
-                writer.write_table(schema.empty_table())
+                held = pa.concat_tables([held, as_shard(read_sorted_rows(part, lo, hi, storage_options), schema)])
+                whole = held.num_rows - held.num_rows % group_rows
+                if whole:  # never a row group of no rows
+                    writer.write_table(held.slice(0, whole), group_rows)
+                held = held.slice(whole)
+            if held.num_rows:
+                writer.write_table(held, group_rows)
     meta = writer.writer.metadata  # the footer it wrote (how pyarrow's own metadata_collector gets it)
     with fs.open(path, "rb") as f:
         footer = read_footer(f)
@@ -231,9 +260,16 @@ def text_for_dictionaries(sample: pa.Table, parts: int, key_columns: list[str]) 
     ]
 
 
+def uncompressed_bytes(meta: pq.FileMetaData) -> int:
+    """A part's pages uncompressed, from its footer: about what its plain-encoded columns take in memory."""
+    return sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+
+
 def measure_parts(store: ObjectStore, parts: list[str], key_columns: list[str]) -> PartsMeasure:
     """Row counts come from the footers; the in-memory size per row and the text columns' distinct values
-    are measured on the largest part (footers understate memory: dictionary-encoded strings expand)."""
+    are measured on the largest part by rows (footers understate memory: dictionary-encoded strings expand),
+    and each part is taken as at least what its footer's pages hold uncompressed: a part of fewer, wider rows
+    (documents beside short records) would otherwise count at the largest part's bytes per row."""
     found = read_footers([store.url(p) for p in parts], store.storage_options)
     rows = {p: meta.num_rows for p, meta in zip(parts, found, strict=True)}
     total = sum(rows.values())
@@ -241,14 +277,16 @@ def measure_parts(store: ObjectStore, parts: list[str], key_columns: list[str]) 
     if sample is None or total == 0:
         return PartsMeasure(0, 0, [])
     table = read_parquet(store.url(sample), store.storage_options)
-    in_memory = int(table.nbytes / table.num_rows * total)
+    row_bytes = table.nbytes / table.num_rows
+    in_memory = int(sum(max(meta.num_rows * row_bytes, uncompressed_bytes(meta)) for meta in found))
     return PartsMeasure(in_memory, total, text_for_dictionaries(table, len(parts), key_columns))
 
 
 def plan_shards(part_rows: list[tuple[str, int]], shards: int) -> list[list[tuple[str, int, int]]]:
-    """Cut the concatenation of sorted parts into `shards` ranges whose sizes differ by at most one."""
+    """Cut the concatenation of sorted parts into `shards` ranges whose sizes differ by at most one (none
+    for an empty split)."""
     total = sum(n for _, n in part_rows)
-    bounds = [(i * total) // shards for i in range(shards + 1)]
+    bounds = [0] + [(i * total) // shards for i in range(1, shards + 1)]
     plans: list[list[tuple[str, int, int]]] = []
     for start, stop in zip(bounds, bounds[1:], strict=False):
         plan, offset = [], 0
@@ -264,11 +302,12 @@ def plan_shards(part_rows: list[tuple[str, int]], shards: int) -> list[list[tupl
 def shard_count(rows: int, bytes_per_row: float, dataset: Dataset) -> int:
     """Shards of `target_rows`, or of about `target_bytes` on disk, estimated from samples of the split's
     gathered buckets written as shards; never more shards than rows (a target below a file's own overhead
-    of a few KB would make empty ones)."""
+    of a few KB would make empty ones), and none for an empty split: a file of no rows makes Hugging Face's
+    `load_dataset` fail for the whole version."""
     settings = dataset.shards
     if settings.target_rows:
-        return max(1, math.ceil(rows / settings.target_rows))
-    return max(1, min(rows, math.ceil(rows * bytes_per_row / settings.target_bytes)))
+        return math.ceil(rows / settings.target_rows)
+    return min(rows, max(1, math.ceil(rows * bytes_per_row / settings.target_bytes)))
 
 
 def shard_dataset(

@@ -26,19 +26,29 @@ def _options(url: str) -> pa.ipc.IpcWriteOptions:
     return pa.ipc.IpcWriteOptions(compression=None if local else "lz4")
 
 
+def one_batch(table: pa.Table) -> pa.RecordBatch:
+    """`table` as one record batch, or an error: a reader finds rows by batch, and a table that does not fit
+    one (past Arrow's 2 GiB in a text column) would otherwise lose rows or misplace them, without a word."""
+    batches = table.combine_chunks().to_batches(max_chunksize=None)
+    if len(batches) != 1:
+        raise ValueError(f"{table.num_rows} rows of {table.nbytes:,} bytes make {len(batches)} record batches, not 1")
+    return batches[0]
+
+
 def write_batches(url: str, schema: pa.Schema, tables: Iterable[pa.Table], storage_options: dict[str, Any]) -> None:
     """Each table as one record batch, in order."""
     fs, path = open_for_write(url, storage_options)
     with fs.open(path, "wb") as f, pa.ipc.new_file(f, schema, options=_options(url)) as writer:
         for table in tables:
-            writer.write_batch(table.combine_chunks().to_batches(max_chunksize=None)[0])
+            writer.write_batch(one_batch(table))
 
 
 def write_sorted(url: str, table: pa.Table, storage_options: dict[str, Any]) -> None:
-    """`table` in batches of exactly BATCH_ROWS rows (the last one fewer)."""
+    """`table` in batches of exactly BATCH_ROWS rows (the last one fewer), whatever its chunks."""
     fs, path = open_for_write(url, storage_options)
     with fs.open(path, "wb") as f, pa.ipc.new_file(f, table.schema, options=_options(url)) as writer:
-        writer.write_table(table.combine_chunks(), max_chunksize=BATCH_ROWS)
+        for start in range(0, table.num_rows, BATCH_ROWS):
+            writer.write_batch(one_batch(table.slice(start, BATCH_ROWS)))
 
 
 def read_batches(url: str, indices: list[int], storage_options: dict[str, Any]) -> pa.Table:

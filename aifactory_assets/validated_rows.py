@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 from aifactory_assets.catalog import Dataset
 from aifactory_assets.parquet_io import read_parquet
 from aifactory_assets.publish import require_current
-from aifactory_assets.schema import ROW, arrow_schema
+from aifactory_assets.schema import ROW, arrow_schema, nullable_integer
 from resources.object_store import ObjectStore
 
 
@@ -35,8 +35,21 @@ def read_validated_part(
     return table.filter(pc.invert(excluded(table, rows))) if len(rows) else table
 
 
+def nullable_type(kind: pa.DataType) -> pd.api.extensions.ExtensionDtype | None:
+    """Integers as validation reads the whole dataset (a null would make a file's column float64, which
+    loses digits past 2**53), booleans likewise nullable (a file's with a null would be objects): the same
+    type in every partition, whatever its nulls."""
+    return pd.BooleanDtype() if pa.types.is_boolean(kind) else nullable_integer(kind)
+
+
+def as_frame(table: pa.Table) -> pd.DataFrame:
+    """A table as every partition of `read_validated`, and its meta, hold it: dates as datetimes, not
+    objects (which Dask takes for text)."""
+    return table.to_pandas(types_mapper=nullable_type, date_as_object=False)
+
+
 def _validated_frame(part_url: str, quarantine_url: str, storage_options: dict[str, Any]) -> pd.DataFrame:
-    return read_validated_part(part_url, quarantine_url, storage_options).to_pandas()
+    return as_frame(read_validated_part(part_url, quarantine_url, storage_options))
 
 
 def stale_validation(valid_record: dict[str, Any], raw_record: dict[str, Any]) -> str | None:
@@ -56,7 +69,7 @@ def read_validated(store: ObjectStore, dataset: Dataset) -> dd.DataFrame:
     record = require_current(store, f"validated/{dataset.name}", "validated")
     if stale := stale_validation(record, require_current(store, f"raw/{dataset.name}", "raw")):
         raise FileNotFoundError(f"{dataset.name}: {stale}")
-    meta = arrow_schema(dataset).empty_table().to_pandas()
+    meta = as_frame(arrow_schema(dataset).empty_table())
     if not record["raw_parts"]:
         return dd.from_pandas(meta, npartitions=1)
     return dd.from_map(

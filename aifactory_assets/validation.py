@@ -39,7 +39,7 @@ from aifactory_assets.manifest import workers_on_other_software
 from aifactory_assets.parquet_io import read_parquet, write_parquet
 from aifactory_assets.publish import current, generation_prefix, part_key, publish, require_current
 from aifactory_assets.quarantine import quarantine_rows
-from aifactory_assets.schema import PROVENANCE, ROW, SOURCE, arrow_schema
+from aifactory_assets.schema import PROVENANCE, ROW, SOURCE, arrow_schema, nullable_integer
 from aifactory_assets.tasks import run_tasks
 from aifactory_assets.validated_rows import excluded
 from resources.object_store import ObjectInfo, ObjectStore
@@ -457,14 +457,6 @@ def judged_parts(
         for verdict, delete_file in zip(verdicts, previous["excluded"], strict=True)
         if not any(count["error"] for count in verdict["partial"]["counts"])  # GX failing once: judged again
     }
-
-
-def nullable_integer(kind: pa.DataType) -> pd.api.extensions.ExtensionDtype | None:
-    """Integer columns of the whole dataset as pandas' nullable integers: plain pandas makes a file's with a
-    null float64, where ids past 2**53 collide (false duplicates, rounded min, max and sum)."""
-    if not pa.types.is_integer(kind):
-        return None
-    return pd.api.types.pandas_dtype(f"{'U' if pa.types.is_unsigned_integer(kind) else ''}Int{kind.bit_width}")
 
 
 def validate_dataset(

@@ -231,7 +231,8 @@ def test_options_out_of_range_are_refused(manifest_url: str, option: dict) -> No
 
 def test_a_text_column_past_2_gib_is_taken_in_pieces() -> None:
     """`take_rows` with a small `limit` stands in for a row group past Arrow's 32-bit offsets (2 GiB)."""
-    from aifactory_assets.loader import as_stored, take_rows
+    from aifactory_assets.loader import as_stored
+    from aifactory_assets.shard_layout import take_rows
 
     text = pa.chunked_array([[f"row {i} " * (i % 5) for i in range(n, n + 300)] for n in (0, 300, 600)])
     table = pa.table({"id": pa.chunked_array([range(0, 400), range(400, 900)]), "text": text})

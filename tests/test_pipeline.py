@@ -224,7 +224,7 @@ def test_a_byte_target_below_a_files_overhead_makes_no_empty_shard(catalog: Cata
     penguins = catalog.datasets["palmer_penguins"]
     tiny = penguins.model_copy(update={"shards": penguins.shards.model_copy(update={"target_bytes": 100})})
     assert shard_count(5, bytes_per_row=5_000.0, dataset=tiny) == 5
-    assert shard_count(0, bytes_per_row=0.0, dataset=tiny) == 1  # an empty split: one empty shard
+    assert shard_count(0, bytes_per_row=0.0, dataset=tiny) == 0  # an empty split: no shard (no file)
     assert shard_count(10**6, bytes_per_row=50.0, dataset=penguins) == 1  # 50 MB for a 128 MiB target
 
 
