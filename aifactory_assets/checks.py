@@ -153,10 +153,12 @@ def shard_paths(manifest: dict) -> set[str]:
 
 
 def read_as_data(path: str) -> bool:
-    """Whether directory readers take a file in a version's folder for data: not one under a hidden or
-    marker name (`.nfs*`, `.DS_Store`, `_SUCCESS`), which Hugging Face skips and the README's pyarrow and
-    pandas recipes leave out, as ingest does."""
-    return not any(name.startswith(NOT_DATA_PREFIXES) for name in path.split("/"))
+    """Whether a directory reader may take a file in a version's folder for data: any `.parquet` file, under
+    whatever name (Dask's read_parquet of the folder reads `_old/x.parquet`; Hugging Face skips only `.` and
+    `__` names), and any other file not under a hidden or marker name (`.nfs*`, `.DS_Store`, `_SUCCESS`),
+    which pyarrow's discovery would try to read."""
+    hidden = any(name.startswith(NOT_DATA_PREFIXES) for name in path.split("/"))
+    return path.endswith(".parquet") or not hidden
 
 
 def stray_files(store: ObjectStore, prefix: str, manifest: dict) -> dict[str, str]:

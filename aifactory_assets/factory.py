@@ -599,7 +599,7 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
     @naming_refusals(dataset.site)
     def shards(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         store, dask = _resources(context, dataset)
-        since = latest_version(store, dataset)  # moved by another deployment meanwhile, it stays (make_latest)
+        since = latest_version(store, dataset)  # moved to newer inputs meanwhile, it stays there (make_latest)
         raw_record = require_current(store, f"raw/{dataset.name}", "raw")
         valid_record = require_current(store, f"validated/{dataset.name}", "validated")
         require_shardable(dataset, suite, raw_record, valid_record)
@@ -628,13 +628,13 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
         check_results = blocking_checks(store, dataset, manifest, verified, bool(committed))
         if not committed:
             write_manifest(store, dataset, manifest)
-        made_latest = make_latest(store, dataset, version, context.run.run_id, since)
+        made_latest = make_latest(store, dataset, version, context.run.run_id, since, raw_record["generation"])
         latest = latest_version(store, dataset)
         if not made_latest:
             context.log.warning(
                 f"{dataset.name}: version {version} is committed but not made the latest: _latest moved from "
-                f"{since or 'no version'} to {latest} while this run sharded (another deployment committed or "
-                "re-pointed at it), so it stays there"
+                f"{since or 'no version'} to {latest} while this run sharded, and raw was published again from a "
+                "newer landing (another deployment on the same bucket), so it stays there"
             )
         store.delete(staging)  # kept if anything above failed: it marks the version left unfinished
         store.remove_empty_folder(f"{staging_prefix(dataset)}/{version}")  # unless another run writes it too

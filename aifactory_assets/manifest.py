@@ -23,6 +23,7 @@ import pyarrow as pa
 from distributed import Client
 
 from aifactory_assets.catalog import Dataset, judged_suite
+from aifactory_assets.publish import current
 from aifactory_assets.shard_layout import LATEST, MANIFEST, schema_fingerprint
 from aifactory_assets.sharding import SAMPLER
 from aifactory_assets.staging import staging_prefix
@@ -345,7 +346,7 @@ def write_manifest(store: ObjectStore, dataset: Dataset, manifest: dict[str, Any
 
 
 class LatestMovedOn(Exception):
-    """`_latest` changed while this run sharded: another deployment committed or re-pointed meanwhile."""
+    """`_latest` changed while this run sharded, to newer inputs than this run's."""
 
 
 def latest_left(latest: str | None) -> str:
@@ -353,11 +354,21 @@ def latest_left(latest: str | None) -> str:
     return f"_latest left at {latest}" if latest else "there is no committed version yet"
 
 
-def make_latest(store: ObjectStore, dataset: Dataset, version: str, run_id: str, since: str | None) -> bool:
+def raw_moved_on(store: ObjectStore, dataset: Dataset, raw_generation: str | None) -> bool:
+    """Whether raw was published again since `raw_generation` (a newer landing ingested, here or by another
+    deployment on the same bucket)."""
+    return (current(store, f"raw/{dataset.name}") or {}).get("generation") != raw_generation
+
+
+def make_latest(
+    store: ObjectStore, dataset: Dataset, version: str, run_id: str, since: str | None, raw_generation: str | None
+) -> bool:
     """Point `_latest` at a committed version, then apply retention (by run `run_id`); whether it did. Not
-    where `_latest` moved off `since` (the version it named as this run began to shard) meanwhile: another
-    deployment's commit or re-pointing is newer than this run's inputs, which only moving forward may
-    replace. A Failure, `_latest` untouched, where the version's manifest went meanwhile (another
+    where both `_latest` moved off `since` (the version it named as this run began to shard) and raw moved
+    on from `raw_generation` (the one sharded) meanwhile: another deployment committed newer inputs. Either
+    alone is no reason: a newer drop only ingested has no version to be the latest, and a version another
+    deployment committed from inputs older than the current raw (it finished first) is replaced as this
+    one's would be. A Failure, `_latest` untouched, where the version's manifest went meanwhile (another
     deployment's retention)."""
 
     def pointed(latest: dict[str, Any] | None) -> dict[str, Any]:
@@ -371,7 +382,7 @@ def make_latest(store: ObjectStore, dataset: Dataset, version: str, run_id: str,
                 f"({store.url(f'{version_prefix(dataset, version)}/{MANIFEST}')} is gone, most likely by another "
                 f"deployment's retention); {latest_left(now)}: run the shards again"
             )
-        if now not in (since, version):
+        if now not in (since, version) and raw_moved_on(store, dataset, raw_generation):
             raise LatestMovedOn(now)
         history = [v for v in (latest or {}).get("history", []) if v in committed and v != version] + [version]
         return {"version": version, "manifest": f"v={version}/{MANIFEST}", "history": history}

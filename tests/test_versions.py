@@ -91,7 +91,8 @@ def commit(store: ObjectStore, dataset: Dataset, version: str, created_at: str, 
     """A version of no shards committed as the shards step commits one: its manifest, then `_latest`."""
     manifest = {"version": version, "created_at": created_at, "splits": {}, "conservation": {}, "quarantine": {}}
     write_manifest(store, dataset, manifest)
-    make_latest(store, dataset, version, run_id, since=latest_version(store, dataset))
+    raw = (current(store, f"raw/{DATASET}") or {}).get("generation")
+    make_latest(store, dataset, version, run_id, since=latest_version(store, dataset), raw_generation=raw)
 
 
 def test_a_failed_run_leaves_no_visible_version_and_a_rerun_completes_it(setup) -> None:
@@ -154,7 +155,7 @@ def test_retention_counts_a_version_made_latest_again_as_recent(setup) -> None:
     _, dataset, store, *_ = setup  # retention 2
     for i in range(2):
         commit(store, dataset, f"ver{i}", f"2026-01-0{i + 1}", f"run{i}")
-    make_latest(store, dataset, "ver0", "run-reverted", since="ver1")  # ver0 again
+    make_latest(store, dataset, "ver0", "run-reverted", since="ver1", raw_generation=None)  # ver0 again
     commit(store, dataset, "ver2", "2026-01-03", "run2")
     assert sorted(v for _, v in committed_versions(store, dataset)) == ["ver0", "ver2"]
 
@@ -232,17 +233,21 @@ def sharded_meanwhile(setup, monkeypatch, deployment_b: Callable[[], None]) -> t
     return first, run(catalog, stores, dask)
 
 
-def test_latest_stays_at_a_version_another_deployment_committed_while_this_one_sharded(setup, monkeypatch) -> None:
-    """Another deployment commits a newer landing while this run shards the older one: the version this
-    run made is complete and stays committed, but `_latest` must not move back to older inputs; the run
-    warns and its materialisation says so."""
+def test_latest_stays_at_a_version_another_deployment_committed_from_newer_inputs(setup, monkeypatch) -> None:
+    """Another deployment lands, ingests and commits a newer drop while this run shards the older one: the
+    version this run made is complete and stays committed, but `_latest` must not move back to older
+    inputs; the run warns and its materialisation says so."""
     catalog, dataset, store, stores, dask = setup
     dataset = dataset.model_copy(update={"shards": dataset.shards.model_copy(update={"retention": 3})})
     catalog = catalog.model_copy(update={"datasets": {DATASET: dataset}})  # B's retention leaves this run's
+
+    def deployment_b_commits_a_newer_drop() -> None:
+        land_more(store, 2017, "later")
+        ingest_dataset(store, dask.get_client(), dataset, "run-b", lambda run_id: False)
+        commit(store, dataset, "deployment-b", "2099-01-01", "run-b")
+
     _, result = sharded_meanwhile(
-        (catalog, dataset, store, stores, dask),
-        monkeypatch,
-        lambda: commit(store, dataset, "deployment-b", "2099-01-01", "run-b"),
+        (catalog, dataset, store, stores, dask), monkeypatch, deployment_b_commits_a_newer_drop
     )
     assert result.success
     [materialization] = result.asset_materializations_for_node(shards_node(dataset))
@@ -251,6 +256,26 @@ def test_latest_stays_at_a_version_another_deployment_committed_while_this_one_s
     assert latest_manifest(store, dataset)["version"] == "deployment-b" == materialization.metadata["latest"].value
     assert made in [v for _, v in committed_versions(store, dataset)]
     assert "not made the latest" in materialization.metadata["summary"].value
+
+
+def test_latest_moves_past_a_version_another_deployment_committed_from_older_inputs(setup, monkeypatch) -> None:
+    """Another deployment that sharded older inputs finishes first and moves `_latest`: this run's inputs
+    are still raw's current ones, so its version replaces that one, rather than the first to finish
+    winning until the next nightly."""
+    catalog, dataset, store, stores, dask = setup
+    dataset = dataset.model_copy(update={"shards": dataset.shards.model_copy(update={"retention": 3})})
+    catalog = catalog.model_copy(update={"datasets": {DATASET: dataset}})
+
+    def deployment_b_commits_older_inputs() -> None:
+        commit(store, dataset, "deployment-b", "2099-01-01", "run-b")
+
+    _, result = sharded_meanwhile(
+        (catalog, dataset, store, stores, dask), monkeypatch, deployment_b_commits_older_inputs
+    )
+    assert result.success
+    [materialization] = result.asset_materializations_for_node(shards_node(dataset))
+    assert materialization.metadata["made_latest"].value is True
+    assert latest_manifest(store, dataset)["version"] == materialization.metadata["version"].value
 
 
 def test_latest_moves_forward_past_a_drop_another_deployment_only_ingested(setup, monkeypatch) -> None:
@@ -682,9 +707,10 @@ def test_a_committed_version_that_fails_its_checks_says_so_and_names_strays(setu
 
 
 def test_files_no_reader_takes_for_data_fail_no_version(setup) -> None:
-    """An NFS silly-rename, a Finder's `.DS_Store`, a `.keep`, Spark's `_SUCCESS` in a version's folder: Hugging
-    Face skips hidden files and the README's pyarrow and pandas recipes leave out `.` and `_`, as ingest
-    does, so they are no stray and the version is re-pointed at."""
+    """An NFS silly-rename, a Finder's `.DS_Store`, a `.keep`, Spark's `_SUCCESS` in a version's folder: no
+    reader takes them for data, so they are no stray and the version is re-pointed at. A Parquet file is
+    one under any name: Dask's read_parquet of the folder reads `_old/x.parquet`, and Hugging Face skips
+    only `.` and `__` names."""
     catalog, dataset, store, stores, dask = setup
     assert run(catalog, stores, dask).success
     version = latest_manifest(store, dataset)["version"]
@@ -694,6 +720,10 @@ def test_files_no_reader_takes_for_data_fail_no_version(setup) -> None:
     assert result.success, failure_message(result)
     [verified] = [c for c in result.get_asset_check_evaluations() if c.check_name == "shards_match_manifest"]
     assert verified.passed and verified.metadata["problems"].value == 0
+    shard = latest_manifest(store, dataset)["splits"]["train"]["shards"][0]["path"]
+    store.copy_many([(f"shards/{DATASET}/v={version}/{shard}", f"shards/{DATASET}/v={version}/_old/{shard}")])
+    result = run(catalog, stores, dask, stages=("shards",))
+    assert not result.success and f"_old/{shard}: not in the manifest" in failure_message(result)
 
 
 def test_new_code_or_libraries_make_a_new_version(setup, monkeypatch) -> None:
