@@ -15,7 +15,7 @@ from aifactory_assets.ingest import NOT_DATA_PREFIXES
 from aifactory_assets.metadata import location, markdown_table
 from aifactory_assets.parquet_io import read_footers
 from aifactory_assets.schema import ARROW_TYPES
-from aifactory_assets.shard_layout import MANIFEST
+from aifactory_assets.shard_layout import MANIFEST, shard_entries
 from aifactory_assets.tasks import run_tasks
 from resources.object_store import ObjectStore, filesystem_of
 
@@ -128,7 +128,7 @@ def shard_problem(url: str, sha256: str, rows: int, storage_options: dict[str, A
 def shard_problems(store: ObjectStore, client: Client, prefix: str, manifest: dict) -> dict[str, str]:
     """Re-read every shard of a version, in parallel: by path, what is wrong with the ones that do not match
     their manifest entry (checksum, row count), and the files in the version's folder it does not name."""
-    shards = [s for split in manifest["splits"].values() for s in split["shards"]]
+    shards = shard_entries(manifest)
     found = run_tasks(
         client,
         shard_problem,
@@ -149,7 +149,7 @@ STRAY = (
 
 def shard_paths(manifest: dict) -> set[str]:
     """The shards a version's manifest names, by path within its folder."""
-    return {s["path"] for split in manifest["splits"].values() for s in split["shards"]}
+    return {s["path"] for s in shard_entries(manifest)}
 
 
 def read_as_data(path: str) -> bool:

@@ -56,6 +56,7 @@ from aifactory_assets.metadata import column_schema, location, markdown_table, s
 from aifactory_assets.parquet_io import read_parquet
 from aifactory_assets.publish import POINTER, part_key, require_current
 from aifactory_assets.schema import arrow_schema
+from aifactory_assets.shard_layout import shard_entries
 from aifactory_assets.sharding import shard_dataset
 from aifactory_assets.staging import staging_prefix
 from aifactory_assets.validated_rows import stale_validation
@@ -305,8 +306,8 @@ def repair_version(
     """A committed version whose shards (`damaged`, by path) rotted, or were removed, gets them back: the
     same inputs and configuration give the same bytes, so they are rebuilt in the staging and copied over,
     and the manifest stays as committed."""
-    made = {s["path"]: s["sha256"] for split in rebuilt["splits"].values() for s in split["shards"]}
-    wanted = {s["path"]: s["sha256"] for split in manifest["splits"].values() for s in split["shards"]}
+    made = {s["path"]: s["sha256"] for s in shard_entries(rebuilt)}
+    wanted = {s["path"]: s["sha256"] for s in shard_entries(manifest)}
     if made != wanted:
         raise dg.Failure(
             f"{dataset.name}: version {manifest['version']} is damaged ({damaged}) and its shards, made again, "
@@ -345,7 +346,7 @@ def shard_footers(store: ObjectStore, dataset: Dataset, manifest: dict[str, Any]
     (another deployment's retention removing it), rather than a bare FileNotFoundError."""
     prefix = version_prefix(dataset, manifest["version"])
     try:
-        return footers(store, [f"{prefix}/{s['path']}" for v in manifest["splits"].values() for s in v["shards"]])
+        return footers(store, [f"{prefix}/{s['path']}" for s in shard_entries(manifest)])
     except FileNotFoundError as exc:
         raise dg.Failure(
             f"{dataset.name}: a shard of version {manifest['version']} went while this run checked it ({exc}), "

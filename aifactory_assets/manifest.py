@@ -395,17 +395,24 @@ def make_latest(
     return True
 
 
+def latest_pointer(store: ObjectStore, dataset: Dataset) -> dict[str, Any] | None:
+    """`_latest` (version, manifest, history), in one read; None before the first commit."""
+    try:
+        return store.read_json(f"{dataset_prefix(dataset)}/{LATEST}")
+    except FileNotFoundError:
+        return None
+
+
 def latest_history(store: ObjectStore, dataset: Dataset) -> list[str]:
     """Versions in the order they were last made the latest, the latest last: a version re-pointed at
     (a landing reverted to earlier files) is as recent as a new one, whatever its manifest's created_at."""
-    pointer = f"{dataset_prefix(dataset)}/{LATEST}"
-    return store.read_json(pointer).get("history", []) if store.exists(pointer) else []
+    return (latest_pointer(store, dataset) or {}).get("history", [])
 
 
 def latest_version(store: ObjectStore, dataset: Dataset) -> str | None:
     """The version `_latest` names; None before the first commit."""
-    pointer = f"{dataset_prefix(dataset)}/{LATEST}"
-    return store.read_json(pointer)["version"] if store.exists(pointer) else None
+    pointer = latest_pointer(store, dataset)
+    return pointer["version"] if pointer else None
 
 
 def committed_versions(store: ObjectStore, dataset: Dataset) -> list[tuple[str, str]]:
@@ -479,7 +486,5 @@ def remove_version(store: ObjectStore, dataset: Dataset, version: str) -> bool:
 
 
 def latest_manifest(store: ObjectStore, dataset: Dataset) -> dict[str, Any] | None:
-    pointer = f"{dataset_prefix(dataset)}/{LATEST}"
-    if not store.exists(pointer):
-        return None
-    return read_manifest(store, f"{dataset_prefix(dataset)}/{store.read_json(pointer)['manifest']}")
+    pointer = latest_pointer(store, dataset)
+    return read_manifest(store, f"{dataset_prefix(dataset)}/{pointer['manifest']}") if pointer else None

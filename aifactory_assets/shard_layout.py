@@ -53,6 +53,11 @@ def read_footer(file: BinaryIO) -> bytes:
     return tail[-length:]
 
 
+def shard_entries(manifest: dict) -> list[dict]:
+    """Every shard's entry in a version's manifest (path, rows, bytes, checksums), all splits together."""
+    return [shard for split in manifest["splits"].values() for shard in split["shards"]]
+
+
 def schema_fingerprint(schema: pa.Schema) -> str:
     """The manifest's, of the shards' Arrow schema; readers check each shard's footer against it."""
     return hashlib.sha256(schema.remove_metadata().serialize().to_pybytes()).hexdigest()

@@ -26,7 +26,7 @@ from aifactory_assets.factory import (
 from aifactory_assets.ingest import landed_objects, landing_prefix, reingest_needed
 from aifactory_assets.manifest import committed_manifest, latest_version, version_for, version_prefix
 from aifactory_assets.publish import current
-from aifactory_assets.shard_layout import MANIFEST
+from aifactory_assets.shard_layout import MANIFEST, shard_entries
 from resources.object_store import ObjectStore
 from schedules.listings import ingested_listing, listing_digest
 from schedules.runs_in_flight import run_ingesting, unfinished_runs
@@ -64,7 +64,7 @@ def shards_gone_or_resized(store: ObjectStore, dataset: Dataset, version: str) -
     if manifest is None:  # `_latest` names a version whose folder went, or whose manifest is unreadable
         return [MANIFEST]
     sizes = {o.key[len(folder) + 1 :]: o.size for o in store.list_objects(folder, "*.parquet")}
-    shards = [s for split in manifest["splits"].values() for s in split["shards"]]
+    shards = shard_entries(manifest)
     return [s["path"] for s in shards if sizes.get(s["path"]) != s["bytes"]]
 
 
