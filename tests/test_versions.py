@@ -15,6 +15,7 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 import pytest
+from distributed import Client
 
 from aifactory_assets.catalog import Catalog, Dataset
 from aifactory_assets.checks import shard_problems
@@ -214,6 +215,14 @@ def test_a_version_removed_while_it_is_re_pointed_at_is_not_written_again(setup,
     assert not store.exists(f"shards/{DATASET}/v={old}/manifest.json")
 
 
+def ingest_as_another_deployment(store: ObjectStore, dask: DaskCluster, dataset: Dataset) -> None:
+    """Raw ingested by another deployment while this one's run holds its client: a client of its own, not
+    made the default, which, closed out of order with the run's, would leave Dask's default scheduler set
+    to a client no longer there for the tests after."""
+    with Client(dask.scheduler_address, set_as_default=False) as client:
+        ingest_dataset(store, client, dataset, "run-b", lambda run_id: False)
+
+
 def sharded_meanwhile(setup, monkeypatch, deployment_b: Callable[[], None]) -> tuple[str, dg.ExecuteInJobResult]:
     """A run that shards a new drop, `deployment_b` acting (on the same bucket) after this run wrote its
     manifest and before `_latest` moves; the version `_latest` named before, and the run's result."""
@@ -243,7 +252,7 @@ def test_latest_stays_at_a_version_another_deployment_committed_from_newer_input
 
     def deployment_b_commits_a_newer_drop() -> None:
         land_more(store, 2017, "later")
-        ingest_dataset(store, dask.get_client(), dataset, "run-b", lambda run_id: False)
+        ingest_as_another_deployment(store, dask, dataset)
         commit(store, dataset, "deployment-b", "2099-01-01", "run-b")
 
     _, result = sharded_meanwhile(
@@ -286,7 +295,7 @@ def test_latest_moves_forward_past_a_drop_another_deployment_only_ingested(setup
 
     def deployment_b_ingests_a_newer_drop() -> None:
         land_more(store, 2017, "later")
-        ingest_dataset(store, dask.get_client(), dataset, "run-b", lambda run_id: False)
+        ingest_as_another_deployment(store, dask, dataset)
 
     first, result = sharded_meanwhile(setup, monkeypatch, deployment_b_ingests_a_newer_drop)
     assert result.success
