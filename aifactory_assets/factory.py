@@ -38,6 +38,7 @@ from aifactory_assets.ingest import ingest_dataset, reingest_needed
 from aifactory_assets.manifest import (
     MANIFEST,
     build_manifest,
+    committed_by,
     committed_manifest,
     keep_quarantine,
     latest_left,
@@ -628,7 +629,12 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
         verified = verified_check(manifest, problems, repaired)
         check_results = blocking_checks(store, dataset, manifest, verified, bool(committed))
         if not committed:
-            write_manifest(store, dataset, manifest)
+            manifest = write_manifest(store, dataset, manifest)
+            if (by := committed_by(manifest)) != context.run.run_id:
+                context.log.info(
+                    f"version {version} was committed meanwhile by run {by} (another deployment on the same bucket), "
+                    "with the shards this run made: its manifest stays as that run wrote it"
+                )
         made_latest = make_latest(store, dataset, version, context.run.run_id, since, raw_record["generation"])
         latest = latest_version(store, dataset)
         if not made_latest:
@@ -661,6 +667,7 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
                 "manifest": dg.MetadataValue.path(store.url(f"{prefix}/{MANIFEST}")),
                 "duplicates_dropped": balance["duplicates_dropped"],
                 "made_latest": made_latest,
+                "committed_by_run": committed_by(manifest),
                 "latest": latest or "none",
                 "repaired": dg.MetadataValue.json(repaired),
             },

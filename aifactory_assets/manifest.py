@@ -27,7 +27,7 @@ from aifactory_assets.publish import current
 from aifactory_assets.shard_layout import LATEST, MANIFEST, schema_fingerprint
 from aifactory_assets.sharding import SAMPLER
 from aifactory_assets.staging import staging_prefix
-from resources.object_store import ObjectStore
+from resources.object_store import ObjectStore, json_bytes
 
 RETENTION_MARK = "removing"  # under a run's staging of an old version: retention is removing it
 FORMAT_VERSION = 5  # bump whenever the layout of a version changes (3: every page carries a CRC32; 4: each
@@ -301,17 +301,26 @@ def build_manifest(
 MANIFEST_KEYS = ("version", "created_at", "splits", "conservation", "quarantine")
 
 
-def read_manifest(store: ObjectStore, key: str) -> dict[str, Any]:
-    """A version's manifest, or a Failure naming it where it is not JSON or lacks what this package reads
-    (cut short by a full disk, edited by hand): a bare JSONDecodeError named neither the key nor a way out."""
+def parsed_manifest(body: bytes) -> dict[str, Any]:
+    """A manifest's bytes as this package reads them; a ValueError saying what is wrong where they are not
+    JSON or lack what it reads (cut short by a full disk, edited by hand)."""
     try:
-        manifest = store.read_json(key)
+        manifest = json.loads(body)
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
-        raise unreadable(store, key, f"not JSON ({exc})") from exc
+        raise ValueError(f"not JSON ({exc})") from exc
     missing = [k for k in MANIFEST_KEYS if k not in manifest] if isinstance(manifest, dict) else list(MANIFEST_KEYS)
     if missing:
-        raise unreadable(store, key, f"missing {missing}")
+        raise ValueError(f"missing {missing}")
     return manifest
+
+
+def read_manifest(store: ObjectStore, key: str) -> dict[str, Any]:
+    """A version's manifest, or a Failure naming it where it cannot be read: a bare JSONDecodeError named
+    neither the key nor a way out."""
+    try:
+        return parsed_manifest(store.read_bytes(key))
+    except ValueError as exc:
+        raise unreadable(store, key, str(exc)) from exc
 
 
 def unreadable(store: ObjectStore, key: str, why: str) -> dg.Failure:
@@ -338,11 +347,51 @@ def committed_manifest(store: ObjectStore, dataset: Dataset, version: str) -> di
     return readable_manifest(store, key) if store.is_object(key) else None
 
 
-def write_manifest(store: ObjectStore, dataset: Dataset, manifest: dict[str, Any]) -> None:
-    """A new version's commit point: its shards are verified; from here it is a complete version. A version
-    committed before is never written again: another deployment's retention may have removed it meanwhile,
-    and its manifest alone would be a version without shards."""
-    store.write_json(f"{version_prefix(dataset, manifest['version'])}/{MANIFEST}", manifest)
+class CommittedMeanwhile(Exception):
+    """The version's manifest another writer committed between this run's look and its commit."""
+
+    def __init__(self, manifest: dict[str, Any]):
+        super().__init__(manifest["version"])
+        self.manifest = manifest
+
+
+def write_manifest(store: ObjectStore, dataset: Dataset, manifest: dict[str, Any]) -> dict[str, Any]:
+    """A new version's commit point: its shards are verified; from here it is a complete version. Returns
+    the manifest committed. Written only where none is there, or one that cannot be read (made again): a
+    manifest once written is never written again, for readers may have resolved it, and another
+    deployment's retention may have removed its version meanwhile (a manifest alone would be a version
+    without shards). So where another deployment on the same bucket committed the same version while this
+    run sharded it, its manifest stays and is returned, once its shards are shown to be the ones this run
+    wrote over them (the same inputs and software give the same bytes)."""
+    key = f"{version_prefix(dataset, manifest['version'])}/{MANIFEST}"
+
+    def committing(body: bytes | None) -> bytes:
+        try:
+            there = None if body is None else parsed_manifest(body)
+        except ValueError:  # one that cannot be read is written over
+            there = None
+        if there is not None:
+            raise CommittedMeanwhile(there)
+        return json_bytes(manifest)
+
+    try:
+        store.update_object(key, committing)
+    except CommittedMeanwhile as meanwhile:
+        theirs = meanwhile.manifest
+        if json_bytes(theirs["splits"]) != json_bytes(manifest["splits"]):  # as both were written
+            raise dg.Failure(
+                f"{dataset.name}: version {manifest['version']} was committed meanwhile by run "
+                f"{committed_by(theirs)} (another deployment on the same bucket) with other shards than this run "
+                f"wrote over them, though the same inputs and software give the same bytes: remove "
+                f"{store.url(key)} and run again to write the version anew"
+            ) from meanwhile
+        return theirs
+    return manifest
+
+
+def committed_by(manifest: dict[str, Any]) -> str:
+    """The Dagster run that committed a version (of its own deployment, or another's)."""
+    return manifest.get("producer", {}).get("dagster_run_id", "unknown")
 
 
 class LatestMovedOn(Exception):

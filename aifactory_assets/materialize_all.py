@@ -18,7 +18,7 @@ from aifactory_assets.data_docs import report_key
 from aifactory_assets.definitions import build_definitions
 from aifactory_assets.demo import stores_from_env
 from aifactory_assets.factory import dataset_pool, materialisable_keys
-from aifactory_assets.manifest import dataset_prefix, latest_manifest, version_prefix
+from aifactory_assets.manifest import committed_by, dataset_prefix, latest_manifest, version_prefix
 from aifactory_assets.shard_layout import LATEST, MANIFEST
 from resources import ObjectStore
 
@@ -104,8 +104,8 @@ def manifest_line(store: ObjectStore, dataset: Dataset, run_id: str) -> tuple[st
             return f"{'-':17} {'-':>7}  (no committed version)", True
         version, rows = manifest["version"], manifest["conservation"]["rows_sharded"]
         where = store.url(f"{version_prefix(dataset, version)}/{MANIFEST}")
-        if manifest["producer"]["dagster_run_id"] != run_id:
-            where += "  (made by an earlier run)"
+        if (by := committed_by(manifest)) != run_id:
+            where += f"  (committed by another run, {by})"
         return f"{version:17} {rows:>7}  {where}", True
     except dg.Failure as failure:  # manifest.py's own account of a damaged manifest, naming it
         return f"{'-':17} {'-':>7}  {bounded(failure.description or '', most=3)}", False

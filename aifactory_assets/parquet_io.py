@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
-from resources.object_store import filesystem_of
+from resources.object_store import filesystem_of, written_whole
 
 
 def read_bytes(url: str, storage_options: dict[str, Any]) -> bytes:
@@ -42,6 +46,30 @@ def open_for_write(url: str, storage_options: dict[str, Any]) -> tuple[fsspec.Ab
     fs, path = filesystem_of(url, storage_options)
     fs.makedirs(fs._parent(path), exist_ok=True)
     return fs, path
+
+
+@contextlib.contextmanager
+def open_whole(url: str, storage_options: dict[str, Any]) -> Iterator[BinaryIO]:
+    """`url` opened for writing, there only once whole, and left as it was by a write that fails: locally
+    through a rename; on S3 as a multipart upload completed, or aborted (s3fs's own `with` would upload
+    what was written before the error). A version's shards: another deployment writing the same version at
+    once writes the same bytes over them, and a reader of the one it committed first must never meet one
+    cut short."""
+    fs, path = open_for_write(url, storage_options)
+    if isinstance(fs, LocalFileSystem):
+        with written_whole(Path(path)) as tmp, open(tmp, "wb") as f:
+            yield f
+        return
+    f = fs.open(path, "wb", autocommit=False)
+    try:
+        yield f
+        f.close()
+        f.commit()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            f.close()  # uploads what is buffered as one more part of the upload discarded next
+        f.discard()
+        raise
 
 
 def write_parquet(table: pa.Table, url: str, storage_options: dict[str, Any], **options: Any) -> int:

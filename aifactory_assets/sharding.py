@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from distributed import Client
 
 from aifactory_assets.catalog import Dataset
-from aifactory_assets.parquet_io import HashingFile, open_for_write, read_footers, read_parquet
+from aifactory_assets.parquet_io import HashingFile, open_ranged, open_whole, read_footers, read_parquet
 from aifactory_assets.schema import ROW, arrow_schema
 from aifactory_assets.shard_layout import dictionary_columns, read_footer, row_group_rows, shard_name, take_rows
 from aifactory_assets.staging import read_batches, read_sorted_rows, write_batches, write_sorted
@@ -208,10 +208,9 @@ def write_shard(
     """Runs on a worker: stream row ranges of sorted buckets into one shard, one range in memory at a time,
     in whole row groups across the buckets' ranges (a range's last rows wait for the next range's), hashing
     the bytes on their way out (no temporary copy; only the footer is read back, for its own hash,
-    which readers check on every open: page CRCs do not cover it). Written in place: the version is
-    invisible until its manifest is committed."""
-    fs, path = open_for_write(url, storage_options)
-    with fs.open(path, "wb") as f:
+    which readers check on every open: page CRCs do not cover it). Into the version's folder, invisible
+    until its manifest is committed, and there only once whole (`open_whole`)."""
+    with open_whole(url, storage_options) as f:
         out = HashingFile(f)
         with shard_writer(out, schema) as writer:
             held = schema.empty_table()
@@ -224,7 +223,7 @@ def write_shard(
             if held.num_rows:
                 writer.write_table(held, group_rows)
     meta = writer.writer.metadata  # the footer it wrote (how pyarrow's own metadata_collector gets it)
-    with fs.open(path, "rb") as f:
+    with open_ranged(url, storage_options) as f:
         footer = read_footer(f)
     return {
         "rows": meta.num_rows,

@@ -287,27 +287,10 @@ class ObjectStore(dg.ConfigurableResource):
             return list(pool.map(copied, pairs))
 
     def _write_locally(self, key: str, write: Callable[[Path], Any], durable: bool = False) -> None:
-        """Through a file beside the target; a failed write leaves no temporary file. `durable`: on disk
-        before the rename, so that after a node's crash a pointer or manifest holds its old bytes or its new
-        ones, never none (XFS, unlike ext4, does not flush a file renamed over another). Not for copies of
-        parts, which the workers' own writes are not either, and whose every byte the disk would then
-        wait for (48 copies of 16 MiB: 0.18 s, 0.43 s flushed)."""
-        target = Path(self.path(key))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-        try:
+        """Not for copies of parts, durable: the workers' own writes are not either, and the disk would wait
+        for their every byte (48 copies of 16 MiB: 0.18 s, 0.43 s flushed)."""
+        with written_whole(Path(self.path(key)), durable) as tmp:
             write(tmp)
-            if durable:
-                fd = os.open(tmp, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            tmp.replace(target)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-            raise
 
     def read_json(self, key: str) -> Any:
         return json.loads(self.read_bytes(key))
@@ -316,11 +299,23 @@ class ObjectStore(dg.ConfigurableResource):
         self.write_bytes(key, json_bytes(value))
 
     def update_json(self, key: str, change: Callable[[Any], Any], attempts: int = 10) -> Any:
-        """Replace one small JSON object with `change(current)` (None where absent), losing no update that
-        another writer makes the same way meanwhile; `change` may run several times. On S3 a conditional PUT
-        (If-Match the ETag that came with the body read, If-None-Match where absent), read and changed again
-        on a conflict. Locally under an exclusive lock on `.<name>.lock` beside it, where the filesystem has
-        flock. Returns what it wrote."""
+        """`update_object` for a JSON object: `change` gets it parsed (None where absent); returns what it
+        wrote."""
+        made: list[Any] = []
+
+        def changed(body: bytes | None) -> bytes:
+            made[:] = [change(None if body is None else json.loads(body))]
+            return json_bytes(made[0])
+
+        self.update_object(key, changed, attempts)
+        return made[0]
+
+    def update_object(self, key: str, change: Callable[[bytes | None], bytes], attempts: int = 10) -> None:
+        """Replace one small object with `change(current)` (None where absent), losing no update that another
+        writer makes the same way meanwhile; `change` may run several times, and what it raises stops the
+        update. On S3 a conditional PUT (If-Match the ETag that came with the body read, If-None-Match where
+        absent), read and changed again on a conflict. Locally under an exclusive lock on `.<name>.lock`
+        beside it, where the filesystem has flock."""
         if self.protocol == "file":
             target = Path(self.path(key))
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -330,9 +325,8 @@ class ObjectStore(dg.ConfigurableResource):
             try:
                 if fd is not None:
                     lock(fd, fcntl.LOCK_EX)  # released as the descriptor closes
-                value = change(self.read_json(key) if target.exists() else None)
-                self.write_json(key, value)
-                return value
+                self.write_bytes(key, change(target.read_bytes() if target.exists() else None))
+                return
             finally:
                 if fd is not None:
                     os.close(fd)
@@ -344,17 +338,16 @@ class ObjectStore(dg.ConfigurableResource):
                 etag, body = None, None
             if body is not None and not etag:
                 raise OSError(f"{self.display()}: {key} came without an ETag, so it cannot be replaced conditionally")
-            value = change(None if body is None else json.loads(body))
-            condition = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
+            data, condition = change(body), {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
             try:
-                self.fs.call_s3("put_object", Bucket=bucket, Key=name, Body=json_bytes(value), **condition)
-                return value
+                self.fs.call_s3("put_object", Bucket=bucket, Key=name, Body=data, **condition)
+                return
             except OSError as exc:
                 code = _error_code(exc)
                 if code == "NotImplemented":
                     raise OSError(
-                        f"{self.display()} refused a conditional PUT ({code}): its pointers need If-Match and "
-                        "If-None-Match on PUT (AWS S3 and SeaweedFS have them)"
+                        f"{self.display()} refused a conditional PUT ({code}): its pointers and manifests need "
+                        "If-Match and If-None-Match on PUT (AWS S3 and SeaweedFS have them)"
                     ) from exc
                 if code not in ("PreconditionFailed", "ConditionalRequestConflict"):
                     raise
@@ -408,6 +401,29 @@ class ObjectStore(dg.ConfigurableResource):
         """A description safe for logs and metadata: never the credentials."""
         where = f" at {self.endpoint_url}" if self.endpoint_url else ""
         return f"{self.url()}{where}"
+
+
+@contextlib.contextmanager
+def written_whole(target: Path, durable: bool = False) -> Iterator[Path]:
+    """A file beside `target` to write, renamed over it once the block ends: a reader (or another writer of
+    the same bytes) never meets it cut short, and a failed write leaves no temporary file. `durable`: on
+    disk before the rename, so that after a node's crash a pointer or manifest holds its old bytes or its
+    new ones, never none (XFS, unlike ext4, does not flush a file renamed over another)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    try:
+        yield tmp
+        if durable:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        tmp.replace(target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
 
 
 def fixed_folders(pattern: str) -> tuple[list[str], int | None]:

@@ -18,7 +18,7 @@ import s3fs
 from aifactory_assets.catalog import Catalog
 from aifactory_assets.definitions import build_definitions
 from aifactory_assets.factory import naming_refusals, store_key
-from aifactory_assets.parquet_io import read_parquet, write_parquet
+from aifactory_assets.parquet_io import open_whole, read_parquet, write_parquet
 from aifactory_assets.staging import read_batches, write_batches
 from resources import ObjectStore, object_store_for
 from resources.object_store import credentials_named
@@ -288,6 +288,26 @@ def test_copy_is_whole_and_takes_keys_as_written(store: ObjectStore) -> None:
     with pytest.raises(FileNotFoundError):
         store.copy("raw/x/run=gone/part-00000.parquet", "raw/x/run=b/part-00004.parquet")
     assert not store.exists("raw/x/run=b/part-00004.parquet")
+
+
+def test_a_shard_is_there_only_whole_and_a_failed_write_leaves_the_one_before(store: ObjectStore) -> None:
+    """Another deployment writing the same version writes over shards a reader may be reading: the old
+    bytes until the new ones are all there, and the old ones still where its write fails (s3fs's own
+    `with` would have uploaded what came before the error)."""
+    key, url = "shards/d/v=1/train-00000-of-00001.parquet", store.url("shards/d/v=1/train-00000-of-00001.parquet")
+    store.write_bytes(key, b"old bytes")
+    with pytest.raises(RuntimeError, match="the writer fails"), open_whole(url, store.storage_options) as f:
+        f.write(b"new bytes, cut short")
+        raise RuntimeError("the writer fails")
+    assert store.read_bytes(key) == b"old bytes"
+    with open_whole(url, store.storage_options) as f:
+        f.write(b"new bytes")
+        assert store.read_bytes(key) == b"old bytes"
+    assert store.read_bytes(key) == b"new bytes"
+    assert [o.key for o in store.list_objects("shards/d", "**")] == [key]  # no temporary file left
+    if store.protocol == "s3":
+        bucket = store.root.split("/")[0]
+        assert store.fs.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads", []) == []
 
 
 @pytest.fixture(params=["local", "moto", "seaweedfs"])

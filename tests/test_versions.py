@@ -234,9 +234,10 @@ def sharded_meanwhile(setup, monkeypatch, deployment_b: Callable[[], None]) -> t
     land_more(store, 2016)
     write = factory.write_manifest
 
-    def written_then_deployment_b(*args, **kwargs) -> None:
-        write(*args, **kwargs)
+    def written_then_deployment_b(*args, **kwargs) -> dict:
+        written = write(*args, **kwargs)
         deployment_b()
+        return written
 
     monkeypatch.setattr(factory, "write_manifest", written_then_deployment_b)
     return first, run(catalog, stores, dask)
@@ -305,6 +306,60 @@ def test_latest_moves_forward_past_a_drop_another_deployment_only_ingested(setup
     assert latest_manifest(store, dataset)["version"] == made
 
 
+def committed_meanwhile(setup, monkeypatch, other_shards: bool) -> tuple[bytes, dg.ExecuteInJobResult]:
+    """A run that shards what deployment B (its own instance, the same bucket) shards at the same time: B
+    commits the same version after this run's shards are written and checked, before its manifest; B's
+    manifest names this run's shards, or `other_shards`. B's manifest bytes, and the run's result."""
+    from aifactory_assets import factory
+
+    catalog, dataset, store, stores, dask = setup
+    checks, theirs = factory.blocking_checks, []
+
+    def deployment_b_commits_first(*args, **kwargs) -> list[dg.AssetCheckResult]:
+        results = checks(*args, **kwargs)
+        manifest = json.loads(json.dumps(args[2]))  # B's is the same but for its run id
+        manifest["producer"]["dagster_run_id"] = "run-b"
+        if other_shards:
+            next(iter(manifest["splits"].values()))["shards"][0]["sha256"] = "0" * 64
+        write_manifest(store, dataset, manifest)
+        theirs.append(store.read_bytes(f"shards/{DATASET}/v={manifest['version']}/manifest.json"))
+        return results
+
+    monkeypatch.setattr(factory, "blocking_checks", deployment_b_commits_first)
+    result = run(catalog, stores, dask)
+    return theirs[0], result
+
+
+def test_a_version_another_deployment_committed_meanwhile_keeps_its_manifest(setup, monkeypatch) -> None:
+    """Two deployments shard the same inputs at once: both write the version's shards (the same bytes, each
+    whole), and the second to commit finds the first's manifest. It keeps that one as written (a training
+    job may have resolved it), names its run, and makes the version the latest."""
+    catalog, dataset, store, stores, dask = setup
+    theirs, result = committed_meanwhile(setup, monkeypatch, other_shards=False)
+    assert result.success
+    [materialization] = result.asset_materializations_for_node(shards_node(dataset))
+    version = materialization.metadata["version"].value
+    assert store.read_bytes(f"shards/{DATASET}/v={version}/manifest.json") == theirs
+    assert materialization.metadata["committed_by_run"].value == "run-b"
+    assert materialization.metadata["made_latest"].value is True
+    assert latest_manifest(store, dataset)["version"] == version
+    assert not shard_problems(store, dask.get_client(), f"shards/{DATASET}/v={version}", json.loads(theirs))
+
+
+def test_a_version_another_deployment_committed_meanwhile_with_other_shards_fails_by_name(setup, monkeypatch) -> None:
+    """The same inputs and software give the same bytes; where the other deployment's manifest names other
+    shards than this run wrote over them, the run fails, naming that run and the way out, and neither the
+    manifest nor `_latest` is touched."""
+    catalog, dataset, store, stores, dask = setup
+    theirs, result = committed_meanwhile(setup, monkeypatch, other_shards=True)
+    assert not result.success
+    message = failure_message(result)
+    assert "was committed meanwhile by run run-b" in message and "other shards" in message
+    version = json.loads(theirs)["version"]
+    assert store.read_bytes(f"shards/{DATASET}/v={version}/manifest.json") == theirs
+    assert latest_version(store, dataset) is None
+
+
 class DiesDeleting(ObjectStore):
     """A store whose process is killed as it deletes `dies_at` (fault injection: deleting is all it changes)."""
 
@@ -321,10 +376,10 @@ class DiesWriting(ObjectStore):
 
     dies_at: str
 
-    def write_json(self, key: str, value: object) -> None:
+    def write_bytes(self, key: str, data: bytes) -> None:
         if key == self.dies_at:
             raise KeyboardInterrupt(f"killed while writing {key}")
-        super().write_json(key, value)
+        super().write_bytes(key, data)
 
 
 def test_a_raw_step_killed_between_its_two_pointers_leaves_a_whole_generation(setup) -> None:
