@@ -55,6 +55,7 @@ from aifactory_assets.manifest import (
 )
 from aifactory_assets.metadata import column_schema, location, markdown_table, stage_metadata
 from aifactory_assets.parquet_io import read_parquet
+from aifactory_assets.pools import dataset_pool
 from aifactory_assets.publish import POINTER, part_key, require_current
 from aifactory_assets.schema import arrow_schema
 from aifactory_assets.shard_layout import shard_entries
@@ -114,13 +115,6 @@ def _common(dataset: Dataset, stage: str, description: str) -> dict[str, Any]:
         "tags": {"site": dataset.site, "sector": dataset.sector, "dataset": dataset.name, "stage": stage},
         **(written if stage != "landing" else {}),
     }
-
-
-def dataset_pool(dataset: Dataset) -> str:
-    """Every step of a dataset is in this pool, limited to one (the instance's `concurrency.pools`): a step
-    publishing a generation deletes the one before, which another run's step may be reading, and two runs
-    writing one version would rewrite shards the other has just committed."""
-    return f"aifactory/{dataset.name}"
 
 
 def _resources(context: dg.AssetExecutionContext, dataset: Dataset) -> tuple[ObjectStore, DaskCluster]:

@@ -17,8 +17,9 @@ from aifactory_assets.catalog import Dataset, load_catalog
 from aifactory_assets.data_docs import report_key
 from aifactory_assets.definitions import build_definitions
 from aifactory_assets.demo import stores_from_env
-from aifactory_assets.factory import dataset_pool, materialisable_keys
+from aifactory_assets.factory import materialisable_keys
 from aifactory_assets.manifest import committed_by, dataset_prefix, latest_manifest, version_prefix
+from aifactory_assets.pools import held_pools, set_up_pools
 from aifactory_assets.shard_layout import LATEST, MANIFEST
 from resources import ObjectStore
 
@@ -27,24 +28,6 @@ MOST_LINES = 10  # of a failure's why: the rest are in the Dagster UI
 # What reading a manifest raises where it is damaged: cut short (JSON), gone (OS), lacking a field (key),
 # not an object (type).
 UNREADABLE = (OSError, ValueError, KeyError, TypeError)
-
-
-def held_pools(instance: dg.DagsterInstance, datasets: list[Dataset]) -> list[str]:
-    """The datasets' pool slots other runs hold, said before this run waits on them: silently, and for
-    good when the holder was killed outright (it stays STARTED until terminated in the UI)."""
-    if not instance.event_log_storage.supports_global_concurrency_limits:
-        return []
-    held = []
-    for dataset in datasets:
-        pool = dataset_pool(dataset)
-        for slot in instance.event_log_storage.get_concurrency_info(pool).claimed_slots:
-            run = instance.get_run_by_id(slot.run_id)
-            status = run.status.value if run else "unknown to this instance"
-            held.append(
-                f"pool {pool} is held by run {slot.run_id} ({status}, step {slot.step_key}): this run waits for "
-                "it; if that run is dead, terminate it in the Dagster UI (Runs, Terminate, then force)"
-            )
-    return held
 
 
 def failures(result: dg.ExecuteInProcessResult) -> list[str]:
@@ -139,6 +122,7 @@ def main(names: list[str]) -> int:
     chosen = [catalog.datasets[name] for name in names] or list(catalog.datasets.values())
     defs = build_definitions(catalog)
     instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
+    set_up_pools(instance, list(catalog.datasets.values()))
     for message in held_pools(instance, chosen):
         print(message, file=sys.stderr)
     job = defs.resolve_implicit_global_asset_job_def()

@@ -40,6 +40,7 @@ from aifactory_assets.catalog import Catalog, Dataset
 from aifactory_assets.factory import asset_key, dataset_selection, materialisable_keys, naming_refusals, store_key
 from aifactory_assets.ingest import UNSETTLED_AT_MOST, landed_objects, landing_prefix
 from aifactory_assets.metadata import location
+from aifactory_assets.pools import set_up_pools
 from aifactory_assets.publish import POINTER, current
 from resources.object_store import ObjectInfo, ObjectStore
 from schedules.listings import ingested_listing, listing_digest
@@ -69,6 +70,7 @@ def landing_sensor(catalog: Catalog, site: str) -> dg.SensorDefinition:
         store = getattr(context.resources, store_key(site))
         before: dict[str, Any] = json.loads(context.cursor) if context.cursor else {}
         requests, observations, cursor, reasons, unlisted = [], [], {}, [], []
+        set_up_pools(context.instance, datasets)
         runs = cache(partial(unfinished_runs, context.instance))  # read once a tick, where a decision needs them
         for dataset in datasets:
             state = before.get(dataset.name, {})

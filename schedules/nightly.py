@@ -25,6 +25,7 @@ from aifactory_assets.factory import (
 )
 from aifactory_assets.ingest import landed_objects, landing_prefix, reingest_needed
 from aifactory_assets.manifest import committed_manifest, latest_version, version_for, version_prefix
+from aifactory_assets.pools import set_up_pools
 from aifactory_assets.publish import current
 from aifactory_assets.shard_layout import MANIFEST, shard_entries
 from resources.object_store import ObjectStore
@@ -102,6 +103,7 @@ def nightly_schedule(catalog: Catalog, site: str) -> dg.ScheduleDefinition:
     def schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest | dg.SkipReason:
         store = getattr(context.resources, store_key(site))
         due, reasons, refusals = [], [], []
+        set_up_pools(context.instance, datasets)
         in_flight = unfinished_runs(context.instance)
         for dataset in datasets:
             if running := run_ingesting(in_flight, dataset):

@@ -19,10 +19,13 @@ import yaml
 from aifactory_assets.catalog import Catalog, load_catalog
 from aifactory_assets.definitions import build_definitions
 from aifactory_assets.demo import land_demo_data
-from aifactory_assets.factory import asset_key, dataset_pool
+from aifactory_assets.factory import asset_key, store_key
 from aifactory_assets.manifest import latest_manifest
-from aifactory_assets.materialize_all import bounded, held_pools
-from tests.conftest import free_port, local_stores, pipeline_resources
+from aifactory_assets.materialize_all import bounded
+from aifactory_assets.pools import dataset_pool, held_pools
+from schedules.landing_sensor import landing_sensor
+from schedules.nightly import nightly_schedule
+from tests.conftest import evaluate, free_port, local_stores, pipeline_resources
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -69,6 +72,30 @@ def test_a_headless_run_names_the_pool_slots_others_hold(catalog: Catalog, tmp_p
     assert held_pools(instance, [catalog.datasets["palmer_penguins"]]) == []  # DATASETS=palmer_penguins waits not
     storage.free_concurrency_slots_for_run("killed-run")
     assert held_pools(instance, list(catalog.datasets.values())) == []
+
+
+def test_whoever_starts_runs_sets_each_pool_up_front(catalog: Catalog, tmp_path: Path) -> None:
+    """Dagster sets a pool's limit at its first claim, and two processes claiming a new pool at once both
+    got a slot: a sensor or schedule tick sets its site's pools first, from the instance's default (marked
+    as the default, as Dagster marks it), and a limit set by hand stays."""
+    shutil.copy(REPO / "dagster_home" / "dagster.yaml", tmp_path)
+    stores = local_stores(catalog, tmp_path / "stores")
+    with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
+        storage = instance.event_log_storage
+        assert storage.get_concurrency_keys() == set()
+        storage.set_concurrency_slots(dataset_pool(catalog.datasets["seattle_weather"]), 3)
+        evaluate(landing_sensor(catalog, "linkoping"), stores["linkoping"], None, instance)
+        for site in ("kajaani", "bologna"):
+            schedule = nightly_schedule(catalog, site)
+            with dg.build_schedule_context(resources={store_key(site): stores[site]}, instance=instance) as context:
+                schedule.evaluate_tick(context)
+        limits = {(limit.name, limit.limit, limit.from_default) for limit in storage.get_pool_limits()}
+        datasets = [catalog.datasets_of(site)[0] for site in ("linkoping", "kajaani", "bologna")]
+        assert limits == {
+            (dataset_pool(datasets[0]), 1, True),
+            (dataset_pool(datasets[1]), 3, False),
+            (dataset_pool(datasets[2]), 1, True),
+        }
 
 
 BARLEY_YAML = {
