@@ -5,7 +5,7 @@ no DataFrame goes through an IO manager. Checks are computed in the same step fr
 """
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial, wraps
 from typing import Any, TypeVar, cast
 
@@ -311,6 +311,15 @@ def repair_version(
     copy_over(store, rebuilt_at, prefix, set(damaged))
 
 
+class ChecksFailed(dg.Failure):
+    """A blocking check failed before the commit; `results`, the checks judged so far, are reported with
+    the step's failure."""
+
+    def __init__(self, description: str, metadata: dict[str, Any], results: list[dg.AssetCheckResult]):
+        super().__init__(description, metadata=metadata)
+        self.results = results
+
+
 def refuse_failed(
     store: ObjectStore, dataset: Dataset, version: str, results: list[dg.AssetCheckResult], committed: bool
 ) -> None:
@@ -330,9 +339,10 @@ def refuse_failed(
             f"yet it is committed and {named}: set right what is named above, or remove {manifest_url} and run "
             "again to write the version anew"
         )
-    raise dg.Failure(
+    raise ChecksFailed(
         f"{dataset.name}: version {version} does not pass {said}; {state}",
         metadata={k: v for r in failed for k, v in r.metadata.items()},
+        results=results,
     )
 
 
@@ -578,22 +588,8 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
             ],
         )
 
-    @dg.asset(
-        **_common(
-            dataset,
-            "shards",
-            "Deduplicated, split and shuffled Parquet shards with a checksummed "
-            f"manifest, under `shards/{dataset.name}/v=<version>/`; `shards/{dataset.name}/_latest` names "
-            "the latest version.",
-        ),
-        deps=[validated.key],
-        kinds={"dask", "parquet"},
-        required_resource_keys=resource_keys,
-        check_specs=_checks(dataset, "shards", SCHEMA_CHECK, CONSERVATION_CHECK, VERIFIED_CHECK),
-        pool=dataset_pool(dataset),
-    )
     @naming_refusals(dataset.site)
-    def shards(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+    def commit_shards(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         store, dask = _resources(context, dataset)
         since = latest_version(store, dataset)  # moved to newer inputs meanwhile, it stays there (make_latest)
         raw_record = require_current(store, f"raw/{dataset.name}", "raw")
@@ -667,6 +663,28 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
             },
             check_results=check_results,
         )
+
+    @dg.asset(
+        **_common(
+            dataset,
+            "shards",
+            "Deduplicated, split and shuffled Parquet shards with a checksummed "
+            f"manifest, under `shards/{dataset.name}/v=<version>/`; `shards/{dataset.name}/_latest` names "
+            "the latest version.",
+        ),
+        deps=[validated.key],
+        kinds={"dask", "parquet"},
+        required_resource_keys=resource_keys,
+        check_specs=_checks(dataset, "shards", SCHEMA_CHECK, CONSERVATION_CHECK, VERIFIED_CHECK),
+        pool=dataset_pool(dataset),
+    )
+    def shards(context: dg.AssetExecutionContext) -> Iterator[dg.AssetCheckResult | dg.MaterializeResult]:
+        try:
+            result = commit_shards(context)
+        except ChecksFailed as failed:  # the checks as judged: the UI shows them failed, not unevaluated
+            yield from failed.results
+            raise
+        yield result
 
     return [landing, raw, validated, shards]
 

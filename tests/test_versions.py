@@ -18,7 +18,7 @@ import pytest
 from distributed import Client
 
 from aifactory_assets.catalog import Catalog, Dataset
-from aifactory_assets.checks import shard_problems
+from aifactory_assets.checks import CONSERVATION_CHECK, SCHEMA_CHECK, VERIFIED_CHECK, shard_problems
 from aifactory_assets.demo import land_demo_data
 from aifactory_assets.factory import asset_key, build_catalog_assets, run_finished
 from aifactory_assets.ingest import ingest_dataset
@@ -725,6 +725,12 @@ def test_an_unreadable_manifest_is_made_again_or_left_alone_never_a_dead_end(set
     assert len(committed_versions(store, dataset)) == 2
 
 
+def shards_checks(result: dg.ExecuteInJobResult, dataset: Dataset) -> dict[str, bool]:
+    """The shards step's checks as the run judged them (the UI's Checks tab), by name: passed or not."""
+    evaluations = result.get_asset_check_evaluations()
+    return {e.check_name: e.passed for e in evaluations if e.asset_key == asset_key(dataset, "shards")}
+
+
 def test_a_version_failing_a_blocking_check_is_never_committed(setup, monkeypatch) -> None:
     """The shards' schema and conservation checks are judged before the commit: a version whose rows do
     not add up (here a shuffle that miscounts its duplicates) stays uncommitted, `_latest` where it was."""
@@ -744,6 +750,7 @@ def test_a_version_failing_a_blocking_check_is_never_committed(setup, monkeypatc
     assert "does not pass conservation: rows read = sharded" in failure_message(result)
     assert "so it is not committed (there is no committed version yet)" in failure_message(result)
     assert "None" not in failure_message(result)
+    assert shards_checks(result, dataset) == {SCHEMA_CHECK: True, CONSERVATION_CHECK: False, VERIFIED_CHECK: True}
 
 
 def test_a_committed_version_that_fails_its_checks_says_so_and_names_strays(setup, monkeypatch) -> None:
@@ -768,6 +775,7 @@ def test_a_committed_version_that_fails_its_checks_says_so_and_names_strays(setu
     assert "yet it is committed and _latest still names it" in said and "not committed" not in said
     assert said.index("move it out of the version's folder") < said.index(f"v={version}/manifest.json and run")
     assert store.exists(stray) and latest_manifest(store, dataset)["version"] == version
+    assert shards_checks(result, dataset) == {VERIFIED_CHECK: False}  # the others need every shard to match
 
 
 def test_files_no_reader_takes_for_data_fail_no_version(setup) -> None:
