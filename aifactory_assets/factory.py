@@ -244,11 +244,11 @@ def new_version(
     valid_record: dict[str, Any],
     shard: Callable[[str], dict[str, Any]],
     run_id: str,
-    rebuilt_at: str,
 ) -> dict[str, Any]:
-    """A version not committed yet: its shards written under its folder, its quarantine kept, and the
-    manifest that will commit it."""
-    sharded = shard_into(store, version_prefix(dataset, version), shard, rebuilt_at)
+    """A version not committed yet: its shards written under its folder (each there only whole, so a
+    version whose manifest cannot be read is made again under the readers that resolved it before), its
+    quarantine kept, and the manifest that will commit it."""
+    sharded = shard(version_prefix(dataset, version))
     if sharded["rows_in"] != valid_record["rows_valid"]:
         raise dg.Failure(
             f"{dataset.name}: the shuffle read {sharded['rows_in']} validated rows where validated passed "
@@ -271,24 +271,6 @@ def new_version(
     return build_manifest(dataset, version, arrow_schema(dataset), sharded, lineage, validation, quarantine, run_id)
 
 
-def copy_over(store: ObjectStore, rebuilt_at: str, prefix: str, paths: set[str]) -> None:
-    """Shards made in the staging, each copied whole over its namesake in the version's folder: written
-    there in place, a training job that resolved the version before would read one cut short."""
-    store.copy_many([(f"{rebuilt_at}/{path}", f"{prefix}/{path}") for path in sorted(paths)])
-
-
-def shard_into(
-    store: ObjectStore, prefix: str, shard: Callable[[str], dict[str, Any]], rebuilt_at: str
-) -> dict[str, Any]:
-    """The shards written under `prefix`; by way of the staging where that folder holds files already (a
-    version whose manifest cannot be read is made again under the readers that resolved it before)."""
-    if all(o.key == f"{prefix}/{MANIFEST}" for o in store.list_objects(prefix)):
-        return shard(prefix)
-    sharded = shard(rebuilt_at)
-    copy_over(store, rebuilt_at, prefix, shard_paths(sharded))
-    return sharded
-
-
 def repair_version(
     store: ObjectStore,
     dataset: Dataset,
@@ -299,8 +281,9 @@ def repair_version(
     rebuilt_at: str,
 ) -> None:
     """A committed version whose shards (`damaged`, by path) rotted, or were removed, gets them back: the
-    same inputs and configuration give the same bytes, so they are rebuilt in the staging and copied over,
-    and the manifest stays as committed."""
+    same inputs and configuration give the same bytes, so they are rebuilt in the staging, compared with
+    the manifest, and copied over, each whole; the manifest stays as committed. A Failure where one went
+    from the staging meanwhile."""
     made = {s["path"]: s["sha256"] for s in shard_entries(rebuilt)}
     wanted = {s["path"]: s["sha256"] for s in shard_entries(manifest)}
     if made != wanted:
@@ -308,7 +291,13 @@ def repair_version(
             f"{dataset.name}: version {manifest['version']} is damaged ({damaged}) and its shards, made again, "
             f"differ from its manifest: remove {store.url(prefix)}/{MANIFEST} and run again to write it anew"
         )
-    copy_over(store, rebuilt_at, prefix, set(damaged))
+    paths = sorted(damaged)
+    copied = store.copy_many([(f"{rebuilt_at}/{path}", f"{prefix}/{path}") for path in paths])
+    if gone := [path for path, done in zip(paths, copied, strict=True) if not done]:
+        raise dg.Failure(
+            f"{dataset.name}: {gone}, made again under {store.url(rebuilt_at)}/, went from there before they were "
+            f"copied over the damaged ones in {store.url(prefix)}/ (another run's clean-up?): run again"
+        )
 
 
 class ChecksFailed(dg.Failure):
@@ -607,9 +596,7 @@ def build_dataset_assets(dataset: Dataset, catalog: Catalog) -> list[dg.AssetsDe
             manifest = committed
             context.log.info(f"version {version} is already committed; re-pointing _latest at it")
         else:
-            manifest = new_version(
-                store, dataset, version, raw_record, valid_record, shard, context.run.run_id, rebuilt_at
-            )
+            manifest = new_version(store, dataset, version, raw_record, valid_record, shard, context.run.run_id)
         problems, repaired = shard_problems(store, dask.get_client(), prefix, manifest), {}
         damaged = {path: problem for path, problem in problems.items() if path in shard_paths(manifest)}
         if damaged and committed:  # strays alone need no shard made again

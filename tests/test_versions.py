@@ -688,6 +688,30 @@ def test_a_damaged_version_is_repaired_when_its_inputs_come_back_or_never_become
     assert not store.list_objects(f"shards/{DATASET}/_staging")
 
 
+def test_a_rebuilt_shard_gone_from_the_staging_before_its_copy_fails_by_name(setup, monkeypatch) -> None:
+    """A repair copies the shards it made again from its staging; one gone from there meanwhile is named,
+    not left for the verified check to report as the damage it came to mend."""
+    from aifactory_assets import factory
+
+    catalog, dataset, store, stores, dask = setup
+    assert run(catalog, stores, dask).success
+    manifest = latest_manifest(store, dataset)
+    rotten = manifest["splits"]["train"]["shards"][0]["path"]
+    store.write_bytes(f"shards/{DATASET}/v={manifest['version']}/{rotten}", b"rotten")
+    shard = factory.shard_version
+
+    def gone_after_the_rebuild(*args, **kwargs) -> dict:
+        sharded = shard(*args, **kwargs)
+        store.delete(f"{args[-1]}/{rotten}")  # the staging folder the rebuild wrote into
+        return sharded
+
+    monkeypatch.setattr(factory, "shard_version", gone_after_the_rebuild)
+    result = run(catalog, stores, dask, stages=("shards",))
+    assert not result.success
+    assert f"['{rotten}'], made again under" in failure_message(result)
+    assert "went from there before they were copied over the damaged ones" in failure_message(result)
+
+
 def cut_short(store: ObjectStore, key: str) -> None:
     """A manifest cut in half, as a full disk or a partial copy leaves it."""
     data = store.read_bytes(key)
