@@ -49,27 +49,27 @@ def open_for_write(url: str, storage_options: dict[str, Any]) -> tuple[fsspec.Ab
 
 
 @contextlib.contextmanager
-def open_whole(url: str, storage_options: dict[str, Any]) -> Iterator[BinaryIO]:
-    """`url` opened for writing, there only once whole, and left as it was by a write that fails: locally
-    through a rename; on S3 as a multipart upload completed, or aborted (s3fs's own `with` would upload
-    what was written before the error). A version's shards: another deployment writing the same version at
-    once writes the same bytes over them, and a reader of the one it committed first must never meet one
-    cut short."""
+def open_whole(url: str, storage_options: dict[str, Any], tmp_folder: str) -> Iterator[BinaryIO]:
+    """`url` opened for writing, there only once whole, and left as it was by a write that fails. Locally
+    through a rename from `tmp_folder` (a URL on the same disk: a write killed outright leaves its file
+    there, not hidden beside `url`). On S3 as a PUT or a multipart upload is, aborted on an error (s3fs's
+    own `with` would upload what was written before it). A version's shards: another deployment writing
+    the same version at once writes the same bytes over them, and a reader of the one it committed first
+    must never meet one cut short."""
     fs, path = open_for_write(url, storage_options)
     if isinstance(fs, LocalFileSystem):
-        with written_whole(Path(path)) as tmp, open(tmp, "wb") as f:
+        folder = Path(filesystem_of(tmp_folder, storage_options)[1])
+        with written_whole(Path(path), folder=folder) as tmp, open(tmp, "wb") as f:
             yield f
         return
-    f = fs.open(path, "wb", autocommit=False)
+    f = fs.open(path, "wb")
     try:
         yield f
-        f.close()
-        f.commit()
     except BaseException:
-        with contextlib.suppress(Exception):
-            f.close()  # uploads what is buffered as one more part of the upload discarded next
-        f.discard()
+        f.discard()  # aborts the multipart upload, if one began
+        f.closed = True  # so that closing uploads nothing
         raise
+    f.close()
 
 
 def write_parquet(table: pa.Table, url: str, storage_options: dict[str, Any], **options: Any) -> int:

@@ -203,14 +203,19 @@ def gather_bucket(
 
 
 def write_shard(
-    slices: list[tuple[str, int, int]], url: str, group_rows: int, storage_options: dict[str, Any], schema: pa.Schema
+    slices: list[tuple[str, int, int]],
+    url: str,
+    group_rows: int,
+    storage_options: dict[str, Any],
+    schema: pa.Schema,
+    tmp_folder: str,
 ) -> dict[str, Any]:
     """Runs on a worker: stream row ranges of sorted buckets into one shard, one range in memory at a time,
     in whole row groups across the buckets' ranges (a range's last rows wait for the next range's), hashing
     the bytes on their way out (no temporary copy; only the footer is read back, for its own hash,
     which readers check on every open: page CRCs do not cover it). Into the version's folder, invisible
-    until its manifest is committed, and there only once whole (`open_whole`)."""
-    with open_whole(url, storage_options) as f:
+    until its manifest is committed, and there only once whole (`open_whole`, from the run's staging)."""
+    with open_whole(url, storage_options, tmp_folder) as f:
         out = HashingFile(f)
         with shard_writer(out, schema) as writer:
             held = schema.empty_table()
@@ -389,6 +394,7 @@ def shard_dataset(
             [group_rows for _, _, group_rows in jobs],
             storage_options=options,
             schema=schema,
+            tmp_folder=store.url(f"{staging_prefix}/writing"),
         )
     )
     splits: dict[str, Any] = {}

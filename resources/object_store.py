@@ -17,8 +17,8 @@ import os
 import random
 import re
 import shutil
-import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -404,13 +404,16 @@ class ObjectStore(dg.ConfigurableResource):
 
 
 @contextlib.contextmanager
-def written_whole(target: Path, durable: bool = False) -> Iterator[Path]:
-    """A file beside `target` to write, renamed over it once the block ends: a reader (or another writer of
-    the same bytes) never meets it cut short, and a failed write leaves no temporary file. `durable`: on
-    disk before the rename, so that after a node's crash a pointer or manifest holds its old bytes or its
-    new ones, never none (XFS, unlike ext4, does not flush a file renamed over another)."""
+def written_whole(target: Path, durable: bool = False, folder: Path | None = None) -> Iterator[Path]:
+    """A file to write, in `folder` (beside `target` by default; on its filesystem), renamed over `target`
+    once the block ends: a reader (or another writer of the same bytes) never meets it cut short, and a
+    failed write leaves no temporary file (a killed one leaves it in `folder`). `durable`: on disk before
+    the rename, so that after a node's crash a pointer or manifest holds its old bytes or its new ones,
+    never none (XFS, unlike ext4, does not flush a file renamed over another)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    folder = folder or target.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{target.name}.tmp-{uuid.uuid4().hex}"  # unique across the hosts sharing the disk
     try:
         yield tmp
         if durable:

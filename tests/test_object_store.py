@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+import subprocess
+import sys
 import threading
 import uuid
 from pathlib import Path
@@ -23,6 +25,8 @@ from aifactory_assets.staging import read_batches, write_batches
 from resources import ObjectStore, object_store_for
 from resources.object_store import credentials_named
 from tests.conftest import S3_KEY, S3_SECRET, local_stores, s3_stores
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -295,12 +299,13 @@ def test_a_shard_is_there_only_whole_and_a_failed_write_leaves_the_one_before(st
     bytes until the new ones are all there, and the old ones still where its write fails (s3fs's own
     `with` would have uploaded what came before the error)."""
     key, url = "shards/d/v=1/train-00000-of-00001.parquet", store.url("shards/d/v=1/train-00000-of-00001.parquet")
+    writing = store.url("shards/d/_staging/1/run/writing")
     store.write_bytes(key, b"old bytes")
-    with pytest.raises(RuntimeError, match="the writer fails"), open_whole(url, store.storage_options) as f:
+    with pytest.raises(RuntimeError, match="the writer fails"), open_whole(url, store.storage_options, writing) as f:
         f.write(b"new bytes, cut short")
         raise RuntimeError("the writer fails")
     assert store.read_bytes(key) == b"old bytes"
-    with open_whole(url, store.storage_options) as f:
+    with open_whole(url, store.storage_options, writing) as f:
         f.write(b"new bytes")
         assert store.read_bytes(key) == b"old bytes"
     assert store.read_bytes(key) == b"new bytes"
@@ -308,6 +313,24 @@ def test_a_shard_is_there_only_whole_and_a_failed_write_leaves_the_one_before(st
     if store.protocol == "s3":
         bucket = store.root.split("/")[0]
         assert store.fs.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads", []) == []
+
+
+def test_a_shard_write_killed_outright_leaves_its_file_in_the_staging(tmp_path: Path) -> None:
+    """A worker killed mid-write (out of memory, a lost node) cleans nothing up: what it wrote stays in
+    the run's staging, which the run or the next one removes, not hidden in a version's folder for good."""
+    store = ObjectStore(site="kajaani", root=str(tmp_path))
+    url, writing = store.url("shards/d/v=1/train-00000-of-00001.parquet"), store.url("shards/d/_staging/1/run/writing")
+    killed = (
+        "import os, sys\n"
+        "from aifactory_assets.parquet_io import open_whole\n"
+        "with open_whole(sys.argv[1], {}, sys.argv[2]) as f:\n"
+        "    f.write(b'half a shard'); f.flush(); os._exit(9)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", killed, url, writing], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 9, done.stderr
+    assert [o.key for o in store.list_objects("shards/d/v=1", "**")] == []
+    [left] = store.list_objects("shards/d/_staging", "**")
+    assert left.key.startswith("shards/d/_staging/1/run/writing/.train-00000-of-00001.parquet.tmp-")
 
 
 @pytest.fixture(params=["local", "moto", "seaweedfs"])

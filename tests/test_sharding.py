@@ -283,8 +283,8 @@ def test_row_groups_run_whole_across_buckets_with_the_bytes_of_one_bucket(tmp_pa
     for i, (lo, hi) in enumerate(((0, 700), (700, 1_900), (1_900, 3_000))):
         buckets.append((str(tmp_path / f"bucket-{i}.arrow"), 0, hi - lo))
         write_sorted(buckets[-1][0], table.slice(lo, hi - lo), {})
-    whole = write_shard([(one, 0, 3_000)], str(tmp_path / "one.parquet"), 1_024, {}, schema)
-    spread = write_shard(buckets, str(tmp_path / "spread.parquet"), 1_024, {}, schema)
+    whole = write_shard([(one, 0, 3_000)], str(tmp_path / "one.parquet"), 1_024, {}, schema, str(tmp_path / "writing"))
+    spread = write_shard(buckets, str(tmp_path / "spread.parquet"), 1_024, {}, schema, str(tmp_path / "writing"))
     assert spread["row_groups"] == whole["row_groups"] == [1_024, 1_024, 952]
     assert spread["sha256"] == whole["sha256"]
     sink = pa.BufferOutputStream()
