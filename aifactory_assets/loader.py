@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import errno
 import fcntl
 import hashlib
 import json
@@ -118,9 +119,48 @@ def epoch_seed(seed: int, epoch: int, *more: int) -> np.random.Generator:
 _HELD: Counter[str] = Counter()
 _HELD_LOCK = threading.RLock()  # reentrant: a CachedShard's finaliser may run on a thread inside it
 _ROOM_LOCK = threading.Lock()  # with a cache's `.room.lock`: on NFS a flock is the process's, not the thread's
-# Never fork while a thread holds the room (a DataLoader's workers): the child would inherit its flock, and
-# every download on the node would wait for that worker to exit.
-os.register_at_fork(before=_ROOM_LOCK.acquire, after_in_parent=_ROOM_LOCK.release, after_in_child=_ROOM_LOCK.release)
+# Descriptors this process holds a flock through, blocking or held for long: copies in use, download and room
+# locks. A flock belongs to the open file, which a forked child (a DataLoader worker) shares: the child's
+# duplicates would hold a copy against eviction, or a shard's download for the node, as long as it lives.
+_LOCK_FDS: set[int] = set()
+
+
+def _before_fork() -> None:
+    """Never fork while a thread holds the room, or the hold lock (the child would wait on it for good)."""
+    _ROOM_LOCK.acquire()
+    _HELD_LOCK.acquire()
+
+
+def _after_fork_in_parent() -> None:
+    _HELD_LOCK.release()
+    _ROOM_LOCK.release()
+
+
+def _after_fork_in_child() -> None:
+    """The child lets go of its duplicates (the parent's locks stay) and holds nothing yet."""
+    for fd in _LOCK_FDS:
+        os.close(fd)
+    _LOCK_FDS.clear()
+    _HELD.clear()
+    _after_fork_in_parent()
+
+
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)
+
+
+def opened_to_lock(open_fd: Callable[[], int | None]) -> int | None:
+    """A descriptor to lock through, known to the fork hooks from before it is locked."""
+    with _HELD_LOCK:
+        fd = open_fd()
+        if fd is not None:
+            _LOCK_FDS.add(fd)
+        return fd
+
+
+def close_locked(fd: int) -> None:
+    with _HELD_LOCK:
+        _LOCK_FDS.discard(fd)
+        os.close(fd)
 
 
 def hold(path: str, count: int) -> None:
@@ -132,13 +172,14 @@ def hold(path: str, count: int) -> None:
 
 class CachedShard:
     """A shard's local copy held in use: a shared lock on it keeps every process's eviction off it until
-    `close()` (unlinking a file in use frees no disk, so the bound would be a fiction)."""
+    `close()` (unlinking a file in use frees no disk, so the bound would be a fiction). In a forked child
+    it holds nothing (the fork hooks closed its descriptor)."""
 
     fd = -1
 
     def __init__(self, path: Path):
-        self.path = str(path)
-        self.fd = os.open(path, os.O_RDONLY)
+        self.path, self.pid = str(path), os.getpid()
+        self.fd = opened_to_lock(lambda: os.open(path, os.O_RDONLY))
         hold(self.path, 1)
         try:
             lock(self.fd, fcntl.LOCK_SH)
@@ -149,10 +190,10 @@ class CachedShard:
             raise
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        if self.fd >= 0 and self.pid == os.getpid():
+            close_locked(self.fd)
             hold(self.path, -1)
+        self.fd = -1
 
     __del__ = close  # a reader dropped without close() releases its copies with it
 
@@ -202,7 +243,7 @@ class ShardCache:
                     return target, hashed
                 self._download(fs, remote, checksum, target, size or 0)
             finally:
-                os.close(fd)
+                close_locked(fd)
             self.evict(keep=target)
             return target, True
         except BaseException:
@@ -216,9 +257,9 @@ class ShardCache:
         removed a shard's while we waited)."""
         while True:
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+                fd = opened_to_lock(lambda: os.open(path, os.O_RDWR | os.O_CREAT, 0o644))
             except PermissionError:  # another user's: a local flock needs no write access
-                if (fd := open_to_lock(path)) is None:
+                if (fd := opened_to_lock(lambda: open_to_lock(path))) is None:
                     continue
             lock(fd, fcntl.LOCK_EX)
             try:
@@ -226,7 +267,7 @@ class ShardCache:
                     return fd
             except FileNotFoundError:
                 pass
-            os.close(fd)
+            close_locked(fd)
 
     def _present(self, target: Path, checksum: str, verify: bool) -> bool | None:
         """None where there is no sound copy; else whether it was hashed just now."""
@@ -266,7 +307,7 @@ class ShardCache:
         except FileNotFoundError:  # removed already
             pass
         finally:
-            os.close(fd)
+            close_locked(fd)
 
     @staticmethod
     def _hashed_as_is(target: Path) -> bool:
@@ -303,6 +344,15 @@ class ShardCache:
             self._record_hash(target, file_stamp(tmp))
             with self._room():  # an eviction counting meanwhile sees the copy under one name or the other
                 tmp.replace(target)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            raise OSError(
+                errno.ENOSPC,
+                f"{self.directory} (the shard cache) has no room left for {remote} ({size or 'unknown'} bytes): its "
+                f"disk is smaller than cache_bytes ({self.max_bytes}) plus the copies readers hold open (up to "
+                "max_open_files each): lower either, or read with cache=False, verify='pages'",
+            ) from exc
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -325,7 +375,7 @@ class ShardCache:
             try:
                 yield
             finally:
-                os.close(fd)
+                close_locked(fd)
 
     def evict(self, keep: Path | None, room: int = 0) -> None:
         """Oldest used first, down to `max_bytes` less `room`, skipping copies in use; also the temporary files of
@@ -543,7 +593,9 @@ class ShardReader:
             )
         if remainder not in (None, *get_args(Remainder)):
             raise ValueError(f"remainder {remainder!r}: one of {get_args(Remainder)}, or None for the manifest's")
-        if verify not in (True, False, "pages"):  # a string from a config file would turn checks off unseen
+        verify = bool(verify) if isinstance(verify, np.bool_) else verify
+        # A string from a config file, or a 1, would turn checks off unseen (only `True` hashes whole shards).
+        if not (verify is True or verify is False or verify == "pages"):
             raise ValueError(f"verify {verify!r}: True, False or 'pages'")
         if not is_manifest(manifest):
             raise ValueError(
@@ -867,9 +919,12 @@ class ShardReader:
                 return self._open(shard, local, held, hashed)
             except BaseException as exc:
                 with contextlib.closing(held):
-                    if hashed or not isinstance(exc, ChecksumMismatch):
+                    # A copy not hashed just now that fails a check, or cannot be opened at all (cut short
+                    # where verify=False trusts it as it is), rotted since it came: the next attempt downloads
+                    # it afresh (hashing it), rather than every reader failing on it until someone clears it.
+                    if hashed or not isinstance(exc, OSError | pa.ArrowException):  # ChecksumMismatch too
                         raise
-                    cache.discard(held)  # rotted since its hash: the next attempt downloads it afresh
+                    cache.discard(held)
         raise OSError(
             f"{remote}: evicted from {cache.directory} {attempts} times before it could be opened; "
             f"cache_bytes ({cache.max_bytes}) is too small for the readers sharing it"

@@ -3,6 +3,7 @@ epoch); exact resume; checksums; a bounded S3 cache; the torch IterableDataset; 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.util
 import io
@@ -35,7 +36,7 @@ import pytest
 from aifactory_assets.catalog import Catalog
 from aifactory_assets.demo import land_demo_data
 from aifactory_assets.factory import asset_key, build_catalog_assets
-from aifactory_assets.loader import ChecksumMismatch, ShardCache, ShardReader, resolve_manifest
+from aifactory_assets.loader import CachedShard, ChecksumMismatch, ShardCache, ShardReader, hold, resolve_manifest
 from aifactory_assets.manifest import latest_manifest
 from resources import DaskCluster, ObjectStore
 from tests.conftest import local_stores, pipeline_resources, s3_stores
@@ -350,7 +351,6 @@ def test_remote_shards_are_cached_within_a_size_bound(
 
 def test_a_cache_of_two_copies_keeps_two(tmp_path: Path) -> None:
     """Hash records and lock files (a few bytes each) count for nothing against the bound."""
-    from aifactory_assets.loader import hold
 
     remote, size, sums = tmp_path / "remote", 2**16, []
     remote.mkdir()
@@ -399,7 +399,6 @@ def test_downloads_at_once_keep_the_cache_within_its_bound(tmp_path: Path) -> No
     while another's copy arrived counted that copy at the bytes it had so far (none), and copies arriving at
     once passed the bound. Threads stand for a node's processes (a ShardCache each; the holds they share
     are only on the copies they fetch), started in turn so that each makes room after the one before."""
-    from aifactory_assets.loader import hold
 
     size, downloads = 2**16, 3
     remote, cache_dir, sums = tmp_path / "remote", tmp_path / "cache", []
@@ -480,6 +479,91 @@ def test_a_fork_never_takes_the_caches_room_with_it(tmp_path: Path) -> None:
         taken = time.monotonic()
         with ShardCache(tmp_path / "cache", 2**20)._room():
             assert time.monotonic() - taken < 5  # not held by the worker, alive for 20 s
+    finally:
+        worker.kill()
+        worker.join()
+
+
+def test_a_cached_copy_cut_short_is_fetched_again_even_unverified(
+    catalog: Catalog, s3_endpoint: str, tmp_path: Path
+) -> None:
+    """verify=False trusts a copy in the cache as it is: one cut short (a full disk, a copy by hand) failed
+    every reader on the node with ArrowInvalid, naming no file, until someone cleared the cache."""
+    url, options, _ = many_row_groups(catalog, s3_endpoint, shards=2, groups=2, rows=1_000)
+
+    def ids(reader: ShardReader) -> list[int]:
+        return [i for batch in reader for i in batch.column("id").to_pylist()]
+
+    expected = ids(ShardReader(url, "train", storage_options=options, cache_dir=tmp_path / "cache"))
+    copies = sorted((tmp_path / "cache").glob("*.parquet"))
+    for copy in copies:
+        os.truncate(copy, copy.stat().st_size // 2)
+    reader = ShardReader(url, "train", storage_options=options, cache_dir=tmp_path / "cache", verify=False)
+    assert ids(reader) == expected
+    assert reader.cache.downloads == len(copies) == 2
+
+
+def test_a_cache_disk_too_small_names_the_cache_and_what_to_change(
+    catalog: Catalog, s3_endpoint: str, tmp_path: Path
+) -> None:
+    """A full disk under the shard cache (smaller than cache_bytes and the copies held open) gave a bare
+    ENOSPC, which a training job's author could not trace to the cache."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"a small disk for the cache needs a tmpfs mount, refused here: {mounted.stderr.decode().strip()}")
+    try:
+        url, options, split_bytes = many_row_groups(catalog, s3_endpoint, shards=2, groups=2, rows=20_000)
+        assert split_bytes > 256 * 1024
+        reader = ShardReader(url, "train", storage_options=options, cache_dir=disk / "cache", cache_bytes=2**30)
+        with pytest.raises(OSError, match=r"\(the shard cache\) has no room left for .*lower either") as raised:
+            list(reader)
+        assert raised.value.errno == errno.ENOSPC
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_forked_worker_holds_none_of_the_caches_locks(tmp_path: Path) -> None:
+    """A DataLoader forks its workers while the rank holds a copy and another of its threads downloads one.
+    A flock belongs to the open file, which a forked worker shares: it held the copy against every eviction
+    after the rank let it go, and the shard's download for the node, for as long as it lived."""
+    import threading
+
+    remotes = {}
+    for name in ("held", "downloaded"):
+        (tmp_path / name).write_bytes(np.random.default_rng(len(name)).bytes(1 << 16))
+        remotes[name] = (str(tmp_path / name), hashlib.sha256((tmp_path / name).read_bytes()).hexdigest())
+    cache = ShardCache(tmp_path / "cache", 2**30)
+    copy, _ = cache.fetch(fsspec.filesystem("file"), *remotes["held"], True)
+    held = CachedShard(copy)
+    hold(str(copy), -1)
+    downloading, go = threading.Event(), threading.Event()
+
+    class Waiting:  # a remote store whose shard comes once the worker is forked
+        def open(self, path: str, mode: str) -> Any:
+            downloading.set()
+            go.wait(10)
+            return open(path, mode)
+
+    def download() -> None:
+        fetched, _ = cache.fetch(Waiting(), *remotes["downloaded"], True)
+        hold(str(fetched), -1)
+
+    downloader = threading.Thread(target=download)
+    downloader.start()
+    assert downloading.wait(10)  # its download lock taken
+    worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(20,))
+    worker.start()
+    try:
+        go.set()
+        downloader.join(10)
+        held.close()
+        ShardCache(tmp_path / "cache", 0).evict(keep=None)
+        assert not list((tmp_path / "cache").glob("*.parquet"))  # neither copy held by the worker
+        taken = time.monotonic()
+        cache.fetch(fsspec.filesystem("file"), *remotes["downloaded"], True)  # the node needs it again
+        assert time.monotonic() - taken < 5  # its download lock not held by the worker, alive for 20 s
     finally:
         worker.kill()
         worker.join()
@@ -856,6 +940,20 @@ def local_split(directory: Path, tables: list[pa.Table], row_group_rows: int) ->
     for name, data in split_files(tables, row_group_rows, seed=5).items():
         (directory / name).write_bytes(data)
     return str(directory / "manifest.json")
+
+
+def test_verify_takes_a_boolean_or_pages_and_nothing_that_looks_like_one(tmp_path: Path) -> None:
+    """Only `True` hashes whole shards: a 1 from a config file passed the check (it equals True) yet hashed
+    nothing; numpy's True, which a script may hand on, is taken as True."""
+    url = local_split(tmp_path / "split", [pa.table({"id": np.arange(50)})], row_group_rows=10)
+    manifest = json.loads(Path(url).read_text())
+    manifest["splits"]["train"]["shards"][0]["sha256"] = "0" * 64
+    Path(url).write_text(json.dumps(manifest))
+    for looks_like_one in (1, 1.0, "yes", "true", None):
+        with pytest.raises(ValueError, match="True, False or 'pages'"):
+            ShardReader(url, "train", verify=looks_like_one)
+    with pytest.raises(ChecksumMismatch, match="sha256"):
+        list(ShardReader(url, "train", verify=np.True_))
 
 
 def test_text_comes_as_stored_whether_read_ahead_or_not(tmp_path: Path) -> None:
