@@ -328,10 +328,22 @@ def refuse_failed(
             f"yet it is committed and {named}: set right what is named above, or remove {manifest_url} and run "
             "again to write the version anew"
         )
+    # Dagster files a check under the asset's latest materialisation, which is another version's (or none):
+    # each says which version it judged, and in what state, lest it be read as the other version's.
+    judged = f"version {version}, {'committed' if committed else 'not committed'}, {named}"
     raise ChecksFailed(
         f"{dataset.name}: version {version} does not pass {said}; {state}",
         metadata={k: v for r in failed for k, v in r.metadata.items()},
-        results=results,
+        results=[
+            dg.AssetCheckResult(
+                check_name=r.check_name,
+                passed=r.passed,
+                severity=r.severity,
+                description=f"{judged}: {r.description}",
+                metadata={**r.metadata, "version": version, "committed": committed},
+            )
+            for r in results
+        ],
     )
 
 

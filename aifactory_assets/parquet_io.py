@@ -65,11 +65,14 @@ def open_whole(url: str, storage_options: dict[str, Any], tmp_folder: str) -> It
     f = fs.open(path, "wb")
     try:
         yield f
-    except BaseException:
-        f.discard()  # aborts the multipart upload, if one began
-        f.closed = True  # so that closing uploads nothing
+        f.close()  # the last part, and the upload completed
+    except BaseException as exc:
+        try:
+            f.discard()  # aborts the multipart upload, if one began
+        except Exception as abort:  # the write's own error says what went wrong; this one what it left
+            exc.add_note(f"aborting the upload of {url} failed too, which leaves its parts stored: {abort}")
+        f.buffer, f.closed = None, True  # neither closing nor collecting the file uploads what it holds
         raise
-    f.close()
 
 
 def write_parquet(table: pa.Table, url: str, storage_options: dict[str, Any], **options: Any) -> int:

@@ -405,14 +405,16 @@ class ObjectStore(dg.ConfigurableResource):
 
 @contextlib.contextmanager
 def written_whole(target: Path, durable: bool = False, folder: Path | None = None) -> Iterator[Path]:
-    """A file to write, in `folder` (beside `target` by default; on its filesystem), renamed over `target`
-    once the block ends: a reader (or another writer of the same bytes) never meets it cut short, and a
-    failed write leaves no temporary file (a killed one leaves it in `folder`). `durable`: on disk before
-    the rename, so that after a node's crash a pointer or manifest holds its old bytes or its new ones,
-    never none (XFS, unlike ext4, does not flush a file renamed over another)."""
+    """A file to write, in `folder` (beside `target` where none is given or it is on another disk), renamed
+    over `target` once the block ends: a reader (or another writer of the same bytes) never meets it cut
+    short, and a failed write leaves no temporary file (a killed one leaves it in `folder`). `durable`: on
+    disk before the rename, so that after a node's crash a pointer or manifest holds its old bytes or its
+    new ones, never none (XFS, unlike ext4, does not flush a file renamed over another)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     folder = folder or target.parent
     folder.mkdir(parents=True, exist_ok=True)
+    if folder.stat().st_dev != target.parent.stat().st_dev:  # a rename cannot cross disks (a linked `_staging`)
+        folder = target.parent
     tmp = folder / f".{target.name}.tmp-{uuid.uuid4().hex}"  # unique across the hosts sharing the disk
     try:
         yield tmp

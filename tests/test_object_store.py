@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import uuid
 from pathlib import Path
@@ -23,7 +26,7 @@ from aifactory_assets.factory import naming_refusals, store_key
 from aifactory_assets.parquet_io import open_whole, read_parquet, write_parquet
 from aifactory_assets.staging import read_batches, write_batches
 from resources import ObjectStore, object_store_for
-from resources.object_store import credentials_named
+from resources.object_store import credentials_named, filesystem_of
 from tests.conftest import S3_KEY, S3_SECRET, local_stores, s3_stores
 
 REPO = Path(__file__).resolve().parent.parent
@@ -331,6 +334,69 @@ def test_a_shard_write_killed_outright_leaves_its_file_in_the_staging(tmp_path: 
     assert [o.key for o in store.list_objects("shards/d/v=1", "**")] == []
     [left] = store.list_objects("shards/d/_staging", "**")
     assert left.key.startswith("shards/d/_staging/1/run/writing/.train-00000-of-00001.parquet.tmp-")
+
+
+def test_a_staging_on_another_disk_still_writes_shards_whole(tmp_path: Path) -> None:
+    """`_staging` linked to node-local scratch (the README calls it as large as the data): a rename from there
+    into the version's folder cannot cross disks, so the temporary file goes beside the shard instead."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs /dev/shm on a filesystem of its own, which this machine does not have")
+    scratch = Path(tempfile.mkdtemp(dir=shm))
+    try:
+        store = ObjectStore(site="kajaani", root=str(tmp_path))
+        (tmp_path / "shards" / "d").mkdir(parents=True)
+        (tmp_path / "shards" / "d" / "_staging").symlink_to(scratch)
+        url = store.url("shards/d/v=1/train-00000-of-00001.parquet")
+        with open_whole(url, store.storage_options, store.url("shards/d/_staging/1/run/writing")) as f:
+            f.write(b"shard bytes")
+        assert store.read_bytes("shards/d/v=1/train-00000-of-00001.parquet") == b"shard bytes"
+        assert [p.name for p in (tmp_path / "shards" / "d" / "v=1").iterdir()] == ["train-00000-of-00001.parquet"]
+    finally:
+        shutil.rmtree(scratch)
+
+
+@pytest.mark.parametrize("fails_at", ["the abort", "the completion"])
+def test_a_large_shard_whose_upload_fails_leaves_the_one_before(
+    s3_store: ObjectStore, monkeypatch: pytest.MonkeyPatch, fails_at: str
+) -> None:
+    """A multipart upload that fails once parts are up, and whose abort fails too (one network drop), or
+    that fails as it completes: the shard before stays, even once the file is collected (fsspec's finaliser
+    closes it, which completed the upload with the parts up), the write's own error is the one raised, and
+    a completion that fails leaves no upload open (parts stored and billed)."""
+    options = {**s3_store.storage_options, "default_block_size": 5 * 2**20}  # parts of 5 MiB, S3's least
+    key = "shards/d/v=1/train-00000-of-00001.parquet"
+    url, fs = s3_store.url(key), filesystem_of(s3_store.url(key), options)[0]
+    s3_store.write_bytes(key, b"old bytes")
+    call = fs.call_s3
+
+    def dropped(*args: object, **kwargs: object) -> object:
+        raise OSError(f"{fails_at}: connection reset")
+
+    def completion_dropped(method: str, *args: object, **kwargs: object) -> object:
+        return dropped() if method == "complete_multipart_upload" else call(method, *args, **kwargs)
+
+    if fails_at == "the abort":
+        monkeypatch.setattr(fs, "abort_mpu", dropped)
+    else:
+        monkeypatch.setattr(fs, "call_s3", completion_dropped)
+    with pytest.raises(Exception) as raised, open_whole(url, options, "unused on S3") as f:  # noqa: PT011
+        f.write(np.random.default_rng(0).bytes(12 * 2**20))  # two parts up, the third at close
+        if fails_at == "the abort":
+            raise RuntimeError("the writer fails")
+    del f
+    gc.collect()
+    monkeypatch.undo()
+    assert s3_store.read_bytes(key) == b"old bytes"
+    bucket = s3_store.root.split("/")[0]
+    uploads = s3_store.fs.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads", [])
+    if fails_at == "the abort":
+        assert isinstance(raised.value, RuntimeError)
+        assert "aborting the upload" in "".join(getattr(raised.value, "__notes__", []))
+        [left] = uploads  # the one a lifecycle rule would clear: cleared here
+        s3_store.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=left["Key"], UploadId=left["UploadId"])
+    else:
+        assert "the completion: connection reset" in str(raised.value) and uploads == []
 
 
 @pytest.fixture(params=["local", "moto", "seaweedfs"])

@@ -749,10 +749,13 @@ def test_an_unreadable_manifest_is_made_again_or_left_alone_never_a_dead_end(set
     assert len(committed_versions(store, dataset)) == 2
 
 
-def shards_checks(result: dg.ExecuteInJobResult, dataset: Dataset) -> dict[str, bool]:
-    """The shards step's checks as the run judged them (the UI's Checks tab), by name: passed or not."""
-    evaluations = result.get_asset_check_evaluations()
-    return {e.check_name: e.passed for e in evaluations if e.asset_key == asset_key(dataset, "shards")}
+def shards_checks(result: dg.ExecuteInJobResult, dataset: Dataset, judged: str) -> dict[str, bool]:
+    """The shards step's checks as a run that failed them judged them (the UI's Checks tab), by name: passed
+    or not. Each names the version it judged and its state (`judged`): Dagster files them under the asset's
+    latest materialisation, which is another version's or none."""
+    evaluations = [e for e in result.get_asset_check_evaluations() if e.asset_key == asset_key(dataset, "shards")]
+    assert all(e.description.startswith(judged) and "version" in e.metadata for e in evaluations)
+    return {e.check_name: e.passed for e in evaluations}
 
 
 def test_a_version_failing_a_blocking_check_is_never_committed(setup, monkeypatch) -> None:
@@ -774,7 +777,10 @@ def test_a_version_failing_a_blocking_check_is_never_committed(setup, monkeypatc
     assert "does not pass conservation: rows read = sharded" in failure_message(result)
     assert "so it is not committed (there is no committed version yet)" in failure_message(result)
     assert "None" not in failure_message(result)
-    assert shards_checks(result, dataset) == {SCHEMA_CHECK: True, CONSERVATION_CHECK: False, VERIFIED_CHECK: True}
+    judged = "version {}, not committed, there is no committed version yet: "
+    version = failure_message(result).split("version ")[1].split(" ")[0]
+    checks = {SCHEMA_CHECK: True, CONSERVATION_CHECK: False, VERIFIED_CHECK: True}
+    assert shards_checks(result, dataset, judged.format(version)) == checks
 
 
 def test_a_committed_version_that_fails_its_checks_says_so_and_names_strays(setup, monkeypatch) -> None:
@@ -799,7 +805,8 @@ def test_a_committed_version_that_fails_its_checks_says_so_and_names_strays(setu
     assert "yet it is committed and _latest still names it" in said and "not committed" not in said
     assert said.index("move it out of the version's folder") < said.index(f"v={version}/manifest.json and run")
     assert store.exists(stray) and latest_manifest(store, dataset)["version"] == version
-    assert shards_checks(result, dataset) == {VERIFIED_CHECK: False}  # the others need every shard to match
+    judged = f"version {version}, committed, _latest still names it: "
+    assert shards_checks(result, dataset, judged) == {VERIFIED_CHECK: False}  # the others need every shard to match
 
 
 def test_files_no_reader_takes_for_data_fail_no_version(setup) -> None:
