@@ -19,13 +19,20 @@ def set_up_pools(instance: dg.DagsterInstance, datasets: list[Dataset]) -> None:
     runs (the sensors, the nightly schedules, `make materialize`): Dagster sets it at the first claim, and
     two processes claiming a new pool in the same instant both got a slot (once in five tries). Marked as
     the default, as Dagster marks it, so a changed `default_limit` still applies; a limit set by hand
-    stays."""
+    stays. Best effort, never a failed tick: where the storage refuses (two processes setting up one new
+    pool on Postgres, whose failed insert spoils the transaction), Dagster still sets it at the first claim."""
     storage = instance.event_log_storage
     if not storage.supports_global_concurrency_limits or instance.global_op_concurrency_default_limit is None:
         return
-    known = storage.get_concurrency_keys()
-    for pool in {dataset_pool(dataset) for dataset in datasets} - known:
-        storage.initialize_concurrency_limit_to_default(pool)
+    pools = {dataset_pool(dataset) for dataset in datasets}
+    try:
+        for pool in pools - storage.get_concurrency_keys():
+            storage.initialize_concurrency_limit_to_default(pool)
+    except Exception as exc:
+        dg.get_dagster_logger().warning(
+            f"pools {sorted(pools)} not all set up before their first claim ({type(exc).__name__}: {exc}); "
+            "Dagster sets each as a step first claims it"
+        )
 
 
 def held_pools(instance: dg.DagsterInstance, datasets: list[Dataset]) -> list[str]:

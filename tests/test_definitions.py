@@ -98,6 +98,25 @@ def test_whoever_starts_runs_sets_each_pool_up_front(catalog: Catalog, tmp_path:
         }
 
 
+def test_a_pool_the_storage_will_not_set_up_fails_no_tick(
+    catalog: Catalog, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two processes setting up one new pool on Postgres: the loser's failed insert spoils its transaction.
+    The sensor's tick goes on, with a warning (Dagster sets the pool at its first claim)."""
+    shutil.copy(REPO / "dagster_home" / "dagster.yaml", tmp_path)
+    store = local_stores(catalog, tmp_path / "stores")["linkoping"]
+    store.write_bytes("landing/palmer_penguins/a.csv", b"record_id,species\n1,Adelie\n")
+    with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
+
+        def refused(pool: str) -> bool:
+            raise RuntimeError(f"current transaction is aborted ({pool})")
+
+        monkeypatch.setattr(instance.event_log_storage, "initialize_concurrency_limit_to_default", refused)
+        result = evaluate(landing_sensor(catalog, "linkoping"), store, None, instance)
+    assert json.loads(result.cursor)["palmer_penguins"]["seen"]  # the tick listed the landing zone
+    assert "not all set up before their first claim (RuntimeError: current transaction is aborted" in caplog.text
+
+
 BARLEY_YAML = {
     "name": "barley_trials",
     "sector": "agrifood",
