@@ -58,6 +58,12 @@ def still_arriving(landed: ObjectInfo, now: float) -> bool:
     return landed.size == 0 and landed.mtime is not None and now - landed.mtime < UNSETTLED_AT_MOST
 
 
+def nothing_landed(store: ObjectStore, dataset: Dataset) -> str:
+    """A tick's line where no file matches the catalogue's `landing` glob: naming it, for files landed in a
+    folder it does not reach."""
+    return f"{dataset.name}: nothing landed matching {store.url(landing_prefix(dataset))}/{dataset.source.landing}"
+
+
 def landed_objects(store: ObjectStore, dataset: Dataset) -> list[ObjectInfo]:
     """The dataset's landed files, oldest first, so that later files win when keys repeat: the one rule for
     the sensor, the nightly and raw."""

@@ -69,11 +69,18 @@ def read_landed(data: bytes, dataset: Dataset, fast: bool = True) -> LandedRows:
 
 
 def refuse_binary(data: bytes, fmt: str) -> None:
-    """A text format with NUL bytes up front is some other kind of file under the wrong extension."""
+    """A text format with NUL bytes up front is some other kind of file under the wrong extension, or text
+    in UTF-16 or UTF-32 (Excel's "Unicode Text"), which no encoding the catalogue takes reads."""
     head = data[:8192]
-    if b"\x00" in head:
-        kind = next((name for magic, name in MAGIC.items() if head.startswith(magic)), "binary")
-        raise UnreadableFile(f"{kind} content, not a {fmt.upper()} file")
+    if b"\x00" not in head:
+        return
+    if head.startswith((b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")):  # a byte-order mark
+        raise UnreadableFile(
+            "UTF-16 or UTF-32 text (it starts with a byte-order mark), which no encoding the catalogue takes "
+            f"reads: export the {fmt.upper()} file as UTF-8"
+        )
+    kind = next((name for magic, name in MAGIC.items() if head.startswith(magic)), "binary")
+    raise UnreadableFile(f"{kind} content, not a {fmt.upper()} file")
 
 
 def check_columns(found: list[str], dataset: Dataset, omitted_nulls: bool = False) -> list[str]:

@@ -38,7 +38,7 @@ import dagster as dg
 
 from aifactory_assets.catalog import Catalog, Dataset
 from aifactory_assets.factory import asset_key, dataset_selection, materialisable_keys, naming_refusals, store_key
-from aifactory_assets.ingest import UNSETTLED_AT_MOST, landed_objects, landing_prefix
+from aifactory_assets.ingest import UNSETTLED_AT_MOST, landed_objects, landing_prefix, nothing_landed
 from aifactory_assets.metadata import location
 from aifactory_assets.pools import set_up_pools
 from aifactory_assets.publish import POINTER, current
@@ -131,7 +131,7 @@ def step(
     now |= {"seen": listing, "requests": state.get("requests", 0), "since": state.get("since") or token_hex(4)}
     now |= {"awaiting": state.get("awaiting", False), "asked_again": state.get("asked_again", 0)}
     if listing is None:
-        return now, None, f"{dataset.name}: nothing landed"
+        return now, None, nothing_landed(store, dataset)
     unsettled = listing != state.get("seen")
     if unsettled:  # a clock that went back (another host's cursor) does not hold the change off
         now["changing_since"] = min(state.get("changing_since") or clock, clock)

@@ -23,7 +23,7 @@ from aifactory_assets.factory import (
     revalidation_needed,
     store_key,
 )
-from aifactory_assets.ingest import landed_objects, landing_prefix, reingest_needed
+from aifactory_assets.ingest import landed_objects, nothing_landed, reingest_needed
 from aifactory_assets.manifest import committed_manifest, latest_version, version_for, version_prefix
 from aifactory_assets.pools import set_up_pools
 from aifactory_assets.publish import current
@@ -39,7 +39,7 @@ def needs_run(store: ObjectStore, dataset: Dataset, suite: dict) -> tuple[bool, 
     """Whether a run tonight would change what `dataset` has committed, and why."""
     landed = [o.fingerprint() for o in landed_objects(store, dataset)]
     if not landed:
-        return False, f"{dataset.name}: nothing landed under {store.url(landing_prefix(dataset))}"
+        return False, nothing_landed(store, dataset)
     raw = current(store, f"raw/{dataset.name}") or {}
     if listing_digest(landed) != ingested_listing(raw):
         return True, f"{dataset.name}: landed files that the current raw generation did not ingest"

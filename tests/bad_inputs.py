@@ -192,6 +192,14 @@ def csv_cases() -> list[Case]:
             refused="Parquet content, not a CSV file",
         ),
         Case(
+            "excel_unicode_text.csv",  # Excel's "Unicode Text": UTF-16 with a byte-order mark
+            (HEADER + "115,unicode,1.0,2024-01-05,true\n").encode("utf-16"),
+            read=0,
+            valid=0,
+            refused="UTF-16 or UTF-32 text (it starts with a byte-order mark), which no encoding the catalogue "
+            "takes reads: export the CSV file as UTF-8",
+        ),
+        Case(
             "int64_edges.csv",
             (
                 HEADER
