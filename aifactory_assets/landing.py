@@ -69,10 +69,13 @@ def read_landed(data: bytes, dataset: Dataset, fast: bool = True) -> LandedRows:
 
 
 def refuse_binary(data: bytes, fmt: str) -> None:
-    """A text format with NUL bytes up front is some other kind of file under the wrong extension, or text
-    in UTF-16 or UTF-32 (Excel's "Unicode Text"), which no encoding the catalogue takes reads."""
+    """A text format with NUL bytes up front is some other kind of file under the wrong extension (a known
+    magic number, or NULs in more than 1% of the first 8 KiB), or text in UTF-16 or UTF-32 (Excel's "Unicode
+    Text"), which no encoding the catalogue takes reads. A stray NUL in a text export only quarantines its
+    row (`_text_columns`), wherever it falls."""
     head = data[:8192]
-    if b"\x00" not in head:
+    nuls = head.count(b"\x00")
+    if not nuls or (nuls <= max(1, len(head) // 100) and not head.startswith(tuple(MAGIC))):
         return
     if head.startswith((b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")):  # a byte-order mark
         raise UnreadableFile(
@@ -130,7 +133,7 @@ def _read_csv(data: bytes, dataset: Dataset, fast: bool) -> LandedRows:
     except csv.Error as exc:  # e.g. a classic Mac export: lines end in CR alone, so the file is one "line"
         raise UnreadableFile(f"header line is not CSV ({exc}); lines must end in LF or CRLF") from None
     extra = check_columns(header, dataset)
-    fast = _typed_csv(data, dataset) if fast else None
+    fast = _typed_csv(data, dataset) if fast and b"\x00" not in data else None  # NULs: the robust path's to judge
     table, bad, by_python = (*fast, False) if fast else _robust_csv(data, dataset, header)
     newlines = _newlines(table)
     counted = 1 + table.num_rows + len(bad) + int(np.sum(newlines)) + sum(b.text.count("\n") for b in bad)
@@ -347,10 +350,12 @@ def record_starts(data: bytes, options: ReaderOptions) -> np.ndarray | None:
 
 def _text_columns(table: pa.Table, encoding: str) -> tuple[pd.DataFrame, dict[int, str]]:
     """Binary CSV cells (UTF-8, transcoded from `encoding`) as text; the positions of rows with a cell that
-    is not valid UTF-8 (bytes `encoding` lacks), and why."""
+    is not valid UTF-8 (bytes `encoding` lacks) or holds a NUL byte, and why."""
     columns, undecodable = {}, {}
     for name in table.column_names:
         column = table.column(name)
+        for i in np.flatnonzero(pc.fill_null(pc.match_substring(column, "\x00"), False).to_numpy()):
+            undecodable.setdefault(int(i), f"{name}: a NUL byte (\\x00) in its value (a damaged export, or not text)")
         try:
             columns[name] = column.cast(pa.string()).to_pandas()
             continue

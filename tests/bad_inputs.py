@@ -192,6 +192,18 @@ def csv_cases() -> list[Case]:
             refused="Parquet content, not a CSV file",
         ),
         Case(
+            "stray_nul.csv",  # one NUL in a value, up front (where a binary file's would be) and further on
+            (
+                HEADER
+                + "7000,a\x00b,1.0,2024-01-05,true\n"
+                + "".join(f"{n},ok,1.0,2024-01-05,true\n" for n in range(7001, 7301))
+                + "7301,c\x00,1.0,2024-01-05,true\n"
+            ).encode(),
+            read=302,
+            valid=300,
+            reasons={2: "name: a NUL byte (\\x00) in its value", 303: "name: a NUL byte (\\x00) in its value"},
+        ),
+        Case(
             "excel_unicode_text.csv",  # Excel's "Unicode Text": UTF-16 with a byte-order mark
             (HEADER + "115,unicode,1.0,2024-01-05,true\n").encode("utf-16"),
             read=0,
