@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -57,19 +56,6 @@ def still_arriving(landed: ObjectInfo, now: float) -> bool:
     UNSETTLED_AT_MOST seconds (an empty file meant as one is then refused, and reported, as ever): a run
     meanwhile would commit a version without its rows, and the bytes another, pushing a good one out."""
     return landed.size == 0 and landed.mtime is not None and now - landed.mtime < UNSETTLED_AT_MOST
-
-
-def arrived_at(store: ObjectStore, info: ObjectInfo) -> float | None:
-    """When a file first seen landed, which decides what its duplicates win against: on S3 the object's
-    time (its upload); locally its mtime, or its change time where that is later (`cp -p` and `rsync -t`
-    keep an old mtime, but a copy or a rename into place sets the change time), so a correction copied in
-    with its export's old mtime still comes after what landed before it."""
-    if store.protocol != "file":
-        return info.mtime
-    try:
-        return max(info.mtime or 0.0, os.stat(store.path(info.key)).st_ctime)
-    except FileNotFoundError:  # gone since it was listed: raw's own read of it fails, naming it
-        return info.mtime
 
 
 def nothing_landed(store: ObjectStore, dataset: Dataset) -> str:
@@ -284,8 +270,7 @@ def ingest_dataset(
             "still going on under the final name): nothing is published, and the next run reads them as they are"
         )
     for i, entry in zip(fresh, read, strict=True):
-        known = (entry["source"], entry.get("sha256"))
-        first = first_landed[known] if known in first_landed else arrived_at(store, objects[i])
+        first = first_landed.get((entry["source"], entry.get("sha256")), objects[i].mtime)
         ledger[i] = {**entry, "object": asdict(objects[i]), "ingested_by": run_id, "landed_at": first}
     parts = [(raw_parts[i], e["source"]) for i, e in enumerate(ledger) if "file_error" not in e]
     totals = {k: sum(e[k] for e in ledger) for k in ("rows_read", "rows_valid", "rows_quarantined")}

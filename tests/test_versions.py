@@ -1013,23 +1013,6 @@ def test_a_local_file_rewritten_with_its_size_and_mtime_kept_is_read_again(setup
     assert set(rows.loc[pd.to_datetime(rows["date"]).dt.year == 2016, "wind"]) == {4.5}
 
 
-def test_a_correction_copied_in_with_its_old_mtime_still_lands_last(setup) -> None:
-    """A correction exported a week ago and copied onto a local store with `cp -p` (or `rsync -t`) keeps
-    the export's mtime: it landed after the drop it corrects, and its records must win, not lose to it."""
-    catalog, dataset, store, stores, dask = setup
-    days = pd.date_range("2016-01-01", "2016-01-31", freq="D")
-    frame = pd.DataFrame({"date": days, "precipitation": 0.5, "temp_max": 10.0, "temp_min": 2.0, "weather": "rain"})
-    store.write_bytes(f"landing/{DATASET}/monday.parquet", frame.assign(wind=3.0).to_parquet(index=False))
-    assert run(catalog, stores, dask).success
-    correction = Path(store.path(f"landing/{DATASET}/a-fix.parquet"))  # its name sorts first, too
-    correction.write_bytes(frame.assign(wind=4.5).to_parquet(index=False))
-    week_ago = time.time() - 7 * 86_400
-    os.utime(correction, (week_ago, week_ago))  # as `cp -p` leaves it
-    assert run(catalog, stores, dask).success
-    rows = all_rows(store, latest_manifest(store, dataset))
-    assert set(rows.loc[pd.to_datetime(rows["date"]).dt.year == 2016, "wind"]) == {4.5}
-
-
 def test_the_same_bytes_uploaded_again_keep_the_version(setup) -> None:
     """A sync tool uploading unchanged files again gives them new mtimes: the same shards, the same version
     (a new one would push real ones out of retention), for the latest file and for an older one, whose
