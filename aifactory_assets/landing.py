@@ -55,7 +55,20 @@ class UnreadableFile(ValueError):
     """The whole file cannot be read (or its columns drifted); it is quarantined as one unit."""
 
 
-MAGIC = {b"PAR1": "Parquet", b"PK\x03\x04": "zip", b"\x1f\x8b": "gzip", b"\x89PNG": "PNG", b"%PDF": "PDF"}
+MAGIC = {
+    b"PAR1": "Parquet",
+    b"PK\x03\x04": "zip",  # .xlsx too
+    b"\x1f\x8b": "gzip",
+    b"\xfd7zXZ\x00": "xz",
+    b"\x28\xb5\x2f\xfd": "zstd",
+    b"BZh": "bzip2",
+    b"7z\xbc\xaf\x27\x1c": "7z",
+    b"\xd0\xcf\x11\xe0": "OLE2 (an old Excel .xls)",
+    b"\x89PNG": "PNG",
+    b"%PDF": "PDF",
+}
+# Bytes no text file holds (C0 controls but tab, LF, FF, CR): in compressed or encrypted bytes about 1 in 9.
+CONTROL_BYTES = bytes(b for b in range(32) if b not in b"\t\n\x0c\r")
 
 
 def read_landed(data: bytes, dataset: Dataset, fast: bool = True) -> LandedRows:
@@ -70,12 +83,14 @@ def read_landed(data: bytes, dataset: Dataset, fast: bool = True) -> LandedRows:
 
 def refuse_binary(data: bytes, fmt: str) -> None:
     """A text format with NUL bytes up front is some other kind of file under the wrong extension (a known
-    magic number, or NULs in more than 1% of the first 8 KiB), or text in UTF-16 or UTF-32 (Excel's "Unicode
-    Text"), which no encoding the catalogue takes reads. A stray NUL in a text export only quarantines its
-    row (`_text_columns`), wherever it falls."""
+    magic number, or control bytes in more than 1% of the first 8 KiB: compressed or encrypted bytes), or
+    text in UTF-16 or UTF-32 (Excel's "Unicode Text"), which no encoding the catalogue takes reads. A stray
+    NUL in a text export only quarantines its row (`_text_columns`), wherever it falls."""
     head = data[:8192]
-    nuls = head.count(b"\x00")
-    if not nuls or (nuls <= max(1, len(head) // 100) and not head.startswith(tuple(MAGIC))):
+    if b"\x00" not in head:
+        return
+    controls = len(head) - len(head.translate(None, CONTROL_BYTES))
+    if controls <= max(1, len(head) // 100) and not head.startswith(tuple(MAGIC)):
         return
     if head.startswith((b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")):  # a byte-order mark
         raise UnreadableFile(

@@ -8,8 +8,10 @@ committed so that binary, zero-byte and 10 MB cases stay reviewable.
 from __future__ import annotations
 
 import io
+import lzma
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -267,6 +269,14 @@ def jsonl_cases() -> list[Case]:
             refused="undeclared column(s) ['colour']",
         ),
         Case("zero_bytes.jsonl", b"", read=0, valid=0),
+        Case(  # a compressed export under the wrong name: JSONL has no header to refuse it by
+            "compressed.jsonl",
+            lzma.compress(good_frame(240, 400).to_json(orient="records", lines=True, date_format="iso").encode()),
+            read=0,
+            valid=0,
+            refused="xz content, not a JSONL file",
+        ),
+        Case("encrypted.jsonl", np.random.default_rng(7).bytes(20_000), read=0, valid=0, refused="binary content"),
         Case(
             "odd_values.jsonl",
             b'{"id": 430, "name": {"first": "A"}, "amount": 1.0, "day": "2024-01-05", "flag": true}\n'
