@@ -49,6 +49,9 @@ from schedules.runs_in_flight import UnfinishedRun, run_ingesting, unfinished_ru
 
 MINIMUM_INTERVAL_SECONDS = 30
 ASKED_AGAIN_AT_MOST = 3  # times a listing is asked for again, its runs ending without publishing raw
+# A run asked for that the instance still does not hold after this long was never made, or was deleted: the
+# daemon makes a run of a request in the tick that returned it.
+LOST_AFTER_S = 600
 SKIP_LINES = 20  # datasets a tick that asks for no run names, a line each
 RUN_KEY_TAG = "dagster/run_key"  # the tag Dagster gives a sensor's run: its RunRequest's run_key
 
@@ -130,6 +133,7 @@ def step(
     now = {key: state.get(key) for key in ("requested", "raw_pointer")}
     now |= {"seen": listing, "requests": state.get("requests", 0), "since": state.get("since") or token_hex(4)}
     now |= {"awaiting": state.get("awaiting", False), "asked_again": state.get("asked_again", 0)}
+    now["asked_at"] = state.get("asked_at")  # when the last request was made (this host's clock)
     if listing is None:
         return now, None, nothing_landed(store, dataset)
     unsettled = listing != state.get("seen")
@@ -153,6 +157,7 @@ def step(
     if decision.act == NO:
         return now, None, decision.why
     now["requests"] += 1
+    now["asked_at"] = clock
     return now, _run_request(dataset, now), decision.why
 
 
@@ -207,21 +212,27 @@ def follow_request(
     """The listing last requested, raw not published since: NO run, unless the run asked for ended failed
     or cancelled (a Dask cluster that did not start, an S3 503, a run cancelled in the queue). Nothing was
     ingested then, and the files would wait for the nightly unsaid: it is asked for again, up to
-    ASKED_AGAIN_AT_MOST times (a run failing on every try stops there, and the tick says so). Only while
-    `awaiting`: one look at the runs of a run key, not every tick."""
+    ASKED_AGAIN_AT_MOST times (a run failing on every try stops there, and the tick says so). So is a run
+    the instance still does not hold LOST_AFTER_S after the request (deleted in the UI, or never made),
+    which was otherwise waited for until the files changed. Only while `awaiting`: one look at the runs of
+    a run key, not every tick."""
     asked = state["asked_again"]
     if not state["awaiting"]:
         done = given_up(asked) if asked >= ASKED_AGAIN_AT_MOST else "already ingested"
         return Decision(NO, f"{dataset.name}: {done}", asked_again=asked)
     found = context.instance.get_runs(dg.RunsFilter(tags={RUN_KEY_TAG: run_key(dataset, state)}), limit=1)
     run = found[0] if found else None  # the newest: Dagster's automatic retry of it, where there is one
-    if run is None or not run.is_finished:
+    lost = run is None and time.time() - (state.get("asked_at") or time.time()) > LOST_AFTER_S
+    if not lost and (run is None or not run.is_finished):
         waited = f"run {run.run_id}" if run else "the run asked for"
         again = f" (asked again {asked}/{ASKED_AGAIN_AT_MOST})" if asked else ""
         return Decision(NO, f"{dataset.name}: waiting for {waited}{again}", awaiting=True, asked_again=asked)
-    if run.status == dg.DagsterRunStatus.SUCCESS:
+    if run is not None and run.status == dg.DagsterRunStatus.SUCCESS:
         return Decision(NO, f"{dataset.name}: already ingested", asked_again=asked)
-    ended = f"requested run {run.run_id} ended {run.status.value} before raw was published"
+    if run is None:
+        ended = f"the run asked for is not in the instance {LOST_AFTER_S} s on (deleted, or never made)"
+    else:
+        ended = f"requested run {run.run_id} ended {run.status.value} before raw was published"
     if other := run_ingesting(runs(), dataset):
         return Decision(WAIT, f"{dataset.name}: {ended}; waiting for run {other}, queued or running for it")
     if asked >= ASKED_AGAIN_AT_MOST:

@@ -24,7 +24,7 @@ from aifactory_assets.manifest import latest_manifest, latest_version
 from aifactory_assets.publish import current
 from resources import DaskCluster, ObjectStore
 from schedules import NIGHTLY_CRON, landing_sensor, nightly_schedules, runs_in_flight
-from schedules.landing_sensor import ASKED_AGAIN_AT_MOST, UNSETTLED_AT_MOST
+from schedules.landing_sensor import ASKED_AGAIN_AT_MOST, LOST_AFTER_S, UNSETTLED_AT_MOST
 from schedules.nightly import needs_run
 from tests.conftest import evaluate, local_stores, materialize_all, pipeline_resources
 
@@ -391,6 +391,25 @@ def test_a_run_that_ended_before_raw_is_asked_for_again_a_few_times(
             cursor, requested, skipped = tick(cursor)
             assert requested == []
             assert f"asked again {ASKED_AGAIN_AT_MOST}/{ASKED_AGAIN_AT_MOST}, not again until the files" in skipped
+
+
+def test_a_run_asked_for_that_never_appears_is_asked_for_again(catalog: Catalog, tmp_path) -> None:
+    """A run deleted in the UI (or one the daemon never made) was waited for until the files changed: once
+    the instance still holds none LOST_AFTER_S after the request, the tick asks again, counting it."""
+    store = local_stores(catalog, tmp_path)["linkoping"]
+    sensor = landing_sensor(catalog, "linkoping")
+    store.write_bytes("landing/palmer_penguins/a.csv", b"record_id,species\n1,Adelie\n")
+    with dg.instance_for_test() as instance:
+        cursor = evaluate(sensor, store, None, instance).cursor
+        asked = evaluate(sensor, store, cursor, instance)
+        assert len(asked.run_requests) == 1  # and the run it names is never made
+        waiting = evaluate(sensor, store, asked.cursor, instance)
+        assert waiting.run_requests == [] and waiting.skip_message == "palmer_penguins: waiting for the run asked for"
+        state = json.loads(waiting.cursor)
+        state["palmer_penguins"]["asked_at"] -= LOST_AFTER_S + 1
+        again = evaluate(sensor, store, json.dumps(state), instance)
+        assert len(again.run_requests) == 1 and again.run_requests[0].run_key != asked.run_requests[0].run_key
+        assert json.loads(again.cursor)["palmer_penguins"]["asked_again"] == 1
 
 
 def daemon_tags(request: dg.RunRequest) -> dict[str, str]:
