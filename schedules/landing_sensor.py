@@ -52,6 +52,9 @@ ASKED_AGAIN_AT_MOST = 3  # times a listing is asked for again, its runs ending w
 # A run asked for that the instance still does not hold after this long was never made, or was deleted: the
 # daemon makes a run of a request in the tick that returned it.
 LOST_AFTER_S = 600
+# Asked again no sooner than this after the last request, doubled each time: the re-asks span a quarter of an
+# hour of an outage (an S3 endpoint refusing, a Dask scheduler restarting), not three ticks.
+ASK_AGAIN_AFTER_S = 120
 SKIP_LINES = 20  # datasets a tick that asks for no run names, a line each
 RUN_KEY_TAG = "dagster/run_key"  # the tag Dagster gives a sensor's run: its RunRequest's run_key
 
@@ -212,7 +215,8 @@ def follow_request(
     """The listing last requested, raw not published since: NO run, unless the run asked for ended failed
     or cancelled (a Dask cluster that did not start, an S3 503, a run cancelled in the queue). Nothing was
     ingested then, and the files would wait for the nightly unsaid: it is asked for again, up to
-    ASKED_AGAIN_AT_MOST times (a run failing on every try stops there, and the tick says so). So is a run
+    ASKED_AGAIN_AT_MOST times, ASK_AGAIN_AFTER_S after the last request at the soonest, doubled each time
+    (a run failing on every try stops there, and the tick says so). So is a run
     the instance still does not hold LOST_AFTER_S after the request (deleted in the UI, or never made),
     which was otherwise waited for until the files changed. Only while `awaiting`: one look at the runs of
     a run key, not every tick."""
@@ -238,6 +242,9 @@ def follow_request(
     if asked >= ASKED_AGAIN_AT_MOST:
         context.log.warning(f"{dataset.name}: {ended}; {given_up(asked)}")
         return Decision(NO, f"{dataset.name}: {ended}; {given_up(asked)}", asked_again=asked)
+    if (wait := ASK_AGAIN_AFTER_S * 2**asked - (time.time() - (state.get("asked_at") or 0))) > 0:
+        later = f"asked again in {wait:.0f} s ({asked + 1}/{ASKED_AGAIN_AT_MOST})"
+        return Decision(NO, f"{dataset.name}: {ended}; {later}", awaiting=True, asked_again=asked)
     context.log.warning(f"{dataset.name}: {ended}; asked again {asked + 1}/{ASKED_AGAIN_AT_MOST}")
     return Decision(ASK, f"{dataset.name}: {ended}; asked again", asked_again=asked + 1)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import time
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -24,7 +25,7 @@ from aifactory_assets.manifest import latest_manifest, latest_version
 from aifactory_assets.publish import current
 from resources import DaskCluster, ObjectStore
 from schedules import NIGHTLY_CRON, landing_sensor, nightly_schedules, runs_in_flight
-from schedules.landing_sensor import ASKED_AGAIN_AT_MOST, LOST_AFTER_S, UNSETTLED_AT_MOST
+from schedules.landing_sensor import ASK_AGAIN_AFTER_S, ASKED_AGAIN_AT_MOST, LOST_AFTER_S, UNSETTLED_AT_MOST
 from schedules.nightly import needs_run
 from tests.conftest import evaluate, local_stores, materialize_all, pipeline_resources
 
@@ -356,7 +357,8 @@ def test_a_run_that_ended_before_raw_is_asked_for_again_a_few_times(
 ) -> None:
     """The run asked for that fails before its raw step publishes (an S3 503, a Dask cluster that did not
     start) or is cancelled in the queue ingested nothing: its files waited for the nightly, unsaid. It is
-    asked for again, ASKED_AGAIN_AT_MOST times; then the ticks say that it stopped."""
+    asked for again, ASKED_AGAIN_AT_MOST times, each after a wait twice the one before; then the ticks say
+    that it stopped."""
     stores = local_stores(catalog, tmp_path)
     store = stores["linkoping"]
     refusing = {**stores, "linkoping": RefusingStore(site="linkoping", root=store.root, refused="landing")}
@@ -380,7 +382,12 @@ def test_a_run_that_ended_before_raw_is_asked_for_again_a_few_times(
         )
         assert not failed.success
         for again in range(1, ASKED_AGAIN_AT_MOST + 1):
-            cursor, requested, _ = tick(cursor)
+            cursor, requested, skipped = tick(cursor)  # not at once: an outage of minutes would use them all up
+            waited = re.search(rf"asked again in (\d+) s \({again}/{ASKED_AGAIN_AT_MOST}\)", skipped or "")
+            assert requested == [] and waited and 0 < int(waited[1]) <= ASK_AGAIN_AFTER_S * 2 ** (again - 1)
+            state = json.loads(cursor)
+            state["palmer_penguins"]["asked_at"] -= ASK_AGAIN_AFTER_S * 2 ** (again - 1)
+            cursor, requested, _ = tick(json.dumps(state))
             assert len(requested) == 1
             queued = queued_run(instance, requested[0].asset_selection, daemon_tags(requested[0]))
             cursor, requested, skipped = tick(cursor)
